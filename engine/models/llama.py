@@ -1,0 +1,175 @@
+"""The Llama family in one module: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+
+Tokens arrive flattened, (T,), from every sequence of the step; attention finds each
+sequence's keys in the paged cache through AttentionMetadata. Projections are fused
+(q|k|v and gate|up) at load time: fewer, larger matrix products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from kernels.activation import silu_and_mul
+from kernels.attention import AttentionMetadata, paged_attention
+from kernels.cache_ops import write_kv
+from kernels.norm import rms_norm
+from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)      # (T, Hq, D)
+        k = k.view(t, self.num_kv_heads, self.head_dim)   # (T, Hkv, D)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, k, cos, sin)
+        write_kv(kv_cache, self.layer, k, v, meta.slot_mapping)
+        out = paged_attention(q, kv_cache, self.layer, meta, self.scale)  # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Serves LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM:
+    they differ only in the flags ModelConfig carries (bias, q/k norm, tying)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._inv_freq: torch.Tensor | None = None  # computed on first use, on the right device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: (T,) -> hidden states (T, hidden)
+        if self._inv_freq is None or self._inv_freq.device != input_ids.device:
+            self._inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
+                                           device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: (S, hidden) -> float32 logits (S, V)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return (hidden @ weight.t()).float()
+
+    # --- weights --------------------------------------------------------------------
+    _STACKED = {  # HF name piece -> (our name piece, shard index)
+        ".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the fused parameters; every parameter
+        must be written exactly once, and unknown names are an error."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied checkpoints sometimes store both
+            for piece, (fused, shard) in self._STACKED.items():
+                if piece in name:
+                    name = name.replace(piece, fused)
+                    param = params.get(name)
+                    if param is None:
+                        raise ValueError(f"checkpoint tensor {hf_name} has no place in {self.cfg.architecture}")
+                    self._shard_view(param, name, shard).copy_(tensor)
+                    loaded.add(f"{name}#{shard}")
+                    break
+            else:
+                param = params.get(name)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {hf_name} has no place in {self.cfg.architecture}")
+                if param.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(param.shape)}: is config.json from this checkpoint?")
+                param.data.copy_(tensor)
+                loaded.add(name)
+        missing = [n for n in self.expected_weight_keys() if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def expected_weight_keys(self) -> list[str]:
+        keys = []
+        for name, _ in self.named_parameters():
+            if ".qkv_proj." in name:
+                keys += [f"{name}#{i}" for i in range(3)]
+            elif ".gate_up_proj." in name:
+                keys += [f"{name}#{i}" for i in range(2)]
+            else:
+                keys.append(name)
+        return keys
+
+    def _shard_view(self, param: torch.Tensor, name: str, shard: int) -> torch.Tensor:
+        if ".qkv_proj." in name:
+            a = self.layers[0].self_attn
+            sizes = [a.q_size, a.kv_size, a.kv_size]
+        else:
+            sizes = [self.cfg.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        return param.data.narrow(0, start, sizes[shard])
+
+
+MODEL_CLASSES = {arch: LlamaForCausalLM for arch in
+                 ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")}

@@ -1,0 +1,30 @@
+"""What the engine reports back per request and step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Any] | None = None       # one TokenLogprobs per token when asked for
+    finish_reason: str | None = None        # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None    # the stop string or token id that ended it
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt: str | None = None
+    new_token_ids: list[int] = field(default_factory=list)  # tokens added this step
+    new_text: str = ""                                      # stable text added this step
+    num_cached_tokens: int = 0                              # prompt tokens served by the prefix cache
+    error: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None        # a producer's handle for the consumer

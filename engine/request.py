@@ -1,0 +1,89 @@
+"""A request's state inside one engine: its tokens, its blocks, how far its KV is computed."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.hashing import ROOT_BLOCK_HASH, PrefixHashAlgo, hash_block_tokens
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"                            # queued for (re)prefill
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks allocated, a KV connector is filling them
+    RUNNING = "running"
+    PREEMPTED = "preempted"                        # blocks taken back; will recompute
+    FINISHED_STOPPED = "finished_stopped"          # eos, stop token or stop string
+    FINISHED_LENGTH = "finished_length"            # max_tokens or the context limit
+    FINISHED_ABORTED = "finished_aborted"          # the client went away, or abort()
+    FINISHED_ERROR = "finished_error"              # the engine could not serve it (KV load failed, ...)
+
+    @property
+    def finished(self) -> bool:
+        return self.value.startswith("finished")
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int                                # the sampler's seed: the request's, or one drawn for it
+    max_tokens: int                          # params.max_tokens bounded by the context limit
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0             # tokens whose KV is in the cache (a prefix of all tokens)
+    num_cached_tokens: int = 0               # of those, found in the prefix cache at admission
+    # Ranges [start, end) inside the computed prefix whose KV must be computed again
+    # (blocks a KV connector failed to deliver). Served before the request moves on.
+    recompute_ranges: list[tuple[int, int]] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained keys of full blocks
+    num_published_blocks: int = 0            # leading blocks already offered to the prefix cache
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    # KV connector seam: what the producer reported (on a consumer: where to pull from;
+    # on a producer: filled in when the request finishes, for the router to forward).
+    kv_transfer_params: dict[str, Any] | None = None
+    num_external_tokens: int = 0             # prompt tokens whose KV arrives from another node
+    prompt_text: str | None = None
+    detokenizer: Any = None
+    logprobs: list[Any] = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    def update_block_hashes(self, block_size: int, algo: PrefixHashAlgo) -> None:
+        """Extend the chained keys to every full block of known tokens."""
+        n_full = self.num_tokens // block_size
+        while len(self.block_hashes) < n_full:
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else ROOT_BLOCK_HASH
+            self.block_hashes.append(hash_block_tokens(parent, self.token_slice(i * block_size, (i + 1) * block_size), algo))

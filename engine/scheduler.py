@@ -1,0 +1,264 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Every step the scheduler hands out a token budget (`max_num_batched_tokens`): first to
+running requests (one token each when decoding, a chunk when still prefilling or
+recomputing), then to waiting ones in arrival order. A request is admitted when the
+blocks it newly needs are free; blocks found in the prefix cache need not be
+(seed idea: prefix-cache-aware admission). When a running request needs a block and
+none is free, the most recently admitted request is preempted: its blocks go back to
+the pool and it will be computed again from its tokens (the prefix cache usually makes
+that cheap).
+
+The seams for a KV connector (see kv_connector/): a request that carries
+`kv_transfer_params` asks the connector how many of its prompt tokens will arrive from
+outside, gets blocks for them, and waits in `waiting_for_remote_kv` while they load,
+without holding up the steps of others. `remote_kv_ready()` brings it back, told which
+blocks failed so that only those are computed again. On a producer, the connector may
+keep a finished request's blocks until the consumer has read them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.block_pool import BlockPool
+from engine.config import CacheConfig, SchedulerConfig
+from engine.request import Request, RequestStatus
+
+
+class SchedulerConnector(Protocol):
+    """What the scheduler asks of a KV connector. All calls come from the engine thread."""
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        """Tokens after the first `num_computed_tokens` whose KV another node will provide."""
+
+    def start_load(self, request: Request, num_computed_tokens: int, num_external_tokens: int) -> None:
+        """Blocks are allocated (request.block_ids): begin filling tokens
+        [num_computed_tokens, num_computed_tokens + num_external_tokens). Must not block;
+        the engine later calls Scheduler.remote_kv_ready()."""
+
+    def request_finished(self, request: Request) -> bool:
+        """The request ended. True: the connector keeps its blocks (a consumer will read
+        them) and returns them later with Scheduler.release_blocks()."""
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    request: Request
+    start: int        # position of the first token computed this step
+    num_tokens: int
+    sample: bool      # the chunk reaches the last known token: sample the next one
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, cache: CacheConfig, config: SchedulerConfig, pool: BlockPool,
+                 connector: SchedulerConnector | None = None):
+        self.cache = cache
+        self.config = config
+        self.pool = pool
+        self.block_size = cache.block_size
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.waiting_for_remote_kv: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # --- queue changes --------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.update_block_hashes(self.block_size, self.cache.prefix_hash_algo)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """End a request wherever it is and give back its blocks (or leave them with the
+        connector, which then owns returning them)."""
+        assert status.finished
+        if request.status.finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.waiting_for_remote_kv[request.request_id]
+        request.status = status
+        del self.requests[request.request_id]
+        held = self.connector is not None and bool(request.block_ids) and self.connector.request_finished(request)
+        if not held:
+            self.pool.free(request.block_ids)
+        request.block_ids = [] if not held else request.block_ids
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        """Return blocks a connector kept after their request finished."""
+        self.pool.free(block_ids)
+
+    def remote_kv_ready(self, request_id: str, failed_block_ids: Iterable[int] = ()) -> None:
+        """The connector finished filling a request's external tokens. Blocks in
+        `failed_block_ids` did not arrive intact: their tokens are computed again here,
+        the rest is kept."""
+        request = self.waiting_for_remote_kv.pop(request_id)
+        failed = set(failed_block_ids)
+        end = request.num_computed_tokens + request.num_external_tokens
+        ranges: list[tuple[int, int]] = []
+        for i, block in enumerate(request.block_ids):
+            if block not in failed:
+                continue
+            lo, hi = i * self.block_size, min((i + 1) * self.block_size, end)
+            if lo >= end:
+                continue
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+        self.pool.uncache(failed)
+        request.recompute_ranges = ranges
+        request.num_computed_tokens = end
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    # --- the step -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            chunk = self._next_chunk(req, budget)
+            if not self._ensure_blocks(req, chunk.start + chunk.num_tokens, out):
+                continue  # req itself was preempted; the list shifted
+            out.chunks.append(chunk)
+            scheduled.add(req.request_id)
+            budget -= chunk.num_tokens
+            i += 1
+        if out.preempted:
+            return out  # memory is short: admit nothing new this step
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            admitted = self._admit(req, budget, out)
+            if admitted is None:
+                break
+            self.waiting.popleft()
+            if admitted.num_tokens == 0:  # went to wait for remote KV
+                continue
+            out.chunks.append(admitted)
+            budget -= admitted.num_tokens
+        return out
+
+    def _next_chunk(self, req: Request, budget: int) -> ScheduledChunk:
+        if req.recompute_ranges:
+            lo, hi = req.recompute_ranges[0]
+            return ScheduledChunk(req, lo, min(hi - lo, budget), sample=False)
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        return ScheduledChunk(req, req.num_computed_tokens, n,
+                              sample=req.num_computed_tokens + n == req.num_tokens)
+
+    def _ensure_blocks(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Give `req` blocks for `num_tokens` tokens, preempting from the back of the
+        running list. False when `req` itself had to go."""
+        need = self._blocks_for(num_tokens) - len(req.block_ids)
+        while need > self.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        if need > 0:
+            req.block_ids += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.pool.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_cached_tokens = 0
+        req.num_published_blocks = 0
+        req.recompute_ranges = []
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+        out.preempted.append(req)
+
+    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> ScheduledChunk | None:
+        """Blocks and a first chunk for a waiting request, or None if it must wait."""
+        req.update_block_hashes(self.block_size, self.cache.prefix_hash_algo)
+        # At least one token must be computed to produce logits, so a prompt that is all
+        # cached still recomputes its last token.
+        max_hit_blocks = (req.num_tokens - 1) // self.block_size
+        hits = self.pool.find_cached_prefix(req.block_hashes[:max_hit_blocks])
+        num_computed = len(hits) * self.block_size
+        num_external = 0
+        if self.connector is not None and req.kv_transfer_params and req.status == RequestStatus.WAITING:
+            num_external = min(self.connector.get_num_new_matched_tokens(req, num_computed),
+                               req.num_tokens - 1 - num_computed)
+        if num_external > 0:
+            n = num_external  # no compute this step; blocks for the loaded tokens
+        else:
+            n = min(req.num_tokens - num_computed, budget)
+            if n < req.num_tokens - num_computed and not self.config.enable_chunked_prefill:
+                return None
+        new_blocks = self._blocks_for(num_computed + n) - len(hits)
+        # Cache hits nobody holds sit in the free queue: touching them uses up free blocks too.
+        hits_in_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        if new_blocks + hits_in_free > self.pool.num_free:
+            return None
+        self.pool.touch(hits)
+        req.block_ids = hits + self.pool.allocate(new_blocks)
+        req.num_computed_tokens = num_computed
+        req.num_cached_tokens = num_computed
+        req.num_published_blocks = len(hits)
+        if num_external > 0:
+            req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            req.num_external_tokens = num_external
+            self.waiting_for_remote_kv[req.request_id] = req
+            self.connector.start_load(req, num_computed, num_external)
+            return ScheduledChunk(req, num_computed, 0, sample=False)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return ScheduledChunk(req, num_computed, n, sample=num_computed + n == req.num_tokens)
+
+    # --- after the step -------------------------------------------------------------
+    def chunk_done(self, chunk: ScheduledChunk) -> None:
+        """Record that a chunk's KV is now in the cache."""
+        req = chunk.request
+        end = chunk.start + chunk.num_tokens
+        if req.recompute_ranges and req.recompute_ranges[0][0] == chunk.start:
+            lo, hi = req.recompute_ranges[0]
+            if end >= hi:
+                req.recompute_ranges.pop(0)
+            else:
+                req.recompute_ranges[0] = (end, hi)
+        else:
+            req.num_computed_tokens = end
+        if not req.recompute_ranges:
+            self._publish_blocks(req)
+
+    def _publish_blocks(self, req: Request) -> None:
+        req.update_block_hashes(self.block_size, self.cache.prefix_hash_algo)
+        n_full = min(req.num_computed_tokens // self.block_size, len(req.block_hashes))
+        for i in range(req.num_published_blocks, n_full):
+            self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
+        req.num_published_blocks = max(req.num_published_blocks, n_full)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.waiting_for_remote_kv)

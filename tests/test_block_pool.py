@@ -1,0 +1,88 @@
+"""The block pool: a free list, reference counts and a prefix cache with LRU eviction."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.block_pool import BlockPool, NoFreeBlocksError
+from engine.hashing import ROOT_BLOCK_HASH, hash_block_tokens, prefix_block_hashes, safe_hash
+
+
+def test_allocate_and_free_return_every_block():
+    pool = BlockPool(8)
+    a = pool.allocate(3)
+    b = pool.allocate(5)
+    assert sorted(a + b) == list(range(8)) and pool.num_free == 0
+    with pytest.raises(NoFreeBlocksError, match="asked for 1 KV blocks, 0 free"):
+        pool.allocate(1)
+    pool.free(a)
+    pool.free(b)
+    assert pool.num_free == 8 and all(rc == 0 for rc in pool.ref_counts)
+
+
+def test_a_fresh_pool_hands_out_contiguous_blocks():
+    # Contiguous runs make fewer, larger transfer descriptors.
+    assert BlockPool(16).allocate(6) == [0, 1, 2, 3, 4, 5]
+
+
+def test_cached_block_survives_free_and_is_found_again():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    hashes = prefix_block_hashes(list(range(8)), 4)
+    for b, h in zip(blocks, hashes):
+        pool.cache_block(b, h)
+    pool.free(blocks)
+    assert pool.num_free == 4 and pool.num_cached == 2  # an unheld cached block counts as free
+    assert pool.find_cached_prefix(hashes) == blocks
+    pool.touch(blocks)
+    assert pool.num_free == 2 and pool.ref_counts[blocks[0]] == 1
+
+
+def test_uncached_free_blocks_are_reused_before_cached_ones():
+    pool = BlockPool(4)
+    cached, plain = pool.allocate(2), pool.allocate(2)
+    pool.cache_block(cached[0], 111)
+    pool.cache_block(cached[1], 222)
+    pool.free(cached)
+    pool.free(plain)
+    assert sorted(pool.allocate(2)) == sorted(plain)
+    assert pool.num_cached == 2
+    pool.allocate(1)  # now a cached block must be evicted: the tail of the prefix first
+    assert pool.find_cached_prefix([111]) == [cached[0]]
+    assert pool.find_cached_prefix([111, 222]) == [cached[0]]
+
+
+def test_lookup_stops_at_the_first_missing_block():
+    pool = BlockPool(4)
+    b = pool.allocate(3)
+    pool.cache_block(b[0], 1)
+    pool.cache_block(b[2], 3)
+    assert pool.find_cached_prefix([1, 2, 3]) == [b[0]]
+
+
+def test_double_free_is_an_error():
+    pool = BlockPool(2)
+    b = pool.allocate(1)
+    pool.free(b)
+    with pytest.raises(RuntimeError, match="freed more often"):
+        pool.free(b)
+
+
+def test_uncache_withdraws_untrusted_blocks():
+    pool = BlockPool(2)
+    b = pool.allocate(1)
+    pool.cache_block(b[0], 42)
+    pool.uncache(b)
+    assert pool.find_cached_prefix([42]) == []
+
+
+def test_prefix_hashes_chain_so_equal_blocks_after_different_prefixes_differ():
+    a = prefix_block_hashes([1, 2, 3, 4, 9, 9, 9, 9], 4)
+    b = prefix_block_hashes([5, 6, 7, 8, 9, 9, 9, 9], 4)
+    assert a[1] != b[1]
+    assert prefix_block_hashes([1, 2, 3, 4, 5], 4) == a[:1]  # a partial tail block has no key
+    assert hash_block_tokens(ROOT_BLOCK_HASH, [1, 2, 3, 4], "sha256") == prefix_block_hashes([1, 2, 3, 4], 4, "sha256")[0]
+
+
+def test_safe_hash_is_stable_and_fast_md5_by_default():
+    assert safe_hash(b"abc", usedforsecurity=False).hexdigest() == "900150983cd24fb0d6963f7d28e17f72"
