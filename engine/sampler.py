@@ -1,0 +1,329 @@
+"""Pick the next token of every row that samples this step.
+
+The pipeline follows vLLM v1's order:
+
+1. logprobs, when a row asks for them, are taken from the RAW logits (log_softmax before
+   any ban, penalty or temperature; vLLM's default `raw_logprobs` mode), so they describe
+   what the model thinks, not what the sampler was allowed to pick;
+2. bad words, then min_tokens (eos and stop ids banned until enough tokens exist);
+3. penalties: repetition (HF-style, over prompt + output), frequency and presence
+   (over output tokens only);
+4. greedy rows take the argmax; the others: temperature, min_p, top_k, top_p (min_p
+   before top_k/top_p as vLLM v1 does: it only depends on ratios to the best token, so
+   it is the same before or after them, but top_p then sees min_p's renormalised mass),
+   then one draw.
+
+Reproducible randomness. A seeded request must get the same tokens whatever else shares
+its batch, on any device, and when its generation is split between a prefill node (first
+token) and a decode node (the rest). So there is no generator state at all: the draw for
+a row is the exponential race `argmax(probs / E)`, E = -log(U), where U for (seed, step,
+token) comes from a counter-based integer hash, step = len(output_token_ids). The hash is
+plain int64 torch arithmetic, bit-identical on CPU and CUDA; a Triton port must compute
+the very same function (`uniform_noise`) to stay compatible with running nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.sampling_params import SamplingParams
+
+# --- counter-based noise ----------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+# lowbias32 (C. Wellons, hash-prospector): x ^= x>>16; x *= A; x ^= x>>15; x *= B; x ^= x>>16.
+# The multipliers are kept as signed 32-bit values: for x in [0, 2**32), |x * m| < 2**63,
+# so no int64 product overflows, and `& _MASK32` of the (two's complement) product is
+# exactly x * m mod 2**32.
+_MUL_A = 0x7FEB352D
+_MUL_B = 0x846CA68B - (1 << 32)
+_TOKEN_SALT = 0x9E3779B9  # keeps token 0 off mix32's fixed point (mix32(0) == 0)
+_STEP_SALT = 0x85EBCA6B
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash. `x`: int64 values in [0, 2**32); same shape out."""
+    x = x ^ (x >> 16)
+    x.mul_(_MUL_A).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MUL_B).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x
+
+
+def row_keys(seeds: Sequence[int], steps: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """One 32-bit key per (seed, step): int64 (R,). Seeds are taken modulo 2**64.
+
+    Chained bijections, so distinct steps of one seed, and distinct seeds at one step,
+    always get distinct keys."""
+    seeds64 = [s & _MASK64 for s in seeds]
+    lo = torch.tensor([s & _MASK32 for s in seeds64], dtype=torch.int64, device=device)  # (R,)
+    hi = torch.tensor([s >> 32 for s in seeds64], dtype=torch.int64, device=device)      # (R,)
+    step = torch.tensor([(t + _STEP_SALT) & _MASK32 for t in steps], dtype=torch.int64, device=device)
+    key = mix32(step)
+    key = mix32(key ^ hi)
+    return mix32(key ^ lo)
+
+
+def uniform_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
+                  device: torch.device | str) -> torch.Tensor:
+    """U[r, v] in (0, 1) strictly, float64 (R, V), a function of (seeds[r], steps[r], v) only."""
+    keys = row_keys(seeds, steps, device)                                              # (R,)
+    tokens = torch.arange(vocab_size, dtype=torch.int64, device=device)               # (V,)
+    token_hash = mix32((tokens + _TOKEN_SALT) & _MASK32)                               # (V,)
+    return hash_to_uniform(mix32(token_hash[None, :] ^ keys[:, None]))                 # (R, V)
+
+
+def hash_to_uniform(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64) -> (h + 0.5) / 2**32, float64. Exact in float64, so the same
+    bits on every device; never 0 or 1 (smallest 2**-33, largest 1 - 2**-33)."""
+    return h.to(torch.float64).add_(0.5).mul_(2.0 ** -32)
+
+
+def exponential_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
+                      device: torch.device | str) -> torch.Tensor:
+    """E = -log(U) ~ Exp(1), float32 (R, V), never 0 (log is taken in float64)."""
+    return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().to(torch.float32)
+
+
+# --- the sampler ------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler needs about one request this step."""
+
+    params: SamplingParams
+    seed: int                            # always set: the engine draws one for unseeded requests
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]      # tokens generated before this step; its length is the step
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float                       # raw: log_softmax of the model's logits
+    rank: int                            # 1 = most likely; ties count against the token (as vLLM)
+    top: dict[int, float]                # the params.logprobs most likely tokens -> logprob
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None for rows that did not ask (params.logprobs None)
+
+
+class Sampler:
+    """Stateless: the same logits and rows give the same tokens, in any batch. A class
+    rather than a function so that a GPU path can keep its buffers here later."""
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} sampling rows: "
+                             "the model runner must return (rows, vocab) logits, one row per sampling request")
+        logits = logits.float()
+        device = logits.device
+        want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_logprobs = None
+        if want_logprobs:
+            raw_logprobs = torch.log_softmax(logits[_index(want_logprobs, device)], dim=-1)  # (L, V)
+
+        logits = apply_bans(logits, rows)
+        logits = apply_penalties(logits, rows)
+
+        tokens = torch.empty(len(rows), dtype=torch.int64, device=device)                # (B,)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        random = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if len(greedy) == len(rows):
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
+            g = _index(greedy, device)
+            tokens[g] = logits[g].argmax(dim=-1)
+        if len(random) == len(rows):
+            tokens = _sample(logits, list(rows))
+        elif random:
+            r = _index(random, device)
+            tokens[r] = _sample(logits[r], [rows[i] for i in random])
+
+        token_ids = tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            picked = tokens[_index(want_logprobs, device)]
+            gathered = _gather_logprobs(raw_logprobs, picked, [rows[i].params.logprobs for i in want_logprobs])
+            for i, lp in zip(want_logprobs, gathered):
+                logprobs[i] = lp
+        return SamplerOutput(token_ids, logprobs)
+
+
+def _index(positions: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(positions, dtype=torch.int64, device=device)
+
+
+def apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """-inf for (a) the last token of a bad word whose other tokens end the OUTPUT so far
+    (the prompt is not looked at, as in vLLM), (b) eos and stop ids while the output is
+    shorter than min_tokens. Returns a new tensor when anything is banned."""
+    vocab = logits.shape[1]
+    ban_rows: list[int] = []
+    ban_tokens: list[int] = []
+    for i, row in enumerate(rows):
+        params, output = row.params, row.output_token_ids
+        for word in params.bad_words_token_ids:
+            n_prefix = len(word) - 1
+            if n_prefix > len(output):
+                continue
+            if n_prefix == 0 or list(output[-n_prefix:]) == word[:-1]:
+                ban_rows.append(i)
+                ban_tokens.append(word[-1])
+        if len(output) < params.min_tokens:
+            for t in set(params.stop_token_ids) | params.eos_token_ids:
+                if t < vocab:  # an id the model cannot produce needs no ban
+                    ban_rows.append(i)
+                    ban_tokens.append(t)
+    if not ban_rows:
+        return logits
+    logits = logits.clone()
+    logits[_index(ban_rows, logits.device), _index(ban_tokens, logits.device)] = float("-inf")
+    return logits
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """vLLM semantics. Repetition: every token seen in prompt or output has its logit
+    divided by the penalty when positive, multiplied when not. Then
+    logit -= frequency * count_in_output + presence * (count_in_output > 0).
+    Returns a new tensor when any row has a penalty."""
+    penalised = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    if not penalised:
+        return logits
+    device = logits.device
+    logits = logits.clone()
+    prows = [rows[i] for i in penalised]
+    with _RowSubset(logits, penalised) as sub:                                       # (P, V)
+        out_rows, out_tokens = _flat_token_ids([r.output_token_ids for r in prows], device)
+        counts = torch.zeros_like(sub)                                                # (P, V)
+        counts.index_put_((out_rows, out_tokens), torch.ones_like(out_tokens, dtype=sub.dtype), accumulate=True)
+
+        rep = [r.params.repetition_penalty for r in prows]
+        if any(p != 1.0 for p in rep):
+            seen = counts > 0                                                         # (P, V)
+            prompts = [r.prompt_token_ids if p != 1.0 else () for r, p in zip(prows, rep)]
+            seen[_flat_token_ids(prompts, device)] = True
+            penalty = torch.tensor(rep, dtype=sub.dtype, device=device)[:, None]     # (P, 1)
+            sub.copy_(torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub))
+
+        freq = torch.tensor([r.params.frequency_penalty for r in prows], dtype=sub.dtype, device=device)
+        pres = torch.tensor([r.params.presence_penalty for r in prows], dtype=sub.dtype, device=device)
+        sub.sub_(freq[:, None] * counts).sub_(pres[:, None] * (counts > 0))
+    return logits
+
+
+def _flat_token_ids(token_lists: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> (row, token) index tensors (N,), N = total length.
+    numpy.fromiter is ~8x faster than torch.tensor on long Python lists (long prompts)."""
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(lengths.sum()))
+    row_ids = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
+    return torch.from_numpy(row_ids).to(device), torch.from_numpy(tokens).to(device)
+
+
+class _RowSubset:
+    """`with _RowSubset(x, positions) as sub:` edit rows `positions` of x in place via sub.
+    When the positions are every row (the common, uniform batch), sub is x itself: no
+    gather, no scatter."""
+
+    def __init__(self, x: torch.Tensor, positions: list[int]):
+        self.x = x
+        self.idx = None if len(positions) == x.shape[0] else _index(positions, x.device)
+        self.sub = x if self.idx is None else x[self.idx]
+
+    def __enter__(self) -> torch.Tensor:
+        return self.sub
+
+    def __exit__(self, *exc) -> None:
+        if self.idx is not None and exc[0] is None:
+            self.x[self.idx] = self.sub
+
+
+def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, min_p, top_k, top_p, then the exponential race. (R, V) -> (R,).
+    Does not modify `logits`.
+
+    Every filter only sets logits to -inf, and only on the rows that use it, so a row's
+    result never depends on the other rows' params."""
+    device = logits.device
+    vocab = logits.shape[1]
+    temperature = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=device)
+    x = logits / temperature[:, None]                                                 # (R, V)
+
+    min_p = [(j, r.params.min_p) for j, r in enumerate(rows) if r.params.min_p > 0]
+    if min_p:
+        with _RowSubset(x, [j for j, _ in min_p]) as sub:
+            _mask_min_p(sub, _column([v for _, v in min_p], torch.float32, device))
+    top_k = [(j, r.params.top_k) for j, r in enumerate(rows) if 0 < r.params.top_k < vocab]
+    if top_k:
+        with _RowSubset(x, [j for j, _ in top_k]) as sub:
+            _mask_top_k(sub, _column([k for _, k in top_k], torch.int64, device), max(k for _, k in top_k))
+    top_p = [(j, r.params.top_p) for j, r in enumerate(rows) if r.params.top_p < 1.0]
+    if top_p:
+        with _RowSubset(x, [j for j, _ in top_p]) as sub:
+            _mask_top_p(sub, _column([p for _, p in top_p], torch.float32, device))
+
+    probs = torch.softmax(x, dim=-1)                                                  # (R, V)
+    noise = exponential_noise([r.seed for r in rows], [len(r.output_token_ids) for r in rows], vocab, device)
+    return (probs / noise).argmax(dim=-1)                                             # (R,)
+
+
+def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)[:, None]                 # (M, 1)
+
+
+def _mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Drop tokens less likely than min_p times the most likely one. In place."""
+    probs = torch.softmax(logits, dim=-1)                                             # (M, V)
+    floor = probs.amax(dim=-1, keepdim=True) * min_p                                  # (M, 1)
+    logits.masked_fill_(probs < floor, float("-inf"))
+
+
+def _mask_top_k(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> None:
+    """Keep the k largest logits (and any tied with the k-th). In place."""
+    kth = logits.topk(k_max, dim=-1).values.gather(1, k - 1)                         # (K, 1)
+    logits.masked_fill_(logits < kth, float("-inf"))
+
+
+def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays
+    when the tokens strictly ahead of it in sorted order hold less than top_p. The cut is
+    turned into a probability threshold, so tokens tied at the cut all stay and the
+    result never depends on how the sort orders ties. In place."""
+    probs = torch.softmax(logits, dim=-1)                                             # (M, V)
+    ordered = probs.sort(dim=-1, descending=True).values                              # (M, V)
+    ahead = F.pad(ordered.cumsum(dim=-1)[:, :-1], (1, 0))  # mass strictly ahead; monotone, [:, 0] == 0
+    n_keep = (ahead < top_p).sum(dim=-1, keepdim=True)                                # (M, 1), >= 1
+    cutoff = ordered.gather(1, n_keep - 1)                                            # (M, 1)
+    logits.masked_fill_(probs < cutoff, float("-inf"))
+
+
+def _gather_logprobs(raw: torch.Tensor, picked: torch.Tensor, top_n: list[int]) -> list[TokenLogprobs]:
+    """raw: log_softmax (L, V); picked: (L,) sampled ids. One device->host copy per field."""
+    picked_lp = raw.gather(1, picked[:, None])                                        # (L, 1)
+    ranks = (raw >= picked_lp).sum(dim=-1)                                            # (L,)
+    n_max = min(max(top_n), raw.shape[1])
+    top_vals: list[list[float]] = [[] for _ in top_n]
+    top_ids: list[list[int]] = [[] for _ in top_n]
+    if n_max > 0:
+        vals, ids = raw.topk(n_max, dim=-1)                                           # (L, n_max)
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    return [TokenLogprobs(tok, lp, rank, dict(zip(ids[:n], vals[:n])))
+            for tok, lp, rank, ids, vals, n in zip(picked.tolist(), picked_lp[:, 0].tolist(), ranks.tolist(),
+                                                   top_ids, top_vals, top_n)]

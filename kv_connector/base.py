@@ -1,0 +1,118 @@
+"""The KV connector interface: how an engine gets prompt KV from another engine.
+
+Who calls what
+--------------
+One connector object lives in each engine process; the engine calls it from its one
+engine thread, never concurrently. (vLLM splits a connector into a scheduler half and a
+worker half because its model runs in other processes; ours runs in the engine's own
+process, so one object serves both, and the split shows as the method groups below.)
+
+Lifecycle
+  1. ``__init__(config, kv_info)`` — config is the node's KVTransferConfig; kv_info
+     describes this engine's KV cache (shapes, dtype, layout) for compatibility checks.
+  2. ``register_kv_cache(kv_cache)`` — once, before any request: the one KV tensor
+     (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim); see
+     engine/kv_cache.py. Register it with the transport here.
+
+Scheduler side (a request's life)
+  * ``on_request_added(request)`` — a request entered this engine. A consumer may
+    announce itself to the producer now (so the producer keeps the blocks while the
+    request waits in the queue). Must not block.
+  * ``get_num_new_matched_tokens(request, num_computed_tokens) -> int`` — at admission:
+    how many tokens after the locally cached ``num_computed_tokens`` will arrive from
+    outside. 0 means "compute them here". Must not block or do I/O.
+  * ``start_load(request, num_computed_tokens, num_external_tokens)`` — blocks are
+    allocated (``request.block_ids``); begin filling tokens [num_computed_tokens,
+    num_computed_tokens + num_external_tokens) asynchronously. Must not block: the
+    engine keeps stepping its other requests meanwhile (async loads).
+  * ``request_finished(request) -> bool`` — the request ended (any reason). Return True
+    to keep its blocks: a producer lends them to a consumer, a consumer whose load is
+    still in flight must not let the pool reuse blocks being written into. Blocks kept
+    are handed back later through ``ConnectorEvents.blocks_to_free``. A producer sets
+    ``request.kv_transfer_params`` here: what a consumer needs to pull.
+
+Progress
+  * ``poll() -> ConnectorEvents`` — called every engine step and while idle; returns
+    what finished since the last call (loads done, with the blocks that failed; loads
+    failed under the ``fail`` policy; blocks to give back). Must not block.
+  * ``close()`` — stop threads, deregister memory. Idempotent.
+
+Failure
+  The load-failure policy is the connector's to apply: under ``recompute`` a failed
+  block is reported in ``loads_done`` (the engine computes those tokens again; the rest
+  is kept), under ``fail`` the request is reported in ``loads_failed`` with a message
+  that says what failed. A load must end — done or failed — within
+  ``config.transfer_timeout_s``: no request may wait forever.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+
+from kv_connector.config import KVTransferConfig
+
+
+class KVCacheInfo(msgspec.Struct, frozen=True):
+    """What two engines must agree on to exchange KV blocks byte for byte."""
+
+    model: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    layout: str
+
+    def mismatch(self, other: KVCacheInfo, here: str = "here", there: str = "on the producer") -> str | None:
+        """None when compatible, else a message that names every field that differs."""
+        diffs = [f"{f} {getattr(other, f)!r} {there} but {getattr(self, f)!r} {here}"
+                 for f in self.__struct_fields__ if getattr(self, f) != getattr(other, f)]
+        if not diffs:
+            return None
+        return ("KV caches are incompatible: " + "; ".join(diffs)
+                + ". Run prefill and decode nodes with the same model, dtype and block_size.")
+
+
+@dataclass(slots=True)
+class ConnectorEvents:
+    loads_done: list[tuple[str, set[int]]] = field(default_factory=list)  # (request id, failed block ids)
+    loads_failed: list[tuple[str, str]] = field(default_factory=list)     # (request id, error message)
+    blocks_to_free: list[list[int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.loads_done or self.loads_failed or self.blocks_to_free)
+
+
+class KVConnectorBase(ABC):
+    def __init__(self, config: KVTransferConfig, kv_info: KVCacheInfo):
+        self.config = config
+        self.kv_info = kv_info
+
+    @abstractmethod
+    def register_kv_cache(self, kv_cache: torch.Tensor) -> None: ...
+
+    def on_request_added(self, request) -> None:
+        return None
+
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int: ...
+
+    @abstractmethod
+    def start_load(self, request, num_computed_tokens: int, num_external_tokens: int) -> None: ...
+
+    @abstractmethod
+    def request_finished(self, request) -> bool: ...
+
+    @abstractmethod
+    def poll(self) -> ConnectorEvents: ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics (transfers, bytes, seconds, failures). Names are stable."""
+        return {}
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,69 @@
+"""Messages between a consumer and a producer's KV service (msgpack via msgspec; a
+decoded message is plain data — nothing on this wire is ever unpickled)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kv_connector.base import KVCacheInfo
+
+
+class HandshakeRequest(msgspec.Struct, tag="handshake"):
+    engine_id: str                 # the consumer's
+    config_hash: str               # KVTransferConfig.compute_hash() of the consumer
+
+
+class HandshakeResponse(msgspec.Struct, tag="handshake_ok"):
+    engine_id: str                 # the producer's
+    config_hash: str
+    kv_info: KVCacheInfo
+    num_blocks: int
+    block_bytes: int
+    transport: bytes = b""         # transport-specific: NIXL agent metadata and region layout
+
+
+class ClaimRequest(msgspec.Struct, tag="claim"):
+    request_ids: list[str]         # renew the lease on each
+
+
+class ClaimResponse(msgspec.Struct, tag="claim_ok"):
+    held: list[bool]               # per request id: are its blocks still held?
+
+
+class ReleaseRequest(msgspec.Struct, tag="release"):
+    request_id: str
+
+
+class ReleaseResponse(msgspec.Struct, tag="release_ok"):
+    was_held: bool                 # False: the lease ran out before the release; the read is void
+    checksums: list[int] = []      # per block of the request, for the consumer to verify
+
+
+class ReadRequest(msgspec.Struct, tag="read"):
+    """TCP connector: send these blocks' bytes (the request must be held)."""
+    request_id: str
+    block_ids: list[int]
+
+
+class ErrorResponse(msgspec.Struct, tag="error"):
+    message: str
+
+
+Request = HandshakeRequest | ClaimRequest | ReleaseRequest | ReadRequest
+Response = HandshakeResponse | ClaimResponse | ReleaseResponse | ErrorResponse
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_response_decoder = msgspec.msgpack.Decoder(Response)
+
+
+def encode(msg: Request | Response) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_request(data: bytes) -> Request:
+    return _request_decoder.decode(data)
+
+
+def decode_response(data: bytes) -> Response:
+    return _response_decoder.decode(data)

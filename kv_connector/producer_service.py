@@ -1,0 +1,99 @@
+"""A producer's KV service: a ZeroMQ ROUTER thread that answers consumers (handshake,
+claim, release, and for the TCP connector the block bytes), and the client side.
+
+The service thread never touches the engine: it reads the ledger (its own lock) and,
+for TCP reads, the KV tensor's held blocks, which nobody writes while they are held.
+Every client call has a deadline and uses a fresh socket with LINGER 0, so a dead
+producer costs a consumer at most its timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import zmq
+
+from kv_connector import messages as m
+
+log = logging.getLogger(__name__)
+
+# Handler for a ReadRequest: returns the frames to send back (raw block bytes).
+ReadHandler = Callable[[m.ReadRequest], list[bytes]]
+
+
+class ServiceError(RuntimeError):
+    """The producer could not be reached in time, or answered with an error."""
+
+
+class ProducerService:
+    def __init__(self, host: str, port: int, handlers: dict[type, Callable]):
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if port == 0:
+            self.port = self._sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            self._sock.bind(f"tcp://{host}:{port}")
+            self.port = port
+        self.host = host
+        self._handlers = handlers
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kv-producer-service", daemon=True)
+
+    def start(self) -> ProducerService:
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            ident, _, payload = self._sock.recv_multipart()
+            try:
+                msg = m.decode_request(payload)
+                handler = self._handlers.get(type(msg))
+                if handler is None:
+                    reply: list[bytes] = [m.encode(m.ErrorResponse(f"{type(msg).__name__} is not served here"))]
+                else:
+                    out = handler(msg)
+                    reply = out if isinstance(out, list) else [m.encode(out)]
+            except Exception as e:  # a bad message must not kill the service
+                log.warning("kv service: bad request from a consumer: %s", e)
+                reply = [m.encode(m.ErrorResponse(f"bad request: {e}"))]
+            self._sock.send_multipart([ident, b"", *reply], copy=False)
+        self._sock.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+
+def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
+    """Send one request and return the raw reply frames, or raise ServiceError."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        sock.send_multipart([b"", m.encode(msg)])
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise ServiceError(f"KV producer at {host}:{port} did not answer {type(msg).__name__} "
+                               f"within {timeout_s:.1f}s (down, or overloaded)")
+        frames = sock.recv_multipart()
+        return frames[1:]  # drop the empty delimiter
+    finally:
+        sock.close(0)
+
+
+def call_struct(host: str, port: int, msg: m.Request, expect: type, timeout_s: float):
+    reply = m.decode_response(call(host, port, msg, timeout_s)[0])
+    if isinstance(reply, m.ErrorResponse):
+        raise ServiceError(f"KV producer at {host}:{port} refused {type(msg).__name__}: {reply.message}")
+    if not isinstance(reply, expect):
+        raise ServiceError(f"KV producer at {host}:{port} answered {type(reply).__name__} to {type(msg).__name__}")
+    return reply

@@ -1,0 +1,384 @@
+"""The pull protocol both built-in connectors share; subclasses only move bytes.
+
+Producer: when a request that a decode node will continue finishes, its blocks are held
+in the ProducerLedger (not freed), their checksums recorded, and `kv_transfer_params`
+tells the consumer where to pull from. A KV service thread answers handshakes, claims
+and releases.
+
+Consumer: a request carrying `do_remote_prefill` is claimed as soon as it arrives (the
+lease keeps the producer from evicting while it waits here), and at admission its blocks
+are pulled on a worker thread: handshake (once per producer, cached), claim, read,
+release — the release answer says whether the blocks were held through the read — then
+checksums. Whatever did not arrive intact is a failed block; the load-failure policy
+turns failed blocks into "recompute these" or "fail the request". The engine thread
+only ever polls a queue.
+
+Fault injection for tests (kv_connector_extra_config on the consumer):
+  fault_drop_blocks: [i, ...]     request-relative block indices never read
+  fault_corrupt_blocks: [i, ...]  overwritten after the read (caught by checksums)
+  fault_delay_s: float            sleep before reading (a slow transfer)
+  fault_refuse_handshake: bool    act as if the producer refused the handshake
+On the producer:
+  fault_release_delay_s: float    sleep before answering a release (a slow service)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_connector import messages as m
+from kv_connector.base import ConnectorEvents, KVCacheInfo, KVConnectorBase
+from kv_connector.checksum import block_checksums
+from kv_connector.config import KVTransferConfig
+from kv_connector.producer_ledger import ProducerLedger
+from kv_connector.producer_service import ProducerService, ServiceError, call_struct
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class Peer:
+    """A producer this consumer has shaken hands with."""
+    host: str
+    port: int
+    handshake: m.HandshakeResponse
+    transport: object = None  # what the subclass's _connect returned
+
+
+@dataclass(slots=True)
+class LoadJob:
+    request_id: str
+    host: str
+    port: int
+    remote_request_id: str
+    remote_engine_id: str
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
+    first_block: int            # index of remote_block_ids[0] among the request's blocks
+    all_block_ids: list[int]    # the request's blocks, to free if it is aborted mid-load
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class LoadResult:
+    request_id: str
+    failed: set[int] = field(default_factory=set)  # local block ids that did not arrive intact
+    error: str | None = None                        # why (for the `fail` policy's message)
+
+
+class PullConnector(KVConnectorBase):
+    # --- what a transport subclass provides ---------------------------------------------
+    def _register(self, kv_cache: torch.Tensor) -> None:
+        """Register the KV tensor with the transport (once)."""
+
+    def _transport_metadata(self) -> bytes:
+        """Producer: bytes the consumer needs to reach this node's memory."""
+        return b""
+
+    def _connect(self, peer: Peer) -> object:
+        """Consumer: prepare to read from a producer (once per producer)."""
+        return None
+
+    def _read(self, peer: Peer, job: LoadJob, remote_ids: list[int], local_ids: list[int], deadline: float) -> None:
+        """Consumer: copy remote blocks into local blocks before `deadline` or raise."""
+        raise NotImplementedError
+
+    def _serve_read(self, msg: m.ReadRequest) -> list[bytes]:
+        raise NotImplementedError
+
+    # --- set-up ---------------------------------------------------------------------
+    def __init__(self, config: KVTransferConfig, kv_info: KVCacheInfo):
+        super().__init__(config, kv_info)
+        self.kv_cache: torch.Tensor | None = None
+        extra = config.kv_connector_extra_config
+        self._faults = {k: v for k, v in extra.items() if k.startswith("fault_")}
+        self.ledger = ProducerLedger(config.abort_timeout_s)
+        self.service: ProducerService | None = None
+        self._peers: dict[tuple[str, int], Peer] = {}
+        self._peer_lock = threading.Lock()
+        self._loads: dict[str, LoadJob] = {}
+        self._done: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(max_workers=int(extra.get("load_workers", 4)),
+                                        thread_name_prefix="kv-load") if config.is_consumer else None
+        self._claims: dict[str, tuple[str, int, str]] = {}  # request id -> (host, port, remote id)
+        self._claims_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._stats = {"loads": 0, "load_failures": 0, "blocks_loaded": 0, "blocks_failed": 0,
+                       "bytes_loaded": 0, "load_seconds": 0.0, "requests_lent": 0}
+
+    def set_fault_injection(self, faults: dict) -> None:
+        """Replace the fault-injection options (tests; see the module docstring)."""
+        unknown = [k for k in faults if not k.startswith("fault_")]
+        if unknown:
+            raise ValueError(f"not fault-injection options: {unknown}")
+        self._faults = dict(faults)
+
+    def register_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        if self.kv_cache is not None:
+            raise RuntimeError("register_kv_cache called twice")
+        self.kv_cache = kv_cache
+        self._register(kv_cache)
+        if self.config.is_producer:
+            self.service = ProducerService(self.config.kv_ip, self.config.kv_port, {
+                m.HandshakeRequest: self._on_handshake,
+                m.ClaimRequest: self._on_claim,
+                m.ReleaseRequest: self._on_release,
+                m.ReadRequest: self._serve_read,
+            }).start()
+            log.info("kv producer service engine_id=%s at %s:%d", self.config.engine_id, self.service.host,
+                     self.service.port)
+        if self.config.is_consumer:
+            self._renewer = threading.Thread(target=self._renew_claims, name="kv-claims", daemon=True)
+            self._renewer.start()
+
+    @property
+    def block_bytes(self) -> int:
+        return self.kv_cache[0].numel() * self.kv_cache.element_size()
+
+    # --- producer -------------------------------------------------------------------
+    def _on_handshake(self, msg: m.HandshakeRequest) -> m.HandshakeResponse | m.ErrorResponse:
+        if msg.config_hash != self.config.compute_hash():
+            return m.ErrorResponse(f"KV transfer settings differ (connector or protocol version): consumer "
+                                   f"{msg.config_hash[:8]}, producer {self.config.compute_hash()[:8]}; "
+                                   f"use the same kv_connector ({self.config.kv_connector}) on both")
+        return m.HandshakeResponse(self.config.engine_id, self.config.compute_hash(), self.kv_info,
+                                   self.kv_cache.shape[0], self.block_bytes, self._transport_metadata())
+
+    def _on_claim(self, msg: m.ClaimRequest) -> m.ClaimResponse:
+        return m.ClaimResponse([self.ledger.claim(rid) is not None for rid in msg.request_ids])
+
+    def _on_release(self, msg: m.ReleaseRequest) -> m.ReleaseResponse:
+        delay = self._faults.get("fault_release_delay_s")
+        if delay:
+            time.sleep(delay)
+        held = self.ledger.release(msg.request_id)
+        return m.ReleaseResponse(held is not None, held.checksums if held else [])
+
+    def _lend(self, request) -> bool:
+        """Hold a finished prefill's blocks for the consumer and say where they are."""
+        n_blocks = -(-request.num_computed_tokens // self.kv_info.block_size)
+        blocks = request.block_ids[:n_blocks]
+        self.ledger.hold(request.request_id, request.block_ids, block_checksums(self.kv_cache, blocks))
+        request.kv_transfer_params = {
+            "do_remote_prefill": True,
+            "remote_engine_id": self.config.engine_id,
+            "remote_host": self.service.host,
+            "remote_port": self.service.port,
+            "remote_request_id": request.request_id,
+            "remote_block_ids": blocks,
+            "num_tokens": request.num_computed_tokens,
+        }
+        self._stats["requests_lent"] += 1
+        return True
+
+    # --- consumer -------------------------------------------------------------------
+    @staticmethod
+    def _pull_params(request) -> dict | None:
+        p = request.kv_transfer_params
+        return p if p and p.get("do_remote_prefill") else None
+
+    def on_request_added(self, request) -> None:
+        p = self._pull_params(request) if self.config.is_consumer else None
+        if p is None:
+            return
+        with self._claims_lock:
+            self._claims[request.request_id] = (p["remote_host"], p["remote_port"], p["remote_request_id"])
+        self._pool.submit(self._claim_quietly, p["remote_host"], p["remote_port"], [p["remote_request_id"]])
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
+        p = self._pull_params(request) if self.config.is_consumer else None
+        if p is None:
+            return 0
+        n = max(0, int(p["num_tokens"]) - num_computed_tokens)
+        if n == 0:  # the local prefix cache has it all: let the producer free its copy now
+            p["do_remote_prefill"] = False
+            self._give_back_unread(request.request_id)
+        return n
+
+    def _give_back_unread(self, request_id: str) -> None:
+        """A request that will never read its lent blocks: release them on the producer
+        instead of letting them wait for abort_timeout_s."""
+        with self._claims_lock:
+            claim = self._claims.pop(request_id, None)
+        if claim is not None:
+            host, port, remote_id = claim
+            self._pool.submit(self._release_quietly, host, port, remote_id)
+
+    def _release_quietly(self, host: str, port: int, remote_id: str) -> None:
+        try:
+            call_struct(host, port, m.ReleaseRequest(remote_id), m.ReleaseResponse, min(5.0, self.config.transfer_timeout_s))
+        except Exception as e:  # the producer's lease expiry frees them anyway
+            log.debug("kv release at %s:%d failed: %s", host, port, e)
+
+    def start_load(self, request, num_computed_tokens: int, num_external_tokens: int) -> None:
+        p = self._pull_params(request)
+        bs = self.kv_info.block_size
+        first = num_computed_tokens // bs
+        last = -(-(num_computed_tokens + num_external_tokens) // bs)
+        job = LoadJob(request.request_id, p["remote_host"], int(p["remote_port"]), p["remote_request_id"],
+                      p["remote_engine_id"], list(p["remote_block_ids"][first:last]), request.block_ids[first:last], first,
+                      request.block_ids)
+        if len(job.remote_block_ids) != len(job.local_block_ids):
+            self._done.put(LoadResult(job.request_id, set(job.local_block_ids),
+                                      f"the producer lent {len(p['remote_block_ids'])} blocks for "
+                                      f"{p['num_tokens']} tokens; {last} were expected"))
+            self._loads[job.request_id] = job
+            return
+        self._loads[job.request_id] = job
+        with self._claims_lock:
+            self._claims.pop(job.request_id, None)  # the load claims for itself now
+        self._pool.submit(self._load, job)
+
+    def _load(self, job: LoadJob) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.config.transfer_timeout_s
+        result = LoadResult(job.request_id)
+        released = False
+        try:
+            if self._faults.get("fault_refuse_handshake"):
+                raise TransferError("handshake refused (fault injection)")
+            peer = self._peer(job.host, job.port, job.remote_engine_id, deadline)
+            held = call_struct(job.host, job.port, m.ClaimRequest([job.remote_request_id]), m.ClaimResponse,
+                               max(deadline - time.monotonic(), 0.01)).held[0]
+            if not held:
+                raise TransferError(f"the producer no longer holds request {job.remote_request_id}'s KV "
+                                    f"(freed after abort_timeout_s={self.config.abort_timeout_s}s?)")
+            if self._faults.get("fault_delay_s"):
+                time.sleep(float(self._faults["fault_delay_s"]))
+            drop = {job.local_block_ids[i] for i in self._fault_indices("fault_drop_blocks", job)}
+            pairs = [(r, l) for r, l in zip(job.remote_block_ids, job.local_block_ids) if l not in drop]
+            if pairs:
+                remote_ids, local_ids = map(list, zip(*pairs))
+                self._read(peer, job, remote_ids, local_ids, deadline)
+            for i in self._fault_indices("fault_corrupt_blocks", job):
+                self.kv_cache[job.local_block_ids[i]].view(-1)[:8].fill_(12345)
+            release = call_struct(job.host, job.port, m.ReleaseRequest(job.remote_request_id), m.ReleaseResponse,
+                                  max(deadline - time.monotonic(), 0.01))
+            released = True
+            if not release.was_held:
+                raise TransferError(f"the producer freed request {job.remote_request_id}'s blocks before the read "
+                                    "finished (abort_timeout_s too short for this transfer?)")
+            want = release.checksums[job.first_block:job.first_block + len(job.local_block_ids)]
+            got = block_checksums(self.kv_cache, job.local_block_ids)
+            result.failed = drop | {b for b, w, g in zip(job.local_block_ids, want, got) if w != g}
+            if result.failed:
+                result.error = (f"{len(result.failed)} of {len(job.local_block_ids)} KV blocks did not arrive intact "
+                                f"from {job.host}:{job.port}")
+            self._stats["bytes_loaded"] += len(pairs) * self.block_bytes
+        except (TransferError, ServiceError) as e:
+            self._forget_peer(job.host, job.port)  # it may come back as a new engine
+            result.failed, result.error = set(job.local_block_ids), str(e)
+        except Exception as e:  # a transport bug must still end the load
+            log.exception("kv load request_id=%s failed", job.request_id)
+            result.failed, result.error = set(job.local_block_ids), f"KV transfer error: {e}"
+        self._stats["load_seconds"] += time.monotonic() - t0
+        self._done.put(result)
+        if not released:  # gave up before the release: let the producer free its copy now
+            self._release_quietly(job.host, job.port, job.remote_request_id)
+
+    def _fault_indices(self, key: str, job: LoadJob) -> list[int]:
+        return [i - job.first_block for i in self._faults.get(key, ())
+                if 0 <= i - job.first_block < len(job.local_block_ids)]
+
+    def _peer(self, host: str, port: int, engine_id: str, deadline: float) -> Peer:
+        with self._peer_lock:
+            peer = self._peers.get((host, port))
+        if peer is not None and peer.handshake.engine_id == engine_id:
+            return peer
+        hs = call_struct(host, port, m.HandshakeRequest(self.config.engine_id, self.config.compute_hash()),
+                         m.HandshakeResponse, max(deadline - time.monotonic(), 0.01))
+        if hs.engine_id != engine_id:
+            raise TransferError(f"{host}:{port} is engine {hs.engine_id}, not {engine_id} that lent the KV "
+                                "(the producer restarted?)")
+        problem = self.kv_info.mismatch(hs.kv_info)
+        if problem:
+            raise TransferError(problem)
+        peer = Peer(host, port, hs)
+        peer.transport = self._connect(peer)
+        with self._peer_lock:
+            self._peers[(host, port)] = peer
+        return peer
+
+    def _forget_peer(self, host: str, port: int) -> None:
+        with self._peer_lock:
+            self._peers.pop((host, port), None)
+
+    def _claim_quietly(self, host: str, port: int, remote_ids: list[str]) -> None:
+        try:
+            call_struct(host, port, m.ClaimRequest(remote_ids), m.ClaimResponse, min(5.0, self.config.transfer_timeout_s))
+        except Exception as e:  # the load itself will find out and apply the policy
+            log.debug("kv claim at %s:%d failed: %s", host, port, e)
+
+    def _renew_claims(self) -> None:
+        period = max(self.config.abort_timeout_s / 3, 0.05)
+        while not self._stop.wait(period):
+            with self._claims_lock:
+                by_peer: dict[tuple[str, int], list[str]] = {}
+                for host, port, rid in self._claims.values():
+                    by_peer.setdefault((host, port), []).append(rid)
+            for (host, port), rids in by_peer.items():
+                self._claim_quietly(host, port, rids)
+
+    # --- both -----------------------------------------------------------------------
+    def request_finished(self, request) -> bool:
+        if self.config.is_consumer:
+            self._give_back_unread(request.request_id)  # finished before its load began
+            job = self._loads.get(request.request_id)
+            if job is not None:  # still being written into: keep the blocks until the load ends
+                job.cancelled = True
+                return True
+        p = request.kv_transfer_params
+        if (self.config.is_producer and p and p.get("do_remote_decode") and request.block_ids
+                and request.status.value in ("finished_stopped", "finished_length")):
+            return self._lend(request)
+        return False
+
+    def poll(self) -> ConnectorEvents:
+        ev = ConnectorEvents()
+        if self.config.is_producer:
+            ev.blocks_to_free += self.ledger.take_expired_and_released()
+        while True:
+            try:
+                res = self._done.get_nowait()
+            except queue.Empty:
+                break
+            job = self._loads.pop(res.request_id)
+            self._stats["loads"] += 1
+            self._stats["blocks_loaded"] += len(job.local_block_ids) - len(res.failed)
+            self._stats["blocks_failed"] += len(res.failed)
+            if job.cancelled:
+                ev.blocks_to_free.append(job.all_block_ids)
+            elif not res.failed:
+                ev.loads_done.append((res.request_id, set()))
+            else:
+                self._stats["load_failures"] += 1
+                log.warning("kv load request_id=%s: %s (policy %s)", res.request_id, res.error,
+                            self.config.load_failure_policy)
+                if self.config.load_failure_policy == "recompute":
+                    ev.loads_done.append((res.request_id, res.failed))
+                else:
+                    ev.loads_failed.append((res.request_id, f"KV load failed: {res.error}"))
+        return ev
+
+    def stats(self) -> dict[str, float]:
+        return {**self._stats, "requests_held": len(self.ledger), "holds_expired": self.ledger.expired_count}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
