@@ -1,0 +1,411 @@
+"""The `cluster.yaml` schema: what runs where, checked before anything starts.
+
+`load_cluster_config(path)` reads the file and either returns a `ClusterConfig` or raises
+`ClusterConfigError`, whose message holds one line per problem, each naming the field:
+
+    cluster.yaml: decode.devices: 3 devices for 2 replicas: give one device, or one per replica
+
+Every section refuses unknown keys (`extra="forbid"`), so a typo is an error, not a
+silently ignored setting. `node_specs()` turns the file into the list of nodes to start,
+with each node's device, ports and engine settings resolved; the launcher needs nothing
+else from this module. This module imports no torch: `pdcluster --help` and a bad file
+answer at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+Role = Literal["prefill", "decode", "both"]
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": None}
+PORTS_PER_NODE = 2  # a node's HTTP/control port, then its KV handshake port
+_DEVICE = re.compile(r"cpu|auto|cuda:\d+")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    path: str = "builtin:tiny"
+    """`builtin:NAME` (made on first use, see engine/builtin_models.py) or a Hugging Face
+    model directory (config.json, *.safetensors, tokenizer.json)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    seed: int = 0
+    """Seed of `dummy` random weights; every node uses it, so their weights agree."""
+
+    @field_validator("path")
+    @classmethod
+    def _path_given(cls, v: str) -> str:
+        if not v.strip() or v.strip() == "builtin:":
+            raise ValueError("empty: give builtin:NAME (e.g. builtin:tiny) or a Hugging Face model directory")
+        return v
+
+
+class EngineSettings(_Section):
+    """Cache and scheduler knobs of every node (engine/config.py's CacheConfig and
+    SchedulerConfig). `num_blocks: null` sizes the KV cache from `memory_fraction` of free
+    GPU memory, or from `cpu_kv_cache_gib` on CPU."""
+
+    block_size: int = 16
+    num_blocks: int | None = Field(default=None, ge=2)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    cpu_kv_cache_gib: float = Field(default=0.25, gt=0)
+    memory_fraction: float = Field(default=0.85, gt=0, le=1)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{v} is not a power of two: use 16 (the default), 32, ...")
+        return v
+
+
+class EngineOverrides(EngineSettings):
+    """A role's `engine:` section: only the keys written there replace the top-level
+    `engine:` values (so `num_blocks: null` here does mean "size it automatically")."""
+
+
+class RouterSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    policy: Literal["round_robin", "least_loaded", "prefix_aware"] = "round_robin"
+    api_key: str | None = Field(default=None, validate_default=True)
+    """Clients must send `Authorization: Bearer KEY`; default: $PDCLUSTER_API_KEY, else none."""
+    max_concurrent_requests: int | None = Field(default=None, ge=1)
+    """Admission control: requests beyond this many in flight are refused (HTTP 429);
+    null: no limit."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_from_env(cls, v: str | None) -> str | None:
+        return v or os.environ.get("PDCLUSTER_API_KEY") or None
+
+
+class KVTransferSettings(_Section):
+    """Becomes kv_connector.config.KVTransferConfig on each node (see `kv_transfer_config`)."""
+
+    connector: str = "nixl"
+    """`nixl`, `tcp`, or a `module:Class` path to a connector class."""
+    load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    abort_timeout_s: float = Field(default=120.0, gt=0)
+    """A prefill node frees KV blocks no decode node has claimed after this long."""
+    transfer_timeout_s: float = Field(default=30.0, gt=0)
+    """A decode node gives up on a handshake or transfer that takes longer."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Connector-specific options (kv_connector_extra_config)."""
+
+    @field_validator("connector")
+    @classmethod
+    def _known_connector(cls, v: str) -> str:
+        if v not in ("nixl", "tcp") and not re.fullmatch(r"[\w.]+:[\w.]+", v):
+            raise ValueError(f"{v!r} is not a connector: use nixl, tcp or a module:Class path")
+        return v
+
+
+class RoleSettings(_Section):
+    replicas: int = Field(default=1, ge=0)
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    """One device per replica, or one for all: `cpu`, `cuda:N`, or `auto` (the next GPU
+    round-robin, cpu when there is none)."""
+    engine: EngineOverrides = Field(default_factory=EngineOverrides)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_fit(cls, devices: list[str], info) -> list[str]:
+        bad = [d for d in devices if not _DEVICE.fullmatch(d)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a device: use cpu, auto or cuda:N (e.g. cuda:0)")
+        replicas = info.data.get("replicas", 0)
+        if replicas and not devices:
+            raise ValueError(f"no devices for {replicas} replicas: give one device, or one per replica")
+        if len(devices) > 1 and len(devices) != replicas:
+            raise ValueError(f"{len(devices)} devices for {replicas} replicas: give one device, or one per replica")
+        return devices
+
+    def device_of(self, index: int) -> str:
+        return self.devices[index] if len(self.devices) > 1 else self.devices[0]
+
+
+class ColocatedSettings(RoleSettings):
+    replicas: int = Field(default=0, ge=0)
+
+
+_SECTIONS = ("model", "router", "kv_transfer", "engine", "prefill", "decode", "colocated")
+
+
+@dataclass(slots=True, frozen=True)
+class NodeSpec:
+    """One serving process to start. `port`/`kv_port` are 0 when the node should pick free
+    ports (nodes_base_port: 0)."""
+
+    role: Role          # prefill (kv_producer) | decode (kv_consumer) | both (colocated, no transfer)
+    index: int          # position among the nodes of its role
+    device: str         # cpu or cuda:N (auto already resolved)
+    engine: EngineSettings
+    port: int = 0
+    kv_port: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    @property
+    def kv_role(self) -> str | None:
+        return KV_ROLES[self.role]
+
+
+class ClusterConfig(_Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    prefill: RoleSettings = Field(default_factory=RoleSettings)
+    decode: RoleSettings = Field(default_factory=RoleSettings)
+    colocated: ColocatedSettings = Field(default_factory=ColocatedSettings)
+    backend: Literal["local", "ray"] = "local"
+    nodes_base_port: int = Field(default=0, ge=0, le=65535)
+    """0: every node picks free ports. Else node k (in node_specs() order) listens on
+    base + 2k (HTTP/control) and base + 2k + 1 (KV handshake)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_defaults(cls, data: Any) -> Any:
+        # `router:` with every child commented out reads as None: mean the defaults.
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in _SECTIONS and v is None)}
+            if isinstance(data.get("log_level"), str):
+                data["log_level"] = data["log_level"].lower()
+        return data
+
+    @model_validator(mode="after")
+    def _serving_topology(self) -> ClusterConfig:
+        p, d, c = self.prefill.replicas, self.decode.replicas, self.colocated.replicas
+        problems = []
+        if p and not d:
+            problems.append(f"prefill.replicas: {p} prefill node(s) but no decode node: a prefill node "
+                            "cannot serve alone; set decode.replicas to 1 or more, or prefill.replicas to 0")
+        elif d and not p:
+            problems.append(f"decode.replicas: {d} decode node(s) but no prefill node: set prefill.replicas "
+                            "to 1 or more, or use colocated.replicas for nodes that do both")
+        elif not (p or c):
+            problems.append("prefill.replicas: no serving node: set prefill.replicas and decode.replicas "
+                            "to 1 or more, or colocated.replicas to 1 or more")
+        base, n = self.nodes_base_port, p + d + c
+        if base and base + PORTS_PER_NODE * n - 1 > 65535:
+            problems.append(f"nodes_base_port: {n} nodes need ports {base}..{base + PORTS_PER_NODE * n - 1}, "
+                            "past 65535: lower it, or use 0 to pick free ports")
+        elif base and self.router.port and base <= self.router.port < base + PORTS_PER_NODE * n:
+            problems.append(f"router.port: {self.router.port} falls in the nodes' ports "
+                            f"{base}..{base + PORTS_PER_NODE * n - 1}: move one of them")
+        if problems:
+            raise PydanticCustomError("cluster_topology", "\n".join(problems))
+        return self
+
+    @classmethod
+    def default(cls) -> ClusterConfig:
+        """The embedded default (the shipped cluster.yaml): builtin:tiny in float32, one
+        prefill and one decode node on cpu, NIXL transfer, recompute on failure."""
+        return cls()
+
+    def roles(self) -> list[tuple[Role, RoleSettings]]:
+        return [("prefill", self.prefill), ("decode", self.decode), ("both", self.colocated)]
+
+    def node_specs(self, num_gpus: int | None = None) -> list[NodeSpec]:
+        """Every node to start: prefill nodes, then decode, then colocated (`both`).
+
+        `auto` devices become cuda:0, cuda:1, ... round-robin in that order (cpu without a
+        GPU); `num_gpus` is how many there are, asked of torch when None and needed.
+        """
+        specs = []
+        autos = 0
+        for role, settings in self.roles():
+            engine = self.engine.model_copy(update=settings.engine.model_dump(exclude_unset=True))
+            for i in range(settings.replicas):
+                device = settings.device_of(i)
+                if device == "auto":
+                    if num_gpus is None:
+                        num_gpus = _visible_gpu_count()
+                    device = f"cuda:{autos % num_gpus}" if num_gpus else "cpu"
+                    autos += 1
+                port = self.nodes_base_port + PORTS_PER_NODE * len(specs) if self.nodes_base_port else 0
+                specs.append(NodeSpec(role, i, device, engine, port, port + 1 if port else 0))
+        return specs
+
+    def with_topology(self, prefill: int = 0, decode: int = 0, colocated: int = 0) -> ClusterConfig:
+        """The same cluster on the same hardware, split differently (for the benchmark).
+
+        The device pool is the distinct devices the nodes of this file use, in node order
+        (prefill, decode, colocated). The new nodes take devices from it round-robin in that
+        same order: with a pool [cuda:0, cuda:1], 1P1D puts prefill on cuda:0 and decode on
+        cuda:1, 2P1D puts prefills on cuda:0, cuda:1 and the decode back on cuda:0, and
+        colocated2 puts one node on each. Per-role engine overrides are kept.
+        """
+        pool = list(dict.fromkeys(s.device_of(i) for _, s in self.roles() for i in range(s.replicas)))
+        data = self.model_dump(exclude_unset=True)  # unset keys keep their defaults, overrides stay partial
+        taken = 0
+        for section, n in (("prefill", prefill), ("decode", decode), ("colocated", colocated)):
+            devices = [pool[(taken + i) % len(pool)] for i in range(n)]
+            data[section] = {**data.get(section, {}), "replicas": n, "devices": devices}
+            taken += n
+        try:
+            return ClusterConfig.model_validate(data)
+        except ValidationError as e:
+            where = f"topology {prefill}P{decode}D+{colocated}colocated"
+            raise ClusterConfigError([f"{where}: {line}" for err in e.errors() for line in _explain(err)]) from None
+
+    def kv_transfer_config(self, node: NodeSpec, **fields: Any):
+        """The node's kv_connector.config.KVTransferConfig (None for colocated nodes, which
+        transfer nothing). `fields` set the rest, e.g. engine_id, kv_ip, kv_port."""
+        if node.kv_role is None:
+            return None
+        from kv_connector.config import KVTransferConfig
+        kv = self.kv_transfer
+        return KVTransferConfig(kv_connector=kv.connector, kv_role=node.kv_role,
+                                kv_buffer_device="cpu" if node.device == "cpu" else "cuda",
+                                kv_connector_extra_config=dict(kv.extra), load_failure_policy=kv.load_failure_policy,
+                                abort_timeout_s=kv.abort_timeout_s, transfer_timeout_s=kv.transfer_timeout_s,
+                                **({"kv_port": node.kv_port} | fields))
+
+    def engine_config(self, node: NodeSpec, kv_transfer: Any = None):
+        """The node's engine.config.EngineConfig (imports torch: call it in the node process)."""
+        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+        e = node.engine
+        return EngineConfig(
+            model=self.model.path, dtype=self.model.dtype, device=node.device, load_format=self.model.load_format,
+            seed=self.model.seed, kv_transfer=kv_transfer,
+            cache=CacheConfig(block_size=e.block_size, num_blocks=e.num_blocks, memory_fraction=e.memory_fraction,
+                              cpu_kv_cache_gib=e.cpu_kv_cache_gib, enable_prefix_caching=e.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+                                      max_model_len=e.max_model_len, enable_chunked_prefill=e.enable_chunked_prefill))
+
+
+def parse_topology(name: str) -> tuple[int, int, int]:
+    """A benchmark topology name as (prefill, decode, colocated) replicas: `1P1D`, `2P1D`
+    (x prefill + y decode nodes), `colocated2` (2 role-`both` nodes). Case-insensitive."""
+    m = re.fullmatch(r"(\d+)p(\d+)d|colocated(\d+)", name.strip().lower())
+    if not m:
+        raise ValueError(f"topology {name!r}: write xPyD (e.g. 1P1D, 2P1D) or colocatedN (e.g. colocated2)")
+    p, d, c = (int(g) if g else 0 for g in m.groups())
+    if not (p and d) and not c:
+        raise ValueError(f"topology {name!r} has no serving node: it needs x, y >= 1 or N >= 1")
+    return p, d, c
+
+
+def _visible_gpu_count() -> int:
+    import torch  # only when a device is `auto`
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# --- loading and explaining ----------------------------------------------------------
+class ClusterConfigError(ValueError):
+    """A cluster.yaml that cannot be used. `problems` holds one line per problem, each
+    starting with the file name and the field's path; str() joins them with newlines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def load_cluster_config(path: str | os.PathLike) -> ClusterConfig:
+    """Read and check a cluster.yaml; raise ClusterConfigError naming every problem."""
+    name = str(path)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClusterConfigError([f"{name}: no such file"]) from None
+    except IsADirectoryError:
+        raise ClusterConfigError([f"{name}: is a directory, not a cluster.yaml file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClusterConfigError([f"{name}: cannot read it: {e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ClusterConfigError([f"{name}: not valid YAML: {where}{what}"]) from None
+    if data is None:
+        raise ClusterConfigError([f"{name}: the file is empty: start from the shipped cluster.yaml "
+                                  f"(keys: {', '.join(ClusterConfig.model_fields)})"])
+    if not isinstance(data, dict):
+        raise ClusterConfigError([f"{name}: the top level must be a mapping of keys "
+                                  f"({', '.join(ClusterConfig.model_fields)}), not a {_kind(data)}"])
+    try:
+        config = ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ClusterConfigError([f"{name}: {line}" for err in e.errors() for line in _explain(err)]) from None
+    problems = _check_model_path(config)
+    if problems:
+        raise ClusterConfigError([f"{name}: {line}" for line in problems])
+    return config
+
+
+def _check_model_path(config: ClusterConfig) -> list[str]:
+    """A model directory must exist before nodes start (ray nodes may see other disks).
+    Relative paths are taken from the current directory, as the engine will."""
+    path = config.model.path
+    if path.startswith("builtin:") or config.backend != "local":
+        return []
+    if not Path(path).expanduser().is_dir():
+        return [f"model.path: {path!r} is not a directory: give a Hugging Face model directory "
+                "or builtin:NAME (e.g. builtin:tiny)"]
+    if not (Path(path).expanduser() / "config.json").is_file():
+        return [f"model.path: {path!r} has no config.json: is it a Hugging Face model directory?"]
+    return []
+
+
+def _explain(err: dict[str, Any]) -> list[str]:
+    loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
+    kind, got = err["type"], err.get("input")
+    if kind == "cluster_topology":
+        return err["msg"].splitlines()
+    if kind == "extra_forbidden":
+        parent, key = err["loc"][:-1], str(err["loc"][-1])
+        allowed = list(_model_at(parent).model_fields)
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = ".".join(map(str, parent)) + "." if parent else ""
+        return [f"{where}{key}: unknown key{hint}; allowed keys: {', '.join(allowed)}"]
+    if kind == "value_error":
+        msg = str(err["ctx"]["error"])
+    elif kind == "literal_error":
+        msg = f"{got!r} is not one of {err['ctx']['expected'].replace(' or ', ', ')}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = f"expected a mapping of keys, not a {_kind(got)}"
+    elif kind == "missing":
+        msg = "required"
+    else:  # pydantic's own words, plus what it got
+        msg = f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+    return [f"{loc or '(top level)'}: {msg}"]
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    """The pydantic model that validates the mapping at `loc`, e.g. ("prefill", "engine")."""
+    model: type[BaseModel] = ClusterConfig
+    for part in loc:
+        ann = model.model_fields[part].annotation
+        model = next(t for t in (ann, *typing.get_args(ann)) if isinstance(t, type) and issubclass(t, BaseModel))
+    return model
+
+
+def _kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null", dict: "mapping"}.get(type(value), type(value).__name__)
