@@ -231,13 +231,24 @@ class LLMEngine:
             new_text = update.text
             if update.stop_str is not None:
                 finish = ("stop", update.stop_str)  # a stop string ends it, even on the last allowed token
-            if finish is not None:
+            if finish is not None and not self._continues_elsewhere(req, finish):
                 new_text += req.detokenizer.finish()
         if finish is not None:
             reason, req.stop_reason = finish
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
             self.scheduler.finish_request(req, status)
         return self._output(req, [token], new_text)
+
+    @staticmethod
+    def _continues_elsewhere(req: Request, finish: tuple) -> bool:
+        """A prefill that reached the length the router asked for goes on on a decode node,
+        whose detokenizer picks up from the same state: text held back here (a possible
+        stop-string start) must stay held back, not be flushed."""
+        return finish[0] == "length" and bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
+
+    def release_lent_kv(self, request_id: str) -> None:
+        if self.connector is not None:
+            self.connector.release_lent(request_id)
 
     def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
         text = req.detokenizer.text if req.detokenizer is not None else ""

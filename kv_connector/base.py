@@ -30,6 +30,7 @@ Scheduler side (a request's life)
     still in flight must not let the pool reuse blocks being written into. Blocks kept
     are handed back later through ``ConnectorEvents.blocks_to_free``. A producer sets
     ``request.kv_transfer_params`` here: what a consumer needs to pull.
+  * ``release_lent(request_id)`` — producer: nobody will pull that request's KV.
 
 Progress
   * ``poll() -> ConnectorEvents`` — called every engine step and while idle; returns
@@ -109,6 +110,11 @@ class KVConnectorBase(ABC):
 
     @abstractmethod
     def poll(self) -> ConnectorEvents: ...
+
+    def release_lent(self, request_id: str) -> None:
+        """Producer: the consumer will never pull this request's KV (the router knows):
+        free it at the next poll instead of after abort_timeout_s."""
+        return None
 
     def stats(self) -> dict[str, float]:
         """Counters for metrics (transfers, bytes, seconds, failures). Names are stable."""

@@ -340,10 +340,15 @@ class PullConnector(KVConnectorBase):
                 job.cancelled = True
                 return True
         p = request.kv_transfer_params
+        # Lend only when the prefill ran to the length the router asked for: a request that
+        # stopped for real (eos, stop string) or was aborted has no decode to come.
         if (self.config.is_producer and p and p.get("do_remote_decode") and request.block_ids
-                and request.status.value in ("finished_stopped", "finished_length")):
+                and request.status.value == "finished_length"):
             return self._lend(request)
         return False
+
+    def release_lent(self, request_id: str) -> None:
+        self.ledger.release(request_id)
 
     def poll(self) -> ConnectorEvents:
         ev = ConnectorEvents()

@@ -1,0 +1,96 @@
+"""Messages between the router and the serving nodes (ZeroMQ, msgpack via msgspec).
+
+The router is the only client; a node answers every submitted request with a stream of
+`RequestUpdate`s on the same connection, the last one `finished`. Decoding is typed
+(msgspec tagged unions): nothing on this wire is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+# --- router -> node ---------------------------------------------------------------------
+class SubmitRequest(msgspec.Struct, tag="submit"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]                  # SamplingParams.to_dict()
+    output_token_ids: list[int] = []        # tokens another node already generated
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class AbortRequest(msgspec.Struct, tag="abort"):
+    request_id: str
+
+
+class ReleaseKV(msgspec.Struct, tag="release_kv"):
+    """A prefill node may free the KV it holds for this request: no decode will pull it."""
+    request_id: str
+
+
+class StatsRequest(msgspec.Struct, tag="stats"):
+    pass
+
+
+# --- node -> router ---------------------------------------------------------------------
+class LogprobEntry(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    rank: int
+    top: dict[int, float]
+
+
+class RequestUpdate(msgspec.Struct, tag="update"):
+    request_id: str
+    new_token_ids: list[int] = []
+    new_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None        # stop | length | abort | error
+    stop_reason: int | str | None = None
+    error: str | None = None
+    error_code: int = 0                     # HTTP-like: 400 bad input, 500 server-side, 503 unavailable
+    kv_transfer_params: dict[str, Any] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[LogprobEntry] | None = None
+
+
+class NodeStats(msgspec.Struct, tag="node_stats"):
+    node_id: str
+    role: str                               # prefill | decode | both
+    pid: int
+    model: str
+    block_size: int
+    running: int
+    waiting: int
+    waiting_for_remote_kv: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    kv_transfer: dict[str, float] = {}
+    draining: bool = False
+
+
+ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest
+FromNode = RequestUpdate | NodeStats
+
+_encoder = msgspec.msgpack.Encoder()
+_to_node = msgspec.msgpack.Decoder(ToNode)
+_from_node = msgspec.msgpack.Decoder(FromNode)
+
+
+def encode(msg: ToNode | FromNode) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_node(data: bytes) -> ToNode:
+    return _to_node.decode(data)
+
+
+def decode_from_node(data: bytes) -> FromNode:
+    return _from_node.decode(data)

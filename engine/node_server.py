@@ -1,0 +1,227 @@
+"""A serving node: one engine driven by one loop, talking to the router over ZeroMQ.
+
+The loop is the only thread that touches the engine: it drains incoming messages,
+steps the engine, and sends each request's updates back to whoever submitted it. It
+blocks on the socket only when the engine has nothing to do, so a node idles at no CPU
+cost and reacts within one step when busy. Prefill and decode nodes differ only in the
+KV role their engine runs (see prefill_node/ and decode_node/).
+
+Shutdown: SIGTERM or SIGINT stops intake (new requests get a 503 update), lets running
+requests finish for up to `drain_timeout_s`, aborts what is left, closes the connector
+(deregistering KV memory) and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict
+from typing import Any
+
+import msgspec
+import zmq
+
+from engine import node_protocol as proto
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class NodeServer:
+    def __init__(self, node_id: str, role: str, engine_config: EngineConfig, host: str, port: int,
+                 drain_timeout_s: float = 30.0):
+        self.node_id = node_id
+        self.role = role
+        self.engine = LLMEngine(engine_config)
+        self.drain_timeout_s = drain_timeout_s
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished router: drop, don't raise
+        self._sock.bind(f"tcp://{host}:{port}")
+        self.address = f"tcp://{host}:{port}"
+        self._owners: dict[str, bytes] = {}  # request id -> router identity
+        self._draining = False
+        self._stop = False
+
+    # --- the loop -------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        drain_deadline = None
+        log.info("node %s (%s) serving at %s", self.node_id, self.role, self.address)
+        while True:
+            if self._draining and drain_deadline is None:
+                drain_deadline = time.monotonic() + self.drain_timeout_s
+            if drain_deadline is not None and (not self.engine.has_unfinished_requests
+                                               or time.monotonic() > drain_deadline):
+                break
+            busy = self.engine.has_unfinished_requests and not self.engine.idle
+            # Idle (or only waiting for KV from another node): wait on the socket a little.
+            if dict(poller.poll(0 if busy else (5 if self.engine.has_unfinished_requests else 50))):
+                self._drain_socket()
+            self._step()
+        for rid in list(self._owners):
+            self._send(self.engine.abort_request(rid))
+        self.engine.close()
+        self._sock.close(0)
+        log.info("node %s stopped", self.node_id)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._draining = True
+
+    def _drain_socket(self) -> None:
+        while True:
+            try:
+                ident, payload = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = proto.decode_to_node(payload)
+            except Exception as e:
+                log.warning("node %s: undecodable message dropped: %s", self.node_id, e)
+                continue
+            self._handle(ident, msg)
+
+    def _handle(self, ident: bytes, msg: proto.ToNode) -> None:
+        if isinstance(msg, proto.SubmitRequest):
+            self._submit(ident, msg)
+        elif isinstance(msg, proto.AbortRequest):
+            out = self.engine.abort_request(msg.request_id)
+            if out is not None:
+                self._send(out)
+        elif isinstance(msg, proto.ReleaseKV):
+            self.engine.release_lent_kv(msg.request_id)
+        elif isinstance(msg, proto.StatsRequest):
+            self._sock.send_multipart([ident, proto.encode(self.stats())])
+
+    def _submit(self, ident: bytes, msg: proto.SubmitRequest) -> None:
+        def refuse(message: str, code: int) -> None:
+            update = proto.RequestUpdate(msg.request_id, finished=True, finish_reason="error", error=message,
+                                         error_code=code)
+            self._sock.send_multipart([ident, proto.encode(update)])
+
+        if self._draining:
+            return refuse(f"node {self.node_id} is shutting down", 503)
+        if msg.request_id in self._owners:
+            return refuse(f"request id {msg.request_id} is already running on node {self.node_id}", 400)
+        try:
+            params = SamplingParams.from_dict(msg.params)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params,
+                                    output_token_ids=msg.output_token_ids, kv_transfer_params=msg.kv_transfer_params)
+        except (ValueError, TypeError) as e:  # the request is bad, the node is fine
+            return refuse(str(e), 400)
+        self._owners[msg.request_id] = ident
+        if msg.output_token_ids:
+            # A continued generation: say at once that it was accepted (and how long the prompt is).
+            req = self.engine.scheduler.requests[msg.request_id]
+            self._sock.send_multipart([ident, proto.encode(proto.RequestUpdate(
+                msg.request_id, num_prompt_tokens=req.num_prompt_tokens))])
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # never leave requests hanging on an engine fault
+            log.exception("node %s: engine step failed; failing its requests", self.node_id)
+            outputs = [o for rid in list(self._owners)
+                       if (o := self.engine.fail_request(rid, f"engine error on node {self.node_id}: {e}"))]
+        for out in outputs:
+            self._send(out)
+
+    def _send(self, out: RequestOutput | None) -> None:
+        if out is None:
+            return
+        ident = self._owners.get(out.request_id)
+        if ident is None:
+            return
+        if out.finished:
+            del self._owners[out.request_id]
+        comp = out.outputs[0]
+        logprobs = None
+        if comp.logprobs is not None and out.new_token_ids:
+            logprobs = [proto.LogprobEntry(lp.token_id, lp.logprob, lp.rank, lp.top)
+                        for lp in comp.logprobs[-len(out.new_token_ids):]]
+        update = proto.RequestUpdate(
+            out.request_id, new_token_ids=out.new_token_ids, new_text=out.new_text, finished=out.finished,
+            finish_reason=comp.finish_reason if out.finished else None, stop_reason=comp.stop_reason,
+            error=out.error, error_code=500 if out.error else 0,
+            kv_transfer_params=out.kv_transfer_params, num_prompt_tokens=len(out.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens, logprobs=logprobs)
+        self._sock.send_multipart([ident, proto.encode(update)])
+
+    def stats(self) -> proto.NodeStats:
+        s = self.engine.stats()
+        d = asdict(s)
+        return proto.NodeStats(node_id=self.node_id, role=self.role, pid=os.getpid(),
+                               model=self.engine.model_config.name, block_size=self.engine.kv_spec.block_size,
+                               draining=self._draining, **d)
+
+
+# --- process entry ------------------------------------------------------------------------
+class NodeLaunchSpec(msgspec.Struct, kw_only=True):
+    """Everything a node process needs, passed by the launcher as JSON (`--spec`)."""
+
+    node_id: str
+    role: str                                # prefill | decode | both
+    model: str                               # a model directory (builtin names resolved by the launcher)
+    dtype: str = "auto"
+    load_format: str = "auto"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int
+    engine: dict[str, Any] = {}              # CacheConfig / SchedulerConfig fields
+    kv_transfer: dict[str, Any] | None = None  # KVTransferConfig fields, role filled in per node kind
+    log_level: str = "INFO"
+
+
+_CACHE_KEYS = {"block_size", "num_blocks", "memory_fraction", "cpu_kv_cache_gib", "enable_prefix_caching",
+               "prefix_hash_algo"}
+_SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_chunked_prefill"}
+
+
+def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> EngineConfig:
+    from engine.config import CacheConfig, SchedulerConfig
+
+    unknown = set(spec.engine) - _CACHE_KEYS - _SCHED_KEYS
+    if unknown:
+        raise ValueError(f"unknown engine settings {sorted(unknown)}")
+    kv = None
+    if kv_role is not None and spec.kv_transfer is not None:
+        from kv_connector.config import KVTransferConfig
+        kv = KVTransferConfig(**{**spec.kv_transfer, "kv_role": kv_role})
+    return EngineConfig(
+        model=spec.model, dtype=spec.dtype, device=spec.device, load_format=spec.load_format,
+        cache=CacheConfig(**{k: v for k, v in spec.engine.items() if k in _CACHE_KEYS}),
+        scheduler=SchedulerConfig(**{k: v for k, v in spec.engine.items() if k in _SCHED_KEYS}),
+        kv_transfer=kv)
+
+
+def run_node(argv: list[str] | None, kv_role: str | None) -> int:
+    """`python -m prefill_node --spec JSON` and friends land here."""
+    import argparse
+    import sys
+
+    from engine.process import die_with_parent
+
+    parser = argparse.ArgumentParser(description="a pdcluster serving node (started by `pdcluster up`)")
+    parser.add_argument("--spec", required=True, help="NodeLaunchSpec as JSON")
+    args = parser.parse_args(argv)
+    spec = msgspec.json.decode(args.spec, type=NodeLaunchSpec)
+    logging.basicConfig(level=spec.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s node={spec.node_id} %(name)s: %(message)s")
+    die_with_parent()
+    try:
+        server = NodeServer(spec.node_id, spec.role, engine_config_from_spec(spec, kv_role), spec.host, spec.port)
+    except Exception as e:
+        log.exception("node %s failed to start", spec.node_id)
+        print(f"node {spec.node_id} failed to start: {e}", file=sys.stderr)
+        return 1
+    server.serve_forever()
+    return 0

@@ -1,0 +1,181 @@
+"""The router's connection to one serving node: submit requests and receive their
+updates, abort, ask for stats. Health comes from those stats answers.
+
+One zmq.asyncio DEALER per node. Sends never queue for an absent node (IMMEDIATE): a
+request submitted to a node that is down fails at once instead of running later on a
+restarted node that nobody waits for. When a node is declared down, every request in
+flight on it gets a final 503 update, so no client waits on a dead node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import zmq
+import zmq.asyncio
+
+from engine import node_protocol as proto
+from router.spec import NodeAddress
+
+log = logging.getLogger(__name__)
+
+
+class NodeUnavailable(RuntimeError):
+    pass
+
+
+class NodeClient:
+    def __init__(self, node: NodeAddress, ctx: zmq.asyncio.Context, down_after_s: float = 10.0):
+        self.id = node.id
+        self.role = node.role
+        self.address = node.address
+        self.pid = node.pid
+        self.down_after_s = down_after_s
+        self._ctx = ctx
+        self._sock: zmq.asyncio.Socket | None = None
+        self._queues: dict[str, asyncio.Queue[proto.RequestUpdate]] = {}
+        self._stats_waiters: list[asyncio.Future[proto.NodeStats]] = []
+        self._recv_task: asyncio.Task | None = None
+        self.healthy = False
+        self.last_stats: proto.NodeStats | None = None
+        self.last_seen = 0.0
+        self.in_flight = 0  # requests submitted by this router and not finished
+
+    # --- connection -----------------------------------------------------------------
+    def connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.address)
+        self._sock = sock
+        self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(sock))
+
+    def _reconnect(self) -> None:
+        """Drop the socket (and anything queued in it) and start afresh."""
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+        if self._sock is not None:
+            self._sock.close(0)
+        self.connect()
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                payload = await sock.recv()
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as e:
+                log.warning("node %s: receive failed: %s", self.id, e)
+                return
+            try:
+                msg = proto.decode_from_node(payload)
+            except Exception as e:
+                log.warning("node %s: undecodable message: %s", self.id, e)
+                continue
+            self.last_seen = time.monotonic()
+            if isinstance(msg, proto.RequestUpdate):
+                q = self._queues.get(msg.request_id)
+                if q is None:
+                    continue  # a request this router already gave up on
+                if msg.finished:
+                    del self._queues[msg.request_id]
+                    self.in_flight -= 1
+                q.put_nowait(msg)
+            elif isinstance(msg, proto.NodeStats):
+                self.last_stats = msg
+                self.pid = msg.pid
+                waiters, self._stats_waiters = self._stats_waiters, []
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(msg)
+
+    async def close(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+        if self._sock is not None:
+            self._sock.close(0)
+
+    # --- requests -------------------------------------------------------------------
+    async def submit(self, msg: proto.SubmitRequest) -> asyncio.Queue[proto.RequestUpdate]:
+        """Send a request; its updates arrive on the returned queue, the last one finished."""
+        if not self.healthy:
+            raise NodeUnavailable(f"node {self.id} is not healthy")
+        q: asyncio.Queue[proto.RequestUpdate] = asyncio.Queue()
+        self._queues[msg.request_id] = q
+        self.in_flight += 1
+        try:
+            await self._sock.send(proto.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._queues.pop(msg.request_id, None)
+            self.in_flight -= 1
+            raise NodeUnavailable(f"node {self.id} at {self.address} is not connected") from None
+        return q
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request on the node; no more updates are delivered for it here."""
+        if self._queues.pop(request_id, None) is not None:
+            self.in_flight -= 1
+        await self._send_quietly(proto.AbortRequest(request_id))
+
+    async def release_kv(self, request_id: str) -> None:
+        await self._send_quietly(proto.ReleaseKV(request_id))
+
+    async def _send_quietly(self, msg) -> None:
+        try:
+            await self._sock.send(proto.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the node is gone: it has nothing to abort or release any more
+
+    # --- health ---------------------------------------------------------------------
+    async def poll_stats(self, timeout_s: float = 2.0) -> proto.NodeStats | None:
+        fut: asyncio.Future[proto.NodeStats] = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        try:
+            await self._sock.send(proto.encode(proto.StatsRequest()), flags=zmq.NOBLOCK)
+            return await asyncio.wait_for(fut, timeout_s)
+        except (zmq.ZMQError, asyncio.TimeoutError):
+            return None
+
+    def _process_gone(self) -> bool:
+        if not self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    async def check_health(self) -> None:
+        """One health tick: a stats answer makes the node healthy; a dead process or a
+        long silence makes it down, failing what was in flight there."""
+        stats = await self.poll_stats()
+        if stats is not None and not stats.draining:
+            if not self.healthy:
+                log.info("node %s is healthy (pid %d)", self.id, stats.pid)
+            self.healthy = True
+            return
+        silent = time.monotonic() - self.last_seen > self.down_after_s
+        if self.healthy and (self._process_gone() or silent or (stats is not None and stats.draining)):
+            self.mark_down("stopped answering" if silent else "process exited" if stats is None else "is draining")
+
+    def mark_down(self, why: str) -> None:
+        log.warning("node %s %s: failing its %d requests in flight", self.id, why, len(self._queues))
+        self.healthy = False
+        queues, self._queues = self._queues, {}
+        self.in_flight = 0
+        for rid, q in queues.items():
+            q.put_nowait(proto.RequestUpdate(rid, finished=True, finish_reason="error", error_code=503,
+                                             error=f"node {self.id} {why}"))
+        self._reconnect()
+
+    @property
+    def load(self) -> int:
+        """Requests on the node, by this router's count (fresher than the last stats)."""
+        return self.in_flight

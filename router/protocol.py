@@ -1,0 +1,423 @@
+"""The OpenAI API as the router serves it: request bodies in, response bodies out.
+
+Pure data, no server and no engine: the router parses a body with `parse_request`, turns
+it into engine `SamplingParams` with `to_sampling_params`, and answers with the response
+models below (built by `router/responses.py`, framed for streaming by `router/sse.py`).
+
+Request bodies follow vLLM: unknown fields are ignored, and the engine's extra sampling
+parameters are accepted by their vLLM names (clients send them through `extra_body`).
+Unlike vLLM, types are checked strictly, as OpenAI does: `"max_tokens": "16"` or
+`"n": true` is a 400, not silently coerced. Every error a client can cause is raised as
+`RequestError` (a `ValueError`) whose message names the field: answer it with HTTP 400
+and `error_body(str(exc))`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the client must fix: HTTP 400, `error_body(str(exc))`."""
+
+
+def random_id(prefix: str) -> str:
+    """A response id as OpenAI writes them: "cmpl-…" for completions, "chatcmpl-…" for chat."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """A `created` timestamp: Unix seconds. Take it once per request so every chunk of a
+    stream carries the same value."""
+    return int(time.time())
+
+
+# --- requests ------------------------------------------------------------------------
+
+_Request = TypeVar("_Request", bound="_SamplingRequest")
+
+
+def parse_request(cls: type[_Request], body: bytes | str | dict[str, Any]) -> _Request:
+    """Validate a raw body (JSON bytes/str, or an already decoded dict). Raises
+    `RequestError` listing each problem ("; "-separated), each naming its field ("messages.0.role: ...").
+    Use this rather than a FastAPI body parameter, which would answer 422, not 400."""
+    try:
+        if isinstance(body, dict):
+            return cls.model_validate(body)
+        return cls.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] not in ("missing", "value_error") and isinstance(value, (str, int, float, bool)):
+            msg += f" (got {value!r:.60})"
+        where = ".".join(str(part) for part in err["loc"])
+        problems.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(problems)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False   # one last chunk with `choices: []` and `usage`
+
+
+# Request fields that go to SamplingParams under the same name, when sent.
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
+                    "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                    "spaces_between_special_tokens", "bad_words")
+
+
+class _SamplingRequest(BaseModel):
+    """Fields both endpoints share: OpenAI's, vLLM's extra sampling params, and routing
+    metadata. None means "not sent": the engine's `SamplingParams` default applies."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None      # None: the served model (the router checks a given name)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None          # only 1: SamplingParams says so
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None       # accepted, unused
+    # vLLM's extra sampling params (`extra_body={...}` in the openai client)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    # Workflow metadata: which agent run a request belongs to; routing may use it
+    # (e.g. to keep one workflow's requests on one decode node for prefix reuse).
+    workflow_id: str | None = None
+    agent_id: str | None = None
+    parent_request_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported: remove it (to ban words, send bad_words "
+                             "in extra_body)")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (non-streaming responses always carry usage)."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        sent = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sent)
+        except ValueError as exc:  # its messages name the field and the rule
+            raise RequestError(str(exc)) from None
+
+
+class CompletionRequest(_SamplingRequest):
+    """`POST /v1/completions`. One prompt per request: text, or a list of token ids. After
+    validation `prompt` is either a `str` or a `list[int]` (a one-element list is unwrapped)."""
+
+    prompt: str | list[int]
+    max_tokens: int | None = 16   # OpenAI's and vLLM's default; null: `default_max_tokens`
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+            if len(value) != 1:
+                raise ValueError(f"got {len(value)} prompts: this server takes one prompt per request; "
+                                 "send one request per prompt (they run concurrently)")
+            value = value[0]
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, list) and value and all(type(t) is int and t >= 0 for t in value):
+            return value
+        raise ValueError("must be a non-empty string or a non-empty list of token ids (integers >= 0)")
+
+    @model_validator(mode="after")
+    def _check_supported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo=true is not supported: the response does not repeat the prompt; "
+                             "prepend it yourself")
+        if self.suffix:
+            raise ValueError("suffix is not supported (no fill-in-the-middle): remove it")
+        if self.best_of is not None and self.best_of > 1:
+            raise ValueError(f"best_of={self.best_of} is not supported: only 1; send several requests "
+                             "with logprobs and pick the best yourself")
+        return self
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """`default_max_tokens` (typically context length minus prompt length) applies when
+        the body sends `"max_tokens": null`; an absent field means 16, as in OpenAI."""
+        max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One turn of the conversation. `tool_calls`/`tool_call_id`/`name` are kept as sent
+    so the chat template can render them; the server itself never calls tools."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]   # developer: newer clients' system
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part of type {kind!r} is not supported: this server "
+                                     "serves text-only models; send {'type': 'text', 'text': ...} parts")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """`POST /v1/chat/completions`.
+
+    `tools` and `tool_choice` are accepted so that agent frameworks that always send them
+    work, and may be handed to the chat template, but nothing parses tool calls from the
+    output: the answer is plain assistant text and `finish_reason` is never "tool_calls".
+    """
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None             # deprecated by OpenAI for max_completion_tokens
+    max_completion_tokens: int | None = None  # wins over max_tokens when both are sent
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_supported(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format type {kind!r} is not supported (no structured output): "
+                             "remove response_format or use {'type': 'text'}")
+        return self
+
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages as plain dicts for a chat template: content is always a string."""
+        out = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role   # chat templates know only "system"
+            turn: dict[str, Any] = {"role": role, "content": m.text}
+            turn.update({k: v for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None})
+            out.append(turn)
+        return out
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """`default_max_tokens` (typically context length minus prompt length) applies when
+        neither max_completion_tokens nor max_tokens is sent."""
+        max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None),
+                          default_max_tokens)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs)
+
+
+# --- responses -----------------------------------------------------------------------
+# Serialise with `router.sse.json_bytes` (None fields left out, as the official client
+# expects absence), except a stream choice's `finish_reason`, which stays as `null`.
+
+FinishReason = Literal["stop", "length"]
+
+
+class _KeepsFinishReason(BaseModel):
+    """A stream choice: OpenAI sends `"finish_reason": null` until the last chunk, and raw
+    SSE readers index it (`choice["finish_reason"]`), so it survives `exclude_none`."""
+
+    finish_reason: FinishReason | None = None
+
+    @model_serializer(mode="wrap")
+    def _keep_finish_reason(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        out.pop("finish_reason", None)
+        out["finish_reason"] = self.finish_reason   # last, as OpenAI orders it
+        return out
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0    # prompt tokens served by the prefix cache
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Per generated token, in order. `top_logprobs[i]` holds the sampled token and the
+    `logprobs` most likely ones (OpenAI's "up to logprobs + 1" entries)."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class CompletionStreamChoice(_KeepsFinishReason):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]   # empty in the final usage chunk
+    usage: UsageInfo | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None          # the token's UTF-8 bytes
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None   # only on a stream's first chunk
+    content: str | None = None
+
+
+class ChatStreamChoice(_KeepsFinishReason):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatCompletionStreamChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]         # empty in the final usage chunk
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "pdcluster"
+    root: str | None = None                  # the checkpoint path or builtin:NAME
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = []
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_body(message: str, type: str = "invalid_request_error", code: int = 400) -> dict[str, Any]:
+    """`{"error": {"message", "type", "code"}}`. Types in use: invalid_request_error (400),
+    not_found_error (404), internal_server_error (500), service_unavailable (503)."""
+    return {"error": {"message": message, "type": type, "code": code}}
