@@ -1,0 +1,188 @@
+"""One request's path through the cluster: prefill job, decode job, token stream.
+
+Disaggregated (xPyD):
+  1. The prefill node runs the prompt with max_tokens=1 and `do_remote_decode`: it samples
+     the first token (streamed to the client at once) and lends the prompt's KV.
+  2. The decode node gets the prompt, that token and the KV handle; it pulls the blocks
+     and continues. Sampling is stateless per (seed, step) (engine/sampler.py), so the
+     split changes no token; the router draws the seed when the client gave none.
+Colocated: one node does both.
+
+Failures (ARCHITECTURE §2). A prefill node that fails before answering: under
+`recompute` the request goes to a decode node, which prefills it itself; under `fail`
+the client gets a 5xx error at once. A decode node that fails mid-stream: under
+`recompute` another decode node continues from the tokens streamed so far (it
+recomputes their KV); under `fail`, an error. Bad input (4xx) is never retried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import aclosing
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from engine import node_protocol as proto
+from engine.sampling_params import SamplingParams
+from router.node_client import NodeClient, NodeUnavailable
+from router.policy import NoHealthyNode, RoutingPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Delta:
+    """What the HTTP layer streams: new tokens and text, and at the end how it ended."""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[proto.LogprobEntry] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    error_code: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class RequestFailed(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class Orchestrator:
+    def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute"):
+        self.prefill_nodes = [n for n in nodes if n.role == "prefill"]
+        self.decode_nodes = [n for n in nodes if n.role == "decode"]
+        self.colocated_nodes = [n for n in nodes if n.role == "both"]
+        self.policy = policy
+        self.load_failure_policy = load_failure_policy
+        self.prefill_failovers = 0
+        self.decode_failovers = 0
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.prefill_nodes and self.decode_nodes)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       affinity_key: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas until one with finished=True. Raises RequestFailed before the first
+        token when the request cannot start (no node, bad input)."""
+        if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
+            params = dataclasses.replace(params, seed=random.getrandbits(63))
+        try:
+            if not self.disaggregated:
+                node = self.policy.pick_prefill(self.colocated_nodes, prompt_ids, affinity_key)
+                async with aclosing(self._stream(node, request_id, prompt_ids, params)) as inner:
+                    async for d in inner:
+                        yield d
+                return
+            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key)) as inner:
+                async for d in inner:
+                    yield d
+        except NoHealthyNode as e:
+            raise RequestFailed(str(e), 503) from None
+
+    async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                             affinity_key: str | None) -> AsyncIterator[Delta]:
+        if params.max_tokens == 1:  # nothing to decode: the prefill node serves it whole
+            node = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
+            async with aclosing(self._stream(node, request_id, prompt_ids, params)) as inner:
+                async for d in inner:
+                    yield d
+            return
+        prefill = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
+        first_params = dataclasses.replace(params, max_tokens=1)
+        first: proto.RequestUpdate | None = None
+        try:
+            q = await prefill.submit(proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
+                                                         kv_transfer_params={"do_remote_decode": True}))
+            try:
+                first = await q.get()  # max_tokens=1: exactly one, final update
+            except BaseException:
+                await prefill.abort(f"{request_id}-p")
+                raise
+        except NodeUnavailable as e:
+            first = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e), error_code=503)
+        if first.error is not None:
+            if first.error_code < 500 or self.load_failure_policy == "fail":
+                raise RequestFailed(first.error, first.error_code or 500)
+            # The prefill node failed before answering: a decode node prefills it itself.
+            self.prefill_failovers += 1
+            log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
+                        prefill.id, first.error)
+            node = self.policy.pick_decode(self.decode_nodes)
+            async with aclosing(self._stream(node, request_id, prompt_ids, params)) as inner:
+                async for d in inner:
+                    yield d
+            return
+        head = _delta(first)
+        if first.finish_reason != "length":  # ended on its first token (eos, stop string)
+            yield head
+            return
+        head.finished, head.finish_reason = False, None
+        try:
+            yield head
+        except BaseException:  # the client left before the decode job: free the lent KV now
+            await prefill.release_kv(f"{request_id}-p")
+            raise
+        decode = self.policy.pick_decode(self.decode_nodes)
+        stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
+                              kv=first.kv_transfer_params, lender=prefill)
+        async with aclosing(stream) as inner:
+            async for d in inner:
+                yield d
+
+    async def _stream(self, node: NodeClient, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      output_ids: list[int] | None = None, kv: dict | None = None,
+                      lender: NodeClient | None = None) -> AsyncIterator[Delta]:
+        """Run (or continue) a request on one node and relay its updates. A node that
+        fails mid-way hands the request to another of its kind under `recompute`."""
+        output_ids = list(output_ids or [])
+        tried: set[str] = set()
+        while True:
+            tried.add(node.id)
+            try:
+                q = await node.submit(proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv))
+            except NodeUnavailable as e:
+                q = None
+                update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
+                                             error_code=503)
+            try:
+                while q is not None:
+                    update = await q.get()
+                    if update.error is not None:
+                        break
+                    output_ids += update.new_token_ids
+                    if update.new_token_ids or update.finished:
+                        yield _delta(update)
+                    if update.finished:
+                        return
+            except BaseException:  # the client went away (or we were cancelled): stop the work
+                await node.abort(request_id)
+                if lender is not None and kv is not None:
+                    await lender.release_kv(kv.get("remote_request_id", ""))
+                raise
+            # The node failed this request.
+            if self.load_failure_policy == "fail" or update.error_code != 503:  # only a lost node is retried
+                if lender is not None and kv is not None:
+                    await lender.release_kv(kv.get("remote_request_id", ""))
+                yield _delta(update)
+                return
+            pool = self.decode_nodes if node.role == "decode" else self.colocated_nodes or self.prefill_nodes
+            others = [n for n in pool if n.healthy and n.id not in tried]
+            if not others:
+                yield _delta(update)
+                return
+            self.decode_failovers += 1
+            log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
+                        update.error, others[0].id, len(output_ids))
+            node, kv = self.policy.pick_decode(others), None  # the new node recomputes the KV
+
+
+def _delta(u: proto.RequestUpdate) -> Delta:
+    return Delta(u.new_token_ids, u.new_text, u.logprobs, u.finished, u.finish_reason, u.stop_reason, u.error,
+                 u.error_code, u.num_prompt_tokens, u.num_cached_tokens)
