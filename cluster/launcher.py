@@ -1,0 +1,474 @@
+"""`pdcluster up`: the local launcher. Every node and the router run as child processes
+of this one, on 127.0.0.1.
+
+    run_up(path)  ->  LocalCluster(config)
+                        .start()      pick ports, spawn nodes + router, wait for /cluster
+                        .supervise()  restart a node that dies, stop on a signal
+                        .stop()       SIGTERM everything, SIGKILL what is left after 15 s
+
+Nothing may outlive the launcher. Three layers make sure of it:
+  * every child asks Linux to SIGTERM it when the launcher dies (engine/process.py's
+    die_with_parent), which covers a launcher killed with SIGKILL;
+  * `stop()` runs from a `finally` and from atexit;
+  * children run in their own session, so a Ctrl-C in the terminal reaches only the
+    launcher, which then stops them in order instead of racing their own handlers.
+
+Caveat for programmatic use (tests, bench/): Linux ties the parent-death signal to the
+*thread* that forked the child, so call `start()` (and `supervise()`, which may fork
+replacements) from a thread that outlives the cluster, normally the main thread.
+
+Output: children write to log files in a run folder ($PDCLUSTER_RUN_DIR, else a fresh
+temp folder), so the terminal shows only the launcher's own lines.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from rich.console import Console
+
+from cluster.config import ClusterConfig, ClusterConfigError, NodeSpec, load_cluster_config
+
+LOCALHOST = "127.0.0.1"
+DEFAULT_START_TIMEOUT_S = 300.0
+STOP_GRACE_S = 15.0          # SIGTERM, then this long to drain, then SIGKILL
+MAX_RESTARTS = 3             # per node, within RESTART_WINDOW_S
+RESTART_WINDOW_S = 600.0
+POLL_INTERVAL_S = 0.5
+LOG_TAIL_LINES = 20
+
+_NODE_MODULES = {"prefill": ["-m", "prefill_node"], "decode": ["-m", "decode_node"],
+                 "both": ["-m", "decode_node", "--colocated"]}
+
+
+class ClusterStartError(RuntimeError):
+    """The cluster did not become ready; the message says which child and why (with the
+    tail of its log). Everything has been stopped by the time this is raised."""
+
+
+class ClusterFailed(RuntimeError):
+    """A running cluster could not be kept up (router died, a node exceeded its restarts)."""
+
+
+# --- one child process ------------------------------------------------------------------
+@dataclass(slots=True)
+class Child:
+    """A node or the router: how to start it, where it logs, and its current process."""
+
+    name: str                               # prefill-0, decode-0, both-0, router
+    role: str                               # prefill | decode | both | router
+    argv: list[str]
+    log_path: Path
+    address: str = ""                       # a node's ZeroMQ endpoint; the router's URL
+    proc: subprocess.Popen | None = None
+    restarts: deque[float] = field(default_factory=deque)  # monotonic times of restarts
+    restarting: bool = False                # restarted and not yet seen healthy
+    restart_deadline: float = 0.0           # monotonic; while restarting, healthy by then or give up
+
+    def spawn(self) -> None:
+        # Append: a restarted node's log follows its previous life, with a marker between.
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name} ===\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, close_fds=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def exit_code(self) -> int | None:
+        """None while running (or never started)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError as e:
+            return f"(cannot read {self.log_path}: {e})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def describe_exit(self) -> str:
+        code = self.exit_code()
+        if code is not None and code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
+
+# --- the cluster ---------------------------------------------------------------------------
+class LocalCluster:
+    """A whole topology as local processes: nodes from `config.node_specs()` plus a router.
+
+        with LocalCluster(config) as cluster:   # start(): returns once every node is healthy
+            httpx.post(cluster.url + "/v1/completions", ...)
+
+    `start()` raises ClusterStartError (after stopping everything) when a child exits or
+    the timeout passes first. `supervise()` blocks until `request_stop()` or a failure.
+    """
+
+    def __init__(self, config: ClusterConfig, run_dir: Path | None = None, console: Console | None = None):
+        if config.backend != "local":
+            raise ValueError(f"backend {config.backend!r}: LocalCluster runs backend local only")
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir else _default_run_dir()
+        self.console = console or Console(stderr=True, soft_wrap=True, highlight=False)
+        self.nodes: list[Child] = []
+        self.router: Child | None = None
+        self.model_dir: Path | None = None
+        self.url = ""                        # http://HOST:PORT of the router, set by start()
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self._atexit_registered = False
+
+    # --- public ---------------------------------------------------------------------------
+    @property
+    def children(self) -> list[Child]:
+        return [*self.nodes, *([self.router] if self.router else [])]
+
+    @property
+    def api_key(self) -> str | None:
+        return self.config.router.api_key
+
+    def start(self, timeout_s: float | None = None) -> None:
+        """Resolve the model, pick ports, spawn every node and the router, and wait until
+        the router reports every node healthy. Stops everything before raising."""
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.model_dir = resolve_model(self.config.model.path)
+            self._plan()
+            if not self._atexit_registered:
+                atexit.register(self.stop)
+                self._atexit_registered = True
+            self._spawn_all()
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll the router's /cluster until every node is healthy; fail as soon as a child
+        exits. Returns early (without error) if `request_stop()` was called."""
+        deadline = time.monotonic() + timeout_s
+        with self._http() as http:
+            while not self._stop_requested.is_set():
+                dead = next((c for c in self.children if c.exit_code() is not None), None)
+                if dead is not None:
+                    raise ClusterStartError(_died_message(dead, "before the cluster was ready"))
+                nodes = self.cluster_view(http)
+                if nodes is not None and all(nodes.get(c.name, {}).get("healthy") for c in self.nodes):
+                    return
+                if time.monotonic() > deadline:
+                    waiting = [c.name for c in self.nodes if not (nodes or {}).get(c.name, {}).get("healthy")]
+                    what = "the router did not answer" if nodes is None else f"not healthy: {', '.join(waiting)}"
+                    raise ClusterStartError(
+                        f"the cluster was not ready after {timeout_s:.0f} s ({what}); logs are in {self.run_dir} "
+                        "(set PDCLUSTER_START_TIMEOUT_S to wait longer)")
+                self._stop_requested.wait(POLL_INTERVAL_S)
+
+    def supervise(self) -> None:
+        """Keep the cluster up until `request_stop()`: restart a node that dies (same spec,
+        same ports; the router's sockets reconnect), at most MAX_RESTARTS times per node
+        within RESTART_WINDOW_S. Raises ClusterFailed when the router dies, or a node
+        cannot be restarted or dies again before it is healthy. Does not stop anything:
+        the caller does (run_up in its `finally`)."""
+        with self._http() as http:
+            while not self._stop_requested.wait(POLL_INTERVAL_S):
+                assert self.router is not None
+                if self.router.exit_code() is not None:
+                    raise ClusterFailed(_died_message(self.router, then="stopping the cluster"))
+                for node in self.nodes:
+                    if node.exit_code() is not None:
+                        self._restart(node)
+                if any(n.restarting for n in self.nodes):
+                    self._check_restarted(http)
+
+    def request_stop(self) -> None:
+        """Ask start()/supervise() to return soon (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    def stop(self) -> None:
+        """SIGTERM every child (router first: no new requests while nodes drain), wait up to
+        STOP_GRACE_S, then SIGKILL whatever is left. Idempotent."""
+        self._stop_requested.set()
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+        children = [*([self.router] if self.router else []), *self.nodes]
+        for child in children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in children:
+            if child.exit_code() is None:
+                self.console.print(f"{child.name} (pid {child.pid}) did not stop within {STOP_GRACE_S:.0f} s: "
+                                   "killing it", markup=False)
+                child.signal(signal.SIGKILL)
+                child.proc.wait()
+
+    def cluster_view(self, http: httpx.Client) -> dict[str, dict[str, Any]] | None:
+        """The router's GET /cluster as {node id: node}, or None when it does not answer."""
+        try:
+            r = http.get(f"{self.url}/cluster")
+            r.raise_for_status()
+            return {n["id"]: n for n in r.json().get("nodes", [])}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- internals ------------------------------------------------------------------------
+    def _plan(self) -> None:
+        """Build every child's argv: ports picked, specs written as JSON."""
+        from engine.node_server import _CACHE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
+        from router.spec import NodeAddress, RouterLaunchSpec
+
+        cfg = self.config
+        specs = cfg.node_specs()
+        _check_ports_free([(f"{s.name} port", s.port) for s in specs if s.port]
+                          + [(f"{s.name} kv_port", s.kv_port) for s in specs if s.kv_port])
+        free = iter(_free_ports(sum((s.port == 0) + (s.kv_role is not None and s.kv_port == 0) for s in specs)
+                                + (cfg.router.port == 0)))
+        engine_keys = _CACHE_KEYS | _SCHED_KEYS
+        self.nodes = []
+        for s in specs:
+            port = s.port or next(free)
+            kv_port = s.kv_port or (next(free) if s.kv_role is not None else 0)
+            kv = None
+            if s.kv_role is not None:
+                t = cfg.kv_transfer
+                kv = {"kv_connector": t.connector, "load_failure_policy": t.load_failure_policy,
+                      "abort_timeout_s": t.abort_timeout_s, "transfer_timeout_s": t.transfer_timeout_s,
+                      "kv_connector_extra_config": dict(t.extra), "kv_ip": LOCALHOST, "kv_port": kv_port,
+                      "kv_buffer_device": "cpu" if s.device == "cpu" else "cuda"}
+            spec = NodeLaunchSpec(
+                node_id=s.name, role=s.role, model=str(self.model_dir), dtype=cfg.model.dtype,
+                load_format=cfg.model.load_format, device=s.device, host=LOCALHOST, port=port,
+                engine={k: v for k, v in s.engine.model_dump().items() if k in engine_keys},
+                kv_transfer=kv, log_level=cfg.log_level.upper())
+            argv = [sys.executable, *_NODE_MODULES[s.role], "--spec", msgspec.json.encode(spec).decode()]
+            self.nodes.append(Child(s.name, s.role, argv, self.run_dir / f"{s.name}.log",
+                                    address=f"tcp://{LOCALHOST}:{port}"))
+
+        router_port = cfg.router.port or next(free)
+        if cfg.router.port:
+            _check_ports_free([("router.port", router_port)], host=cfg.router.host)
+        spec = RouterLaunchSpec(
+            host=cfg.router.host, port=router_port, model_dir=str(self.model_dir), served_model_name=cfg.model.path,
+            nodes=[NodeAddress(n.name, n.role, n.address, 0) for n in self.nodes], policy=cfg.router.policy,
+            api_key=cfg.router.api_key, max_concurrent_requests=cfg.router.max_concurrent_requests,
+            load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=_block_size(specs),
+            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level)
+        self.url = f"http://{_connect_host(cfg.router.host)}:{router_port}"
+        self.router = Child("router", "router", [], self.run_dir / "router.log", address=self.url)
+        self._router_spec = spec
+
+    def _spawn_all(self) -> None:
+        """Nodes first (their pids go into the router's spec for /cluster), then the router."""
+        for node in self.nodes:
+            node.spawn()
+        self._router_spec.nodes = [msgspec.structs.replace(a, pid=n.pid)
+                                   for a, n in zip(self._router_spec.nodes, self.nodes)]
+        self.router.argv = [sys.executable, "-m", "router", "--spec", msgspec.json.encode(self._router_spec).decode()]
+        self.router.spawn()
+
+    def _restart(self, node: Child) -> None:
+        now = time.monotonic()
+        while node.restarts and now - node.restarts[0] > RESTART_WINDOW_S:
+            node.restarts.popleft()
+        if node.restarting:
+            raise ClusterFailed(_died_message(node, "again before it became healthy", "stopping the cluster"))
+        if len(node.restarts) >= MAX_RESTARTS:
+            raise ClusterFailed(_died_message(node, f"after {MAX_RESTARTS} restarts in the last "
+                                              f"{RESTART_WINDOW_S / 60:.0f} minutes", "stopping the cluster"))
+        why = node.describe_exit()
+        node.restarts.append(now)
+        node.spawn()
+        node.restarting = True
+        node.restart_deadline = now + float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
+        self.console.print(f"node {node.name} {why}: restarting it (pid {node.pid}, restart {len(node.restarts)} of "
+                           f"{MAX_RESTARTS} allowed in {RESTART_WINDOW_S / 60:.0f} minutes; log {node.log_path})",
+                           markup=False)
+
+    def _check_restarted(self, http: httpx.Client) -> None:
+        view = self.cluster_view(http) or {}
+        for node in self.nodes:
+            if not node.restarting:
+                continue
+            entry = view.get(node.name, {})
+            # The router learns the pid from the node's own stats: a healthy entry with the
+            # old pid is the router not having noticed the death yet.
+            if entry.get("healthy") and entry.get("pid") == node.pid:
+                node.restarting = False
+                self.console.print(f"node {node.name} is healthy again (pid {node.pid})", markup=False)
+            elif time.monotonic() > node.restart_deadline:
+                raise ClusterFailed(f"node {node.name} was restarted but is not healthy after "
+                                    f"{node.restart_deadline - node.restarts[-1]:.0f} s; log {node.log_path}\n"
+                                    "stopping the cluster")
+
+    def _http(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(timeout=httpx.Timeout(2.0, connect=1.0), headers=headers, trust_env=False)
+
+
+def run_up(config_path: str | None) -> int:
+    """`pdcluster up [CLUSTER_YAML]`. 0: stopped by Ctrl-C/SIGTERM; 1: failed to start or
+    could not be kept up; 2: this build cannot run the file (ray backend)."""
+    try:
+        config = load_cluster_config(config_path) if config_path else ClusterConfig.default()
+    except ClusterConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    out = Console(soft_wrap=True, highlight=False)
+    if config.backend == "ray":
+        print("pdcluster up: backend ray is not available in this build yet: use backend: local", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(config, console=out)
+    previous = {s: signal.signal(s, lambda signum, frame: cluster.request_stop())
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        n = len(config.node_specs())
+        out.print(f"starting {n} node{'s' * (n != 1)} and the router; logs in {cluster.run_dir}", markup=False)
+        spinner = out.status("waiting for the cluster to become healthy...") if out.is_terminal else nullcontext()
+        try:
+            with spinner:
+                cluster.start()
+        except (ClusterStartError, OSError, ValueError) as e:
+            print(f"pdcluster up: {e}", file=sys.stderr)
+            return 1
+        if cluster._stop_requested.is_set():
+            out.print("stopped before the cluster was ready", markup=False)
+            return 0
+        _print_ready(out, cluster)
+        try:
+            cluster.supervise()
+        except ClusterFailed as e:
+            print(f"pdcluster up: {e}", file=sys.stderr)
+            return 1
+        out.print("stopping the cluster...", markup=False)
+        cluster.stop()
+        out.print("stopped", markup=False)
+        return 0
+    finally:
+        cluster.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# --- helpers -----------------------------------------------------------------------------
+def resolve_model(path: str) -> Path:
+    """`builtin:NAME` -> its directory (made on first use); else the directory, absolute."""
+    if path.startswith("builtin:"):
+        from engine.builtin_models import resolve_builtin  # imports torch
+        return resolve_builtin(path.removeprefix("builtin:"))
+    return Path(path).expanduser().resolve()
+
+
+def _print_ready(out: Console, cluster: LocalCluster) -> None:
+    body = json.dumps({"model": cluster.config.model.path, "prompt": "Hello", "max_tokens": 16})
+    auth = f" -H 'Authorization: Bearer {cluster.api_key}'" if cluster.api_key else ""
+    lines = [f"{c.name:<12} pid {c.pid:<8} {c.address}" for c in cluster.children]
+    out.print("\n".join([
+        f"pdcluster is ready: {cluster.url}",
+        *lines,
+        "try:",
+        f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+        f"  pdcluster status --url {cluster.url}",
+        "Ctrl-C stops the cluster.",
+    ]), markup=False)
+
+
+def _died_message(child: Child, when: str = "", then: str = "") -> str:
+    """`decode-0 (pid 12) killed by SIGKILL <when>: <then>; last lines of LOG:` + the tail."""
+    what = " ".join(filter(None, [f"{child.name} (pid {child.pid}) {child.describe_exit()}", when]))
+    return f"{what}{': ' + then if then else ''}; last lines of {child.log_path}:\n{child.log_tail()}"
+
+
+def _default_run_dir() -> Path:
+    base = os.environ.get("PDCLUSTER_RUN_DIR")
+    if base:
+        return Path(base).expanduser()
+    return Path(tempfile.mkdtemp(prefix="pdcluster-run-"))
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1. All sockets stay open until every port is
+    picked, so the kernel cannot hand out the same one twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOCALHOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _check_ports_free(ports: list[tuple[str, int]], host: str = LOCALHOST) -> None:
+    """Fail before spawning anything when a configured port is taken."""
+    for what, port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise OSError(f"{what}: {host}:{port} is not available ({e.strerror}): stop what uses it, "
+                              "or set the port to 0 to pick a free one") from None
+
+
+def _connect_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`."""
+    return {"0.0.0.0": LOCALHOST, "": LOCALHOST, "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+
+
+def _block_size(specs: list[NodeSpec]) -> int:
+    """The block size the router's prefix index hashes with: the decode nodes' (they hold
+    the cache a prefix-aware pick wants to hit), else any node's."""
+    serving = [s for s in specs if s.role != "prefill"] or specs
+    return serving[0].engine.block_size

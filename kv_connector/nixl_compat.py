@@ -1,0 +1,41 @@
+"""Import shim for NIXL's Python API, whichever wheel is installed.
+
+NIXL ships one wheel per CUDA major version (`nixl-cu12`, `nixl-cu13`, import names
+`nixl_cu12`, `nixl_cu13`) plus a small meta package `nixl` that picks one of them by the
+CUDA version it detects. We try, in order, `nixl._api` (the meta package: right choice on a
+GPU host), `nixl_cu13._api`, `nixl_cu12._api` (the cu12 wheel also runs on CPU-only hosts,
+UCX moving DRAM over shared memory/TCP). Importing this module raises `ImportError` naming
+the pip extra to install when none of them loads.
+
+    from kv_connector.nixl_compat import nixl_agent, nixl_agent_config
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# Tried in this order; the first that imports wins.
+NIXL_API_MODULES = ("nixl._api", "nixl_cu13._api", "nixl_cu12._api")
+
+
+def _load_nixl_api() -> ModuleType:
+    failures: list[str] = []
+    for name in NIXL_API_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:  # also covers the meta package's "detected CUDA 13 but ..."
+            failures.append(f"{name}: {e}")
+    raise ImportError(
+        "NIXL is not installed (or none of its wheels loads), so KV blocks cannot be moved between "
+        "nodes. Install the wheel that matches your CUDA: pip install 'pdcluster[nixl-cu12]' "
+        "(CUDA 12, also for CPU-only hosts) or pip install 'pdcluster[nixl-cu13]' (CUDA 13). "
+        "Tried: " + "; ".join(failures))
+
+
+nixl_api = _load_nixl_api()
+NIXL_MODULE_NAME: str = nixl_api.__name__
+nixl_agent = nixl_api.nixl_agent
+nixl_agent_config = nixl_api.nixl_agent_config
+
+__all__ = ["NIXL_API_MODULES", "NIXL_MODULE_NAME", "nixl_agent", "nixl_agent_config", "nixl_api"]

@@ -1,0 +1,195 @@
+"""The product as a user runs it: `pdcluster`'s processes on 127.0.0.1 and the official
+`openai` client. Disaggregated topologies (1P1D, 2P2D) answer exactly what a colocated
+node and the offline engine answer; streams, chat, token-id prompts, concurrency,
+disconnects and bad input behave as the HTTP contract says."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from cluster.config import ClusterConfig
+from cluster.launcher import LocalCluster
+from engine import LLM, SamplingParams
+from engine.builtin_models import resolve_builtin
+from tests.test_kv_connector_e2e import CONNECTORS
+
+PROMPTS = ["The quick brown fox jumps over", "def fibonacci(n):", "Numbers: 1, 2, 3, 5, 8,"]
+TOKEN_PROMPT = [1, 17, 99, 400, 23, 5, 77, 1024, 8, 8, 300, 42]
+
+
+def cluster_config(topology: str, connector: str = "tcp", **router) -> ClusterConfig:
+    p, d, c = {"1P1D": (1, 1, 0), "2P2D": (2, 2, 0), "colocated1": (0, 0, 1)}[topology]
+    return ClusterConfig.model_validate({
+        "model": {"path": "builtin:tiny", "dtype": "float32"},
+        "router": {"port": 0, **router},
+        "kv_transfer": {"connector": connector, "abort_timeout_s": 30, "transfer_timeout_s": 10},
+        "engine": {"num_blocks": 256, "block_size": 16, "max_num_seqs": 64},
+        "prefill": {"replicas": p, "devices": ["cpu"]},
+        "decode": {"replicas": d, "devices": ["cpu"]},
+        "colocated": {"replicas": c, "devices": ["cpu"]},
+    })
+
+
+def start(config: ClusterConfig, tmp_path_factory) -> LocalCluster:
+    cluster = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
+    cluster.start(timeout_s=180)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM(str(resolve_builtin("tiny")), dtype="float32", device="cpu", num_blocks=256)
+
+
+@pytest.fixture(scope="module", params=["1P1D", "2P2D", "colocated1"])
+def cluster(request, tmp_path_factory):
+    c = start(cluster_config(request.param), tmp_path_factory)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def all_blocks_free(url: str, timeout_s: float = 15.0) -> list[dict]:
+    """Poll /cluster until no node runs anything and every block is free."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = httpx.get(url + "/cluster").json()["nodes"]
+        if all(n["healthy"] and n["running"] == 0 and n["waiting"] == 0 and n["kv_blocks_free"] == n["kv_blocks_total"]
+               for n in nodes) or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.2)
+
+
+GREEDY = dict(temperature=0.0, max_tokens=12, extra_body={"ignore_eos": True})
+SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, extra_body={"ignore_eos": True, "top_k": 40})
+
+
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_completions_equal_the_offline_engine(client, offline, kind):
+    kw = GREEDY if kind == "greedy" else SEEDED
+    params = SamplingParams(temperature=kw["temperature"], max_tokens=12, ignore_eos=True,
+                            seed=kw.get("seed"), top_p=kw.get("top_p", 1.0), top_k=kw["extra_body"].get("top_k", 0))
+    want = [o.outputs[0].text for o in offline.generate(PROMPTS, params)]
+    got = [client.completions.create(model="builtin:tiny", prompt=p, **kw).choices[0].text for p in PROMPTS]
+    assert got == want
+    streamed = []
+    for p in PROMPTS:
+        chunks = client.completions.create(model="builtin:tiny", prompt=p, stream=True, **kw)
+        streamed.append("".join(c.choices[0].text for c in chunks if c.choices))
+    assert streamed == want
+
+
+def test_token_id_prompt_and_usage(client, offline):
+    want = offline.generate([TOKEN_PROMPT], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    resp = client.completions.create(model="builtin:tiny", prompt=TOKEN_PROMPT, **GREEDY)
+    assert resp.choices[0].text == want.outputs[0].text
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == len(TOKEN_PROMPT) and resp.usage.completion_tokens == 12
+
+
+def test_chat_streaming_and_not(client, offline):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    want = offline.chat(messages, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0].outputs[0].text
+    resp = client.chat.completions.create(model="builtin:tiny", messages=messages, temperature=0.0, max_tokens=10,
+                                          extra_body={"ignore_eos": True})
+    assert resp.choices[0].message.content == want and resp.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="builtin:tiny", messages=messages, temperature=0.0, max_tokens=10,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_sixty_four_concurrent_streams_complete_and_free_every_block(cluster):
+    async def one(client, i):
+        stream = await client.completions.create(model="builtin:tiny", prompt=f"Request {i}: tell me", stream=True,
+                                                 max_tokens=16, temperature=0.0, extra_body={"ignore_eos": True},
+                                                 stream_options={"include_usage": True})
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            usage = chunk.usage or usage
+        return usage.completion_tokens
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    assert asyncio.run(run()) == [16] * 64
+    nodes = all_blocks_free(cluster.url)
+    assert all(n["kv_blocks_free"] == n["kv_blocks_total"] for n in nodes), nodes
+
+
+def test_a_disconnected_client_frees_its_blocks(cluster):
+    body = {"prompt": "Keep talking for a long while", "max_tokens": 3000, "stream": True,
+            "temperature": 0.0, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(6)]  # a few tokens in, then hang up
+            assert any(line.startswith("data: ") for line in got)
+    nodes = all_blocks_free(cluster.url)
+    assert all(n["running"] == 0 and n["kv_blocks_free"] == n["kv_blocks_total"] for n in nodes), nodes
+
+
+def test_bad_requests_get_4xx_and_the_cluster_keeps_serving(client, cluster):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="builtin:tiny", prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model="builtin:tiny", prompt=[10**9])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x")
+    r = httpx.post(cluster.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    assert client.completions.create(model="builtin:tiny", prompt="still fine?", max_tokens=2).choices[0].text is not None
+
+
+def test_models_health_metrics_and_cluster_endpoints(client, cluster):
+    assert [m.id for m in client.models.list().data] == ["builtin:tiny"]
+    assert httpx.get(cluster.url + "/health").status_code == 200
+    metrics = httpx.get(cluster.url + "/metrics").text
+    assert "pdcluster_requests_total" in metrics and "pdcluster_node_kv_blocks_free" in metrics
+    nodes = httpx.get(cluster.url + "/cluster").json()["nodes"]
+    for n in nodes:
+        assert {"id", "role", "address", "pid", "healthy", "kv_blocks_total", "kv_blocks_free", "running",
+                "waiting"} <= set(n)
+        assert n["role"] in ("prefill", "decode", "both")
+
+
+def test_api_key_is_enforced(tmp_path_factory):
+    cluster = start(cluster_config("colocated1", api_key="sesame"), tmp_path_factory)
+    try:
+        bad = openai.OpenAI(base_url=cluster.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.completions.create(model="builtin:tiny", prompt="hi", max_tokens=2)
+        good = openai.OpenAI(base_url=cluster.url + "/v1", api_key="sesame", max_retries=0)
+        assert good.completions.create(model="builtin:tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        cluster.stop()
+
+
+def test_decode_nodes_pull_the_prompt_kv_instead_of_recomputing(client, cluster):
+    nodes = httpx.get(cluster.url + "/cluster").json()["nodes"]
+    if not any(n["role"] == "decode" for n in nodes):
+        pytest.skip("colocated topology: no KV transfer")
+    for i in range(4):
+        client.completions.create(model="builtin:tiny", prompt=f"A fresh prompt {i} " * 10, **GREEDY)
+    time.sleep(1.2)  # the router polls node stats every 0.5 s
+    nodes = httpx.get(cluster.url + "/cluster").json()["nodes"]
+    lent = sum(n["kv_transfer"].get("requests_lent", 0) for n in nodes if n["role"] == "prefill")
+    loads = sum(n["kv_transfer"].get("loads", 0) for n in nodes if n["role"] == "decode")
+    failed = sum(n["kv_transfer"].get("blocks_failed", 0) for n in nodes if n["role"] == "decode")
+    loaded = sum(n["kv_transfer"].get("blocks_loaded", 0) for n in nodes if n["role"] == "decode")
+    assert lent >= 4 and loads >= 4 and loaded >= 4 * 4 and failed == 0
