@@ -2,14 +2,20 @@
 cached prefix.
 
 A free list, a reference count per block and a hash -> block map (nano-vllm's shape).
-Free blocks wait in one LRU queue: a block that holds a cached prefix stays findable
-there until it is handed out again, so "free" and "cached" overlap — a cached block
-with no holder counts as free (it can be evicted at once). Blocks with no cached
-content are handed out before cached ones so that the cache lives as long as it can.
+A block that holds a cached prefix stays findable after its last holder lets go, so
+"free" and "cached" overlap: a cached block with no holder counts as free (it can be
+evicted at once). Free blocks wait in two places:
+
+* plain blocks (no cached content) in a min-heap, handed out first and lowest id first:
+  a request then gets runs of adjacent blocks, which the KV connector moves as few
+  large transfers instead of many small ones;
+* cached blocks in an LRU queue, evicted only when no plain block is left, oldest first,
+  so the prefix cache lives as long as it can.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,14 +40,14 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # prefix hash -> block id
-        # LRU of blocks nobody holds: the front is handed out first.
-        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._free_plain: list[int] = list(range(num_blocks))  # a heap
+        self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: the front is evicted first
         self.stats = PrefixCacheStats()
 
     # --- counters -------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free_plain) + len(self._free_cached)
 
     @property
     def num_cached(self) -> int:
@@ -49,27 +55,29 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     # --- allocation -----------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         """Hand out `n` blocks with a reference count of one, evicting cached prefixes
         in LRU order when it must."""
-        if n > len(self._free):
-            raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
-        out = []
-        for _ in range(n):
-            block, _ = self._free.popitem(last=False)
+        if n > self.num_free:
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {self.num_free} free")
+        take = min(n, len(self._free_plain))
+        out = [heapq.heappop(self._free_plain) for _ in range(take)]
+        for _ in range(n - take):
+            block, _ = self._free_cached.popitem(last=False)
             self._evict(block)
-            self.ref_counts[block] = 1
             out.append(block)
+        for b in out:
+            self.ref_counts[b] = 1
         return out
 
     def touch(self, blocks: Iterable[int]) -> None:
         """Take another reference on blocks (a prefix-cache hit)."""
         for b in blocks:
             if self.ref_counts[b] == 0:
-                del self._free[b]
+                del self._free_cached[b]  # only cached blocks can be hits
             self.ref_counts[b] += 1
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -81,9 +89,10 @@ class BlockPool:
                 raise RuntimeError(f"block {b} freed more often than allocated")
             self.ref_counts[b] = rc
             if rc == 0:
-                self._free[b] = None
                 if self.block_hash[b] is None:
-                    self._free.move_to_end(b, last=False)  # nothing cached: reuse first
+                    heapq.heappush(self._free_plain, b)
+                else:
+                    self._free_cached[b] = None
 
     # --- prefix cache ---------------------------------------------------------------
     def find_cached_prefix(self, hashes: Sequence[int]) -> list[int]:
@@ -115,10 +124,12 @@ class BlockPool:
         a failed KV load, say)."""
         for b in blocks:
             self._evict(b)
+            if b in self._free_cached:  # free and now plain
+                del self._free_cached[b]
+                heapq.heappush(self._free_plain, b)
 
     def reset_prefix_cache(self) -> None:
-        for b in list(self.cached.values()):
-            self._evict(b)
+        self.uncache(list(self.cached.values()))
 
     def _evict(self, block: int) -> None:
         h = self.block_hash[block]

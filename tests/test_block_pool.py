@@ -86,3 +86,11 @@ def test_prefix_hashes_chain_so_equal_blocks_after_different_prefixes_differ():
 
 def test_safe_hash_is_stable_and_fast_md5_by_default():
     assert safe_hash(b"abc", usedforsecurity=False).hexdigest() == "900150983cd24fb0d6963f7d28e17f72"
+
+
+def test_freed_plain_blocks_are_handed_out_lowest_id_first_so_requests_get_runs():
+    pool = BlockPool(12)
+    a, b, c = pool.allocate(4), pool.allocate(4), pool.allocate(4)
+    pool.free(c)
+    pool.free(a)  # free: 0-3 and 8-11, in that order of freeing
+    assert pool.allocate(6) == [0, 1, 2, 3, 8, 9]
