@@ -120,7 +120,7 @@ class KVTransferSettings(_Section):
 
 class RoleSettings(_Section):
     replicas: int = Field(default=1, ge=0)
-    devices: list[str] = Field(default_factory=lambda: ["cpu"])
+    devices: list[str] = Field(default_factory=lambda: ["auto"])
     """One device per replica, or one for all: `cpu`, `cuda:N`, or `auto` (the next GPU
     round-robin, cpu when there is none)."""
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
@@ -221,7 +221,8 @@ class ClusterConfig(_Section):
     @classmethod
     def default(cls) -> ClusterConfig:
         """The embedded default (the shipped cluster.yaml): builtin:tiny in float32, one
-        prefill and one decode node on cpu, NIXL transfer, recompute on failure."""
+        prefill and one decode node (`auto`: the first GPUs, cpu without one), NIXL transfer,
+        recompute on failure."""
         return cls()
 
     def roles(self) -> list[tuple[Role, RoleSettings]]:

@@ -38,6 +38,15 @@ Progress
     failed under the ``fail`` policy; blocks to give back). Must not block.
   * ``close()`` — stop threads, deregister memory. Idempotent.
 
+Overlap
+  vLLM's interface lets a producer save, and a consumer load, layer by layer, so that
+  transfer overlaps the forward pass. Here the consumer pulls a request's blocks after
+  its prefill finished, whole: with the block-major KV layout a block is one contiguous
+  run across all layers, and a layer-by-layer pull would cut every block into
+  2 x num_layers small pieces — the regime where NIXL crawls (see engine/kv_cache.py).
+  Overlap comes from elsewhere: loads run on background threads while the decode node
+  keeps stepping its running requests, and many requests' loads are in flight at once.
+
 Failure
   The load-failure policy is the connector's to apply: under ``recompute`` a failed
   block is reported in ``loads_done`` (the engine computes those tokens again; the rest

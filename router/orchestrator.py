@@ -94,7 +94,18 @@ class Orchestrator:
                 async for d in inner:
                     yield d
             return
-        prefill = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
+        try:
+            prefill = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
+        except NoHealthyNode:
+            if self.load_failure_policy == "fail":
+                raise
+            # No prefill node is up: a decode node prefills the request itself.
+            self.prefill_failovers += 1
+            async with aclosing(self._stream(self.policy.pick_decode(self.decode_nodes), request_id, prompt_ids,
+                                             params)) as inner:
+                async for d in inner:
+                    yield d
+            return
         first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
         try:

@@ -193,3 +193,30 @@ def test_decode_nodes_pull_the_prompt_kv_instead_of_recomputing(client, cluster)
     failed = sum(n["kv_transfer"].get("blocks_failed", 0) for n in nodes if n["role"] == "decode")
     loaded = sum(n["kv_transfer"].get("blocks_loaded", 0) for n in nodes if n["role"] == "decode")
     assert lent >= 4 and loads >= 4 and loaded >= 4 * 4 and failed == 0
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_dead_prefill_node_is_recomputed_on_the_decode_node_or_fails_clearly(tmp_path_factory, offline, policy):
+    config = cluster_config("1P1D")
+    config = config.model_copy(update={"kv_transfer": config.kv_transfer.model_copy(
+        update={"load_failure_policy": policy})})
+    cluster = start(config, tmp_path_factory)  # not supervised: a dead node stays dead
+    try:
+        client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prefill = next(c for c in cluster.nodes if c.name.startswith("prefill"))
+        prefill.proc.kill()
+        prefill.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(n["healthy"] for n in httpx.get(cluster.url + "/cluster").json()["nodes"] if n["role"] == "prefill"):
+            assert time.monotonic() < deadline, "the router did not notice the dead prefill node"
+            time.sleep(0.2)
+        want = offline.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        if policy == "recompute":
+            got = client.completions.create(model="builtin:tiny", prompt=PROMPTS[0], **GREEDY)
+            assert got.choices[0].text == want[0].outputs[0].text
+        else:
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model="builtin:tiny", prompt=PROMPTS[0], **GREEDY)
+            assert err.value.status_code == 503 and "prefill" in err.value.message
+    finally:
+        cluster.stop()
