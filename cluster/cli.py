@@ -43,16 +43,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     status.set_defaults(run=_status)
 
     bench = sub.add_parser("bench", help="benchmark topologies (1P1D, xPyD, colocatedN) on the same hardware")
-    bench.add_argument("cluster_yaml", metavar="CLUSTER_YAML", help="the cluster each topology is derived from")
-    bench.add_argument("--topologies", required=True, type=_topologies, metavar="LIST",
+    bench.add_argument("cluster_yaml", nargs="?", metavar="CLUSTER_YAML",
+                       help="the cluster each topology is derived from")
+    bench.add_argument("--topologies", default=None, type=_topologies, metavar="LIST",
                        help="comma-separated, e.g. 1P1D,2P1D,colocated2")
-    bench.add_argument("--workload", default=None, metavar="NAME", help="traffic shape (default: the harness's)")
+    bench.add_argument("--workload", default=None, metavar="NAME",
+                       help="fixed | random-uniform | random-lognormal | sharegpt | prefix-agents")
     bench.add_argument("--num-requests", type=int, default=None, metavar="N")
     load = bench.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=float, default=None, metavar="R", help="requests per second (Poisson)")
     load.add_argument("--concurrency", type=int, default=None, metavar="C", help="requests in flight at once")
     bench.add_argument("--out", default="bench-out", metavar="DIR", help="where summary.json, report.md and plots go")
     bench.add_argument("--url", default=None, help="drive this already running router instead of starting topologies")
+    if _subcommand(argv) == "bench":  # the harness's own options; it imports matplotlib
+        from bench.cli import add_bench_arguments
+        add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
 
     make_model = sub.add_parser("make-model", help="write a random-initialised Hugging Face checkpoint")
@@ -128,9 +133,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    args.cluster_config = _load(args.cluster_yaml)
-    if args.cluster_config is None:
-        return 2
+    args.cluster_config = None
+    if not getattr(args, "compare", None):
+        if not args.url and not (args.cluster_yaml and args.topologies):
+            print("pdcluster bench: give CLUSTER_YAML and --topologies, or --url, or --compare", file=sys.stderr)
+            return 2
+        if args.cluster_yaml:
+            args.cluster_config = _load(args.cluster_yaml)
+            if args.cluster_config is None:
+                return 2
     run_bench = _entry_point("bench.cli", "run_bench", "bench")
     return 2 if run_bench is None else run_bench(args)
 

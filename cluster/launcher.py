@@ -269,6 +269,9 @@ class LocalCluster:
 
         cfg = self.config
         specs = cfg.node_specs()
+        # CPU nodes share the cores: without a limit each torch would start one thread per
+        # core and they would thrash each other.
+        cpu_threads = max(1, (os.cpu_count() or 1) // max(sum(s.device == "cpu" for s in specs), 1))
         _check_ports_free([(f"{s.name} port", s.port) for s in specs if s.port]
                           + [(f"{s.name} kv_port", s.kv_port) for s in specs if s.kv_port])
         free = iter(_free_ports(sum((s.port == 0) + (s.kv_role is not None and s.kv_port == 0) for s in specs)
@@ -289,7 +292,8 @@ class LocalCluster:
                 node_id=s.name, role=s.role, model=str(self.model_dir), dtype=cfg.model.dtype,
                 load_format=cfg.model.load_format, device=s.device, host=LOCALHOST, port=port,
                 engine={k: v for k, v in s.engine.model_dump().items() if k in engine_keys},
-                kv_transfer=kv, log_level=cfg.log_level.upper())
+                kv_transfer=kv, log_level=cfg.log_level.upper(),
+                cpu_threads=cpu_threads if s.device == "cpu" else 0)
             argv = [sys.executable, *_NODE_MODULES[s.role], "--spec", msgspec.json.encode(spec).decode()]
             self.nodes.append(Child(s.name, s.role, argv, self.run_dir / f"{s.name}.log",
                                     address=f"tcp://{LOCALHOST}:{port}"))

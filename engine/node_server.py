@@ -179,6 +179,7 @@ class NodeLaunchSpec(msgspec.Struct, kw_only=True):
     engine: dict[str, Any] = {}              # CacheConfig / SchedulerConfig fields
     kv_transfer: dict[str, Any] | None = None  # KVTransferConfig fields, role filled in per node kind
     log_level: str = "INFO"
+    cpu_threads: int = 0                     # torch intra-op threads on CPU (0: torch's default)
 
 
 _CACHE_KEYS = {"block_size", "num_blocks", "memory_fraction", "cpu_kv_cache_gib", "enable_prefix_caching",
@@ -217,6 +218,9 @@ def run_node(argv: list[str] | None, kv_role: str | None) -> int:
     logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s node={spec.node_id} %(name)s: %(message)s")
     die_with_parent()
+    if spec.cpu_threads:
+        import torch
+        torch.set_num_threads(spec.cpu_threads)
     try:
         server = NodeServer(spec.node_id, spec.role, engine_config_from_spec(spec, kv_role), spec.host, spec.port)
     except Exception as e:

@@ -1,0 +1,290 @@
+"""The load generator: sends a workload to a router's /v1/completions and times each
+token as it arrives.
+
+    run = asyncio.run(run_load("http://127.0.0.1:8000", requests, concurrency=None))
+    run.results          # one RequestResult per request, in request order
+    run.metrics_before   # the router's /metrics text before and after the run
+    run.queue_samples    # the router's /cluster, sampled during the run
+
+Every request streams (`stream: true`, `stream_options.include_usage`) with `ignore_eos`
+and `max_tokens` = the workload's output length, so output lengths are the workload's,
+whatever the model samples. Only `url` is contacted (no proxies from the environment).
+
+What is measured, per request (seconds, `time.perf_counter` in this process):
+  * TTFT: from just before the request is sent (connection set-up included) to the
+    arrival of the first SSE chunk that carries a choice (the first token).
+  * ITL: the gaps between consecutive such chunks. The router sends one chunk per engine
+    step, which is one token per request, so a gap is one token's latency. The API does
+    not say how many tokens a chunk carries; when the usage chunk reports more tokens
+    than chunks arrived (a chunk carried several), ITL stays per *chunk* (what a user
+    sees) while TPOT below stays per token. A last chunk that only carries the finish
+    reason (chunks > tokens) adds no gap.
+  * TPOT: (e2e - TTFT) / (output_tokens - 1); undefined (NaN) for one output token.
+  * e2e: from sending to `data: [DONE]`.
+  * output tokens: the usage chunk's `completion_tokens` (the chunk count without it).
+A request succeeds when the answer is HTTP 200 and the stream ends with [DONE] and no
+error event.
+
+Open loop: request i is sent at `arrival_s` after the start (Poisson, see workloads).
+Closed loop (`concurrency` C): C senders, each sending its next request when the last
+one finished. Either way a request with `after` waits for that request to finish first.
+The run is bounded: `max_duration_s` cancels what is still in flight or unsent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+
+from bench.workloads import BenchRequest
+
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+CLUSTER_SAMPLE_INTERVAL_S = 0.5   # the router refreshes node stats every 0.5 s
+METRICS_SETTLE_S = 1.2            # wait after the run so /metrics shows its last stats
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """One request's outcome. Times in seconds; NaN where not measured."""
+
+    index: int
+    ok: bool
+    prompt_tokens: int
+    max_tokens: int
+    output_tokens: int = 0
+    send_s: float = math.nan      # when it was sent, after the run's start
+    ttft_s: float = math.nan
+    e2e_s: float = math.nan
+    itl_s: list[float] = field(default_factory=list)
+    num_chunks: int = 0
+    cached_tokens: int = 0        # prompt tokens served from the prefix cache (usage)
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float:
+        if not self.ok or self.output_tokens < 2:
+            return math.nan
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass(slots=True)
+class QueueSample:
+    """The router's /cluster at one moment: per node id, (running, waiting), where waiting
+    counts the scheduler's queue plus requests waiting for their KV to arrive."""
+
+    t_s: float
+    nodes: dict[str, tuple[int, int]]
+
+    @property
+    def running(self) -> int:
+        return sum(r for r, _ in self.nodes.values())
+
+    @property
+    def waiting(self) -> int:
+        return sum(w for _, w in self.nodes.values())
+
+
+@dataclass(slots=True)
+class LoadRun:
+    results: list[RequestResult]
+    duration_s: float             # first send to last answer
+    queue_samples: list[QueueSample]
+    metrics_before: str           # Prometheus text ("" when the router had no /metrics)
+    metrics_after: str
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def run_load(url: str, requests: list[BenchRequest], *, concurrency: int | None = None,
+                   api_key: str | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                   max_duration_s: float | None = None, on_result: Callable[[RequestResult], None] | None = None,
+                   sample_interval_s: float = CLUSTER_SAMPLE_INTERVAL_S,
+                   metrics_settle_s: float = METRICS_SETTLE_S,
+                   transport: httpx.AsyncBaseTransport | None = None) -> LoadRun:
+    """Send `requests` to the router at `url`; see the module docstring for what is timed.
+    `on_result` is called (on the event loop) as each request ends. `transport` replaces
+    the network (tests)."""
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency {concurrency}: give 1 or more")
+    url = url.rstrip("/")
+    timeout = httpx.Timeout(request_timeout_s, connect=10.0, pool=None)
+    # No connection cap: a pool limit would queue requests in this client and count the
+    # wait as the server's TTFT.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=_headers(api_key), trust_env=False,
+                                 transport=transport) as http:
+        before = await scrape_metrics(http, url)
+        samples: list[QueueSample] = []
+        stop_sampling = asyncio.Event()
+        t0 = time.perf_counter()
+        sampler = asyncio.create_task(_sample_cluster(http, url, t0, sample_interval_s, samples, stop_sampling))
+        try:
+            results = await _dispatch(http, url, requests, t0, concurrency, max_duration_s, on_result)
+        finally:
+            stop_sampling.set()
+            await sampler
+        ends = [r.send_s + r.e2e_s for r in results if not math.isnan(r.e2e_s)]
+        duration = max(ends) if ends else time.perf_counter() - t0
+        await asyncio.sleep(metrics_settle_s)
+        after = await scrape_metrics(http, url)
+    return LoadRun(results, duration, samples, before, after)
+
+
+async def _dispatch(http: httpx.AsyncClient, url: str, requests: list[BenchRequest], t0: float,
+                    concurrency: int | None, max_duration_s: float | None,
+                    on_result: Callable[[RequestResult], None] | None) -> list[RequestResult]:
+    done: dict[int, asyncio.Event] = {r.index: asyncio.Event() for r in requests}
+    results: dict[int, RequestResult] = {}
+
+    async def one(req: BenchRequest) -> None:
+        if req.after is not None and req.after in done:
+            await done[req.after].wait()
+        try:
+            results[req.index] = await send_request(http, url, req, t0)
+        finally:
+            done[req.index].set()
+        if on_result is not None:
+            on_result(results[req.index])
+
+    async def open_loop(req: BenchRequest) -> None:
+        delay = t0 + req.arrival_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await one(req)
+
+    if concurrency is None:
+        tasks = [asyncio.create_task(open_loop(r)) for r in requests]
+    else:
+        queue: asyncio.Queue[BenchRequest] = asyncio.Queue()
+        for r in requests:
+            queue.put_nowait(r)
+
+        async def sender() -> None:
+            while not queue.empty():
+                await one(queue.get_nowait())
+
+        tasks = [asyncio.create_task(sender()) for _ in range(min(concurrency, len(requests)))]
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max_duration_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:  # a bug in the client itself must not pass as a slow server
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()
+    late = f"not finished within the run's time limit of {max_duration_s} s"
+    return [results.get(r.index) or RequestResult(r.index, False, r.prompt_len, r.max_tokens, error=late)
+            for r in requests]
+
+
+def request_body(req: BenchRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "stream": True,
+                            "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+    if req.workflow_id is not None:
+        body["workflow_id"] = req.workflow_id
+    if req.agent_id is not None:
+        body["agent_id"] = req.agent_id
+    return body
+
+
+async def send_request(http: httpx.AsyncClient, url: str, req: BenchRequest, t0: float) -> RequestResult:
+    """One streamed completion, timed (see the module docstring)."""
+    result = RequestResult(req.index, False, req.prompt_len, req.max_tokens)
+    chunk_times: list[float] = []
+    usage: dict[str, Any] | None = None
+    finished = False
+    start = time.perf_counter()
+    result.send_s = start - t0
+    try:
+        async with http.stream("POST", f"{url}/v1/completions", json=request_body(req)) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {_error_message(await resp.aread())}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    finished = True
+                    break
+                now = time.perf_counter()
+                event = msgspec.json.decode(data)
+                if "error" in event:
+                    result.error = f"stream error: {_error_message(data.encode())}"
+                    return result
+                if event.get("choices"):
+                    chunk_times.append(now)
+                if event.get("usage"):
+                    usage = event["usage"]
+    except httpx.HTTPError as e:
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    except msgspec.DecodeError as e:
+        result.error = f"undecodable SSE event: {e}"
+        return result
+    finally:
+        result.e2e_s = time.perf_counter() - start
+    if not finished:
+        result.error = "the stream ended without data: [DONE]"
+        return result
+    if not chunk_times:
+        result.error = "the stream carried no tokens"
+        return result
+    result.num_chunks = len(chunk_times)
+    result.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    result.cached_tokens = int(details.get("cached_tokens") or 0)
+    result.ttft_s = chunk_times[0] - start
+    gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+    result.itl_s = gaps[:max(0, result.output_tokens - 1)]  # drop a finish-only last chunk
+    result.ok = True
+    return result
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        err = msgspec.json.decode(body).get("error", {})
+        return str(err.get("message", err)) if isinstance(err, dict) else str(err)
+    except (msgspec.DecodeError, AttributeError):
+        return body[:200].decode("utf-8", "replace")
+
+
+async def scrape_metrics(http: httpx.AsyncClient, url: str) -> str:
+    """The router's /metrics text, or "" when it does not answer (the report then leaves
+    the cluster-side columns empty)."""
+    try:
+        r = await http.get(f"{url}/metrics", timeout=5.0)
+        return r.text if r.status_code == 200 else ""
+    except httpx.HTTPError:
+        return ""
+
+
+async def fetch_cluster(http: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
+    try:
+        r = await http.get(f"{url}/cluster", timeout=5.0)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def _sample_cluster(http: httpx.AsyncClient, url: str, t0: float, interval_s: float,
+                          samples: list[QueueSample], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        view = await fetch_cluster(http, url)
+        if view is not None:
+            nodes = {n["id"]: (int(n.get("running", 0)), int(n.get("waiting", 0)) + int(n.get("waiting_for_remote_kv", 0)))
+                     for n in view.get("nodes", [])}
+            samples.append(QueueSample(time.perf_counter() - t0, nodes))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,170 @@
+"""From per-request results and router scrapes to one run's numbers.
+
+`summarize(...)` gives a plain dict (JSON-ready: no NaN, None where nothing was measured):
+
+  * latency distributions in milliseconds (mean, median, p90, p99; numpy's linear
+    interpolation, as vLLM's benchmark_serving): TTFT, TPOT, ITL, e2e, over the
+    successful requests (ITL over all their gaps);
+  * throughput over the run's duration (first send to last answer): requests/s and
+    input/output tokens/s of the successful requests;
+  * goodput: successful requests/s that met BOTH the TTFT and the TPOT target (a request
+    with one output token has no TPOT and is judged on TTFT alone), and the fraction of
+    all requests that did (`slo_attainment`);
+  * from the router's /metrics scraped before and after: KV bytes and seconds loaded by
+    the decode nodes, loads and failed blocks, and `gb_per_s` = bytes / load seconds: the
+    bandwidth *while* loading, per load (overlapping loads each count their own time, so
+    it is not the link's total use; `bytes_loaded / duration_s` is that); the prefix
+    cache hit rate (blocks) of the nodes that compute prompts (prefill and colocated);
+  * from /cluster sampled during the run: peak and mean queue lengths (waiting) and
+    running requests, summed over nodes, and the peak per node.
+
+The default SLO targets (TTFT 1 s, TPOT 100 ms) are DistServe's chatbot-style targets
+relaxed for an 8B model (DistServe used TTFT 0.25 s / TPOT 0.1 s for OPT-13B chat); set
+them to your service's with --ttft-slo-ms / --tpot-slo-ms.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.client import QueueSample, RequestResult
+
+DEFAULT_TTFT_SLO_MS = 1000.0
+DEFAULT_TPOT_SLO_MS = 100.0
+PROMPT_ROLES = ("prefill", "both")   # roles whose prefix cache serves prompts
+
+
+@dataclass(slots=True, frozen=True)
+class SLO:
+    ttft_ms: float = DEFAULT_TTFT_SLO_MS
+    tpot_ms: float = DEFAULT_TPOT_SLO_MS
+
+    def met_by(self, r: RequestResult) -> bool:
+        if not r.ok or not r.ttft_s * 1e3 <= self.ttft_ms:
+            return False
+        tpot = r.tpot_s
+        return math.isnan(tpot) or tpot * 1e3 <= self.tpot_ms
+
+
+def distribution(values_s: Iterable[float]) -> dict[str, float] | None:
+    """mean/median/p90/p99 in milliseconds of the finite values (seconds in); None when
+    there are none."""
+    x = np.asarray([v for v in values_s if v is not None and math.isfinite(v)], dtype=np.float64) * 1e3
+    if x.size == 0:
+        return None
+    p50, p90, p99 = np.percentile(x, [50, 90, 99])
+    return {"mean": float(x.mean()), "median": float(p50), "p90": float(p90), "p99": float(p99),
+            "max": float(x.max()), "count": int(x.size)}
+
+
+def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SLO(), *,
+              metrics_before: str = "", metrics_after: str = "",
+              queue_samples: Sequence[QueueSample] = ()) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    good = [r for r in ok if slo.met_by(r)]
+    per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
+    errors = Counter(r.error for r in results if not r.ok)
+    return {
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": [{"message": m, "count": n} for m, n in errors.most_common(5)],
+        "short_outputs": sum(r.output_tokens < r.max_tokens for r in ok),  # ignore_eos not honoured?
+        "duration_s": duration_s,
+        "request_throughput": per_s(len(ok)),
+        "input_throughput": per_s(sum(r.prompt_tokens for r in ok)),
+        "output_throughput": per_s(sum(r.output_tokens for r in ok)),
+        "goodput": per_s(len(good)),
+        "slo_attainment": len(good) / len(results) if results else 0.0,
+        "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in results])) if results else None,
+        "mean_output_tokens": float(np.mean([r.output_tokens for r in ok])) if ok else None,
+        "ttft_ms": distribution(r.ttft_s for r in ok),
+        "tpot_ms": distribution(r.tpot_s for r in ok),
+        "itl_ms": distribution(g for r in ok for g in r.itl_s),
+        "e2e_ms": distribution(r.e2e_s for r in ok),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        **cluster_delta(metrics_before, metrics_after),
+        "queues": queue_peaks(queue_samples),
+    }
+
+
+# --- the router's /metrics -------------------------------------------------------------------
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample in Prometheus text format."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), value))
+    return out
+
+
+def node_counters(text: str) -> dict[str, dict[str, Any]]:
+    """Per node: role, prefix_cache_queries/hits, and kv_transfer counters, from the
+    router's pdcluster_node_* gauges (which are the nodes' cumulative counters)."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for name, labels, value in parse_prometheus(text):
+        if not name.startswith("pdcluster_node_") or "node" not in labels:
+            continue
+        node = nodes.setdefault(labels["node"], {"role": labels.get("role", ""), "kv_transfer": {}})
+        if name == "pdcluster_node_kv_transfer" and "counter" in labels:
+            node["kv_transfer"][labels["counter"]] = value
+        elif name in ("pdcluster_node_prefix_cache_queries", "pdcluster_node_prefix_cache_hits"):
+            node[name.removeprefix("pdcluster_node_")] = value
+    return nodes
+
+
+def cluster_delta(before: str, after: str) -> dict[str, Any]:
+    """`kv_transfer` and `prefix_cache` over the run: counters after minus before, summed
+    over nodes (a node absent before counts from zero; a counter that went down, i.e. a
+    restarted node, counts from zero too). Empty values when /metrics was not scraped."""
+    if not after:
+        return {"kv_transfer": None, "prefix_cache": None}
+    b, a = node_counters(before), node_counters(after)
+
+    def delta(node: str, get) -> float:
+        now, then = get(a[node]), get(b[node]) if node in b else 0.0
+        return now - then if now >= then else now
+
+    def total(get, roles: Iterable[str] | None = None) -> float:
+        return sum(delta(n, get) for n in a if roles is None or a[n]["role"] in roles)
+
+    kv = {k: total(lambda c, k=k: c["kv_transfer"].get(k, 0.0))
+          for k in ("loads", "bytes_loaded", "load_seconds", "blocks_loaded", "blocks_failed", "load_failures")}
+    kv["gb_per_s"] = kv["bytes_loaded"] / kv["load_seconds"] / 1e9 if kv["load_seconds"] > 0 else None
+    roles = PROMPT_ROLES if any(n["role"] in PROMPT_ROLES for n in a.values()) else None
+    queries = total(lambda c: c.get("prefix_cache_queries", 0.0), roles)
+    hits = total(lambda c: c.get("prefix_cache_hits", 0.0), roles)
+    prefix = {"queries": queries, "hits": hits, "hit_rate": hits / queries if queries > 0 else None,
+              "roles": list(roles) if roles else "all"}
+    return {"kv_transfer": kv, "prefix_cache": prefix}
+
+
+def queue_peaks(samples: Sequence[QueueSample]) -> dict[str, Any] | None:
+    if not samples:
+        return None
+    return {"samples": len(samples),
+            "peak_waiting": max(s.waiting for s in samples),
+            "mean_waiting": float(np.mean([s.waiting for s in samples])),
+            "peak_running": max(s.running for s in samples),
+            "peak_waiting_per_node": {n: max(s.nodes.get(n, (0, 0))[1] for s in samples)
+                                      for n in sorted({n for s in samples for n in s.nodes})}}

@@ -1,0 +1,433 @@
+"""The benchmark harness (bench/): workloads, the load generator, metrics, the report,
+and a short CPU run of `pdcluster bench` through real clusters (1P1D and colocated1).
+
+The unit tests use hand-made inputs with known answers; the load generator's tests run
+against a fake router (an httpx transport) whose timing is known. The smoke run checks
+what the report says, not only that it was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bench import report
+from bench.cli import BenchPlan, model_limits, run_bench
+from bench.client import QueueSample, RequestResult, run_load
+from bench.metrics import SLO, cluster_delta, distribution, parse_prometheus, queue_peaks, summarize
+from bench.workloads import (TOKEN_ID_MARGIN, BenchRequest, WorkloadOptions, make_workload, parse_rates,
+                             with_poisson_arrivals)
+
+
+# --- workloads ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["fixed", "random-uniform", "random-lognormal", "sharegpt", "prefix-agents"])
+def test_workload_is_repeatable_with_a_seed_and_stays_in_the_vocabulary(name):
+    opts = WorkloadOptions(num_requests=50, input_len=40, output_len=10, vocab_size=500, seed=7,
+                           system_prompt_len=30, turn_len=5)
+    a, b = make_workload(name, opts), make_workload(name, opts)
+    assert [(r.prompt_ids, r.max_tokens, r.agent_id, r.after) for r in a] == \
+           [(r.prompt_ids, r.max_tokens, r.agent_id, r.after) for r in b]
+    other = make_workload(name, replace(opts, seed=8))
+    assert [r.prompt_ids for r in other] != [r.prompt_ids for r in a]
+    ids = np.concatenate([r.prompt_ids for r in a])
+    assert ids.min() >= TOKEN_ID_MARGIN and ids.max() < 500 - TOKEN_ID_MARGIN
+    assert len(a) == 50 and [r.index for r in a] == list(range(50))
+    assert all(r.prompt_len + r.max_tokens <= opts.max_model_len for r in a)
+
+
+def test_salt_changes_token_ids_but_not_lengths():
+    opts = WorkloadOptions(num_requests=20, input_len=64, output_len=8, vocab_size=1000)
+    a, b = make_workload("random-uniform", opts, salt=0), make_workload("random-uniform", opts, salt=1)
+    assert [(r.prompt_len, r.max_tokens) for r in a] == [(r.prompt_len, r.max_tokens) for r in b]
+    assert all(x.prompt_ids != y.prompt_ids for x, y in zip(a, b))
+
+
+def test_fixed_uniform_and_lognormal_lengths_follow_their_options():
+    fixed = make_workload("fixed", WorkloadOptions(num_requests=10, input_len=100, output_len=20, length_scale=0.5))
+    assert {(r.prompt_len, r.max_tokens) for r in fixed} == {(50, 10)}
+    uni = make_workload("random-uniform", WorkloadOptions(num_requests=2000, input_len=100, output_len=20,
+                                                          range_ratio=0.5))
+    ins = np.array([r.prompt_len for r in uni])
+    assert ins.min() >= 50 and ins.max() <= 150 and abs(ins.mean() - 100) < 3
+    logn = make_workload("random-lognormal", WorkloadOptions(num_requests=4000, input_len=200, output_len=50))
+    assert abs(np.median([r.prompt_len for r in logn]) - 200) < 12
+    assert abs(np.median([r.max_tokens for r in logn]) - 50) < 4
+
+
+def test_sharegpt_mix_has_the_published_means_and_a_long_tail():
+    reqs = make_workload("sharegpt", WorkloadOptions(num_requests=20000))
+    ins, outs = np.array([r.prompt_len for r in reqs]), np.array([r.max_tokens for r in reqs])
+    assert 180 < ins.mean() < 300 and 150 < outs.mean() < 250
+    assert np.median(ins) < ins.mean()              # right-skewed
+    assert ins.max() <= 1024 and (ins + outs).max() <= 2048 and np.percentile(ins, 99) > 700
+    small = make_workload("sharegpt", WorkloadOptions(num_requests=20000, length_scale=0.1))
+    assert 15 < np.mean([r.prompt_len for r in small]) < 30
+
+
+def test_prefix_agents_share_system_prompts_and_grow_their_conversations():
+    opts = WorkloadOptions(num_requests=24, num_agents=4, num_system_prompts=2, system_prompt_len=32, turn_len=8,
+                           output_len=4, vocab_size=1000)
+    reqs = make_workload("prefix-agents", opts)
+    by_agent: dict[str, list[BenchRequest]] = {}
+    for r in reqs:
+        by_agent.setdefault(r.agent_id, []).append(r)
+    assert sorted(by_agent) == ["agent-0", "agent-1", "agent-2", "agent-3"]
+    for turns in by_agent.values():
+        assert turns[0].after is None
+        for prev, cur in zip(turns, turns[1:]):
+            assert cur.after == prev.index                      # waits for its previous turn
+            assert cur.prompt_ids[:prev.prompt_len] == prev.prompt_ids  # the previous prompt is a prefix
+            assert cur.prompt_len == prev.prompt_len + 8 + 4    # + its user turn + the (synthetic) reply
+    first = {a: turns[0].prompt_ids[:32] for a, turns in by_agent.items()}
+    assert first["agent-0"] == first["agent-2"] and first["agent-1"] == first["agent-3"]
+    assert first["agent-0"] != first["agent-1"]
+    assert {r.workflow_id for r in by_agent["agent-0"] + by_agent["agent-2"]} == {"workflow-0"}
+    assert by_agent["agent-0"][0].prompt_ids != by_agent["agent-2"][0].prompt_ids  # own user turn
+
+
+def test_prefix_agents_restart_a_conversation_that_no_longer_fits():
+    opts = WorkloadOptions(num_requests=40, num_agents=1, system_prompt_len=50, turn_len=10, output_len=10,
+                           max_model_len=150)
+    reqs = make_workload("prefix-agents", opts)
+    assert all(r.prompt_len + r.max_tokens <= 150 for r in reqs)
+    assert min(r.prompt_len for r in reqs[1:]) == 60            # restarted after its system prompt
+
+
+def test_poisson_arrivals_have_the_rate_and_are_repeatable():
+    reqs = make_workload("fixed", WorkloadOptions(num_requests=20000, input_len=4, output_len=1))
+    timed = with_poisson_arrivals(reqs, 50.0, seed=3)
+    t = np.array([r.arrival_s for r in timed])
+    assert t[0] == 0 and np.all(np.diff(t) >= 0)
+    assert abs(np.diff(t).mean() - 1 / 50) < 0.001
+    assert abs(np.diff(t).std() - 1 / 50) < 0.001           # exponential: std == mean
+    assert [r.arrival_s for r in with_poisson_arrivals(reqs[:10], 50.0, seed=3)] == list(t[:10])
+    assert {r.arrival_s for r in with_poisson_arrivals(reqs[:10], math.inf)} == {0.0}
+    assert parse_rates("1, 2.5,inf") == [1.0, 2.5, math.inf] and parse_rates(4) == [4.0]
+    with pytest.raises(ValueError, match="positive"):
+        parse_rates("0")
+    with pytest.raises(ValueError, match="choose one of"):
+        make_workload("nope", WorkloadOptions())
+
+
+# --- the load generator against a fake router -------------------------------------------------------
+class FakeRouter:
+    """/v1/completions streaming like the router: headers after the first token, then one
+    chunk per `gap_s`, `per_chunk` tokens each, the usage chunk, [DONE]."""
+
+    def __init__(self, ttft_s=0.05, gap_s=0.02, per_chunk=1, status=200, stream_error=False):
+        self.ttft_s, self.gap_s, self.per_chunk = ttft_s, gap_s, per_chunk
+        self.status, self.stream_error = status, stream_error
+        self.bodies: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self.scrapes = 0
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            self.scrapes += 1
+            return httpx.Response(200, text=f"pdcluster_node_prefix_cache_hits{{node=\"both-0\",role=\"both\"}} {self.scrapes}\n")
+        if request.url.path == "/cluster":
+            return httpx.Response(200, json={"nodes": [{"id": "both-0", "running": self.in_flight, "waiting": 1}]})
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        if self.status != 200:
+            return httpx.Response(self.status, json={"error": {"message": "too busy", "type": "x", "code": 429}})
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(self.ttft_s)
+        return httpx.Response(200, content=self._events(body["max_tokens"]),
+                              headers={"content-type": "text/event-stream"})
+
+    async def _events(self, n: int):
+        # The request counts as finished as [DONE] goes out: the client stops reading
+        # there, and a mock stream is not closed when its reader stops.
+        sent = 0
+        while sent < n:
+            if sent:
+                await asyncio.sleep(self.gap_s)
+            k = min(self.per_chunk, n - sent)
+            sent += k
+            yield _sse({"choices": [{"index": 0, "text": "x" * k, "finish_reason": "length" if sent == n else None}]})
+            if self.stream_error:
+                yield _sse({"error": {"message": "node gone", "type": "x", "code": 503}})
+                break
+        else:
+            yield _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}})
+        self.in_flight -= 1
+        yield b"data: [DONE]\n\n"
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _load(fake: FakeRouter, requests, **kw):
+    return asyncio.run(run_load("http://fake", requests, transport=httpx.MockTransport(fake.handle),
+                                metrics_settle_s=0.0, sample_interval_s=0.02, **kw))
+
+
+def _reqs(n: int, max_tokens: int = 5, **kw) -> list[BenchRequest]:
+    return [BenchRequest(i, [11, 12, 13], max_tokens, **kw) for i in range(n)]
+
+
+def test_client_times_ttft_itl_and_tpot_from_the_stream():
+    fake = FakeRouter(ttft_s=0.05, gap_s=0.02)
+    run = _load(fake, _reqs(1, max_tokens=5, workflow_id="wf", agent_id="a1"))
+    (r,) = run.results
+    assert r.ok and r.error == "" and r.output_tokens == 5 and r.num_chunks == 5
+    assert 0.05 <= r.ttft_s < 0.2
+    assert len(r.itl_s) == 4 and all(0.02 <= g < 0.1 for g in r.itl_s)
+    assert r.e2e_s >= r.ttft_s + 0.08
+    assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 4)
+    body = fake.bodies[0]
+    assert body["prompt"] == [11, 12, 13] and body["max_tokens"] == 5 and body["ignore_eos"] is True
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["workflow_id"] == "wf" and body["agent_id"] == "a1"
+    assert run.metrics_before and run.metrics_after != run.metrics_before   # scraped before and after
+    assert run.queue_samples and run.queue_samples[0].nodes["both-0"][1] == 1
+
+
+def test_client_counts_tokens_from_usage_when_a_chunk_carries_several():
+    run = _load(FakeRouter(ttft_s=0.01, gap_s=0.02, per_chunk=2), _reqs(1, max_tokens=6))
+    (r,) = run.results
+    assert r.ok and r.num_chunks == 3 and r.output_tokens == 6
+    assert len(r.itl_s) == 2                                   # per chunk
+    assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 5)  # per token
+
+
+def test_client_reports_http_and_stream_errors_as_failures():
+    r = _load(FakeRouter(status=429), _reqs(1)).results[0]
+    assert not r.ok and r.error == "HTTP 429: too busy" and math.isnan(r.tpot_s)
+    r = _load(FakeRouter(stream_error=True), _reqs(1)).results[0]
+    assert not r.ok and r.error == "stream error: node gone"
+
+
+def test_closed_loop_keeps_exactly_the_concurrency_in_flight():
+    fake = FakeRouter(ttft_s=0.01, gap_s=0.01)
+    run = _load(fake, _reqs(10, max_tokens=3), concurrency=3)
+    assert all(r.ok for r in run.results) and fake.max_in_flight == 3
+
+
+def test_open_loop_sends_at_arrival_times_and_after_the_previous_turn():
+    fake = FakeRouter(ttft_s=0.01, gap_s=0.01)
+    reqs = [BenchRequest(0, [11], 3, arrival_s=0.0), BenchRequest(1, [11], 3, arrival_s=0.15),
+            BenchRequest(2, [11], 20, arrival_s=0.0), BenchRequest(3, [11], 2, arrival_s=0.0, after=2)]
+    res = _load(fake, reqs).results
+    assert res[0].send_s < 0.03 and 0.15 <= res[1].send_s < 0.2
+    assert res[3].send_s >= res[2].send_s + res[2].e2e_s       # waited for request 2 to finish
+
+
+def test_a_run_is_bounded_in_time():
+    t0 = time.monotonic()
+    res = _load(FakeRouter(ttft_s=0.01, gap_s=1.0), _reqs(3, max_tokens=10), max_duration_s=0.3).results
+    assert time.monotonic() - t0 < 2.0
+    assert all(not r.ok and "time limit" in r.error for r in res)
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+def _result(i, ttft_ms, tpot_ms, out=11, ok=True) -> RequestResult:
+    ttft = ttft_ms / 1e3
+    return RequestResult(i, ok, prompt_tokens=100, max_tokens=out, output_tokens=out if ok else 0, send_s=0.0,
+                         ttft_s=ttft, e2e_s=ttft + tpot_ms / 1e3 * (out - 1), itl_s=[tpot_ms / 1e3] * (out - 1),
+                         error="" if ok else "HTTP 503: down")
+
+
+def test_distribution_percentiles_on_known_values():
+    d = distribution([v / 1e3 for v in range(1, 101)])           # 1..100 ms
+    assert d["mean"] == pytest.approx(50.5) and d["median"] == pytest.approx(50.5)
+    assert d["p90"] == pytest.approx(90.1) and d["p99"] == pytest.approx(99.01) and d["count"] == 100
+    assert distribution([math.nan]) is None and distribution([]) is None
+
+
+def test_goodput_counts_requests_meeting_both_targets():
+    results = [_result(0, 100, 20), _result(1, 900, 90),          # both met
+               _result(2, 1500, 20),                              # TTFT missed
+               _result(3, 100, 150),                              # TPOT missed
+               _result(4, 100, 20, out=1),                        # one token: TTFT alone decides
+               _result(5, 100, 20, ok=False)]                     # failed
+    s = summarize(results, duration_s=2.0, slo=SLO(ttft_ms=1000, tpot_ms=100))
+    assert s["completed"] == 5 and s["failed"] == 1 and s["errors"] == [{"message": "HTTP 503: down", "count": 1}]
+    assert s["goodput"] == pytest.approx(3 / 2.0) and s["slo_attainment"] == pytest.approx(3 / 6)
+    assert s["request_throughput"] == pytest.approx(5 / 2.0)
+    assert s["output_throughput"] == pytest.approx((11 * 4 + 1) / 2.0)
+    assert s["ttft_ms"]["median"] == pytest.approx(100) and s["tpot_ms"]["count"] == 4
+    assert s["tpot_ms"]["median"] == pytest.approx(55) and s["itl_ms"]["count"] == 40
+    assert s["kv_transfer"] is None and s["queues"] is None
+    json.dumps(s, allow_nan=False)
+
+
+_BEFORE = """# HELP x
+pdcluster_node_kv_transfer{counter="bytes_loaded",node="decode-0",role="decode"} 1000.0
+pdcluster_node_kv_transfer{counter="load_seconds",node="decode-0",role="decode"} 0.5
+pdcluster_node_kv_transfer{counter="loads",node="decode-0",role="decode"} 2.0
+pdcluster_node_prefix_cache_queries{node="prefill-0",role="prefill"} 10.0
+pdcluster_node_prefix_cache_hits{node="prefill-0",role="prefill"} 1.0
+pdcluster_node_prefix_cache_queries{node="decode-0",role="decode"} 50.0
+pdcluster_node_prefix_cache_hits{node="decode-0",role="decode"} 0.0
+"""
+_AFTER = _BEFORE.replace("} 1000.0", "} 2000001000.0").replace("} 0.5", "} 2.5").replace("} 2.0", "} 12.0") \
+    .replace('prefill"} 10.0', 'prefill"} 110.0').replace('prefill"} 1.0', 'prefill"} 26.0') \
+    .replace('decode"} 50.0', 'decode"} 500.0')
+
+
+def test_cluster_delta_gives_kv_bandwidth_and_prompt_side_hit_rate():
+    assert ("pdcluster_node_kv_transfer", {"counter": "bytes_loaded", "node": "decode-0", "role": "decode"},
+            1000.0) in parse_prometheus(_BEFORE)
+    d = cluster_delta(_BEFORE, _AFTER)
+    kv, prefix = d["kv_transfer"], d["prefix_cache"]
+    assert kv["bytes_loaded"] == 2e9 and kv["load_seconds"] == pytest.approx(2.0) and kv["loads"] == 10
+    assert kv["gb_per_s"] == pytest.approx(1.0)
+    assert prefix["queries"] == 100 and prefix["hits"] == 25 and prefix["hit_rate"] == pytest.approx(0.25)
+    assert cluster_delta("", "") == {"kv_transfer": None, "prefix_cache": None}
+
+
+def test_queue_peaks_over_samples():
+    q = queue_peaks([QueueSample(0.0, {"a": (1, 0), "b": (2, 3)}), QueueSample(0.5, {"a": (4, 2), "b": (0, 0)})])
+    assert q["peak_waiting"] == 3 and q["peak_running"] == 4 and q["mean_waiting"] == 2.5
+    assert q["peak_waiting_per_node"] == {"a": 2, "b": 3}
+
+
+# --- report ----------------------------------------------------------------------------------------
+def _run(topology, rate, goodput, **extra) -> dict:
+    s = summarize([_result(0, 100, 20), _result(1, 200, 30)], 1.0, SLO(1000, 100))
+    return {"topology": topology, "load": {"mode": "rate", "request_rate": report.rate_field(rate)},
+            **s, "goodput": goodput, **extra}
+
+
+def test_report_table_and_verdict():
+    runs = [_run("1P1D", 2.0, 1.8, kv_transfer={"loads": 4, "gb_per_s": 1.234}), _run("colocated2", 2.0, 0.9),
+            _run("1P1D", math.inf, 3.0), _run("colocated2", math.inf, 1.5)]
+    table = report.markdown_table(runs)
+    lines = table.splitlines()
+    assert lines[0].startswith("| Topology | Load | Goodput (req/s) |") and len(lines) == 6
+    assert lines[2] == "| 1P1D | 2 req/s | 1.80 | 2.00 | 22.0 | 150.0 | 199.0 | 25.0 | 29.9 | 1.234 | - | 2/2 |"
+    assert lines[5].startswith("| colocated2 | all at once | 1.50 |")
+    v = report.verdict(runs)
+    assert v.startswith("Best by goodput: **1P1D**, 3.00 req/s within TTFT <= 1000 ms and TPOT <= 100 ms")
+    assert "2.00x colocated2 (1.50 req/s)" in v
+    assert "No topology" in report.verdict([_run("1P1D", 1.0, 0.0)])
+    assert report.run_path(Path("d"), runs[0]) == Path("d/1P1D-2.json")
+    assert report.run_path(Path("d"), runs[2]) == Path("d/1P1D-inf.json")
+    assert report.load_label({"mode": "concurrency", "concurrency": 8}) == "c8"
+
+
+def test_report_files_and_compare(tmp_path):
+    a = [_run("1P1D", 4.0, 2.0), _run("colocated2", 4.0, 1.0)]
+    paths = report.write_report(tmp_path / "a", a, {"workload": {"name": "fixed", "num_requests": 2, "seed": 0}})
+    summary = json.loads(paths["summary"].read_text())
+    assert [r["topology"] for r in summary["runs"]] == ["1P1D", "colocated2"]
+    assert summary["best"]["topology"] == "1P1D"
+    md = paths["report"].read_text()
+    assert "| 1P1D | 4 req/s | 2.00 |" in md and "Best by goodput: **1P1D**" in md and "latency.png" in md
+    for png in (paths["latency_plot"], paths["goodput_plot"]):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    run_file = report.write_run(tmp_path / "b", _run("1P1D", 4.0, 2.5))
+    table = report.compare([paths["summary"], run_file], out_dir=tmp_path / "cmp")
+    assert "| 1P1D (a) | 4 req/s | 2.00 |" in table and "| 1P1D (b) | 4 req/s | 2.50 |" in table
+    assert "**1P1D (b)**" in table and (tmp_path / "cmp" / "report.md").is_file()
+    with pytest.raises(ValueError, match="neither a summary.json"):
+        (tmp_path / "x.json").write_text("{}")
+        report.load_runs([tmp_path / "x.json"])
+
+
+def test_bench_plan_reads_optional_flags_and_refuses_bad_ones(tmp_path):
+    plan = BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], workload=None, num_requests=None,
+                                                  request_rate=None, concurrency=None, out=str(tmp_path), url=None))
+    assert plan.workload == "sharegpt" and plan.options.num_requests == 200
+    assert plan.loads == [{"mode": "rate", "request_rate": "inf"}] and plan.slo == SLO()
+    plan = BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], request_rates="1,2", input_len=64,
+                                                  ttft_slo_ms=500, out=str(tmp_path)))
+    assert [ld["request_rate"] for ld in plan.loads] == [1.0, 2.0] and plan.options.input_len == 64
+    assert plan.slo.ttft_ms == 500
+    with pytest.raises(ValueError, match="not both"):
+        BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], request_rate=2.0, concurrency=4))
+    with pytest.raises(ValueError, match="--workload"):
+        BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], workload="zipf"))
+
+
+def test_model_limits_take_the_smaller_of_model_and_tokenizer_vocab(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 128256, "max_position_embeddings": 8192}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 2040}},
+                                                         "added_tokens": [{"id": 2047, "content": "<eos>"}]}))
+    assert model_limits(tmp_path, None) == (2048, 8192)
+    assert model_limits(tmp_path, 1024) == (2048, 1024)
+
+
+# --- a short CPU run through real clusters -----------------------------------------------------------
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == pid and stat[0] != "Z":
+                    kids.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def test_bench_compares_1p1d_and_colocated_on_cpu(tmp_path, monkeypatch, capsys):
+    # One torch thread per node: on a small CPU, each node's default of one thread per
+    # core oversubscribes it and makes step times erratic.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PDCLUSTER_API_KEY", raising=False)
+    from cluster.config import load_cluster_config
+
+    yaml = tmp_path / "cluster.yaml"
+    yaml.write_text("model: {path: 'builtin:tiny', dtype: float32}\n"
+                    "kv_transfer: {connector: tcp}\n"
+                    "engine: {num_blocks: 256, block_size: 16}\n"
+                    "prefill: {replicas: 1, devices: [cpu]}\n"
+                    "decode: {replicas: 1, devices: [cpu]}\n")
+    out = tmp_path / "bench-out"
+    before = _children(os.getpid())
+    args = argparse.Namespace(
+        cluster_yaml=str(yaml), cluster_config=load_cluster_config(yaml), topologies=["1P1D", "colocated1"],
+        workload="prefix-agents", num_requests=32, request_rate=None, request_rates="8,inf", concurrency=None,
+        out=str(out), url=None, num_agents=4, num_system_prompts=2, system_prompt_len=64, turn_len=16, output_len=8,
+        ttft_slo_ms=30000, tpot_slo_ms=5000, warmup_requests=2, start_timeout_s=120, max_duration_s=60)
+    rc = run_bench(args)
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err
+    assert _children(os.getpid()) <= before, "bench left processes running"
+
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {(r["topology"], report.load_label(r["load"])): r for r in summary["runs"]}
+    assert set(runs) == {("1P1D", "8"), ("1P1D", "inf"), ("colocated1", "8"), ("colocated1", "inf")}
+    for key, r in runs.items():
+        assert r["requests"] == 32 and r["completed"] == 32, (key, r["errors"])
+        assert r["short_outputs"] == 0 and r["mean_output_tokens"] == 8   # ignore_eos held the lengths
+        assert r["goodput"] > 0 and r["request_throughput"] > 0 and r["output_throughput"] > 0
+        assert 0 < r["ttft_ms"]["median"] <= r["ttft_ms"]["p99"] < 30000
+        assert 0 < r["tpot_ms"]["median"] < 5000 and r["itl_ms"]["count"] == 32 * 7
+        assert r["e2e_ms"]["median"] > r["ttft_ms"]["median"]
+        assert r["prefix_cache"]["hit_rate"] > 0.2, key               # agents share their prompts
+        assert r["queues"]["samples"] >= 1
+        assert (out / f"{key[0]}-{key[1]}.json").is_file()
+    for topo in ("1P1D", "colocated1"):  # 4 s at 8 req/s: sampled while busy (stats lag up to 0.5 s)
+        assert runs[(topo, "8")]["queues"]["peak_running"] >= 1
+    for rate in ("8", "inf"):
+        kv = runs[("1P1D", rate)]["kv_transfer"]
+        assert kv["loads"] > 0 and kv["bytes_loaded"] > 0 and kv["gb_per_s"] > 0 and kv["blocks_failed"] == 0
+        assert runs[("colocated1", rate)]["kv_transfer"]["loads"] == 0   # nothing to transfer
+    assert runs[("1P1D", "8")]["nodes"] == [{"name": "prefill-0", "role": "prefill", "device": "cpu"},
+                                            {"name": "decode-0", "role": "decode", "device": "cpu"}]
+
+    md = (out / "report.md").read_text()
+    assert "Best by goodput: **" in md and summary["best"]["topology"] in ("1P1D", "colocated1")
+    for topo in ("1P1D", "colocated1"):
+        assert f"| {topo} | 8 req/s |" in md and f"| {topo} | all at once |" in md
+    assert "| 1P1D | 8 req/s |" in printed.out and str(out) in printed.out
+    for png in ("latency.png", "goodput.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
