@@ -32,11 +32,21 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, met
     k_cache = kv_cache[:, layer, 0]  # (N, B, Hkv, D), strided view
     v_cache = kv_cache[:, layer, 1]
     if meta.decode_only:
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return _decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_t, scale)
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
+    qsl = meta.query_start_loc
+    # One-token sequences (decodes riding along with a prefill chunk) in one batched call;
+    # only multi-token chunks loop.
+    single = [i for i in range(len(meta.seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+    if single:
+        rows = torch.tensor([qsl[i] for i in single], device=q.device)
+        idx = torch.tensor(single, device=q.device)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, meta.block_tables[idx], meta.seq_lens_t[idx], scale)
     for i, seq_len in enumerate(meta.seq_lens):
-        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        start, end = qsl[i], qsl[i + 1]
+        if end - start == 1:
+            continue
         n_blocks = (seq_len + block_size - 1) // block_size
         blocks = meta.block_tables[i, :n_blocks]
         k = k_cache[blocks].flatten(0, 1)[:seq_len]  # (S_kv, Hkv, D)
@@ -59,14 +69,14 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(0, 1)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    # q: (S, Hq, D), one query per sequence at position seq_len-1
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    # q: (S, Hq, D), one query per sequence at position seq_len-1; block_tables (S, MB); seq_lens (S,)
     s, hq, d = q.shape
     hkv = k_cache.shape[2]
-    k = k_cache[meta.block_tables].flatten(1, 2)  # (S, MB*B, Hkv, D)
-    v = v_cache[meta.block_tables].flatten(1, 2)
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < meta.seq_lens_t[:, None]  # (S, Tk)
+    k = k_cache[block_tables].flatten(1, 2)  # (S, MB*B, Hkv, D)
+    v = v_cache[block_tables].flatten(1, 2)
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # (S, Tk)
     qg = q.view(s, hkv, hq // hkv, d).float()                  # (S, Hkv, G, D)
     scores = torch.einsum("shgd,sthd->shgt", qg, k.float()) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
