@@ -21,17 +21,22 @@ from engine import LLM, SamplingParams
 from engine.builtin_models import make_model
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return out, time.perf_counter() - t0
 
 
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    a = torch.empty(1 << (30 if device.startswith("cuda") else 26), dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     for _ in range(3):
         b.copy_(a)
@@ -44,15 +49,16 @@ def copy_bandwidth(device: str) -> float:
 
 def matmul_rate(device: str) -> float:
     """Measured bf16 matrix rate, FLOP/s (8192^3 products, fresh random inputs)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     times = []
     for _ in range(10):
         _, t = timed(lambda: a @ b)
         times.append(t)
-    return 2 * 8192 ** 3 / sorted(times)[len(times) // 2]
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
 
 
 def tiny_matches_cpu(device: str) -> dict:
@@ -64,15 +70,17 @@ def tiny_matches_cpu(device: str) -> dict:
     return {"prompts": len(prompts), "greedy_equal_to_cpu": sum(same)}
 
 
-def llama8b(device: str, batch_sizes: list[int], decode_tokens: int, prompt_len: int) -> dict:
-    path = os.path.join(tempfile.mkdtemp(), "llama-3-8b")
-    make_model(path, "llama-3-8b", with_weights=False)
+def llama8b(device: str, batch_sizes: list[int], decode_tokens: int, prompt_len: int,
+            preset: str = "llama-3-8b") -> dict:
+    path = os.path.join(tempfile.mkdtemp(), preset)
+    make_model(path, preset, with_weights=False)
     llm, load_s = timed(lambda: LLM(path, load_format="dummy", dtype="bfloat16", device=device,
                                     max_num_seqs=max(batch_sizes), max_num_batched_tokens=max(8192, 128 * max(batch_sizes))))
     eng = llm.engine
     out = {"load_s": load_s, "kv_blocks": eng.kv_spec.num_blocks, "block_bytes": eng.kv_spec.block_bytes}
     # Prefill: 4 prompts of prompt_len tokens, one token out.
-    prompts = [[(i * 7919 + j) % 120000 + 10 for j in range(prompt_len)] for i in range(4)]
+    vocab = eng.model_config.vocab_size - 20
+    prompts = [[(i * 7919 + j) % vocab + 10 for j in range(prompt_len)] for i in range(4)]
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     llm.generate(prompts[:1], one)  # warm-up
     eng.pool.reset_prefix_cache()
@@ -89,7 +97,7 @@ def llama8b(device: str, batch_sizes: list[int], decode_tokens: int, prompt_len:
     out["weight_bytes"], out["copy_GBps"] = weight_bytes, copy_bw / 1e9
     ctx = 128
     for bs in batch_sizes:
-        ps = [[(b * 104729 + j) % 120000 + 10 for j in range(ctx)] for b in range(bs)]
+        ps = [[(b * 104729 + j) % vocab + 10 for j in range(ctx)] for b in range(bs)]
         llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
         eng.pool.reset_prefix_cache()
         _, t_prefill = timed(lambda: llm.generate(ps, one))
@@ -111,11 +119,13 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16,64,256")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=2048)
+    ap.add_argument("--preset", default="llama-3-8b", help="a smaller preset (tiny) checks the script on CPU")
     args = ap.parse_args()
-    result = {"gpu": torch.cuda.get_device_name(args.device), "torch": torch.__version__}
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    result = {"gpu": name, "torch": torch.__version__}
     result["tiny"] = tiny_matches_cpu(args.device)
     result["llama_3_8b_dummy"] = llama8b(args.device, [int(b) for b in args.batch_sizes.split(",")],
-                                         args.decode_tokens, args.prompt_len)
+                                         args.decode_tokens, args.prompt_len, args.preset)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "engine_smoke.json"), "w") as f:
             json.dump(result, f, indent=2)
