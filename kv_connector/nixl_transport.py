@@ -36,22 +36,35 @@ against torch's peer copy cuda:0 -> cuda:1 at 394 GB/s:
   LIFO free list) mergeable.
 * The measured problem was the opposite of too-small descriptors: one 512 MiB descriptor
   ran at 250 GB/s, though one in-process pull copy of the same bytes (cudaMemcpyAsync
-  issued on cuda:1, as a READ over CUDA IPC is) reaches 393 GB/s. In UCX's cuda_ipc source
-  all copies one worker makes from one remote GPU share one CUDA stream, and parallel
-  streams are what helped. So `read_blocks` cuts runs into descriptors of at most
-  `max_desc_bytes` (32 MiB) and the UCX backend gets `num_threads` worker threads (8),
-  each posting its share of a READ on its own stream. Sweeps: 8/16/32/64 MiB pieces gave
-  276/315/318/304 GB/s contiguous; 4, 8 and 16 threads were within the run-to-run spread
-  (about +-10 GB/s).
+  issued on cuda:1, as a READ over CUDA IPC is) reaches 393 GB/s. So `read_blocks` cuts
+  runs into descriptors of at most `max_desc_bytes` (32 MiB) and the UCX backend gets
+  `num_threads` worker threads (8). Sweeps: 8/16/32/64 MiB pieces gave 276/315/318/304
+  GB/s contiguous; 4, 8 and 16 threads were within the run-to-run spread (about +-10 GB/s).
+* How NIXL 1.5.1 spreads a READ over its threads (read from the UCX plugin's machine code,
+  nixlUcxThreadPoolEngine::prepXfer): a READ of n >= `split_batch_size` descriptors is cut
+  into chunks of max(n // num_threads, split_batch_size) descriptors, one chunk per
+  thread; smaller READs go to the caller's shared worker. `split_batch_size` is NOT raised
+  to num_threads. So with the defaults (split 8) a 16-descriptor READ (512 MiB cut at
+  32 MiB) uses only 2 of the 8 threads; `split_batch_size=1` uses all of them.
+* Streams: UCX's cuda_ipc transport (uct_cuda_ipc_get_stream_and_event) picks the CUDA
+  stream by the REMOTE GPU's index modulo UCX_CUDA_IPC_MAX_STREAMS, per worker: all copies
+  one worker makes from one peer GPU share one stream, whatever MAX_STREAMS is. More
+  streams for one peer only come from more workers (threads).
 * Lone 2 MiB blocks stay at ~0.55 of peer copy: the copy engine's per-copy cost caps them
   (in one process, 256 x 2 MiB pulls reach 135 GB/s on one stream, 177 on eight; pushes
-  266). Neither descriptor lists nor UCX settings fix that; keeping a request's blocks in
+  266). Neither descriptor lists nor UCX settings fixed that; keeping a request's blocks in
   runs does (the block pool hands out contiguous runs), or a gather into a contiguous
-  staging region before the READ.
+  staging run on the producer before the READ (measured by the bench's `gathered` pattern).
 * Contiguous requests end at 0.81, short of the 0.85 goal. The in-process pull of the
   same 16 x 32 MiB pieces on 8 streams reaches 361 GB/s (0.92); the rest is per-transfer
   overhead in NIXL/UCX: `read_blocks` alone takes ~300 us of the 1.7 ms (NIXL hands the
-  descriptors to its 8 threads and waits until each has posted its copies).
+  descriptors to its threads and waits until each has posted its copies).
+* Options under evaluation (bench/gpu/kv_transfer_bench.py runs them all; defaults keep the
+  measured behaviour above until a GPU run proves a better one): `reads_per_request` posts
+  one `read_blocks` as K NIXL READs back to back, so the first READ's copies run while the
+  next is being posted; `progress_thread=False` drops NIXL's progress thread (the caller's
+  polling then drives the shared worker, without UCX's worker lock); `split_batch_size=1`
+  and other thread/descriptor sizes.
 
 Threading: NIXL agents are created unsynchronised (NIXL_THREAD_SYNC_NONE), so every method
 must be called from the thread that constructed the transport (checked; RuntimeError
@@ -88,6 +101,7 @@ PollState = Literal["DONE", "PENDING"]
 DEFAULT_NUM_THREADS = 8  # UCX worker threads: each posts its share of a READ on its own CUDA stream
 DEFAULT_SPLIT_BATCH_SIZE = 8  # READs of at least this many descriptors are spread over the threads
 DEFAULT_MAX_DESC_BYTES = 32 << 20  # longer contiguous runs are cut into descriptors of this size
+DEFAULT_READS_PER_REQUEST = 1  # NIXL READs one read_blocks call is posted as
 
 
 class KVRegionLayout(msgspec.Struct, frozen=True):
@@ -119,9 +133,15 @@ class ReadHandle:
     nbytes: int
     num_descs: int  # descriptors after merging adjacent runs (1 = one contiguous range)
     notif: bytes
-    _xfer: Any = field(repr=False)
+    _xfers: list[Any] = field(repr=False)  # NIXL READs posted for this call (reads_per_request of them at most)
+    _pending: list[Any] = field(repr=False)  # those not yet seen DONE
     done: bool = False
     released: bool = False
+
+    @property
+    def num_reads(self) -> int:
+        """NIXL READs this call was posted as (see NixlTransport's reads_per_request)."""
+        return len(self._xfers)
 
 
 @dataclass(slots=True)
@@ -154,14 +174,15 @@ def _as_block_ids(ids: Sequence[int] | np.ndarray, num_blocks: int, side: str) -
     return arr.astype(np.int32, copy=False)
 
 
-def _bounded_runs(remote: np.ndarray, local: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _bounded_runs(remote: np.ndarray, local: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reorder (remote, local) pairs, sorted by remote id, so NIXL's merge yields runs of at most `max_blocks`.
 
     NIXL merges consecutive pairs adjacent on both sides, however long the run. Runs are
     cut into pieces of `max_blocks` and the pieces listed in descending order: the next
     piece then starts before the previous one, so NIXL cannot glue them back together,
     while each piece's blocks stay ascending and merge into one descriptor. Returns the
-    reordered ids and the number of descriptors NIXL will send.
+    reordered ids and the ascending positions (in the new order) where NIXL's descriptors
+    start: one entry per descriptor it will send.
     """
     n = remote.size
     run_start = np.empty(n, dtype=bool)
@@ -170,14 +191,23 @@ def _bounded_runs(remote: np.ndarray, local: np.ndarray, max_blocks: int) -> tup
     run_start[1:] |= np.diff(local) != 1
     starts = np.flatnonzero(run_start)
     if n - starts[-1] <= max_blocks and (starts.size == 1 or np.diff(starts).max() <= max_blocks):
-        return remote, local, int(starts.size)  # every run fits in one descriptor: keep the order
+        return remote, local, starts  # every run fits in one descriptor: keep the order
     idx = np.arange(n)
     pos_in_run = idx - np.maximum.accumulate(np.where(run_start, idx, 0))
     piece_starts = np.flatnonzero(pos_in_run % max_blocks == 0)[::-1]  # descending
     piece_lens = np.diff(np.append(piece_starts[::-1], n))[::-1]
     offsets = np.cumsum(piece_lens) - piece_lens  # where each piece lands in the new order
     order = np.repeat(piece_starts - offsets, piece_lens) + idx
-    return remote[order], local[order], int(piece_starts.size)
+    return remote[order], local[order], offsets
+
+
+def _read_groups(desc_starts: np.ndarray, n: int, max_reads: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of the reordered pairs, one per NIXL READ: descriptors dealt into
+    at most `max_reads` groups of consecutive descriptors, equal in count (+-1)."""
+    if max_reads <= 1 or desc_starts.size <= 1:
+        return [(0, n)]
+    firsts = [int(g[0]) for g in np.array_split(desc_starts, min(max_reads, desc_starts.size))]
+    return list(zip(firsts, firsts[1:] + [n]))
 
 
 def _warn_if_expandable_segments() -> None:
@@ -192,19 +222,25 @@ def _warn_if_expandable_segments() -> None:
 class NixlTransport:
     """One NIXL agent (UCX backend) for this process, holding one registered KV cache.
 
-    `num_threads` > 0 gives UCX that many worker threads; a READ of at least
-    `split_batch_size` descriptors (NIXL raises it to `num_threads`) is split across them,
-    each thread posting its share on its own CUDA stream. `max_desc_bytes` caps the
-    descriptors NIXL's merging builds from contiguous runs (None: no cap), so that a long
-    run can be spread over the threads. `backend_params` passes further UCX backend
-    options verbatim (strings). `capture_telemetry` enables `descs_sent` (tests, benches).
-    The defaults are the measured best on 2x H200 (module docstring); threads block while
-    no transfer is in flight and busy-poll while one is.
+    `num_threads` > 0 gives UCX that many worker threads; a READ of n >= `split_batch_size`
+    descriptors is cut into chunks of max(n // num_threads, split_batch_size) descriptors,
+    one per thread, each thread posting its chunk on its own CUDA stream (module
+    docstring). `max_desc_bytes` caps the descriptors NIXL's merging builds from contiguous
+    runs (None: no cap), so that a long run can be spread over the threads.
+    `reads_per_request` > 1 posts each `read_blocks` as up to that many NIXL READs of
+    consecutive descriptors, back to back (the notification then goes out once all have
+    landed). `progress_thread=False` creates the agent without NIXL's progress thread: the
+    caller's `poll` then drives its worker (and a producer must call `get_notifs` to
+    receive notifications). `backend_params` passes further UCX backend options verbatim
+    (strings). `capture_telemetry` enables `descs_sent` (tests, benches). The defaults are
+    the measured best on 2x H200 (module docstring); threads block while no transfer is in
+    flight and busy-poll while one is.
     """
 
     def __init__(self, agent_name: str, *, num_threads: int = DEFAULT_NUM_THREADS,
                  split_batch_size: int | None = DEFAULT_SPLIT_BATCH_SIZE,
                  max_desc_bytes: int | None = DEFAULT_MAX_DESC_BYTES,
+                 reads_per_request: int = DEFAULT_READS_PER_REQUEST, progress_thread: bool = True,
                  backend_params: dict[str, str] | None = None, capture_telemetry: bool = False):
         from kv_connector.nixl_compat import nixl_agent, nixl_agent_config  # ImportError says what to install
 
@@ -212,6 +248,9 @@ class NixlTransport:
             raise ValueError("agent_name must be a non-empty string, unique among the cluster's NIXL agents")
         if max_desc_bytes is not None and max_desc_bytes <= 0:
             raise ValueError(f"max_desc_bytes must be positive or None (no limit), got {max_desc_bytes}")
+        if isinstance(reads_per_request, bool) or not isinstance(reads_per_request, int) or reads_per_request < 1:
+            raise ValueError(f"reads_per_request must be an int >= 1 (1: one NIXL READ per read_blocks), "
+                             f"got {reads_per_request!r}")
         params = dict(backend_params or {})
         if num_threads:
             params["num_threads"] = str(int(num_threads))
@@ -221,9 +260,11 @@ class NixlTransport:
         self._owner = threading.get_ident()
         self._max_desc_bytes = max_desc_bytes
         self._max_desc_blocks = 1 << 30  # set from block_bytes at registration
+        self._reads_per_request = reads_per_request
         self._telemetry = capture_telemetry
         # Backends are created explicitly so that every UCX option can be passed.
-        self._agent = nixl_agent(agent_name, nixl_agent_config(backends=[], capture_telemetry=capture_telemetry))
+        self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=progress_thread, backends=[],
+                                                               capture_telemetry=capture_telemetry))
         if "UCX" not in self._agent.get_plugin_list():
             raise RuntimeError(f"NIXL found no UCX plugin (has {self._agent.get_plugin_list()}): "
                                "reinstall the nixl wheel, which ships it")
@@ -236,7 +277,8 @@ class NixlTransport:
         self._peers: dict[str, _Peer] = {}
         self._in_flight: set[ReadHandle] = set()
         self._closed = False
-        logger.info("nixl agent=%s created backend=UCX params=%s", agent_name, params)
+        logger.info("nixl agent=%s created backend=UCX params=%s reads_per_request=%d progress_thread=%s",
+                    agent_name, params, reads_per_request, progress_thread)
 
     # ------------------------------------------------------------------ local side
     def register_kv_cache(self, tensor, block_bytes: int) -> KVRegionLayout:
@@ -345,8 +387,9 @@ class NixlTransport:
     # ------------------------------------------------------------------ transfers
     def read_blocks(self, peer: str, remote_block_ids: Sequence[int] | np.ndarray,
                     local_block_ids: Sequence[int] | np.ndarray, notif: bytes = b"") -> ReadHandle:
-        """Start ONE NIXL READ of the peer's blocks `remote_block_ids[i]` into `local_block_ids[i]`.
+        """Start a READ of the peer's blocks `remote_block_ids[i]` into `local_block_ids[i]`.
 
+        Posted as one NIXL READ, or as up to `reads_per_request` of them (constructor).
         `notif` (if not empty) reaches the peer's `get_notifs()` after all the bytes have
         landed; it is sent while `poll` drives the transfer, so poll until "DONE".
         Raises ValueError for bad ids (lengths differ, out of range, a local id repeated)
@@ -374,13 +417,33 @@ class NixlTransport:
         if remote.size > 1 and np.any(remote[1:] < remote[:-1]):
             order = np.argsort(remote, kind="stable")  # helps NIXL merge runs; order of pieces is free
             remote, local = remote[order], local[order]
-        remote, local, num_descs = _bounded_runs(remote, local, self._max_desc_blocks)
+        remote, local, desc_starts = _bounded_runs(remote, local, self._max_desc_blocks)
+        groups = _read_groups(desc_starts, int(remote.size), self._reads_per_request)
+        # One READ carries the notification itself; split READs may finish in any order, so
+        # poll() sends it once all of them are DONE.
+        xfer_notif = bytes(notif) if len(groups) == 1 else b""
+        posted: list[tuple[Any, bool]] = []  # (xfer, DONE at posting)
         try:
-            xfer = self._agent.make_prepped_xfer("READ", self._local_dlist, local, p.dlist, remote, bytes(notif))
+            for start, end in groups:
+                posted.append(self._post_read(p, peer, local[start:end], remote[start:end], xfer_notif))
+        except BaseException:
+            for xfer, _ in posted:
+                self._release_xfer_quietly(xfer, peer)
+            raise
+        handle = ReadHandle(peer=peer, num_blocks=int(remote.size), nbytes=int(remote.size) * region.block_bytes,
+                            num_descs=int(desc_starts.size), notif=bytes(notif), _xfers=[x for x, _ in posted],
+                            _pending=[x for x, done in posted if not done])
+        self._in_flight.add(handle)
+        if not handle._pending:
+            self._finish(handle)
+        return handle
+
+    def _post_read(self, p: _Peer, peer: str, local: np.ndarray, remote: np.ndarray, notif: bytes) -> tuple[Any, bool]:
+        """make_prepped_xfer + transfer for one NIXL READ; returns (xfer, already DONE)."""
+        try:
+            xfer = self._agent.make_prepped_xfer("READ", self._local_dlist, local, p.dlist, remote, notif)
         except Exception as e:  # nixl raises its own exception types (nixlInvalidParamError, ...)
             raise TransferError(f"NIXL refused a READ of {remote.size} blocks from peer {peer}: {e}") from e
-        handle = ReadHandle(peer=peer, num_blocks=int(remote.size), nbytes=int(remote.size) * region.block_bytes,
-                            num_descs=num_descs, notif=bytes(notif), _xfer=xfer)
         try:
             state = self._agent.transfer(xfer)
         except Exception as e:
@@ -390,9 +453,13 @@ class NixlTransport:
             xfer.release()
             raise TransferError(f"NIXL could not post a READ of {remote.size} blocks from peer {peer}: is the "
                                 "peer still alive and its KV cache still registered?")
-        handle.done = state == "DONE"
-        self._in_flight.add(handle)
-        return handle
+        return xfer, state == "DONE"
+
+    def _finish(self, handle: ReadHandle) -> None:
+        """Every READ of `handle` landed: send a split read's notification, mark it done."""
+        if len(handle._xfers) > 1 and handle.notif:
+            self._agent.send_notif(handle.peer, handle.notif)
+        handle.done = True
 
     def poll(self, handle: ReadHandle) -> PollState:
         """"DONE" once every byte has landed, else "PENDING"; raises TransferError if the READ failed."""
@@ -401,15 +468,21 @@ class NixlTransport:
             raise ValueError("this read was already released")
         if handle.done:
             return "DONE"
-        state = self._agent.check_xfer_state(handle._xfer)
-        if state == "DONE":
-            handle.done = True
-            return "DONE"
-        if state == "PROC":
+        still: list[Any] = []
+        for xfer in handle._pending:
+            state = self._agent.check_xfer_state(xfer)
+            if state == "PROC":
+                still.append(xfer)
+            elif state != "DONE":
+                raise TransferError(
+                    f"NIXL READ of {handle.num_blocks} blocks ({handle.nbytes / 2**20:.1f} MiB) from peer "
+                    f"{handle.peer} failed: the peer may have exited or deregistered its KV cache. The local "
+                    "blocks hold partial data: release the handle, then retry or recompute them")
+        handle._pending = still
+        if still:
             return "PENDING"
-        raise TransferError(f"NIXL READ of {handle.num_blocks} blocks ({handle.nbytes / 2**20:.1f} MiB) from peer "
-                            f"{handle.peer} failed: the peer may have exited or deregistered its KV cache. The "
-                            "local blocks hold partial data: release the handle, then retry or recompute them")
+        self._finish(handle)
+        return "DONE"
 
     def wait(self, handle: ReadHandle, timeout_s: float = 60.0) -> None:
         """Poll until DONE (busy: polling is what drives the transfer); TimeoutError after `timeout_s`."""
@@ -424,20 +497,24 @@ class NixlTransport:
         self._check_thread()
         if handle.released:
             return
-        try:
-            handle._xfer.release()
-        except Exception as e:
-            raise TransferError(f"NIXL could not release a READ from peer {handle.peer} (still in flight and not "
-                                f"cancellable?): {e}") from e
+        errors = []
+        for xfer in handle._xfers:
+            try:
+                xfer.release()
+            except Exception as e:
+                errors.append(e)
         handle.released = True
         self._in_flight.discard(handle)
+        if errors:
+            raise TransferError(f"NIXL could not release a READ from peer {handle.peer} (still in flight and not "
+                                f"cancellable?): {errors[0]}") from errors[0]
 
     def descs_sent(self, handle: ReadHandle) -> int:
         """Descriptors NIXL actually sent for a finished READ (needs capture_telemetry=True)."""
         self._check_thread()
         if not self._telemetry:
             raise RuntimeError("descs_sent needs NixlTransport(..., capture_telemetry=True)")
-        return int(self._agent.get_xfer_telemetry(handle._xfer).descCount)
+        return sum(int(self._agent.get_xfer_telemetry(x).descCount) for x in handle._xfers)
 
     # ------------------------------------------------------------------ notifications
     def send_notif(self, peer: str, msg: bytes) -> None:
@@ -489,6 +566,12 @@ class NixlTransport:
         except Exception:
             logger.exception("nixl agent=%s could not release a read from peer=%s", self.name, h.peer)
             self._in_flight.discard(h)
+
+    def _release_xfer_quietly(self, xfer: Any, peer: str) -> None:
+        try:
+            xfer.release()
+        except Exception:
+            logger.exception("nixl agent=%s could not release a READ from peer=%s", self.name, peer)
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._owner:

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+import msgspec
 import zmq
 
 from kv_connector import messages as m
@@ -91,7 +92,11 @@ def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
 
 
 def call_struct(host: str, port: int, msg: m.Request, expect: type, timeout_s: float):
-    reply = m.decode_response(call(host, port, msg, timeout_s)[0])
+    try:
+        reply = m.decode_response(call(host, port, msg, timeout_s)[0])
+    except msgspec.DecodeError as e:
+        raise ServiceError(f"KV producer at {host}:{port} sent an unreadable answer to {type(msg).__name__}: {e} "
+                           "(a different pdcluster version?)") from e
     if isinstance(reply, m.ErrorResponse):
         raise ServiceError(f"KV producer at {host}:{port} refused {type(msg).__name__}: {reply.message}")
     if not isinstance(reply, expect):

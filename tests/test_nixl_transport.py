@@ -1,36 +1,40 @@
-"""The NIXL KV transport and its ZeroMQ handshake, between real processes on 127.0.0.1.
+"""The NIXL KV transport between real processes on 127.0.0.1, set up the way the product does it.
 
-The producer runs in a spawned process; this test process is the consumer. KV tensors use
-the engine's layout, (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), in DRAM.
+The producer runs in a spawned process with a ProducerService that answers the connector's
+HandshakeRequest (its KVCacheInfo, and NixlPeerInfo inside `transport`); this test process
+is the consumer: call_struct, KVCacheInfo.mismatch, add_peer, READ. KV tensors use the
+engine's layout, (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim), in DRAM.
+The handshake messages' own failure modes are tested in tests/test_kv_connector_units.py.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("zmq")
-from kv_connector.handshake import (  # noqa: E402
-    HandshakeError,
-    HandshakeResponse,
-    HandshakeServer,
-    KVCompat,
-    check_compat,
-    fetch_handshake,
-)
+pytest.importorskip("kv_connector.nixl_compat", reason="nixl not installed")
+import msgspec  # noqa: E402
+
+from kv_connector import messages as m  # noqa: E402
+from kv_connector.base import KVCacheInfo  # noqa: E402
+from kv_connector.config import KVTransferConfig  # noqa: E402
+from kv_connector.nixl_connector import NixlPeerInfo  # noqa: E402
+from kv_connector.producer_service import call_struct  # noqa: E402
 
 SHAPE = (32, 4, 2, 16, 2, 32)  # (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
 DTYPE = torch.bfloat16
 BLOCK_BYTES = 4 * 2 * 16 * 2 * 32 * 2  # 16 KiB
 SEED = 1234
-COMPAT = KVCompat(model_name="tiny", dtype="bfloat16", block_size=16, num_layers=4, num_kv_heads=2, head_dim=32,
-                  kv_layout="NL2BHD")
+KV_INFO = KVCacheInfo(model="tiny", dtype="bfloat16", block_size=16, num_layers=4, num_kv_heads=2, head_dim=32,
+                      layout="NL2BHD")
+CONFIG_HASH = KVTransferConfig(kv_connector="nixl").compute_hash()
 
 
 def _producer_kv() -> torch.Tensor:
@@ -39,31 +43,35 @@ def _producer_kv() -> torch.Tensor:
 
 
 def _run_producer(conn) -> None:
-    """Spawned: register a random KV cache, serve the handshake, report notifications until b"bye"."""
+    """Spawned: register a random KV cache, answer handshakes, report notifications until b"bye"."""
     from kv_connector.nixl_transport import NixlTransport
+    from kv_connector.producer_service import ProducerService
 
     transport = NixlTransport(f"test-producer-{os.getpid()}")
-    server = None
+    service = None
     try:
         kv = _producer_kv()
         layout = transport.register_kv_cache(kv, BLOCK_BYTES)
-        server = HandshakeServer(HandshakeResponse(engine_id="prefill-test", agent_metadata=transport.agent_metadata(),
-                                                   layout=layout, compat=COMPAT, compat_hash=COMPAT.fingerprint()),
-                                 "127.0.0.1", 0)
-        conn.send(("ready", server.start()))
+        answer = m.HandshakeResponse(engine_id="prefill-test", config_hash=CONFIG_HASH, kv_info=KV_INFO,
+                                     num_blocks=layout.num_blocks, block_bytes=layout.block_bytes,
+                                     transport=msgspec.msgpack.encode(
+                                         NixlPeerInfo(transport.agent_metadata(), layout)))
+        # The service thread only returns bytes made on this thread; it never touches the agent.
+        service = ProducerService("127.0.0.1", 0, {m.HandshakeRequest: lambda req: answer}).start()
+        conn.send(("ready", service.port))
         received: list[tuple[str, bytes]] = []
         deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and not any(m == b"bye" for _, m in received):
+        while time.monotonic() < deadline and not any(msg == b"bye" for _, msg in received):
             for peer, msgs in transport.get_notifs().items():
-                received += [(peer, m) for m in msgs]
+                received += [(peer, msg) for msg in msgs]
             time.sleep(0.005)
         conn.send(("notifs", received))
     except BaseException as e:
         conn.send(("error", repr(e)))
         raise
     finally:
-        if server is not None:
-            server.stop()
+        if service is not None:
+            service.close()
         transport.close()
 
 
@@ -74,12 +82,6 @@ def _recv(conn, timeout_s: float):
     return msg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_consumer_reads_scattered_blocks_bit_identical_and_producer_is_notified():
     from kv_connector.nixl_transport import NixlTransport
 
@@ -87,25 +89,28 @@ def test_consumer_reads_scattered_blocks_bit_identical_and_producer_is_notified(
     conn, child_conn = ctx.Pipe()
     producer = ctx.Process(target=_run_producer, args=(child_conn,), daemon=True)
     producer.start()
-    consumer = None
+    consumer = split_consumer = None
     try:
         _, port = _recv(conn, 60)
-        reply = fetch_handshake("127.0.0.1", port, timeout_s=10, engine_id="decode-test")
+        reply = call_struct("127.0.0.1", port, m.HandshakeRequest("decode-test", CONFIG_HASH), m.HandshakeResponse,
+                            timeout_s=10)
         assert reply.engine_id == "prefill-test"
-        assert check_compat(COMPAT, reply.compat) is None
-        assert reply.layout.num_blocks == SHAPE[0] and reply.layout.block_bytes == BLOCK_BYTES
-        assert reply.layout.mem_type == "DRAM"
+        assert KV_INFO.mismatch(reply.kv_info) is None
+        info = msgspec.msgpack.decode(reply.transport, type=NixlPeerInfo)
+        assert info.layout.num_blocks == SHAPE[0] == reply.num_blocks
+        assert info.layout.block_bytes == BLOCK_BYTES == reply.block_bytes
+        assert info.layout.mem_type == "DRAM"
 
         kv = torch.full(SHAPE, -7.0, dtype=DTYPE)  # poison: every unread block must keep it
         consumer = NixlTransport(f"test-consumer-{os.getpid()}")
         consumer.register_kv_cache(kv, BLOCK_BYTES)
-        peer = consumer.add_peer(reply.agent_metadata, reply.layout)
-        assert consumer.add_peer(reply.agent_metadata, reply.layout) == peer  # cached, not re-added
+        peer = consumer.add_peer(info.agent_metadata, info.layout)
+        assert consumer.add_peer(info.agent_metadata, info.layout) == peer  # cached, not re-added
 
         remote_ids = [5, 0, 9, 3, 30, 7, 20, 21, 22, 23]  # non-contiguous, unsorted, with one run
         local_ids = [1, 2, 3, 10, 11, 4, 12, 13, 14, 15]
         handle = consumer.read_blocks(peer, remote_ids, local_ids, notif=b"req-1 done")
-        assert handle.num_descs == 7  # the run 20..23 -> 12..15 travels as one descriptor
+        assert handle.num_descs == 7 and handle.num_reads == 1  # the run 20..23 -> 12..15 is one descriptor
         consumer.wait(handle, timeout_s=20)
         assert consumer.poll(handle) == "DONE"
         consumer.release(handle)
@@ -115,59 +120,33 @@ def test_consumer_reads_scattered_blocks_bit_identical_and_producer_is_notified(
         untouched = [b for b in range(SHAPE[0]) if b not in local_ids]
         assert bool((kv[untouched] == -7.0).all())
 
+        # The same request split into 3 READs, without NIXL's progress thread: lands exactly,
+        # and the producer hears of it once, after all three.
+        kv2 = torch.full(SHAPE, -7.0, dtype=DTYPE)
+        split_consumer = NixlTransport(f"test-split-consumer-{os.getpid()}", reads_per_request=3,
+                                       progress_thread=False)
+        split_consumer.register_kv_cache(kv2, BLOCK_BYTES)
+        split_peer = split_consumer.add_peer(info.agent_metadata, info.layout)
+        handle = split_consumer.read_blocks(split_peer, remote_ids, local_ids, notif=b"req-2 done")
+        assert handle.num_reads == 3 and handle.num_descs == 7
+        split_consumer.wait(handle, timeout_s=20)
+        split_consumer.release(handle)
+        assert torch.equal(kv2[local_ids].view(torch.int16), expected[remote_ids].view(torch.int16))
+        assert bool((kv2[untouched] == -7.0).all())
+
         consumer.send_notif(peer, b"bye")
         _, notifs = _recv(conn, 20)
         assert (consumer.name, b"req-1 done") in notifs
+        assert notifs.count((split_consumer.name, b"req-2 done")) == 1
     finally:
-        if consumer is not None:
-            consumer.close()
+        for t in (consumer, split_consumer):
+            if t is not None:
+                t.close()
         if producer.is_alive():
             producer.join(5)
         if producer.is_alive():
             producer.kill()
         producer.join(5)
-
-
-def test_handshake_to_a_port_nobody_listens_on_fails_within_the_timeout():
-    port = _free_port()
-    start = time.monotonic()
-    with pytest.raises(HandshakeError, match="no KV handshake reply"):
-        fetch_handshake("127.0.0.1", port, timeout_s=0.5)
-    assert time.monotonic() - start < 2.0
-
-
-def test_handshake_reply_that_does_not_decode_raises_handshake_error():
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-
-    def reply_garbage():
-        if sock.poll(5000):
-            ident, _ = sock.recv_multipart()
-            sock.send_multipart([ident, b"\xc1 not msgpack"])
-
-    t = threading.Thread(target=reply_garbage)
-    t.start()
-    try:
-        with pytest.raises(HandshakeError, match="does not decode"):
-            fetch_handshake("127.0.0.1", port, timeout_s=5)
-    finally:
-        t.join(6)
-        sock.close(0)
-
-
-def test_compat_mismatch_names_each_differing_field():
-    assert check_compat(COMPAT, COMPAT) is None
-    theirs = KVCompat(**{**{f: getattr(COMPAT, f) for f in COMPAT.__struct_fields__}, "block_size": 32,
-                         "dtype": "float16"})
-    msg = check_compat(COMPAT, theirs)
-    assert msg is not None
-    assert "block_size 32 on the producer but 16 here" in msg
-    assert "dtype 'float16' on the producer but 'bfloat16' here" in msg
-    assert "num_layers" not in msg
-    assert theirs.fingerprint() != COMPAT.fingerprint()
 
 
 @pytest.fixture
@@ -216,6 +195,8 @@ def test_setup_mistakes_raise_clear_errors(two_transports):
                                                         "block_bytes": 1024}))
     with pytest.raises(RuntimeError, match="already registered"):
         a.register_kv_cache(torch.zeros(SHAPE, dtype=DTYPE), BLOCK_BYTES)
+    with pytest.raises(ValueError, match="reads_per_request must be an int >= 1"):
+        NixlTransport(f"test-bad-{os.getpid()}", reads_per_request=0)
     c = NixlTransport(f"test-c-{os.getpid()}")
     try:
         with pytest.raises(ValueError, match=f"block_bytes=1000 does not fit.*must be {BLOCK_BYTES}"):
@@ -256,3 +237,45 @@ def test_long_runs_travel_as_bounded_descriptors_and_land_exactly():
     finally:
         reader.close()
         source.close()
+
+
+def test_split_reads_keep_nixl_descriptors_whole_and_land_exactly():
+    from kv_connector.nixl_transport import NixlTransport
+
+    reader = NixlTransport(f"test-split-reader-{os.getpid()}", max_desc_bytes=2 * BLOCK_BYTES,
+                           reads_per_request=4, capture_telemetry=True)
+    source = NixlTransport(f"test-split-source-{os.getpid()}")
+    try:
+        mine = torch.full(SHAPE, -7.0, dtype=DTYPE)
+        theirs = _producer_kv()
+        reader.register_kv_cache(mine, BLOCK_BYTES)
+        source.register_kv_cache(theirs, BLOCK_BYTES)
+        peer = reader.add_peer(source.agent_metadata(), source.local_layout())
+        remote_ids = list(range(10, 26))  # one run of 16 blocks -> 8 descriptors of 2 blocks
+        local_ids = list(range(0, 16))
+        handle = reader.read_blocks(peer, remote_ids, local_ids)
+        assert (handle.num_descs, handle.num_reads) == (8, 4)
+        reader.wait(handle, timeout_s=20)
+        assert reader.descs_sent(handle) == 8  # splitting into READs cut no descriptor
+        reader.release(handle)
+        assert torch.equal(mine[local_ids].view(torch.int16), theirs[remote_ids].view(torch.int16))
+        assert bool((mine[16:] == -7.0).all())
+        # Fewer descriptors than reads_per_request: one READ per descriptor.
+        handle = reader.read_blocks(peer, [1, 2], [20, 21])
+        assert (handle.num_descs, handle.num_reads) == (1, 1)
+        reader.wait(handle, timeout_s=20)
+        reader.release(handle)
+        assert torch.equal(mine[[20, 21]].view(torch.int16), theirs[[1, 2]].view(torch.int16))
+    finally:
+        reader.close()
+        source.close()
+
+
+def test_read_groups_deal_descriptors_evenly_and_cover_every_pair():
+    from kv_connector.nixl_transport import _read_groups
+
+    starts = np.array([0, 2, 4, 6, 8, 9, 10])  # 7 descriptors over 12 pairs
+    assert _read_groups(starts, 12, 1) == [(0, 12)]
+    assert _read_groups(starts, 12, 3) == [(0, 6), (6, 9), (9, 12)]  # 3 + 2 + 2 descriptors
+    assert _read_groups(starts, 12, 20) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9), (9, 10), (10, 12)]
+    assert _read_groups(np.array([0]), 5, 4) == [(0, 5)]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# KV transfer benchmark on the GPU machine (two GPUs): NIXL READ cuda:0 -> cuda:1 vs torch
-# peer copy. Run from the repository root with the wheels from ../shared/gpu/fetch-wheels.sh
-# carried in .whl/. Extra arguments go to the script (e.g. --variants default).
+# KV transfer benchmark on the GPU machine (two GPUs, device kind nvidia-h200-x2): NIXL READ
+# cuda:0 -> cuda:1, every variant of bench/gpu/kv_transfer_bench.py (about 1.5 minutes), vs
+# torch's peer copy. Run from the repository root with the wheels from
+# ../shared/gpu/fetch-wheels.sh carried in .whl/. Extra arguments go to the bench, e.g.
+#   bash bench/gpu/run_kv_transfer.sh --variants default k4:threads=8,split=1,chunk=32,k=4
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
