@@ -22,7 +22,7 @@ against torch's peer copy cuda:0 -> cuda:1 at 394 GB/s:
                                           contiguous   16 runs of 16   256 lone blocks
     per-block list, NIXL merge, 1 worker     250 GB/s        245             163
     + runs cut at 32 MiB, 8 UCX threads   316-320 (0.81)  324-334 (0.84)  213-216 (0.55)
-    (defaults below)
+    + split_batch_size 1 (the default)    348 (0.88)      352 (0.89)      216 (0.55)
 
 * Both descriptor lists are prepared ONCE (`prep_xfer_dlist`): the local one at
   registration, the remote one in `add_peer`. A transfer only passes two index arrays to
@@ -44,8 +44,8 @@ against torch's peer copy cuda:0 -> cuda:1 at 394 GB/s:
   nixlUcxThreadPoolEngine::prepXfer): a READ of n >= `split_batch_size` descriptors is cut
   into chunks of max(n // num_threads, split_batch_size) descriptors, one chunk per
   thread; smaller READs go to the caller's shared worker. `split_batch_size` is NOT raised
-  to num_threads. So with the defaults (split 8) a 16-descriptor READ (512 MiB cut at
-  32 MiB) uses only 2 of the 8 threads; `split_batch_size=1` uses all of them.
+  to num_threads. So with split 8 a 16-descriptor READ (512 MiB cut at 32 MiB) uses only
+  2 of the 8 threads; `split_batch_size=1` (the default) uses all of them.
 * Streams: UCX's cuda_ipc transport (uct_cuda_ipc_get_stream_and_event) picks the CUDA
   stream by the REMOTE GPU's index modulo UCX_CUDA_IPC_MAX_STREAMS, per worker: all copies
   one worker makes from one peer GPU share one stream, whatever MAX_STREAMS is. More
@@ -55,16 +55,25 @@ against torch's peer copy cuda:0 -> cuda:1 at 394 GB/s:
   266). Neither descriptor lists nor UCX settings fixed that; keeping a request's blocks in
   runs does (the block pool hands out contiguous runs), or a gather into a contiguous
   staging run on the producer before the READ (measured by the bench's `gathered` pattern).
-* Contiguous requests end at 0.81, short of the 0.85 goal. The in-process pull of the
-  same 16 x 32 MiB pieces on 8 streams reaches 361 GB/s (0.92); the rest is per-transfer
-  overhead in NIXL/UCX: `read_blocks` alone takes ~300 us of the 1.7 ms (NIXL hands the
-  descriptors to its threads and waits until each has posted its copies).
-* Options under evaluation (bench/gpu/kv_transfer_bench.py runs them all; defaults keep the
-  measured behaviour above until a GPU run proves a better one): `reads_per_request` posts
-  one `read_blocks` as K NIXL READs back to back, so the first READ's copies run while the
-  next is being posted; `progress_thread=False` drops NIXL's progress thread (the caller's
-  polling then drives the shared worker, without UCX's worker lock); `split_batch_size=1`
-  and other thread/descriptor sizes.
+* Measured 2026-11-23 on 2x H200 (bench/results/2026-11-23-h200x2/kv_transfer.json), one
+  4k-token request, median of 30, torch peer copy 394 GB/s:
+
+      variant                          contiguous     runs of 16     scattered     gathered
+      8 threads, split 1, 32 MiB       348 (0.88)     352 (0.89)     216 (0.55)    283 (0.72)
+      8 threads, split 8 (old)         334-342 (0.85-0.87)  341-346  220 (0.56)    287 (0.73)
+      16 threads, split 1, 32 MiB      347 (0.88)     334 (0.85)     215 (0.54)    293 (0.74)
+      K=2/4/8 READs per request        315-330        331-340        220           277-287
+      NIXL_UCX_SGL_ENABLE=y            316 (0.80)     324            213           269
+
+  So the defaults are 8 threads, split_batch_size 1, 32 MiB pieces, one READ: 0.88 of peer
+  copy for a request whose blocks form runs (what the block pool hands out). Lone
+  scattered blocks stay at 0.55; a producer-side gather into a staging run (0.29 ms for
+  512 MiB) lifts them to 0.73 — not wired into the connector yet. The remaining gap to
+  the in-process pull of the same pieces (361 GB/s) is NIXL/UCX posting overhead:
+  `read_blocks` takes ~160-250 us of the ~1.5 ms.
+* Other options, kept for the bench: `reads_per_request` posts one `read_blocks` as K NIXL
+  READs back to back; `progress_thread=False` drops NIXL's progress thread (neither beat
+  the defaults above).
 
 Threading: NIXL agents are created unsynchronised (NIXL_THREAD_SYNC_NONE), so every method
 must be called from the thread that constructed the transport (checked; RuntimeError
@@ -99,7 +108,7 @@ PollState = Literal["DONE", "PENDING"]
 
 # Chosen by bench/gpu/kv_transfer_bench.py on 2x H200 (see the module docstring).
 DEFAULT_NUM_THREADS = 8  # UCX worker threads: each posts its share of a READ on its own CUDA stream
-DEFAULT_SPLIT_BATCH_SIZE = 8  # READs of at least this many descriptors are spread over the threads
+DEFAULT_SPLIT_BATCH_SIZE = 1  # every READ is spread over all the threads (measured best, 0.88)
 DEFAULT_MAX_DESC_BYTES = 32 << 20  # longer contiguous runs are cut into descriptors of this size
 DEFAULT_READS_PER_REQUEST = 1  # NIXL READs one read_blocks call is posted as
 
