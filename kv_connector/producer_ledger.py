@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class HeldRequest:
-    block_ids: list[int]
-    checksums: list[int]
+    block_ids: list[int]            # every block the request held: freed at the end
+    lent_block_ids: list[int]       # those holding the prompt's KV, which consumers read
     deadline: float                 # monotonic seconds; renewed by claims
 
 
@@ -38,9 +38,9 @@ class ProducerLedger:
     expired_count: int = 0
     released_count: int = 0
 
-    def hold(self, request_id: str, block_ids: list[int], checksums: list[int]) -> None:
+    def hold(self, request_id: str, block_ids: list[int], lent_block_ids: list[int]) -> None:
         with self._lock:
-            self._held[request_id] = HeldRequest(list(block_ids), checksums,
+            self._held[request_id] = HeldRequest(list(block_ids), list(lent_block_ids),
                                                  time.monotonic() + self.abort_timeout_s)
 
     def claim(self, request_id: str) -> HeldRequest | None:

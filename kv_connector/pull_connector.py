@@ -13,6 +13,10 @@ checksums. Whatever did not arrive intact is a failed block; the load-failure po
 turns failed blocks into "recompute these" or "fail the request". The engine thread
 only ever polls a queue.
 
+Options (kv_connector_extra_config): load_workers (consumer threads, default 4),
+verify_checksums (default true; a producer with it off sends no checksums and consumers
+then skip the comparison).
+
 Fault injection for tests (kv_connector_extra_config on the consumer):
   fault_drop_blocks: [i, ...]     request-relative block indices never read
   fault_corrupt_blocks: [i, ...]  overwritten after the read (caught by checksums)
@@ -103,6 +107,8 @@ class PullConnector(KVConnectorBase):
         self.kv_cache: torch.Tensor | None = None
         extra = config.kv_connector_extra_config
         self._faults = {k: v for k, v in extra.items() if k.startswith("fault_")}
+        self._verify = bool(extra.get("verify_checksums", True))
+        self._side_streams: dict[int, torch.cuda.Stream] = {}
         self.ledger = ProducerLedger(config.abort_timeout_s)
         self.service: ProducerService | None = None
         self._peers: dict[tuple[str, int], Peer] = {}
@@ -163,14 +169,32 @@ class PullConnector(KVConnectorBase):
         delay = self._faults.get("fault_release_delay_s")
         if delay:
             time.sleep(delay)
-        held = self.ledger.release(msg.request_id)
-        return m.ReleaseResponse(held is not None, held.checksums if held else [])
+        # Renew first: the blocks cannot expire (and be reused) while they are summed.
+        held = self.ledger.claim(msg.request_id)
+        if held is None:
+            return m.ReleaseResponse(False, [])
+        checksums = self._checksums(held.lent_block_ids)
+        return m.ReleaseResponse(self.ledger.release(msg.request_id) is not None, checksums)
+
+    def _checksums(self, block_ids: list[int]) -> list[int]:
+        """Per-block checksums, computed off the engine's stream: this runs on the service
+        or a load thread, and must not queue behind (or delay) the engine's kernels."""
+        if not self._verify:
+            return []
+        if self.kv_cache.is_cuda:
+            stream = self._side_streams.get(threading.get_ident())
+            if stream is None:
+                stream = self._side_streams[threading.get_ident()] = torch.cuda.Stream(self.kv_cache.device)
+            stream.wait_stream(torch.cuda.default_stream(self.kv_cache.device))  # see finished writes
+            with torch.cuda.stream(stream):
+                return block_checksums(self.kv_cache, block_ids)
+        return block_checksums(self.kv_cache, block_ids)
 
     def _lend(self, request) -> bool:
         """Hold a finished prefill's blocks for the consumer and say where they are."""
         n_blocks = -(-request.num_computed_tokens // self.kv_info.block_size)
         blocks = request.block_ids[:n_blocks]
-        self.ledger.hold(request.request_id, request.block_ids, block_checksums(self.kv_cache, blocks))
+        self.ledger.hold(request.request_id, request.block_ids, blocks)
         request.kv_transfer_params = {
             "do_remote_prefill": True,
             "remote_engine_id": self.config.engine_id,
@@ -270,9 +294,11 @@ class PullConnector(KVConnectorBase):
             if not release.was_held:
                 raise TransferError(f"the producer freed request {job.remote_request_id}'s blocks before the read "
                                     "finished (abort_timeout_s too short for this transfer?)")
-            want = release.checksums[job.first_block:job.first_block + len(job.local_block_ids)]
-            got = block_checksums(self.kv_cache, job.local_block_ids)
-            result.failed = drop | {b for b, w, g in zip(job.local_block_ids, want, got) if w != g}
+            result.failed = set(drop)
+            if release.checksums:  # the producer verifies (verify_checksums on its side)
+                want = release.checksums[job.first_block:job.first_block + len(job.local_block_ids)]
+                got = self._checksums(job.local_block_ids)
+                result.failed |= {b for b, w, g in zip(job.local_block_ids, want, got) if w != g}
             if result.failed:
                 result.error = (f"{len(result.failed)} of {len(job.local_block_ids)} KV blocks did not arrive intact "
                                 f"from {job.host}:{job.port}")

@@ -181,7 +181,7 @@ def test_ledger_release_returns_the_record_once_and_frees_its_blocks_once(clock)
     ledger = producer_ledger.ProducerLedger(abort_timeout_s=10)
     ledger.hold("r1", [4, 5], [11, 12])
     held = ledger.release("r1")
-    assert held is not None and held.block_ids == [4, 5] and held.checksums == [11, 12]
+    assert held is not None and held.block_ids == [4, 5] and held.lent_block_ids == [11, 12]
     assert ledger.release("r1") is None
     assert ledger.take_expired_and_released() == [[4, 5]]
     assert ledger.take_expired_and_released() == []
