@@ -46,9 +46,13 @@ def offline():
     return LLM(str(resolve_builtin("tiny")), dtype="float32", device="cpu", num_blocks=256)
 
 
-@pytest.fixture(scope="module", params=["1P1D", "2P2D", "colocated1"])
+@pytest.fixture(scope="module", params=[
+    pytest.param(("1P1D", "nixl"), id="1P1D-nixl", marks=CONNECTORS[0].marks),
+    pytest.param(("2P2D", "tcp"), id="2P2D-tcp"),
+    pytest.param(("colocated1", "tcp"), id="colocated1")])
 def cluster(request, tmp_path_factory):
-    c = start(cluster_config(request.param), tmp_path_factory)
+    topology, connector = request.param
+    c = start(cluster_config(topology, connector), tmp_path_factory)
     yield c
     c.stop()
 
