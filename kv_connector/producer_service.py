@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -53,7 +54,10 @@ class ProducerService:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            ident, _, payload = self._sock.recv_multipart()
+            try:
+                ident, _, tag, payload = self._sock.recv_multipart()
+            except ValueError:
+                continue  # not our framing
             try:
                 msg = m.decode_request(payload)
                 handler = self._handlers.get(type(msg))
@@ -65,7 +69,7 @@ class ProducerService:
             except Exception as e:  # a bad message must not kill the service
                 log.warning("kv service: bad request from a consumer: %s", e)
                 reply = [m.encode(m.ErrorResponse(f"bad request: {e}"))]
-            self._sock.send_multipart([ident, b"", *reply], copy=False)
+            self._sock.send_multipart([ident, b"", tag, *reply], copy=False)
         self._sock.close(0)
 
     def close(self) -> None:
@@ -74,21 +78,53 @@ class ProducerService:
             self._thread.join(timeout=2)
 
 
-def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
-    """Send one request and return the raw reply frames, or raise ServiceError."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
+_local = threading.local()  # per thread: (host, port) -> DEALER socket, and a request counter
+
+
+def _socket(host: str, port: int) -> zmq.Socket:
+    """This thread's connection to a producer, made once: a fresh TCP connection per
+    message would cost more than the message."""
+    cache = getattr(_local, "sockets", None)
+    if cache is None:
+        cache = _local.sockets = {}
+        _local.seq = 0
+    sock = cache.get((host, port))
+    if sock is None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"tcp://{host}:{port}")
-        sock.send_multipart([b"", m.encode(msg)])
-        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise ServiceError(f"KV producer at {host}:{port} did not answer {type(msg).__name__} "
-                               f"within {timeout_s:.1f}s (down, or overloaded)")
-        frames = sock.recv_multipart()
-        return frames[1:]  # drop the empty delimiter
-    finally:
+        cache[(host, port)] = sock
+    return sock
+
+
+def _drop_socket(host: str, port: int) -> None:
+    sock = getattr(_local, "sockets", {}).pop((host, port), None)
+    if sock is not None:
         sock.close(0)
+
+
+def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
+    """Send one request and return the raw reply frames, or raise ServiceError.
+
+    Each request carries a sequence number the service echoes, so a late answer to an
+    earlier request that timed out is recognised and skipped."""
+    sock = _socket(host, port)
+    _local.seq += 1
+    tag = _local.seq.to_bytes(8, "little")
+    deadline = time.monotonic() + timeout_s
+    try:
+        sock.send_multipart([b"", tag, m.encode(msg)])
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                raise ServiceError(f"KV producer at {host}:{port} did not answer {type(msg).__name__} "
+                                   f"within {timeout_s:.1f}s (down, or overloaded)")
+            frames = sock.recv_multipart()
+            if len(frames) >= 3 and frames[1] == tag:
+                return frames[2:]
+    except BaseException:
+        _drop_socket(host, port)  # a dead or confused peer: start afresh next time
+        raise
 
 
 def call_struct(host: str, port: int, msg: m.Request, expect: type, timeout_s: float):

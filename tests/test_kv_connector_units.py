@@ -76,8 +76,8 @@ def _fake_producer(reply: bytes):
 
     def answer_once():
         if sock.poll(5000):
-            ident, empty, _ = sock.recv_multipart()
-            sock.send_multipart([ident, empty, reply])
+            ident, empty, tag, _ = sock.recv_multipart()
+            sock.send_multipart([ident, empty, tag, reply])
 
     t = threading.Thread(target=answer_once)
     t.start()
@@ -88,8 +88,6 @@ def test_handshake_reply_that_does_not_decode_raises_a_service_error_not_a_hang(
     port, t, sock = _fake_producer(b"\xc1 not msgpack")
     try:
         start = time.monotonic()
-        # call_struct does not wrap this one in ServiceError: PullConnector's load catches it
-        # as a generic transport error and fails (or recomputes) the request.
         with pytest.raises(ServiceError, match="unreadable answer"):
             call_struct("127.0.0.1", port, m.HandshakeRequest("decode-0", "abc"), m.HandshakeResponse, timeout_s=5)
         assert time.monotonic() - start < 5.0
@@ -123,7 +121,7 @@ def test_service_answers_bad_and_unserved_requests_with_errors_and_keeps_serving
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"tcp://127.0.0.1:{port}")
-        sock.send_multipart([b"", b"\xc1 garbage"])
+        sock.send_multipart([b"", b"tag", b"\xc1 garbage"])
         assert sock.poll(5000), "the service did not answer an undecodable request"
         reply = m.decode_response(sock.recv_multipart()[-1])
     finally:
