@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.hashing import safe_hash
 from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
 from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
@@ -47,20 +46,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} asked for, but torch sees no CUDA GPU: use device cpu")
     return dev
-
-
-@dataclass(slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    waiting_for_remote_kv: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    kv_blocks_cached: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    kv_transfer: dict[str, float] = field(default_factory=dict)
 
 
 class LLMEngine:

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from engine.outputs import EngineStats
+
 
 # --- router -> node ---------------------------------------------------------------------
 class SubmitRequest(msgspec.Struct, tag="submit"):
@@ -63,16 +65,7 @@ class NodeStats(msgspec.Struct, tag="node_stats"):
     pid: int
     model: str
     block_size: int
-    running: int
-    waiting: int
-    waiting_for_remote_kv: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    kv_blocks_cached: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    kv_transfer: dict[str, float] = {}
+    engine: EngineStats
     draining: bool = False
 
 

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict
 from typing import Any
 
 import msgspec
@@ -157,11 +156,9 @@ class NodeServer:
         self._sock.send_multipart([ident, proto.encode(update)])
 
     def stats(self) -> proto.NodeStats:
-        s = self.engine.stats()
-        d = asdict(s)
         return proto.NodeStats(node_id=self.node_id, role=self.role, pid=os.getpid(),
                                model=self.engine.model_config.name, block_size=self.engine.kv_spec.block_size,
-                               draining=self._draining, **d)
+                               engine=self.engine.stats(), draining=self._draining)
 
 
 # --- process entry ------------------------------------------------------------------------

@@ -28,3 +28,19 @@ class RequestOutput:
     num_cached_tokens: int = 0                              # prompt tokens served by the prefix cache
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None        # a producer's handle for the consumer
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """An engine's queues and KV cache at one moment (nodes report it to the router).
+    `kv_blocks_free` counts blocks no request holds, cached prefixes included."""
+    running: int
+    waiting: int
+    waiting_for_remote_kv: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    kv_transfer: dict[str, float] = field(default_factory=dict)  # the connector's counters

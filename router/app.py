@@ -34,6 +34,9 @@ from router.sse import SSE_DONE, json_bytes, sse_data, sse_error
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 0.5
+# Per node in GET /cluster, from its last stats.
+_CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "running", "waiting",
+                   "waiting_for_remote_kv", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 503: "service_unavailable_error"}
 
@@ -121,14 +124,10 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     async def cluster():
         nodes = []
         for n in router.nodes:
-            s = n.last_stats
+            e = n.last_stats.engine if n.last_stats else None
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
-                          "kv_blocks_total": s.kv_blocks_total if s else 0, "kv_blocks_free": s.kv_blocks_free if s else 0,
-                          "running": s.running if s else 0, "waiting": s.waiting if s else 0,
-                          "waiting_for_remote_kv": s.waiting_for_remote_kv if s else 0,
-                          "kv_blocks_cached": s.kv_blocks_cached if s else 0,
-                          "prefix_cache_hits": s.prefix_cache_hits if s else 0,
-                          "kv_transfer": s.kv_transfer if s else {}})
+                          **{f: getattr(e, f) if e else 0 for f in _CLUSTER_FIELDS},
+                          "kv_transfer": e.kv_transfer if e else {}})
         return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name}
 
     @app.get("/metrics")

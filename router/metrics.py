@@ -49,12 +49,12 @@ class _NodeCollector:
                                      labels=["node", "role", "counter"])
         for n in self.nodes:
             healthy.add_metric([n.id, n.role], 1.0 if n.healthy else 0.0)
-            s = n.last_stats
-            if s is None:
+            if n.last_stats is None:
                 continue
+            e = n.last_stats.engine
             for f, fam in families.items():
-                fam.add_metric([n.id, n.role], float(getattr(s, f)))
-            for k, v in s.kv_transfer.items():
+                fam.add_metric([n.id, n.role], float(getattr(e, f)))
+            for k, v in e.kv_transfer.items():
                 transfer.add_metric([n.id, n.role, k], float(v))
         yield healthy
         yield from families.values()

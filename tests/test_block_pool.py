@@ -90,7 +90,7 @@ def test_safe_hash_is_stable_and_fast_md5_by_default():
 
 def test_freed_plain_blocks_are_handed_out_lowest_id_first_so_requests_get_runs():
     pool = BlockPool(12)
-    a, b, c = pool.allocate(4), pool.allocate(4), pool.allocate(4)
+    a, _, c = pool.allocate(4), pool.allocate(4), pool.allocate(4)
     pool.free(c)
     pool.free(a)  # free: 0-3 and 8-11, in that order of freeing
     assert pool.allocate(6) == [0, 1, 2, 3, 8, 9]

@@ -123,12 +123,13 @@ def settle(producer, consumer):
 def test_disaggregated_tokens_equal_colocated(clean_pair, colocated, params):
     producer, consumer = clean_pair
     want = reference(colocated, PROMPTS, params, "ref")
+    before = consumer.call(op="stats")["stats"]["num_tokens_computed"]
     got = disaggregated(producer, consumer, PROMPTS, params, "pd")
     assert [g["token_ids"] for g in got] == want
     assert all(g["error"] is None for g in got)
-    before = consumer.call(op="stats")["stats"]
     p, c = settle(producer, consumer)
-    # The consumer computed only the first sampled token of each request, not the prompts.
+    # The consumer computed no prompt token: one token per decode step, from the first sampled on.
+    assert c["num_tokens_computed"] - before == len(PROMPTS) * (params.max_tokens - 1)
     assert c["kv_transfer"]["blocks_failed"] == 0
     assert c["kv_transfer"]["loads"] >= len(PROMPTS)
 
