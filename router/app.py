@@ -55,8 +55,9 @@ class Router:
         self.ctx = zmq.asyncio.Context()
         self.nodes = [NodeClient(n, self.ctx) for n in spec.nodes]
         self.policy = RoutingPolicy(spec.policy, spec.block_size)
-        self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy)
         self.metrics = RouterMetrics(self.nodes)
+        self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy,
+                                         on_failover=lambda stage: self.metrics.failovers.labels(stage).inc())
         self.in_flight = 0
         self._health_task: asyncio.Task | None = None
 

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 from contextlib import aclosing
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine import node_protocol as proto
@@ -54,14 +54,14 @@ class RequestFailed(Exception):
 
 
 class Orchestrator:
-    def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute"):
+    def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute",
+                 on_failover: Callable[[str], None] = lambda stage: None):
         self.prefill_nodes = [n for n in nodes if n.role == "prefill"]
         self.decode_nodes = [n for n in nodes if n.role == "decode"]
         self.colocated_nodes = [n for n in nodes if n.role == "both"]
         self.policy = policy
         self.load_failure_policy = load_failure_policy
-        self.prefill_failovers = 0
-        self.decode_failovers = 0
+        self.on_failover = on_failover  # called with "prefill" or "decode" (metrics)
 
     @property
     def disaggregated(self) -> bool:
@@ -100,7 +100,7 @@ class Orchestrator:
             if self.load_failure_policy == "fail":
                 raise
             # No prefill node is up: a decode node prefills the request itself.
-            self.prefill_failovers += 1
+            self.on_failover("prefill")
             async with aclosing(self._stream(self.policy.pick_decode(self.decode_nodes), request_id, prompt_ids,
                                              params)) as inner:
                 async for d in inner:
@@ -122,7 +122,7 @@ class Orchestrator:
             if first.error_code < 500 or self.load_failure_policy == "fail":
                 raise RequestFailed(first.error, first.error_code or 500)
             # The prefill node failed before answering: a decode node prefills it itself.
-            self.prefill_failovers += 1
+            self.on_failover("prefill")
             log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
                         prefill.id, first.error)
             node = self.policy.pick_decode(self.decode_nodes)
@@ -188,7 +188,7 @@ class Orchestrator:
             if not others:
                 yield _delta(update)
                 return
-            self.decode_failovers += 1
+            self.on_failover("decode")
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
             node, kv = self.policy.pick_decode(others), None  # the new node recomputes the KV

@@ -224,3 +224,36 @@ def test_a_dead_prefill_node_is_recomputed_on_the_decode_node_or_fails_clearly(t
             assert err.value.status_code == 503 and "prefill" in err.value.message
     finally:
         cluster.stop()
+
+
+def test_a_decode_node_dying_mid_stream_hands_the_request_to_another(tmp_path_factory, offline):
+    config = cluster_config("1P1D").model_copy(update={"decode": cluster_config("2P2D").decode})
+    cluster = start(config, tmp_path_factory)  # 1P2D, not supervised: a dead node stays dead
+    try:
+        n_tokens = 1500
+        params = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True)
+        want = offline.generate(PROMPTS[1:2], params)[0].outputs[0].text
+        body = {"prompt": PROMPTS[1], "max_tokens": n_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        text, usage, killed = "", None, None
+        with httpx.Client(timeout=60) as http, http.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = httpx.Response(200, content=line[6:]).json()
+                assert "error" not in chunk, chunk
+                if chunk["choices"]:
+                    text += chunk["choices"][0]["text"]
+                usage = chunk.get("usage") or usage
+                if killed is None and len(text) > 20:  # some tokens in: kill the node decoding it
+                    nodes = httpx.get(cluster.url + "/cluster").json()["nodes"]  # stats lag up to 0.5 s
+                    busy = [n for n in nodes if n["role"] == "decode" and n["running"] > 0]
+                    if busy:
+                        killed = next(c for c in cluster.nodes if c.name == busy[0]["id"])
+                        killed.proc.kill()
+        assert killed is not None and killed.proc.wait(5) is not None
+        assert text == want  # the other decode node recomputed the KV and went on, token for token
+        assert usage["completion_tokens"] == n_tokens
+        assert 'pdcluster_failovers_total{stage="decode"} 1.0' in httpx.get(cluster.url + "/metrics").text
+    finally:
+        cluster.stop()
