@@ -254,12 +254,9 @@ class _Run:
     def _usage(self):
         return build.usage(len(self.prompt_ids), self.completion_tokens, self.cached_tokens)
 
-    def _logprobs(self, d: Delta, offset: int):
-        if self.params.logprobs is None or not d.logprobs:
-            return None
-        if self.chat:
-            return build.chat_logprobs(d.logprobs, self.router.token_text)
-        return build.completion_logprobs(d.logprobs, self.router.token_text, offset)
+    def _logprobs(self, d: Delta):
+        """The delta's raw logprob entries when the request asked for them."""
+        return d.logprobs if self.params.logprobs is not None and d.logprobs else None
 
     async def sse(self, head: Delta) -> AsyncIterator[bytes]:
         status = 500
@@ -276,14 +273,16 @@ class _Run:
                 self.completion_tokens += len(d.token_ids)
                 reason = d.finish_reason if d.finished else None
                 if d.text or d.finished or d.token_ids:
+                    lps = self._logprobs(d)
                     if self.chat:
                         chunk = build.chat_chunk(self.id, self.model, self.created, d.text, reason,
-                                                 logprobs=self._logprobs(d, offset))
+                                                 logprobs=lps, token_text=self.router.token_text)
                     else:
                         chunk = build.completion_chunk(self.id, self.model, self.created, d.text, reason,
-                                                       logprobs=self._logprobs(d, offset),
-                                                       token_text=self.router.token_text, text_offset=offset)
-                    offset += len(d.text)
+                                                       logprobs=lps, token_text=self.router.token_text,
+                                                       text_offset=offset)
+                        # completions' text_offset counts the token texts sent so far
+                        offset += sum(len(self.router.token_text(e.token_id)) for e in lps or ())
                     yield sse_data(chunk)
                 if d.finished:
                     break
@@ -292,6 +291,10 @@ class _Run:
                 yield sse_data(make(self.id, self.model, self.created, self._usage()))
             yield SSE_DONE
             status = 200
+        except Exception as e:  # a router bug mid-stream: the client still gets an error and [DONE]
+            log.exception("request_id=%s: stream failed", self.id)
+            yield sse_error(f"internal error: {e}")
+            yield SSE_DONE
         finally:
             await self._finish(status)
 
@@ -325,10 +328,9 @@ class _Run:
             if last.error is not None:
                 status = last.error_code or 500
                 return error(last.error, status)
-            d = Delta(logprobs=lps)
             args = dict(finish_reason=last.finish_reason, prompt_tokens=len(self.prompt_ids),
                         completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
-                        logprobs=self._logprobs(d, 0), token_text=self.router.token_text)
+                        logprobs=self._logprobs(Delta(logprobs=lps)), token_text=self.router.token_text)
             body = (build.chat_response if self.chat else build.completion_response)(self.id, self.model, text, **args)
             status = 200
             return Response(json_bytes(body), media_type="application/json")

@@ -257,3 +257,24 @@ def test_a_decode_node_dying_mid_stream_hands_the_request_to_another(tmp_path_fa
         assert 'pdcluster_failovers_total{stage="decode"} 1.0' in httpx.get(cluster.url + "/metrics").text
     finally:
         cluster.stop()
+
+
+def test_logprobs_come_back_for_completions_and_chat_streamed_or_not(client, offline):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    want = offline.generate(PROMPTS[:1], params)[0].outputs[0]
+    want_lps = [lp.logprob for lp in want.logprobs]
+    kw = dict(model="builtin:tiny", prompt=PROMPTS[0], temperature=0.0, max_tokens=6, logprobs=2,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].logprobs
+    assert full.token_logprobs == pytest.approx(want_lps, abs=1e-4)
+    assert all(len(top) >= 2 for top in full.top_logprobs)
+    streamed = [lp for c in client.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(want_lps, abs=1e-4)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chat_want = offline.chat(messages, params)[0].outputs[0]
+    chat = client.chat.completions.create(model="builtin:tiny", messages=messages, temperature=0.0, max_tokens=6,
+                                          logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([lp.logprob for lp in chat_want.logprobs], abs=1e-4)
+    assert all(len(c.top_logprobs) == 2 for c in content)
