@@ -28,6 +28,7 @@ On the producer:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -182,14 +183,24 @@ class PullConnector(KVConnectorBase):
         or a load thread, and must not queue behind (or delay) the engine's kernels."""
         if not self._verify:
             return []
-        if self.kv_cache.is_cuda:
-            stream = self._side_streams.get(threading.get_ident())
-            if stream is None:
-                stream = self._side_streams[threading.get_ident()] = torch.cuda.Stream(self.kv_cache.device)
-            stream.wait_stream(torch.cuda.default_stream(self.kv_cache.device))  # see finished writes
-            with torch.cuda.stream(stream):
-                return block_checksums(self.kv_cache, block_ids)
-        return block_checksums(self.kv_cache, block_ids)
+        with self.side_stream():
+            return block_checksums(self.kv_cache, block_ids)
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        """This thread's own CUDA stream (a no-op on CPU). Work on it neither waits for the
+        engine's kernels nor delays them. What it reads must be complete already: lent
+        blocks were written before their request finished, NIXL reads are complete when
+        reported done, and a transport that writes on the stream itself (TCP) orders
+        its writes before the checksums by using this same stream."""
+        if not self.kv_cache.is_cuda:
+            yield
+            return
+        stream = self._side_streams.get(threading.get_ident())
+        if stream is None:
+            stream = self._side_streams[threading.get_ident()] = torch.cuda.Stream(self.kv_cache.device)
+        with torch.cuda.stream(stream):
+            yield
 
     def _lend(self, request) -> bool:
         """Hold a finished prefill's blocks for the consumer and say where they are."""
@@ -287,8 +298,9 @@ class PullConnector(KVConnectorBase):
                 remote_ids, local_ids = map(list, zip(*pairs))
                 self._read(peer, job, remote_ids, local_ids, deadline)
             t_release = time.monotonic()
-            for i in self._fault_indices("fault_corrupt_blocks", job):
-                self.kv_cache[job.local_block_ids[i]].view(-1)[:8].fill_(12345)
+            with self.side_stream():
+                for i in self._fault_indices("fault_corrupt_blocks", job):
+                    self.kv_cache[job.local_block_ids[i]].view(-1)[:8].fill_(12345)
             release = call_struct(job.host, job.port, m.ReleaseRequest(job.remote_request_id), m.ReleaseResponse,
                                   max(deadline - time.monotonic(), 0.01))
             released = True

@@ -22,7 +22,8 @@ class TcpConnector(PullConnector):
             return [m.encode(m.ErrorResponse(f"request {msg.request_id} is not held (expired or unknown)"))]
         if not set(msg.block_ids) <= set(held.block_ids):
             return [m.encode(m.ErrorResponse(f"blocks {msg.block_ids} do not belong to request {msg.request_id}"))]
-        blocks = self.kv_cache[torch.tensor(msg.block_ids)].cpu()  # (n, ...) gathered copy
+        with self.side_stream():
+            blocks = self.kv_cache[torch.tensor(msg.block_ids, device=self.kv_cache.device)].cpu()  # (n, ...) gathered
         return [b"ok", blocks.view(torch.uint8).numpy().tobytes()]
 
     def _read(self, peer: Peer, job: LoadJob, remote_ids: list[int], local_ids: list[int], deadline: float) -> None:
@@ -39,4 +40,5 @@ class TcpConnector(PullConnector):
             raise TransferError(f"TCP read returned {len(data)} bytes, expected {expected}")
         src = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.kv_cache.dtype)
         src = src.view(len(local_ids), *self.kv_cache.shape[1:])
-        self.kv_cache[torch.tensor(local_ids, device=self.kv_cache.device)] = src.to(self.kv_cache.device)
+        with self.side_stream():  # the consumer's checksums run on this stream after the copy
+            self.kv_cache[torch.tensor(local_ids, device=self.kv_cache.device)] = src.to(self.kv_cache.device)

@@ -51,6 +51,14 @@ def check(name: str, model_path: str, dtype: str, load_format: str, max_tokens: 
             want_text = [[tok.decode([t], skip_special_tokens=False) for t in ids] for ids in want]
             same = sum(g == w for g, w in zip(got, want_text))
             print(f"{name} {case}: {same}/{len(PROMPTS)} prompts token-for-token equal to the offline engine")
+            for g, w, prompt in zip(got, want_text, PROMPTS):
+                if g != w:  # where do they part, and was the offline engine's pick a near-tie there?
+                    i = next(k for k, (a, b) in enumerate(zip(g, w)) if a != b)
+                    alone = offline.generate([prompt], SamplingParams(max_tokens=i + 1, ignore_eos=True, logprobs=2,
+                                                                      **kw))[0].outputs[0]
+                    top = sorted(alone.logprobs[i].top.values(), reverse=True)
+                    print(f"  parts at token {i}: top-2 logprob gap there {top[0] - top[1]:.4f} "
+                          f"(offline alone picks {'the same' if alone.token_ids[i] == want[PROMPTS.index(prompt)][i] else 'differently'})")
             ok &= same == len(PROMPTS)
         stats = httpx.get(cluster.url + "/cluster").json()["nodes"]
         decode = next(n for n in stats if n["role"] == "decode")
