@@ -215,11 +215,6 @@ def run_node(argv: list[str] | None, kv_role: str | None) -> int:
     logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s node={spec.node_id} %(name)s: %(message)s")
     die_with_parent()
-    # Experimental knob: Python's GIL switch interval (default 5 ms). The engine thread runs
-    # Python between kernels; KV loads and the KV service need the GIL on other threads.
-    switch = os.environ.get("PDCLUSTER_GIL_SWITCH_INTERVAL_S")
-    if switch:
-        sys.setswitchinterval(float(switch))
     if spec.cpu_threads:
         import torch
         torch.set_num_threads(spec.cpu_threads)
