@@ -1,17 +1,17 @@
 """The pull protocol both built-in connectors share; subclasses only move bytes.
 
 Producer: when a request that a decode node will continue finishes, its blocks are held
-in the ProducerLedger (not freed), their checksums recorded, and `kv_transfer_params`
-tells the consumer where to pull from. A KV service thread answers handshakes, claims
-and releases.
+in the ProducerLedger (not freed) and `kv_transfer_params` tells the consumer where to
+pull from. A KV service thread answers handshakes, claims and releases; a release
+answers with the lent blocks' checksums, summed while the lease still holds them.
 
 Consumer: a request carrying `do_remote_prefill` is claimed as soon as it arrives (the
-lease keeps the producer from evicting while it waits here), and at admission its blocks
-are pulled on a worker thread: handshake (once per producer, cached), claim, read,
-release — the release answer says whether the blocks were held through the read — then
-checksums. Whatever did not arrive intact is a failed block; the load-failure policy
-turns failed blocks into "recompute these" or "fail the request". The engine thread
-only ever polls a queue.
+lease keeps the producer from evicting while it waits here, renewed until its load
+starts), and at admission its blocks are pulled on a worker thread: handshake (once per
+producer, cached), read, release — the release answer says whether the blocks were held
+through the read — then checksums. Whatever did not arrive intact is a failed block; the
+load-failure policy turns failed blocks into "recompute these" or "fail the request".
+The engine thread only ever polls a queue.
 
 Options (kv_connector_extra_config): load_workers (consumer threads, default 4),
 verify_checksums (default true; a producer with it off sends no checksums and consumers
