@@ -284,18 +284,6 @@ class ClusterConfig(_Section):
                                 abort_timeout_s=kv.abort_timeout_s, transfer_timeout_s=kv.transfer_timeout_s,
                                 **({"kv_port": node.kv_port} | fields))
 
-    def engine_config(self, node: NodeSpec, kv_transfer: Any = None):
-        """The node's engine.config.EngineConfig (imports torch: call it in the node process)."""
-        from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-        e = node.engine
-        return EngineConfig(
-            model=self.model.path, dtype=self.model.dtype, device=node.device, load_format=self.model.load_format,
-            seed=self.model.seed, kv_transfer=kv_transfer,
-            cache=CacheConfig(block_size=e.block_size, num_blocks=e.num_blocks, memory_fraction=e.memory_fraction,
-                              cpu_kv_cache_gib=e.cpu_kv_cache_gib, enable_prefix_caching=e.enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                                      max_model_len=e.max_model_len, enable_chunked_prefill=e.enable_chunked_prefill))
-
 
 def parse_topology(name: str) -> tuple[int, int, int]:
     """A benchmark topology name as (prefill, decode, colocated) replicas: `1P1D`, `2P1D`

@@ -281,13 +281,10 @@ class LocalCluster:
         for s in specs:
             port = s.port or next(free)
             kv_port = s.kv_port or (next(free) if s.kv_role is not None else 0)
-            kv = None
-            if s.kv_role is not None:
-                t = cfg.kv_transfer
-                kv = {"kv_connector": t.connector, "load_failure_policy": t.load_failure_policy,
-                      "abort_timeout_s": t.abort_timeout_s, "transfer_timeout_s": t.transfer_timeout_s,
-                      "kv_connector_extra_config": dict(t.extra), "kv_ip": LOCALHOST, "kv_port": kv_port,
-                      "kv_buffer_device": "cpu" if s.device == "cpu" else "cuda"}
+            kv = cfg.kv_transfer_config(s, kv_ip=LOCALHOST, kv_port=kv_port)
+            # The node fills in its role, and draws a fresh engine_id at every (re)start, so
+            # consumers notice a restarted producer.
+            kv = None if kv is None else kv.model_dump(exclude={"kv_role", "engine_id"})
             spec = NodeLaunchSpec(
                 node_id=s.name, role=s.role, model=str(self.model_dir), dtype=cfg.model.dtype,
                 load_format=cfg.model.load_format, device=s.device, host=LOCALHOST, port=port,

@@ -53,10 +53,6 @@ class BlockPool:
     def num_cached(self) -> int:
         return len(self.cached)
 
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - self.num_free
-
     # --- allocation -----------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         """Hand out `n` blocks with a reference count of one, evicting cached prefixes

@@ -52,10 +52,11 @@ class ModelRunner:
             max_blocks = max(max_blocks, (end + bs - 1) // bs)
             if c.sample:
                 logits_indices.append(len(input_ids) - 1)
-        table = torch.zeros((len(chunks), max_blocks), dtype=torch.int64)
-        for i, c in enumerate(chunks):
-            n = (seq_lens[i] + bs - 1) // bs
-            table[i, :n] = torch.tensor(c.request.block_ids[:n], dtype=torch.int64)
+        rows = []
+        for c, seq_len in zip(chunks, seq_lens):
+            n = (seq_len + bs - 1) // bs
+            rows.append(c.request.block_ids[:n] + [0] * (max_blocks - n))  # padded with block 0
+        table = torch.tensor(rows, dtype=torch.int64)
         dev = self.device
         meta = AttentionMetadata(
             query_start_loc=query_start_loc,

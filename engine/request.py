@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +47,6 @@ class Request:
     recompute_ranges: list[tuple[int, int]] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained keys of full blocks
     num_published_blocks: int = 0            # leading blocks already offered to the prefix cache
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     stop_reason: int | str | None = None
     error: str | None = None
     # KV connector seam: what the producer reported (on a consumer: where to pull from;
@@ -67,10 +64,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)

@@ -10,6 +10,7 @@ The handshake messages' own failure modes are tested in tests/test_kv_connector_
 from __future__ import annotations
 
 import multiprocessing as mp
+import contextlib
 import os
 import threading
 import time
@@ -212,17 +213,28 @@ def test_setup_mistakes_raise_clear_errors(two_transports):
     assert "not thread-safe" in str(errors[0])
 
 
-def test_long_runs_travel_as_bounded_descriptors_and_land_exactly():
+@contextlib.contextmanager
+def _reader_and_source(name: str, **reader_options):
+    """Two transports in this process: a reader with a poisoned cache (-7) and a source
+    with random KV. Yields (reader, peer name, reader's cache, source's cache)."""
     from kv_connector.nixl_transport import NixlTransport
 
-    reader = NixlTransport(f"test-reader-{os.getpid()}", max_desc_bytes=2 * BLOCK_BYTES, capture_telemetry=True)
-    source = NixlTransport(f"test-source-{os.getpid()}")
+    reader = NixlTransport(f"test-{name}-reader-{os.getpid()}", **reader_options)
+    source = NixlTransport(f"test-{name}-source-{os.getpid()}")
     try:
         mine = torch.full(SHAPE, -7.0, dtype=DTYPE)
         theirs = _producer_kv()
         reader.register_kv_cache(mine, BLOCK_BYTES)
         source.register_kv_cache(theirs, BLOCK_BYTES)
-        peer = reader.add_peer(source.agent_metadata(), source.local_layout())
+        yield reader, reader.add_peer(source.agent_metadata(), source.local_layout()), mine, theirs
+    finally:
+        reader.close()
+        source.close()
+
+
+def test_long_runs_travel_as_bounded_descriptors_and_land_exactly():
+    with _reader_and_source("runs", max_desc_bytes=2 * BLOCK_BYTES, capture_telemetry=True) as (reader, peer, mine,
+                                                                                                  theirs):
         # A run of 5 (pieces 2+2+1), a run of 2, and a run listed descending on both sides (2+1).
         remote_ids = [0, 1, 2, 3, 4, 20, 21, 13, 12, 11]
         local_ids = [5, 6, 7, 8, 9, 30, 31, 3, 2, 1]
@@ -234,23 +246,11 @@ def test_long_runs_travel_as_bounded_descriptors_and_land_exactly():
         assert torch.equal(mine[local_ids].view(torch.int16), theirs[remote_ids].view(torch.int16))
         untouched = [b for b in range(SHAPE[0]) if b not in local_ids]
         assert bool((mine[untouched] == -7.0).all())
-    finally:
-        reader.close()
-        source.close()
 
 
 def test_split_reads_keep_nixl_descriptors_whole_and_land_exactly():
-    from kv_connector.nixl_transport import NixlTransport
-
-    reader = NixlTransport(f"test-split-reader-{os.getpid()}", max_desc_bytes=2 * BLOCK_BYTES,
-                           reads_per_request=4, capture_telemetry=True)
-    source = NixlTransport(f"test-split-source-{os.getpid()}")
-    try:
-        mine = torch.full(SHAPE, -7.0, dtype=DTYPE)
-        theirs = _producer_kv()
-        reader.register_kv_cache(mine, BLOCK_BYTES)
-        source.register_kv_cache(theirs, BLOCK_BYTES)
-        peer = reader.add_peer(source.agent_metadata(), source.local_layout())
+    options = dict(max_desc_bytes=2 * BLOCK_BYTES, reads_per_request=4, capture_telemetry=True)
+    with _reader_and_source("split", **options) as (reader, peer, mine, theirs):
         remote_ids = list(range(10, 26))  # one run of 16 blocks -> 8 descriptors of 2 blocks
         local_ids = list(range(0, 16))
         handle = reader.read_blocks(peer, remote_ids, local_ids)
@@ -266,9 +266,6 @@ def test_split_reads_keep_nixl_descriptors_whole_and_land_exactly():
         reader.wait(handle, timeout_s=20)
         reader.release(handle)
         assert torch.equal(mine[[20, 21]].view(torch.int16), theirs[[1, 2]].view(torch.int16))
-    finally:
-        reader.close()
-        source.close()
 
 
 def test_read_groups_deal_descriptors_evenly_and_cover_every_pair():
