@@ -76,8 +76,9 @@ class RequestResult:
 
 @dataclass(slots=True)
 class QueueSample:
-    """The router's /cluster at one moment: per node id, (running, waiting), where waiting
-    counts the scheduler's queue plus requests waiting for their KV to arrive."""
+    """The router's /cluster at one moment: per node id, (running, waiting) — the peaks since
+    the previous sample — where waiting counts the scheduler's queue plus requests waiting
+    for their KV to arrive."""
 
     t_s: float
     nodes: dict[str, tuple[int, int]]
@@ -281,7 +282,11 @@ async def _sample_cluster(http: httpx.AsyncClient, url: str, t0: float, interval
     while not stop.is_set():
         view = await fetch_cluster(http, url)
         if view is not None:
-            nodes = {n["id"]: (int(n.get("running", 0)), int(n.get("waiting", 0)) + int(n.get("waiting_for_remote_kv", 0)))
+            # Peaks since the previous sample, where the router reports them: an instant's
+            # counts miss the bursts between two samples.
+            nodes = {n["id"]: (max(int(n.get("running", 0)), int(n.get("peak_running", 0))),
+                               max(int(n.get("waiting", 0)) + int(n.get("waiting_for_remote_kv", 0)),
+                                   int(n.get("peak_waiting", 0))))
                      for n in view.get("nodes", [])}
             samples.append(QueueSample(time.perf_counter() - t0, nodes))
         try:

@@ -74,6 +74,7 @@ class LLMEngine:
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self._rng = random.Random()
         self.idle = True  # the last step ran no model
+        self._peak_running = self._peak_waiting = 0  # since the last stats()
         self.num_tokens_computed = 0  # tokens whose KV this engine computed (not loaded)
         log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_bytes=%d",
                  self.model_path, self.device, self.dtype, num_blocks, block_bytes)
@@ -170,6 +171,9 @@ class LLMEngine:
         a token or finished."""
         outputs = self._poll_connector()
         sched = self.scheduler.schedule()
+        s = self.scheduler
+        self._peak_running = max(self._peak_running, len(s.running))
+        self._peak_waiting = max(self._peak_waiting, len(s.waiting) + len(s.waiting_for_remote_kv))
         chunks = [c for c in sched.chunks if c.num_tokens > 0]
         self.idle = not chunks
         if not chunks:
@@ -246,7 +250,12 @@ class LLMEngine:
                              kv_transfer_params=req.kv_transfer_params if req.status.finished else None)
 
     def stats(self) -> EngineStats:
+        """Counters now, and the queue peaks since the previous call (which resets them)."""
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), len(s.waiting_for_remote_kv), self.pool.num_blocks,
-                           self.pool.num_free, self.pool.num_cached, self.pool.stats.queries, self.pool.stats.hits,
-                           s.num_preemptions, self.connector.stats() if self.connector else {})
+        stats = EngineStats(len(s.running), len(s.waiting), len(s.waiting_for_remote_kv), self.pool.num_blocks,
+                            self.pool.num_free, self.pool.num_cached, self.pool.stats.queries, self.pool.stats.hits,
+                            s.num_preemptions, self.connector.stats() if self.connector else {},
+                            max(self._peak_running, len(s.running)),
+                            max(self._peak_waiting, len(s.waiting) + len(s.waiting_for_remote_kv)))
+        self._peak_running = self._peak_waiting = 0
+        return stats

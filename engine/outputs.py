@@ -44,3 +44,7 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     kv_transfer: dict[str, float] = field(default_factory=dict)  # the connector's counters
+    # The most requests running / waiting at any step since the previous stats() call: an
+    # instant's queue lengths miss the bursts between two polls.
+    peak_running: int = 0
+    peak_waiting: int = 0

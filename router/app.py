@@ -123,10 +123,14 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
 
     @app.get("/cluster")
     async def cluster():
+        """Every node's state. `peak_running`/`peak_waiting`: the most requests a node ran
+        or queued at any step since the previous GET /cluster (for samplers like the bench)."""
         nodes = []
         for n in router.nodes:
             e = n.last_stats.engine if n.last_stats else None
+            peak_running, peak_waiting = n.take_peaks()
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
+                          "peak_running": peak_running, "peak_waiting": peak_waiting,
                           **{f: getattr(e, f) if e else 0 for f in _CLUSTER_FIELDS},
                           "kv_transfer": e.kv_transfer if e else {}})
         return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name}

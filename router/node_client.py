@@ -43,6 +43,8 @@ class NodeClient:
         self.last_stats: proto.NodeStats | None = None
         self.last_seen = 0.0
         self.in_flight = 0  # requests submitted by this router and not finished
+        self.peak_running = 0  # from the node's stats, since take_peaks() last ran
+        self.peak_waiting = 0
 
     # --- connection -----------------------------------------------------------------
     def connect(self) -> None:
@@ -89,6 +91,8 @@ class NodeClient:
             elif isinstance(msg, proto.NodeStats):
                 self.last_stats = msg
                 self.pid = msg.pid
+                self.peak_running = max(self.peak_running, msg.engine.peak_running)
+                self.peak_waiting = max(self.peak_waiting, msg.engine.peak_waiting)
                 waiters, self._stats_waiters = self._stats_waiters, []
                 for w in waiters:
                     if not w.done():
@@ -174,6 +178,12 @@ class NodeClient:
             q.put_nowait(proto.RequestUpdate(rid, finished=True, finish_reason="error", error_code=503,
                                              error=f"node {self.id} {why}"))
         self._reconnect()
+
+    def take_peaks(self) -> tuple[int, int]:
+        """(running, waiting) peaks since the previous call, then start afresh."""
+        peaks = (self.peak_running, self.peak_waiting)
+        self.peak_running = self.peak_waiting = 0
+        return peaks
 
     @property
     def load(self) -> int:
