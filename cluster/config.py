@@ -67,6 +67,8 @@ class EngineSettings(_Section):
     enable_chunked_prefill: bool = True
     cpu_kv_cache_gib: float = Field(default=0.25, gt=0)
     memory_fraction: float = Field(default=0.85, gt=0, le=1)
+    enforce_eager: bool = False
+    """GPU only: true runs every step eagerly (no CUDA graphs for decode steps)."""
 
     @field_validator("block_size")
     @classmethod

@@ -264,7 +264,7 @@ class LocalCluster:
     # --- internals ------------------------------------------------------------------------
     def _plan(self) -> None:
         """Build every child's argv: ports picked, specs written as JSON."""
-        from engine.node_server import _CACHE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
+        from engine.node_server import _CACHE_KEYS, _SCHED_KEYS, _ENGINE_KEYS, NodeLaunchSpec  # imports torch
         from router.spec import NodeAddress, RouterLaunchSpec
 
         cfg = self.config
@@ -276,7 +276,7 @@ class LocalCluster:
                           + [(f"{s.name} kv_port", s.kv_port) for s in specs if s.kv_port])
         free = iter(_free_ports(sum((s.port == 0) + (s.kv_role is not None and s.kv_port == 0) for s in specs)
                                 + (cfg.router.port == 0)))
-        engine_keys = _CACHE_KEYS | _SCHED_KEYS
+        engine_keys = _CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS
         self.nodes = []
         for s in specs:
             port = s.port or next(free)

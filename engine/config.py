@@ -167,6 +167,8 @@ class EngineConfig:
     seed: int = 0  # for dummy weights
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # GPU: decode steps replay CUDA graphs unless True (engine/model_runner.py).
+    enforce_eager: bool = False
     # KV transfer (kv_connector.config.KVTransferConfig); None: a plain engine.
     kv_transfer: Any = None
     # Overrides kv_transfer.kv_connector: a class object, or its cloudpickle bytes from the

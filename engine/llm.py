@@ -20,13 +20,15 @@ class LLM:
     def __init__(self, model: str = "builtin:tiny", dtype: str = "auto", device: str = "auto",
                  load_format: str = "auto", seed: int = 0, block_size: int = 16, num_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_chunked_prefill: bool = True, **cache_kwargs):
+                 max_model_len: int | None = None, enable_chunked_prefill: bool = True, enforce_eager: bool = False,
+                 **cache_kwargs):
         config = EngineConfig(
             model=model, dtype=dtype, device=device, load_format=load_format, seed=seed,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching, **cache_kwargs),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill),
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, num_block
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import PendingSample, Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
@@ -27,6 +28,14 @@ from engine.weights import build_model
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+
+
+@dataclass(slots=True)
+class _InflightStep:
+    """A step queued on the device whose sampled tokens have not been read yet."""
+
+    requests: list[Request]   # the rows that sample, in row order
+    sample: PendingSample
 
 
 def resolve_model_path(model: str) -> Path:
@@ -69,9 +78,18 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, cache.enable_prefix_caching)
         self.connector = self._build_connector()
         self.scheduler = Scheduler(cache, config.scheduler, self.pool, self.connector)
-        self.runner = ModelRunner(self.model, self.kv_cache, cache.block_size, self.device)
-        self.sampler = Sampler()
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
+        sched = config.scheduler
+        self.runner = ModelRunner(self.model, self.kv_cache, cache.block_size, self.device,
+                                  max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+                                  max_model_len=min(self.max_model_len, num_blocks * cache.block_size),
+                                  enforce_eager=config.enforce_eager)
+        self.runner.capture_decode_graphs()
+        self.sampler = Sampler(max_rows=sched.max_num_seqs, device=self.device)
+        # The step in flight on the device: its sampled tokens are read at the next step().
+        self._inflight: _InflightStep | None = None
+        self._pending_outputs: list[RequestOutput] = []  # produced outside step(), returned by it
+        self._stopping: list[Request] = []  # a stop string ended them; they end at the next step()
         self._rng = random.Random()
         self.idle = True  # the last step ran no model
         self._peak_running = self._peak_waiting = 0  # since the last stats()
@@ -103,6 +121,12 @@ class LLMEngine:
             return int(cache.cpu_kv_cache_gib * GIB)
         free, _ = torch.cuda.mem_get_info(self.device)
         headroom = 2 * GIB  # activations and logits of the largest step
+        if not self.config.enforce_eager:
+            # Decode CUDA graphs keep their activations in one pool, sized by the largest
+            # captured batch (its logits dominate); counted before the cache is sized.
+            sched = self.config.scheduler
+            headroom += sched.max_num_seqs * (self.model_config.vocab_size * 4 * 3
+                                              + self.model_config.intermediate_size * 2 * 4) + 256 * 2**20
         return max(int(free * cache.memory_fraction) - headroom, 0)
 
     # --- requests -------------------------------------------------------------------
@@ -146,6 +170,7 @@ class LLMEngine:
             raise ValueError(f"{what} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        self._settle_inflight()
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return None
@@ -154,6 +179,7 @@ class LLMEngine:
 
     def fail_request(self, request_id: str, error: str) -> RequestOutput | None:
         """End a request with an error (a KV load that failed under the `fail` policy)."""
+        self._settle_inflight()
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return None
@@ -163,32 +189,100 @@ class LLMEngine:
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return (self.scheduler.has_unfinished or self._inflight is not None or bool(self._pending_outputs)
+                or bool(self._stopping))
 
     # --- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report every request that produced
-        a token or finished."""
-        outputs = self._poll_connector()
+        a token or finished.
+
+        Pipelined by one step, so the host's per-request work overlaps the device's:
+          1. read the tokens of the step in flight (the one sync) and append them; token
+             stops (eos, stop ids, max_tokens) end requests here, before scheduling;
+          2. schedule and queue the next step on the device (model, then sampler);
+          3. while it runs: detokenize the tokens of 1, find stop strings, build outputs.
+        A stop string found in 3 ends its request one step late: the token the queued
+        step computes for it is dropped when read (at 1 of the next call), never sent.
+        On a CPU the device work is synchronous and the same order holds."""
+        appended = self._collect_inflight()
+        outputs, self._pending_outputs = self._pending_outputs, []
+        outputs += self._poll_connector()
         sched = self.scheduler.schedule()
         s = self.scheduler
         self._peak_running = max(self._peak_running, len(s.running))
         self._peak_waiting = max(self._peak_waiting, len(s.waiting) + len(s.waiting_for_remote_kv))
         chunks = [c for c in sched.chunks if c.num_tokens > 0]
-        self.idle = not chunks
-        if not chunks:
-            return outputs
-        logits = self.runner.execute(chunks)
-        for c in chunks:
-            self.scheduler.chunk_done(c)
-            self.num_tokens_computed += c.num_tokens
-        sampling = [c.request for c in chunks if c.sample]
-        if sampling:
-            rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
-            sampled = self.sampler(logits, rows)
-            outputs += [self._append_token(r, tok, lp)
-                        for r, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs)]
+        if chunks:
+            logits = self.runner.execute(chunks)
+            for c in chunks:
+                self.scheduler.chunk_done(c)
+                self.num_tokens_computed += c.num_tokens
+            sampling = [c.request for c in chunks if c.sample]
+            if sampling:
+                rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+                self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows))
+        outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
+        self.idle = not chunks and not appended
         return outputs
+
+    def _collect_inflight(self) -> list[tuple[Request, int, tuple | None]]:
+        """Read the step in flight; append each token to its request and end requests
+        whose token is a stop. Returns (request, token, finish) for the text work."""
+        step, self._inflight = self._inflight, None
+        appended = []
+        if step is not None:
+            sampled = step.sample.resolve()
+            for req, token, lp in zip(step.requests, sampled.token_ids, sampled.logprobs):
+                if req.status.finished or req.pending_stop is not None:
+                    continue  # ended (aborted, or a stop string) while this step ran
+                req.output_token_ids.append(token)
+                if lp is not None:
+                    req.logprobs.append(lp)
+                params = req.params
+                finish = check_stop(token, len(req.output_token_ids), params, params.eos_token_ids, req.max_tokens)
+                if finish is not None:
+                    req.stop_reason = finish[1]
+                    status = RequestStatus.FINISHED_STOPPED if finish[0] == "stop" else RequestStatus.FINISHED_LENGTH
+                    self.scheduler.finish_request(req, status)
+                appended.append((req, token, finish))
+        # Stop strings found last step: their requests end now that no step uses them.
+        stopping, self._stopping = self._stopping, []
+        for req in stopping:
+            if req.status.finished:
+                continue  # aborted meanwhile
+            req.stop_reason = req.pending_stop
+            self.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)
+            self._pending_outputs.append(self._output(req, [req.output_token_ids[-1]], req.pending_text))
+        return appended
+
+    def _settle_inflight(self) -> None:
+        """Finish the step in flight before changing requests outside step() (abort,
+        fail): its outputs are kept for the next step() call."""
+        if self._inflight is None:
+            return
+        appended = self._collect_inflight()
+        self._pending_outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
+
+    def _token_output(self, req: Request, token: int, finish: tuple | None) -> RequestOutput | None:
+        """The text work for one appended token: detokenize, look for stop strings."""
+        new_text = ""
+        if req.detokenizer is not None:
+            update = req.detokenizer.append([token], last_is_stop_token=finish is not None and finish[0] == "stop")
+            new_text = update.text
+            if update.stop_str is not None and finish is None:
+                # A stop string ends it; the request may be in the step now running, so it
+                # ends at the next step() (see step()), and its last output comes then.
+                req.pending_stop, req.pending_text = update.stop_str, new_text
+                self._stopping.append(req)
+                return None
+            if update.stop_str is not None:
+                finish = ("stop", update.stop_str)
+                req.stop_reason = update.stop_str
+                req.status = RequestStatus.FINISHED_STOPPED
+            if finish is not None and not self._continues_elsewhere(req, finish):
+                new_text += req.detokenizer.finish()
+        return self._output(req, [token], new_text)
 
     def _poll_connector(self) -> list[RequestOutput]:
         """Apply what the KV connector finished: loaded requests join the running batch,
@@ -207,26 +301,6 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
-
-    def _append_token(self, req: Request, token: int, logprobs) -> RequestOutput:
-        req.output_token_ids.append(token)
-        if logprobs is not None:
-            req.logprobs.append(logprobs)
-        params = req.params
-        finish = check_stop(token, len(req.output_token_ids), params, params.eos_token_ids, req.max_tokens)
-        new_text = ""
-        if req.detokenizer is not None:
-            update = req.detokenizer.append([token], last_is_stop_token=finish is not None and finish[0] == "stop")
-            new_text = update.text
-            if update.stop_str is not None:
-                finish = ("stop", update.stop_str)  # a stop string ends it, even on the last allowed token
-            if finish is not None and not self._continues_elsewhere(req, finish):
-                new_text += req.detokenizer.finish()
-        if finish is not None:
-            reason, req.stop_reason = finish
-            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
-            self.scheduler.finish_request(req, status)
-        return self._output(req, [token], new_text)
 
     @staticmethod
     def _continues_elsewhere(req: Request, finish: tuple) -> bool:

@@ -183,12 +183,13 @@ class NodeLaunchSpec(msgspec.Struct, kw_only=True):
 _CACHE_KEYS = {"block_size", "num_blocks", "memory_fraction", "cpu_kv_cache_gib", "enable_prefix_caching",
                "prefix_hash_algo"}
 _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_chunked_prefill"}
+_ENGINE_KEYS = {"enforce_eager"}
 
 
 def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> EngineConfig:
     from engine.config import CacheConfig, SchedulerConfig
 
-    unknown = set(spec.engine) - _CACHE_KEYS - _SCHED_KEYS
+    unknown = set(spec.engine) - _CACHE_KEYS - _SCHED_KEYS - _ENGINE_KEYS
     if unknown:
         raise ValueError(f"unknown engine settings {sorted(unknown)}")
     kv = None
@@ -199,6 +200,7 @@ def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> Engine
         model=spec.model, dtype=spec.dtype, device=spec.device, load_format=spec.load_format,
         cache=CacheConfig(**{k: v for k, v in spec.engine.items() if k in _CACHE_KEYS}),
         scheduler=SchedulerConfig(**{k: v for k, v in spec.engine.items() if k in _SCHED_KEYS}),
+        enforce_eager=bool(spec.engine.get("enforce_eager", False)),
         kv_transfer=kv)
 
 

@@ -56,6 +56,10 @@ class Request:
     prompt_text: str | None = None
     detokenizer: Any = None
     logprobs: list[Any] = field(default_factory=list)
+    # A stop string matched in text read while the next step ran: the request ends at the
+    # engine's next step (see LLMEngine.step), with this reason and last text delta.
+    pending_stop: str | None = None
+    pending_text: str = ""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,7 +25,7 @@ the very same function (`uniform_noise`) to stay compatible with running nodes.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -121,10 +121,25 @@ class SamplerOutput:
 
 class Sampler:
     """Stateless: the same logits and rows give the same tokens, in any batch. A class
-    rather than a function so that a GPU path can keep its buffers here later."""
+    rather than a function so that a GPU path can keep its buffers here.
+
+    `sample()` only queues device work and returns a `PendingSample`; `resolve()` on it
+    is the step's one device->host sync. The engine launches step n+1's model before it
+    resolves step n's tokens' text work, so nothing here may read device values on the host."""
+
+    def __init__(self, max_rows: int = 0, device: torch.device | str = "cpu"):
+        device = torch.device(device)
+        # Pinned landing buffers for the sampled ids, so the copy runs behind the GPU's work;
+        # two, used in turn, since a step's tokens are read after the next step is queued.
+        self._host_tokens = ([torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+                             if device.type == "cuda" and max_rows > 0 else None)
+        self._turn = 0
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""
+        return self.sample(logits, rows).resolve()
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} sampling rows: "
                              "the model runner must return (rows, vocab) logits, one row per sampling request")
@@ -152,12 +167,75 @@ class Sampler:
             r = _index(random, device)
             tokens[r] = _sample(logits[r], [rows[i] for i in random])
 
-        token_ids = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        pending = PendingSample(tokens, len(rows))
         if raw_logprobs is not None:
             picked = tokens[_index(want_logprobs, device)]
-            gathered = _gather_logprobs(raw_logprobs, picked, [rows[i].params.logprobs for i in want_logprobs])
-            for i, lp in zip(want_logprobs, gathered):
+            pending.logprobs = _LogprobTensors.compute(raw_logprobs, picked,
+                                                       [rows[i].params.logprobs for i in want_logprobs])
+            pending.logprob_rows = want_logprobs
+        if self._host_tokens is not None and len(rows) <= self._host_tokens[0].numel():
+            self._turn ^= 1
+            host = self._host_tokens[self._turn][:len(rows)]
+            host.copy_(tokens, non_blocking=True)
+            pending.host_tokens = host
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        return pending
+
+
+@dataclass(slots=True)
+class _LogprobTensors:
+    """Logprob fields on the device, read back only when the step resolves."""
+
+    picked: torch.Tensor                 # (L,) sampled ids
+    picked_lp: torch.Tensor              # (L, 1)
+    ranks: torch.Tensor                  # (L,)
+    top_vals: torch.Tensor | None        # (L, n_max)
+    top_ids: torch.Tensor | None
+    top_n: list[int]
+
+    @classmethod
+    def compute(cls, raw: torch.Tensor, picked: torch.Tensor, top_n: list[int]) -> _LogprobTensors:
+        """raw: log_softmax (L, V); picked: (L,) sampled ids."""
+        picked_lp = raw.gather(1, picked[:, None])                                    # (L, 1)
+        ranks = (raw >= picked_lp).sum(dim=-1)                                        # (L,)
+        n_max = min(max(top_n), raw.shape[1])
+        vals = ids = None
+        if n_max > 0:
+            vals, ids = raw.topk(n_max, dim=-1)                                       # (L, n_max)
+        return cls(picked, picked_lp, ranks, vals, ids, top_n)
+
+    def to_host(self) -> list[TokenLogprobs]:
+        top_vals: list[list[float]] = [[] for _ in self.top_n]
+        top_ids: list[list[int]] = [[] for _ in self.top_n]
+        if self.top_vals is not None:
+            top_vals, top_ids = self.top_vals.tolist(), self.top_ids.tolist()
+        return [TokenLogprobs(tok, lp, rank, dict(zip(ids[:n], vals[:n])))
+                for tok, lp, rank, ids, vals, n in zip(self.picked.tolist(), self.picked_lp[:, 0].tolist(),
+                                                       self.ranks.tolist(), top_ids, top_vals, self.top_n)]
+
+
+@dataclass(slots=True)
+class PendingSample:
+    """A step's sampled tokens, still on the device (or landing in pinned memory)."""
+
+    tokens: torch.Tensor                 # (B,) on the logits' device
+    num_rows: int
+    host_tokens: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    logprobs: _LogprobTensors | None = None
+    logprob_rows: list[int] = field(default_factory=list)
+
+    def resolve(self) -> SamplerOutput:
+        """Wait for the step's device work and read the results: the one sync per step."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            token_ids = self.host_tokens.tolist()
+        else:
+            token_ids = self.tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * self.num_rows
+        if self.logprobs is not None:
+            for i, lp in zip(self.logprob_rows, self.logprobs.to_host()):
                 logprobs[i] = lp
         return SamplerOutput(token_ids, logprobs)
 
@@ -312,18 +390,3 @@ def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> None:
     n_keep = (ahead < top_p).sum(dim=-1, keepdim=True)                                # (M, 1), >= 1
     cutoff = ordered.gather(1, n_keep - 1)                                            # (M, 1)
     logits.masked_fill_(probs < cutoff, float("-inf"))
-
-
-def _gather_logprobs(raw: torch.Tensor, picked: torch.Tensor, top_n: list[int]) -> list[TokenLogprobs]:
-    """raw: log_softmax (L, V); picked: (L,) sampled ids. One device->host copy per field."""
-    picked_lp = raw.gather(1, picked[:, None])                                        # (L, 1)
-    ranks = (raw >= picked_lp).sum(dim=-1)                                            # (L,)
-    n_max = min(max(top_n), raw.shape[1])
-    top_vals: list[list[float]] = [[] for _ in top_n]
-    top_ids: list[list[int]] = [[] for _ in top_n]
-    if n_max > 0:
-        vals, ids = raw.topk(n_max, dim=-1)                                           # (L, n_max)
-        top_vals, top_ids = vals.tolist(), ids.tolist()
-    return [TokenLogprobs(tok, lp, rank, dict(zip(ids[:n], vals[:n])))
-            for tok, lp, rank, ids, vals, n in zip(picked.tolist(), picked_lp[:, 0].tolist(), ranks.tolist(),
-                                                   top_ids, top_vals, top_n)]

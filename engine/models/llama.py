@@ -16,7 +16,7 @@ from engine.config import ModelConfig
 from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.cache_ops import write_kv
-from kernels.norm import rms_norm
+from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass over the activations."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -76,9 +80,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, cos, sin, kv_cache, meta):
+        # h: the previous layer's output, not yet added to the residual stream (None for the
+        # first layer, whose input is the residual itself). Same sums as x + f(norm(x)).
+        if h is None:
+            x = self.input_layernorm(residual)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(h, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -100,11 +111,12 @@ class LlamaForCausalLM(nn.Module):
         if self._inv_freq is None or self._inv_freq.device != input_ids.device:
             self._inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
                                            device=input_ids.device)
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, x.dtype)
+        residual = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, residual.dtype)
+        h = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        return self.norm.add_and_norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (S, hidden) -> float32 logits (S, V)

@@ -1,0 +1,147 @@
+"""The engine's lean step: inputs staged in one buffer, the pipelined step (tokens read
+one call late, stop strings ending a request one step late without leaking a token),
+and the decode CUDA-graph batch sizes. CUDA graphs themselves run only on a GPU
+(bench/gpu/engine_smoke.py checks graphs against eager and the CPU there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.model_runner import graph_batch_sizes, kv_splits_for
+from engine.request import RequestStatus
+from engine.scheduler import ScheduledChunk
+
+PROMPTS = ["The quick brown fox", "def main():", "1, 2, 3,", "Hello there, how are"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("builtin:tiny", device="cpu", dtype="float32", num_blocks=512, max_num_seqs=8)
+
+
+def test_graph_batch_sizes_cover_every_batch_up_to_max_num_seqs():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    for n in (3, 17, 100, 256):
+        sizes = graph_batch_sizes(n)
+        assert sizes[-1] == n and all(any(s >= b for s in sizes) for b in range(1, n + 1))
+
+
+def test_kv_splits_grow_with_the_context_and_stay_bounded():
+    assert kv_splits_for(128) == 1
+    assert kv_splits_for(4096) == 16 and kv_splits_for(131072) == 16
+
+
+def test_staged_inputs_match_a_naive_build(llm):
+    """Mixed step: a prefill chunk after a prefix hit, a decode row, a recompute chunk."""
+    eng = llm.engine
+    bs = eng.kv_spec.block_size
+    reqs = []
+    for i, n in enumerate((40, 9, 33)):
+        req = eng.add_request(f"stage-{i}", list(range(5 + i, 5 + i + n)), SamplingParams(max_tokens=4))
+        eng.scheduler.waiting.remove(req)
+        req.block_ids = list(eng.pool.allocate((n + bs) // bs))[::-1]  # out of order on purpose
+        req.status = RequestStatus.RUNNING
+        eng.scheduler.running.append(req)
+        reqs.append(req)
+    chunks = [ScheduledChunk(reqs[0], 16, 24, True), ScheduledChunk(reqs[1], 8, 1, True),
+              ScheduledChunk(reqs[2], 0, 17, False)]
+    inputs = eng.runner.prepare(chunks)
+    ids, pos, slots = [], [], []
+    for c in chunks:
+        ids += c.request.token_slice(c.start, c.start + c.num_tokens)
+        for p in range(c.start, c.start + c.num_tokens):
+            pos.append(p)
+            slots.append(c.request.block_ids[p // bs] * bs + p % bs)
+    assert inputs.input_ids.tolist() == ids
+    assert inputs.positions.tolist() == pos
+    assert inputs.meta.slot_mapping.tolist() == slots
+    assert inputs.meta.seq_lens == [40, 9, 17] and inputs.meta.seq_lens_t.tolist() == [40, 9, 17]
+    assert inputs.meta.query_start_loc == [0, 24, 25, 42]
+    assert inputs.meta.query_start_loc_t.tolist() == [0, 24, 25, 42]
+    assert inputs.logits_indices.tolist() == [23, 24]
+    table = inputs.meta.block_tables.tolist()
+    for row, c in zip(table, chunks):
+        n = (c.start + c.num_tokens + bs - 1) // bs
+        assert row[:n] == c.request.block_ids[:n]
+    assert not inputs.meta.decode_only
+    for r in reqs:
+        eng.abort_request(r.request_id)
+    eng.step()
+    assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_a_stop_string_ends_the_request_without_the_token_computed_after_it(llm):
+    """The stop string is found while the next step runs; that step's token for the
+    request is dropped, so the answer is the unconstrained answer cut at the stop."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    full = llm.generate(PROMPTS, greedy)
+    for out in full:
+        text = out.outputs[0].text
+        stop = text[len(text) // 3:len(text) // 3 + 2]
+        if not stop.strip():
+            continue
+        cut = text[:text.index(stop)]
+        got = llm.generate(out.prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+        comp = got.outputs[0]
+        assert comp.text == cut and comp.finish_reason == "stop" and comp.stop_reason == stop
+        assert comp.token_ids == out.outputs[0].token_ids[:len(comp.token_ids)]
+        # The token that completed the stop string is the last one reported, no more.
+        assert len(comp.token_ids) < len(out.outputs[0].token_ids)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+def test_streamed_steps_report_every_token_once_and_end_with_finished(llm):
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"stream-{i}", p, params)
+    seen = {f"stream-{i}": [] for i in range(len(PROMPTS))}
+    finished = set()
+    while eng.has_unfinished_requests:
+        for out in eng.step():
+            assert out.request_id not in finished
+            seen[out.request_id] += out.new_token_ids
+            if out.finished:
+                finished.add(out.request_id)
+    assert [seen[f"stream-{i}"] for i in range(len(PROMPTS))] == want
+    assert finished == set(seen)
+
+
+def test_abort_while_a_step_is_in_flight_keeps_the_other_requests_exact(llm):
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"abort-{i}", p, params)
+    for _ in range(3):
+        eng.step()  # leaves a step in flight
+    gone = eng.abort_request("abort-1")
+    assert gone is not None and gone.finished and gone.outputs[0].finish_reason == "abort"
+    results = {}
+    while eng.has_unfinished_requests:
+        for out in eng.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+    assert "abort-1" not in results
+    for i in (0, 2, 3):
+        assert results[f"abort-{i}"] == want[i]
+    assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_seeded_sampling_and_logprobs_survive_the_pipeline(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8, logprobs=2, ignore_eos=True)
+    a = llm.generate(PROMPTS, params)
+    b = [llm.generate(p, params)[0] for p in PROMPTS]
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        lx, ly = x.outputs[0].logprobs, y.outputs[0].logprobs
+        assert len(lx) == len(x.outputs[0].token_ids) == len(ly)
+        for p, q in zip(lx, ly):
+            assert p.token_id == q.token_id and abs(p.logprob - q.logprob) < 1e-4
+            assert torch.isfinite(torch.tensor(p.logprob))
