@@ -39,17 +39,19 @@ query_start_loc and exits if its tile is past the end of the chunk. The key loop
 [0, last visible position] in BLOCK_N-key tiles with the causal mask, flash-attention
 style (online softmax in exp2, float32 accumulation, P cast to the KV dtype for the
 second tl.dot). float32 inputs use IEEE dots (no TF32) so fp32 models stay exact.
+The EMULATE flag only matters under Triton's CPU interpreter (kernels/triton_utils.py).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels.triton_utils import cast, dot, emulate_bf16
 
 
 @dataclass(slots=True)
@@ -135,22 +137,6 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 _LOG2E = 1.4426950408889634
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST only under TRITON_INTERPRET with bfloat16: the interpreter's tl.dot multiplies
-    # bfloat16 bit patterns as integers (numpy has no bfloat16). Operands are already
-    # rounded to bfloat16, so the float32 product is what the tensor cores compute.
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PREC)
-    return c
-
-
 @triton.jit
 def _decode_split_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, out_ptr,
@@ -161,7 +147,7 @@ def _decode_split_kernel(
     stride_os, stride_oh, stride_od,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -193,13 +179,13 @@ def _decode_split_kernel(
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(kv_base + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
         v = tl.load(kv_base + stride_ck + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * scale_log2  # (BLOCK_G, BLOCK_N)
+        scores = dot(q, tl.trans(k), DOT_PREC, EMULATE) * scale_log2  # (BLOCK_G, BLOCK_N)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
         m_i = m_new
 
     nonempty = l_i > 0.0
@@ -207,7 +193,7 @@ def _decode_split_kernel(
     omask = gmask[:, None] & dmask[None, :]
     if DIRECT:
         tl.store(out_ptr + s.to(tl.int64) * stride_os + head[:, None] * stride_oh + d[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=omask)
+                 cast(o, out_ptr.dtype.element_ty, EMULATE), mask=omask)
     else:
         # mid_o: (S, Hq, num_splits, BLOCK_D) float32, mid_lse: (S, Hq, num_splits), contiguous
         row = (s.to(tl.int64) * (G * tl.num_programs(1)) + head) * num_splits + split
@@ -221,7 +207,7 @@ def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_os, stride_oh, stride_od,
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
 ):
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -237,7 +223,7 @@ def _decode_reduce_kernel(
     o = tl.load(mid_o_ptr + row[:, None] * BLOCK_D + d[None, :], mask=kmask[:, None], other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + h * stride_oh + d * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+             cast(out, out_ptr.dtype.element_ty, EMULATE), mask=d < HEAD_DIM)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -270,7 +256,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
+def _upcastdot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
@@ -306,13 +292,14 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
         *out.stride(),
         G=g, HEAD_DIM=d, PAGE=page,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
-        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast_dot(q.dtype),
+        DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), EMULATE=emulate_bf16(q.dtype, kv_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(s, hq)](
             mid_o, mid_lse, out, *out.stride(), num_kv_splits,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(num_kv_splits),
+            EMULATE=emulate_bf16(out.dtype),
             num_warps=4 if block_d >= 128 else 2,
         )
     return out
@@ -357,7 +344,7 @@ def _prefill_kernel(
     stride_ot, stride_oh, stride_od,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -396,7 +383,7 @@ def _prefill_kernel(
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(kv_base + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
         v = tl.load(kv_base + stride_ck + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * scale_log2  # (BLOCK_M, BLOCK_N)
+        scores = dot(q, tl.trans(k), DOT_PREC, EMULATE) * scale_log2  # (BLOCK_M, BLOCK_N)
         visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         # Every row sees key 0 in the first tile, so m_new is finite from there on.
@@ -404,12 +391,12 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
         m_i = m_new
 
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
-             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+             cast(o, out_ptr.dtype.element_ty, EMULATE), mask=row_ok[:, None] & dmask[None, :])
 
 
 # Tile defaults for H100/H200-class GPUs at head_dim 64-128; override per call to tune.
@@ -450,7 +437,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, laye
         *out.stride(),
         G=g, HEAD_DIM=d, PAGE=page,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n or PREFILL_BLOCK_N,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast_dot(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), EMULATE=emulate_bf16(q.dtype, kv_cache.dtype),
         num_warps=num_warps or PREFILL_NUM_WARPS, num_stages=num_stages or PREFILL_NUM_STAGES,
     )
     return out
