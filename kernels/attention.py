@@ -322,7 +322,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
 @triton.jit
 def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     # The last sequence i whose first tile id, query_start_loc[i] // BLOCK_Q + i, is <= tile.
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -337,7 +337,7 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
-    scale_log2, num_seqs,
+    scale_log2, num_seqs: tl.int32,
     stride_qt, stride_qh, stride_qd,
     stride_cn, stride_ck, stride_cb, stride_ch, stride_cd, layer_off,
     stride_bts,

@@ -55,18 +55,19 @@ def _rms_norm_kernel(
     rows64 = rows.to(tl.int64)
     i0, i1 = rows64 // n1, rows64 % n1
     x = tl.load(x_ptr + (i0 * sx0 + i1 * sx1)[:, None] + d[None, :] * sxd, mask=mask, other=0.0)
-    in_dtype = x.dtype
     xf = x.to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + (i0 * sr0 + i1 * sr1)[:, None] + d[None, :] * srd, mask=mask, other=0.0)
         res = cast(xf + r.to(tl.float32), res_out_ptr.dtype.element_ty, EMULATE)  # rounded like torch's add
         tl.store(res_out_ptr + rows64[:, None] * D + d[None, :], res, mask=mask)
-        in_dtype = res.dtype
         xf = res.to(tl.float32)
     var = tl.sum(xf * xf, 1) / D
     # IEEE-rounded sqrt and division: torch's rsqrt is correctly rounded on the CPU.
     inv = tl.math.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
-    normed = cast(xf * inv[:, None], in_dtype, EMULATE)
+    if HAS_RES:
+        normed = cast(xf * inv[:, None], res_out_ptr.dtype.element_ty, EMULATE)
+    else:
+        normed = cast(xf * inv[:, None], x_ptr.dtype.element_ty, EMULATE)
     w = tl.load(w_ptr + d, mask=d < D, other=0.0)
     out = cast(w.to(tl.float32)[None, :] * normed.to(tl.float32), out_ptr.dtype.element_ty, EMULATE)
     tl.store(out_ptr + rows64[:, None] * D + d[None, :], out, mask=mask)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
 from kernels.norm import (fused_add_rms_norm, fused_add_rms_norm_ref, fused_add_rms_norm_triton, rms_norm,
                           rms_norm_ref, rms_norm_triton)
+from kernels.rope import (apply_rope, apply_rope_ref, apply_rope_triton, rope_and_write_kv, rope_and_write_kv_ref,
+                          rope_and_write_kv_triton, rope_cos_sin, rope_inv_freq)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -92,3 +95,73 @@ def test_norm_dispatch_on_cpu_is_the_reference():
     assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
     for a, b in zip(fused_add_rms_norm(x, r, w, 1e-6), fused_add_rms_norm_ref(x, r, w, 1e-6)):
         assert torch.equal(a, b)
+
+
+# --- rotary embedding --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (6, 1, 64)])
+def test_apply_rope_kernel_matches_reference(hq, hkv, d, dtype):
+    gen = torch.Generator().manual_seed(hq * d)
+    t = 11
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(dtype)  # q, k: strided views like the model's
+    q = qkv[:, :hq * d].view(t, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+    positions = torch.randint(0, 5000, (t,), generator=gen)
+    inv = rope_inv_freq(d, 500000.0, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})
+    cos, sin = rope_cos_sin(positions, inv, dtype)
+    want_q, want_k = apply_rope_ref(q, k, cos, sin)
+    got_q, got_k = apply_rope_triton(q, k, cos, sin)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    else:  # rounded where torch rounds: identical
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_write_kv_kernel_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(5)
+    t, hq, hkv, d, bs = 9, 8, 2, 64, 8
+    q = torch.randn(t, hq, d, generator=gen).to(dtype)
+    k = torch.randn(t, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(t, hkv, d, generator=gen).to(dtype)
+    cos, sin = rope_cos_sin(torch.arange(30, 30 + t), rope_inv_freq(d, 10000.0), dtype)
+    cache = torch.randn(5, 2, 2, bs, hkv, d, generator=gen).to(dtype)
+    slots = torch.randperm(5 * bs, generator=gen)[:t]
+    slots[[0, 4]] = -1
+    want_cache, got_cache = cache.clone(), cache.clone()
+    want_q, want_k = rope_and_write_kv_ref(q, k, v, cos, sin, want_cache, 1, slots)
+    got_q, got_k = rope_and_write_kv_triton(q, k, v, cos, sin, got_cache, 1, slots)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(got_k, want_k, **tol)
+    torch.testing.assert_close(got_cache, want_cache, **tol)
+
+
+def test_rope_dispatch_on_cpu_is_the_reference():
+    q, k = torch.randn(3, 4, 64), torch.randn(3, 2, 64)
+    cos, sin = rope_cos_sin(torch.arange(3), rope_inv_freq(64, 10000.0), torch.float32)
+    for a, b in zip(apply_rope(q, k, cos, sin), apply_rope_ref(q, k, cos, sin)):
+        assert torch.equal(a, b)
+    c1, c2 = torch.zeros(2, 1, 2, 16, 2, 64), torch.zeros(2, 1, 2, 16, 2, 64)
+    v = torch.randn(3, 2, 64)
+    slots = torch.tensor([3, -1, 20])
+    for a, b in zip(rope_and_write_kv(q, k, v, cos, sin, c1, 0, slots),
+                    rope_and_write_kv_ref(q, k, v, cos, sin, c2, 0, slots)):
+        assert torch.equal(a, b)
+    assert torch.equal(c1, c2)
+
+
+# --- SiLU and mul --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,i", [(5, 96), (2, 1500), (1, 7)])
+def test_silu_and_mul_kernel_matches_reference(t, i, dtype):
+    gen = torch.Generator().manual_seed(i)
+    x = (torch.randn(t, 2 * i, generator=gen) * 4).to(dtype)
+    want = silu_and_mul_ref(x)
+    got = silu_and_mul_triton(x, block=256)
+    assert_close_ulp(got, want)
+    assert torch.equal(silu_and_mul(x), want)  # CPU dispatch is the reference
