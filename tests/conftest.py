@@ -12,6 +12,11 @@ os.environ.setdefault("PDCLUSTER_CACHE", str(Path(os.environ.get("PYTEST_TMPDIR"
 
 import torch  # noqa: E402
 
+# Triton kernels run on the CPU through Triton's interpreter where there is no GPU; the
+# variable must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 ARCH_PRESETS = ["tiny", "tiny-tied", "tiny-llama3-rope", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
