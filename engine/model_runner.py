@@ -30,7 +30,7 @@ import torch
 
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk
-from kernels.attention import AttentionMetadata
+from kernels.attention import AttentionMetadata, choose_num_kv_splits
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
-def kv_splits_for(max_model_len: int) -> int:
-    """Flash-decoding splits: enough to fill the GPU at batch 1 with long contexts (each
-    split reads at least ~256 tokens). Fixed per engine, so eager and graph steps compute
-    decode attention the same way."""
-    return max(1, min(16, max_model_len // 256))
+def kv_splits_for(batch_size: int, num_kv_heads: int, max_model_len: int, block_size: int,
+                  device: torch.device) -> int:
+    """Flash-decoding splits for a decode batch: about two programs per SM, no split
+    shorter than 256 keys of the longest context served. A function of the (padded)
+    batch size alone, so a graph's choice holds for every replay."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return choose_num_kv_splits(batch_size, num_kv_heads, max_model_len, block_size, sms=sms)
 
 
 class _StagingLayout:
@@ -90,12 +92,14 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
         self.max_blocks = (max_model_len + block_size - 1) // block_size
-        self.num_kv_splits = kv_splits_for(max_model_len)
+        self.max_model_len = max_model_len
+        self.num_kv_heads = kv_cache.shape[4]
         self.layout = _StagingLayout(self.max_tokens, max_num_seqs, self.max_blocks)
         pin = device.type == "cuda"
         self._host = torch.zeros(self.layout.size, dtype=torch.int64, pin_memory=pin)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(self.layout.size, dtype=torch.int64, device=device) if pin else self._host
+        self._staging_copied = torch.cuda.Event() if pin else None
         self.use_graphs = device.type == "cuda" and not enforce_eager
         self._graphs: dict[int, _DecodeGraph] = {}
         self._graph_table: torch.Tensor | None = None  # (max_num_seqs, max_blocks), rows read by the graphs
@@ -106,6 +110,7 @@ class ModelRunner:
         """Fill the staging buffer for `chunks` and copy it to the device once. `pad_to`
         (decode graphs) appends rows with seq_len 0 and slot -1 up to that batch size."""
         bs, L, h = self.block_size, self.layout, self._host_np
+        self._wait_staging_copy()
         num_seqs = len(chunks)
         lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=num_seqs)
         starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=num_seqs)
@@ -147,6 +152,7 @@ class ModelRunner:
         used = L.table + num_seqs * width
         if self._dev is not self._host:
             self._dev[:used].copy_(self._host[:used], non_blocking=True)
+            self._staging_copied.record()
         d = self._dev
         n_tok = max(total, pad_to)
         n_seq = max(num_seqs, pad_to)
@@ -161,7 +167,7 @@ class ModelRunner:
             query_start_loc_t=d[L.qsl:L.qsl + num_seqs + 1],
             max_query_len=int(lens.max()),
             max_seq_len=int(ends.max()),
-            num_kv_splits=self.num_kv_splits,
+            num_kv_splits=kv_splits_for(num_seqs, self.num_kv_heads, self.max_model_len, bs, self.device),
         )
         return ModelInputs(input_ids=d[L.ids:L.ids + n_tok], positions=d[L.pos:L.pos + n_tok], meta=meta,
                            logits_indices=d[L.logits_idx:L.logits_idx + len(sample_rows)])
@@ -173,15 +179,50 @@ class ModelRunner:
         in chunk order. On a GPU the result is still being computed when this returns."""
         graph_bs = self._graph_size_for(chunks)
         if graph_bs:
-            inputs = self.prepare(chunks, pad_to=graph_bs)
-            n, width = len(chunks), inputs.meta.block_tables.shape[1]
-            self._graph_table[:n, :width].copy_(inputs.meta.block_tables, non_blocking=True)
+            n = len(chunks)
+            table = self._stage_decode(chunks, graph_bs)
+            self._graph_table[:n, :table.shape[1]].copy_(table, non_blocking=True)
             g = self._graphs[graph_bs]
             g.graph.replay()
             return g.logits[:n]
         inputs = self.prepare(chunks)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _stage_decode(self, chunks: list[ScheduledChunk], pad_to: int) -> torch.Tensor:
+        """prepare() for a graphed decode step: only what the graph reads (ids, positions,
+        slots, seq_lens up to `pad_to`, the block table), in plain Python over one token
+        per sequence. Returns the device block table (n, width)."""
+        bs, L, h = self.block_size, self.layout, self._host_np
+        self._wait_staging_copy()
+        n = len(chunks)
+        reqs = [c.request for c in chunks]
+        pos = [c.start for c in chunks]
+        ids = [r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1] for r in reqs]
+        blocks = [r.block_ids for r in reqs]
+        h[L.ids:L.ids + n] = ids
+        h[L.pos:L.pos + n] = pos
+        h[L.slots:L.slots + n] = [b[p // bs] * bs + p % bs for b, p in zip(blocks, pos)]
+        h[L.seq_lens:L.seq_lens + n] = [p + 1 for p in pos]
+        if pad_to > n:
+            h[L.ids + n:L.ids + pad_to] = 0
+            h[L.pos + n:L.pos + pad_to] = 0
+            h[L.slots + n:L.slots + pad_to] = -1
+            h[L.seq_lens + n:L.seq_lens + pad_to] = 0
+        width = max(p // bs for p in pos) + 1
+        table = h[L.table:L.table + n * width].reshape(n, width)
+        for i, (b, p) in enumerate(zip(blocks, pos)):
+            k = p // bs + 1
+            table[i, :k] = b if len(b) == k else b[:k]
+        used = L.table + n * width
+        self._dev[:used].copy_(self._host[:used], non_blocking=True)
+        self._staging_copied.record()
+        return self._dev[L.table:L.table + n * width].view(n, width)
+
+    def _wait_staging_copy(self) -> None:
+        """The host staging buffer is rewritten only after the device has read it."""
+        if self._staging_copied is not None:
+            self._staging_copied.synchronize()
 
     def _graph_size_for(self, chunks: list[ScheduledChunk]) -> int:
         if not self._graphs or len(chunks) > self.max_num_seqs:
@@ -212,7 +253,8 @@ class ModelRunner:
                 block_tables=self._graph_table[:bs], slot_mapping=d[L.slots:L.slots + bs],
                 seq_lens_t=d[L.seq_lens:L.seq_lens + bs], decode_only=True,
                 query_start_loc_t=None, max_query_len=1, max_seq_len=self.max_blocks * self.block_size,
-                num_kv_splits=self.num_kv_splits)
+                num_kv_splits=kv_splits_for(bs, self.num_kv_heads, self.max_model_len, self.block_size,
+                                            self.device))
             ids, pos = d[L.ids:L.ids + bs], d[L.pos:L.pos + bs]
 
             def run() -> torch.Tensor:

@@ -31,9 +31,12 @@ def test_graph_batch_sizes_cover_every_batch_up_to_max_num_seqs():
         assert sizes[-1] == n and all(any(s >= b for s in sizes) for b in range(1, n + 1))
 
 
-def test_kv_splits_grow_with_the_context_and_stay_bounded():
-    assert kv_splits_for(128) == 1
-    assert kv_splits_for(4096) == 16 and kv_splits_for(131072) == 16
+def test_kv_splits_fill_the_gpu_at_small_batches_and_vanish_at_large_ones():
+    cpu = torch.device("cpu")  # counted as 132 SMs, an H100/H200
+    assert kv_splits_for(1, 8, 128, 16, cpu) == 1            # nothing to split
+    assert kv_splits_for(1, 8, 8192, 16, cpu) == 32           # one sequence: split wide
+    assert kv_splits_for(64, 8, 8192, 16, cpu) == 1           # 512 programs fill the GPU already
+    assert kv_splits_for(16, 8, 8192, 16, cpu) == kv_splits_for(16, 8, 8192, 16, cpu) > 1
 
 
 def test_staged_inputs_match_a_naive_build(llm):

@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -91,7 +92,7 @@ def check_kernels(device: str) -> dict:
     torch.manual_seed(0)
     dt, bs_blk, L, hq, hkv, d = torch.bfloat16, 16, 2, 32, 8, 128
     res = {}
-    n_blocks = 4096
+    n_blocks = 16384
     cache = torch.randn(n_blocks, L, 2, bs_blk, hkv, d, device=device, dtype=dt)
 
     def meta_for(q_lens, seq_lens):
@@ -305,7 +306,7 @@ def hf_baseline(device: str, args, modes: list[str]) -> dict:
     make_model(path, args.preset, with_weights=False)
     cfg = AutoConfig.from_pretrained(path)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     vocab = cfg.vocab_size - 20
     out = {"prefill": {}, "decode": {}}
     flops_cfg = type("C", (), dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -356,10 +357,12 @@ def main() -> None:
     result["copy_GBps"] = copy_bandwidth(dev) / 1e9
     result["matmul_tflops"] = matmul_rate(dev) / 1e12
     if not args.skip_checks:
-        result["kernel_rel_errors"] = check_kernels(dev)
-        print("kernel checks:", json.dumps(result["kernel_rel_errors"]), flush=True)
-        result["tiny"] = tiny_matches_cpu(dev)
-        print("tiny:", result["tiny"], flush=True)
+        for key, fn in (("kernel_rel_errors", check_kernels), ("tiny", tiny_matches_cpu)):
+            try:  # a failed check is reported, and the timings still run
+                result[key] = fn(dev)
+            except Exception:
+                result[key] = {"error": traceback.format_exc()}
+            print(f"{key}:", json.dumps(result[key]), flush=True)
     eng = result["engine"] = engine_8b(dev, args)
     bw, mm = result["copy_GBps"] * 1e9, result["matmul_tflops"]
     for d in eng["decode"].values():

@@ -15,9 +15,8 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
-from kernels.cache_ops import write_kv
 from kernels.norm import fused_add_rms_norm, rms_norm
-from kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from kernels.rope import rope_and_write_kv, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -56,8 +55,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, cos, sin)
-        write_kv(kv_cache, self.layer, k, v, meta.slot_mapping)
+        q, k = rope_and_write_kv(q, k, v, cos, sin, kv_cache, self.layer, meta.slot_mapping)
         out = paged_attention(q, kv_cache, self.layer, meta, self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
