@@ -169,6 +169,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # GPU: decode steps replay CUDA graphs unless True (engine/model_runner.py).
     enforce_eager: bool = False
+    # Queue a plain decode step before the previous one is read back (LLMEngine._run_ahead).
+    async_scheduling: bool = True
     # KV transfer (kv_connector.config.KVTransferConfig); None: a plain engine.
     kv_transfer: Any = None
     # Overrides kv_transfer.kv_connector: a class object, or its cloudpickle bytes from the

@@ -21,7 +21,7 @@ from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import PendingSample, Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler
 from engine.tokenizer import Tokenizer
 from engine.weights import build_model
 
@@ -36,6 +36,7 @@ class _InflightStep:
 
     requests: list[Request]   # the rows that sample, in row order
     sample: PendingSample
+    plain_decode: bool = False  # one token per request, every request sampling
 
 
 def resolve_model_path(model: str) -> Path:
@@ -94,6 +95,7 @@ class LLMEngine:
         self.idle = True  # the last step ran no model
         self._peak_running = self._peak_waiting = 0  # since the last stats()
         self.num_tokens_computed = 0  # tokens whose KV this engine computed (not loaded)
+        self.num_steps_run_ahead = 0  # decode steps queued before the previous one was read
         log.info("engine ready: model=%s device=%s dtype=%s kv_blocks=%d block_bytes=%d",
                  self.model_path, self.device, self.dtype, num_blocks, block_bytes)
 
@@ -204,7 +206,20 @@ class LLMEngine:
           3. while it runs: detokenize the tokens of 1, find stop strings, build outputs.
         A stop string found in 3 ends its request one step late: the token the queued
         step computes for it is dropped when read (at 1 of the next call), never sent.
-        On a CPU the device work is synchronous and the same order holds."""
+        On a CPU the device work is synchronous and the same order holds.
+
+        In the steady state of plain decoding (the same requests as the step in flight,
+        graphed, no sampling rule that needs the previous token on the host) the next step
+        is queued BEFORE the one in flight is read: its input ids come from the device, so
+        the device never waits for the host (see _run_ahead)."""
+        previous = self._run_ahead()
+        if previous is not None:
+            appended = self._collect(previous)
+            outputs, self._pending_outputs = self._pending_outputs, []
+            outputs += self._poll_connector()
+            outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
+            self.idle = False
+            return outputs
         appended = self._collect_inflight()
         outputs, self._pending_outputs = self._pending_outputs, []
         outputs += self._poll_connector()
@@ -214,6 +229,7 @@ class LLMEngine:
         self._peak_waiting = max(self._peak_waiting, len(s.waiting) + len(s.waiting_for_remote_kv))
         chunks = [c for c in sched.chunks if c.num_tokens > 0]
         if chunks:
+            plain = all(c.num_tokens == 1 and c.sample for c in chunks)
             logits = self.runner.execute(chunks)
             for c in chunks:
                 self.scheduler.chunk_done(c)
@@ -221,15 +237,63 @@ class LLMEngine:
             sampling = [c.request for c in chunks if c.sample]
             if sampling:
                 rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
-                self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows))
+                self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows), plain)
         outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
         self.idle = not chunks and not appended
         return outputs
 
+    def _run_ahead(self) -> _InflightStep | None:
+        """Queue the next decode step before reading the one in flight, when that is
+        exactly what the scheduler would do anyway: the running requests are the ones in
+        flight, each decodes one more token, the runner takes device ids for the batch (a
+        captured graph on a GPU; always on a CPU, where it only exercises the logic), blocks are free for
+        the position each reaches, and no request needs its previous token on the host to
+        sample (penalties, bad words, min_tokens) or lends KV when it ends. Returns the
+        step that was in flight (for the caller to read), or None to take the normal path."""
+        prev = self._inflight
+        running = self.scheduler.running
+        if (not self.config.async_scheduling or prev is None or not prev.plain_decode or self._stopping or self.scheduler.waiting
+                or len(running) != len(prev.requests) or not self.runner.takes_device_ids(len(running))):
+            return None
+        bs = self.kv_spec.block_size
+        new_blocks = 0
+        for req, was in zip(running, prev.requests):
+            if req is not was or not self._can_run_ahead(req):
+                return None
+            new_blocks += len(req.block_ids) * bs <= req.num_tokens
+        if new_blocks > self.pool.num_free:
+            return None
+        chunks = []
+        for req in running:
+            if len(req.block_ids) * bs <= req.num_tokens:
+                req.block_ids += self.pool.allocate(1)
+            chunks.append(ScheduledChunk(req, req.num_tokens, 1, sample=True))  # the token in flight
+        logits = self.runner.execute(chunks, input_ids=prev.sample.tokens)
+        for c in chunks:
+            self.scheduler.chunk_done(c)
+        self.num_tokens_computed += len(chunks)
+        self.num_steps_run_ahead += 1
+        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids,
+                            step=len(r.output_token_ids) + 1) for r in running]
+        self._inflight = _InflightStep(list(running), self.sampler.sample(logits, rows), plain_decode=True)
+        self._peak_running = max(self._peak_running, len(running))
+        return prev
+
+    @staticmethod
+    def _can_run_ahead(req: Request) -> bool:
+        p = req.params
+        lends = bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
+        return (req.num_computed_tokens == req.num_tokens and not req.recompute_ranges and not lends
+                and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+                and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens)
+
     def _collect_inflight(self) -> list[tuple[Request, int, tuple | None]]:
-        """Read the step in flight; append each token to its request and end requests
-        whose token is a stop. Returns (request, token, finish) for the text work."""
         step, self._inflight = self._inflight, None
+        return self._collect(step)
+
+    def _collect(self, step: _InflightStep | None) -> list[tuple[Request, int, tuple | None]]:
+        """Read a step's tokens; append each to its request and end requests whose token
+        is a stop. Returns (request, token, finish) for the text work."""
         appended = []
         if step is not None:
             sampled = step.sample.resolve()

@@ -102,6 +102,7 @@ class ModelRunner:
         self._staging_copied = torch.cuda.Event() if pin else None
         self.use_graphs = device.type == "cuda" and not enforce_eager
         self._graphs: dict[int, _DecodeGraph] = {}
+        self._graph_sizes: list[int] = []
         self._graph_table: torch.Tensor | None = None  # (max_num_seqs, max_blocks), rows read by the graphs
         self.graph_pool_bytes = 0
 
@@ -127,7 +128,9 @@ class ModelRunner:
         # Token ids: one flat list over the chunks (a decode chunk is one id).
         ids = []
         for c in chunks:
-            ids += c.request.token_slice(c.start, c.start + c.num_tokens)
+            known = c.request.token_slice(c.start, c.start + c.num_tokens)
+            # A token still on the device (a decode step queued ahead) is filled in there.
+            ids += known if len(known) == c.num_tokens else known + [0] * (c.num_tokens - len(known))
         h[L.ids:L.ids + total] = ids
         # Positions: start..end-1 of each chunk, vectorised.
         row_of_token = np.repeat(np.arange(num_seqs), lens)
@@ -174,18 +177,26 @@ class ModelRunner:
 
     # --- running ----------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; returns float32 logits (S_sample, V) for the chunks that sample,
-        in chunk order. On a GPU the result is still being computed when this returns."""
-        graph_bs = self._graph_size_for(chunks)
+        in chunk order. On a GPU the result is still being computed when this returns.
+        `input_ids` (graphed decode steps only): the step's token ids already on the
+        device, one per chunk (the previous step's samples, not yet read back)."""
+        graph_bs = self.graph_size_for(chunks)
+        if input_ids is not None and not self.takes_device_ids(len(chunks)):
+            raise ValueError("device input ids are only taken by graphed decode steps (or on a CPU)")
         if graph_bs:
             n = len(chunks)
             table = self._stage_decode(chunks, graph_bs)
+            if input_ids is not None:
+                self._dev[self.layout.ids:self.layout.ids + n].copy_(input_ids)
             self._graph_table[:n, :table.shape[1]].copy_(table, non_blocking=True)
             g = self._graphs[graph_bs]
             g.graph.replay()
             return g.logits[:n]
         inputs = self.prepare(chunks)
+        if input_ids is not None:
+            inputs.input_ids[:len(chunks)].copy_(input_ids)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
@@ -224,12 +235,22 @@ class ModelRunner:
         if self._staging_copied is not None:
             self._staging_copied.synchronize()
 
-    def _graph_size_for(self, chunks: list[ScheduledChunk]) -> int:
-        if not self._graphs or len(chunks) > self.max_num_seqs:
+    def graph_size_for(self, chunks: list[ScheduledChunk]) -> int:
+        """The padded batch size whose graph runs this step, or 0 when it runs eagerly."""
+        if not self.has_graph_for(len(chunks)):
             return 0
         if not all(c.num_tokens == 1 and c.sample for c in chunks):
             return 0
-        return next((b for b in sorted(self._graphs) if b >= len(chunks)), 0)
+        return next(b for b in self._graph_sizes if b >= len(chunks))
+
+    def takes_device_ids(self, num_seqs: int) -> bool:
+        """Whether a decode step of `num_seqs` can take its ids from the device: graphed on
+        a GPU (the eager GPU path would need them on the host for its metadata); always on
+        a CPU, where "device" and host are one."""
+        return self.has_graph_for(num_seqs) if self.device.type == "cuda" else 0 < num_seqs <= self.max_num_seqs
+
+    def has_graph_for(self, num_seqs: int) -> bool:
+        return bool(self._graphs) and 0 < num_seqs <= self.max_num_seqs
 
     # --- CUDA graphs ------------------------------------------------------------------
     @torch.inference_mode()
@@ -269,6 +290,7 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = run()
             self._graphs[bs] = _DecodeGraph(graph, logits)
+        self._graph_sizes = sorted(self._graphs)
         torch.cuda.synchronize(self.device)
         self.graph_pool_bytes = torch.cuda.memory_allocated(self.device) - before
         log.info("captured %d decode CUDA graphs (batch sizes up to %d), %.0f MiB", len(self._graphs),

@@ -103,6 +103,13 @@ class SamplingRow:
     seed: int                            # always set: the engine draws one for unseeded requests
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]      # tokens generated before this step; its length is the step
+    # The step when output_token_ids lags behind (a decode step queued before the previous
+    # step's token was read back): then only rows without penalties, bans or min_tokens.
+    step: int | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) if self.step is None else self.step
 
 
 @dataclass(slots=True)
@@ -358,7 +365,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
             _mask_top_p(sub, _column([p for _, p in top_p], torch.float32, device))
 
     probs = torch.softmax(x, dim=-1)                                                  # (R, V)
-    noise = exponential_noise([r.seed for r in rows], [len(r.output_token_ids) for r in rows], vocab, device)
+    noise = exponential_noise([r.seed for r in rows], [r.num_output_tokens for r in rows], vocab, device)
     return (probs / noise).argmax(dim=-1)                                             # (R,)
 
 

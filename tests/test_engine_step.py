@@ -148,3 +148,26 @@ def test_seeded_sampling_and_logprobs_survive_the_pipeline(llm):
         for p, q in zip(lx, ly):
             assert p.token_id == q.token_id and abs(p.logprob - q.logprob) < 1e-4
             assert torch.isfinite(torch.tensor(p.logprob))
+
+
+def test_decode_steps_queued_ahead_give_the_tokens_of_the_plain_loop(llm):
+    """Async scheduling (a decode step queued before the previous step's tokens are read)
+    must not change a token: greedy, seeded, logprobs, eos and max_tokens endings alike.
+    On a CPU the run-ahead path runs with the host as the device."""
+    eng = llm.engine
+    cases = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_k=40, seed=3, max_tokens=7, logprobs=1),
+             SamplingParams(temperature=1.0, seed=11, max_tokens=12),
+             SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.3)]  # runs unqueued
+    results = {}
+    for async_scheduling in (True, False):
+        eng.config.async_scheduling = async_scheduling
+        before = eng.num_steps_run_ahead
+        outs = llm.generate(PROMPTS * 2, cases * 2)
+        results[async_scheduling] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                                      [lp.token_id for lp in o.outputs[0].logprobs or []]) for o in outs]
+        ran_ahead = eng.num_steps_run_ahead - before
+        assert (ran_ahead > 0) == async_scheduling
+    eng.config.async_scheduling = True
+    assert results[True] == results[False]
+    assert eng.pool.num_free == eng.pool.num_blocks
