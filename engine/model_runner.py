@@ -105,6 +105,7 @@ class ModelRunner:
         self._graph_sizes: list[int] = []
         self._graph_table: torch.Tensor | None = None  # (max_num_seqs, max_blocks), rows read by the graphs
         self.graph_pool_bytes = 0
+        self.single_row_speedups: dict[str, float] = {}
 
     # --- inputs -----------------------------------------------------------------------
     def prepare(self, chunks: list[ScheduledChunk], pad_to: int = 0) -> ModelInputs:
@@ -254,11 +255,28 @@ class ModelRunner:
 
     # --- CUDA graphs ------------------------------------------------------------------
     @torch.inference_mode()
+    def tune_single_row_matmuls(self, reps: int = 100) -> dict[str, float]:
+        """For each weight shape of a decode step: time x @ W^T against W @ x^T for one
+        row, and flag the layers to use the transposed product where it is >3% faster.
+        Returns the speed-up per shape (1.0: not flipped)."""
+        chosen = {}
+        for name, (weight, set_flip) in self.model.single_row_matmuls().items():
+            x = torch.randn(1, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            plain = _time_calls(lambda: x @ weight.t(), reps)
+            flipped = _time_calls(lambda: torch.mm(weight, x.t()), reps)
+            flip = flipped < plain * 0.97
+            set_flip(flip)
+            chosen[name] = plain / flipped if flip else 1.0
+        log.info("single-row matmuls, speed-up of W @ x^T where taken: %s", chosen)
+        return chosen
+
+    @torch.inference_mode()
     def capture_decode_graphs(self) -> None:
         """Capture one decode graph per padded batch size, largest first, sharing one
         memory pool (a smaller graph's activations fit in the larger one's)."""
         if not self.use_graphs:
             return
+        self.single_row_speedups = self.tune_single_row_matmuls()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)
         # Static inputs: fixed regions of the device staging buffer, all padding for now.
@@ -295,3 +313,16 @@ class ModelRunner:
         self.graph_pool_bytes = torch.cuda.memory_allocated(self.device) - before
         log.info("captured %d decode CUDA graphs (batch sizes up to %d), %.0f MiB", len(self._graphs),
                  self.max_num_seqs, self.graph_pool_bytes / 2**20)
+
+
+def _time_calls(fn, reps: int) -> float:
+    """Seconds per call of a device function, after a warm-up (CUDA events)."""
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps

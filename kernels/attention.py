@@ -145,7 +145,7 @@ def _decode_split_kernel(
     stride_cn, stride_ck, stride_cb, stride_ch, stride_cd, layer_off,
     stride_bts,
     stride_os, stride_oh, stride_od,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, MIN_PAGES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
@@ -154,7 +154,9 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + s).to(tl.int32)
-    pages_per_split = tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits)
+    # Splits of at least MIN_PAGES blocks: a short context uses fewer of the grid's splits
+    # (the rest exit at once) instead of many tiny ones that each pay the setup.
+    pages_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits), MIN_PAGES)
     start = split * pages_per_split * PAGE
     end = tl.minimum(start + pages_per_split * PAGE, seq_len)
 
@@ -262,8 +264,9 @@ def _upcastdot(dtype: torch.dtype) -> bool:
 
 def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                                   seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
-                                  out: torch.Tensor | None = None, *, block_n: int = 64, num_warps: int = 4,
-                                  num_stages: int = 2) -> torch.Tensor:
+                                  out: torch.Tensor | None = None, *, block_n: int | None = None,
+                                  num_warps: int | None = None, num_stages: int | None = None,
+                                  min_keys_per_split: int = 128) -> torch.Tensor:
     s, hq, d = q.shape
     hkv = kv_cache.shape[4]
     page = kv_cache.shape[3]
@@ -278,6 +281,11 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
     block_d = triton.next_power_of_2(d)
     sc = kv_cache.stride()
     direct = num_kv_splits == 1
+    # Launch shapes from a sweep on an H200 (bench/gpu/attention_tune.py, 8B shapes): long
+    # key tiles while few programs run, short ones with more warps' worth of programs.
+    tuned = (128, 4, 2) if s <= 16 else (64, 4, 3) if s < 128 else (32, 2, 2)
+    block_n, num_warps, num_stages = (v if v is not None else t for v, t in
+                                      zip((block_n, num_warps, num_stages), tuned))
     if direct:
         mid_o = mid_lse = out  # unused
     else:
@@ -290,7 +298,7 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
         sc[0], sc[2], sc[3], sc[4], sc[5], layer * sc[1],
         block_tables.stride(0),
         *out.stride(),
-        G=g, HEAD_DIM=d, PAGE=page,
+        G=g, HEAD_DIM=d, PAGE=page, MIN_PAGES=max(1, min_keys_per_split // page),
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
         DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), EMULATE=emulate_bf16(q.dtype, kv_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,

@@ -77,7 +77,8 @@ def test_decode_kernel_matches_reference(hq, hkv, d, block_size, seq_lens, split
     for i, n in enumerate(seq_lens):
         table[i, -(-n // block_size):] = POISON_BLOCK
     out = torch.full_like(q, float("nan"))
-    got = paged_decode_attention_triton(q, kv_cache, 1, table, meta.seq_lens_t, scale, splits, out=out)
+    got = paged_decode_attention_triton(q, kv_cache, 1, table, meta.seq_lens_t, scale, splits, out=out,
+                                        min_keys_per_split=block_size)  # every split used
     assert got is out
     torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype])
 
@@ -96,7 +97,8 @@ def test_decode_kernel_padded_rows_give_zeros_and_int32_indices():
     table[0] = table[2] = 1 << 30
     for splits in (1, 5):
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention_triton(q, kv_cache, 0, table, meta.seq_lens_t.to(torch.int32), d ** -0.5, splits, out=out)
+        paged_decode_attention_triton(q, kv_cache, 0, table, meta.seq_lens_t.to(torch.int32), d ** -0.5, splits, out=out,
+                                      min_keys_per_split=1)
         assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
         torch.testing.assert_close(out[real], ref, **TOL[torch.float32])
 
@@ -158,3 +160,14 @@ def test_prefill_kernel_handles_decode_only_and_host_side_offsets():
     ref = paged_attention_ref(q, kv_cache, 0, meta, 0.125)
     got = paged_prefill_attention_triton(q, kv_cache, 0, meta, 0.125, block_m=16, block_n=16)
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+def test_short_contexts_use_fewer_splits_than_the_grid_has():
+    """With a minimum split length, a short sequence fills only its first splits; the
+    others are empty (log-sum-exp -inf) and the reduction ignores them."""
+    q, kv_cache, meta = make_case([40, 300], [1, 1], 8, 2, 64, 16, torch.float32, seed=5)
+    ref = paged_attention_ref(q, kv_cache, 1, meta, 0.125)
+    for min_keys in (16, 64, 256):
+        out = paged_decode_attention_triton(q, kv_cache, 1, meta.block_tables, meta.seq_lens_t, 0.125, 8,
+                                            min_keys_per_split=min_keys)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

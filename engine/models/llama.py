@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
@@ -17,6 +18,17 @@ from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rope import rope_and_write_kv, rope_cos_sin, rope_inv_freq
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """F.linear, or, for a single row when the layer is flagged, W @ x^T: for one token
+    cuBLAS may pick a faster (GEMV-like) kernel for the transposed product, and (N, 1)
+    and (1, N) share one layout, so no copy is needed. Which is faster depends on the
+    shape and the GPU: ModelRunner measures both at start (tune_single_row_matmuls)."""
+    if x.shape[0] == 1 and getattr(layer, "flip_single_row", False):
+        out = torch.mm(layer.weight, x.t()).view(1, -1)
+        return out if layer.bias is None else out + layer.bias
+    return F.linear(x, layer.weight, layer.bias)
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +61,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)      # (T, Hq, D)
         k = k.view(t, self.num_kv_heads, self.head_dim)   # (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -57,7 +69,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope_and_write_kv(q, k, v, cos, sin, kv_cache, self.layer, meta.slot_mapping)
         out = paged_attention(q, kv_cache, self.layer, meta, self.scale)  # (T, Hq, D)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return linear(self.o_proj, out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -67,7 +79,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return linear(self.down_proj, silu_and_mul(linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -102,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # computed on first use, on the right device
+        self.flip_single_row_logits = False  # see `linear`
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -119,7 +132,26 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (S, hidden) -> float32 logits (S, V)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if hidden.shape[0] == 1 and self.flip_single_row_logits:
+            return torch.mm(weight, hidden.t()).view(1, -1).float()
         return (hidden @ weight.t()).float()
+
+    def single_row_matmuls(self) -> dict[str, tuple[torch.Tensor, object]]:
+        """Each distinct weight shape of a decode step, with a setter for its flip flag
+        (see `linear`): what ModelRunner.tune_single_row_matmuls measures."""
+        layer = self.layers[0]
+        out = {}
+        for name, lin in (("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
+                          ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj)):
+            def setter(flag, attr=name):
+                for l in self.layers:
+                    mod = {"qkv": l.self_attn.qkv_proj, "o": l.self_attn.o_proj,
+                           "gate_up": l.mlp.gate_up_proj, "down": l.mlp.down_proj}[attr]
+                    mod.flip_single_row = flag
+            out[name] = (lin.weight, setter)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        out["lm_head"] = (weight, lambda flag: setattr(self, "flip_single_row_logits", flag))
+        return out
 
     # --- weights --------------------------------------------------------------------
     _STACKED = {  # HF name piece -> (our name piece, shard index)
