@@ -57,4 +57,4 @@ class EngineStats:
     kv_evictions: int = 0
     kv_protected_evictions: int = 0
     kv_cache_digest: int = 0
-    eviction_policy: str = 
+    eviction_policy: str = ""
