@@ -318,12 +318,19 @@ class KVEventPublisher:
         replay.send_multipart(envelope + [END_OF_REPLAY, b""])
 
 
+# Port 0 binds a random free port in this range, below Linux's ephemeral range (32768+):
+# the launcher reserves the nodes' own ports from the ephemeral range and releases them
+# just before the nodes bind them, and the kernel hands out ephemeral ports nearly in
+# sequence, so an ephemeral bind here would take a port meant for the next node.
+RANDOM_PORT_RANGE = (20000, 32767)
+
+
 def _bind(sock: zmq.Socket, host: str, port: int) -> str:
     if port:
         sock.bind(f"tcp://{host}:{port}")
         return f"tcp://{host}:{port}"
-    sock.bind(f"tcp://{host}:*")
-    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    port = sock.bind_to_random_port(f"tcp://{host}", *RANDOM_PORT_RANGE, max_tries=500)
+    return f"tcp://{host}:{port}"
 
 
 # --- subscriber side --------------------------------------------------------------------

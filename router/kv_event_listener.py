@@ -37,6 +37,7 @@ class KVEventListener:
         self.batches = 0          # applied, for /cluster and tests
         self.gaps_healed = 0
         self._task: asyncio.Task | None = None
+        self._sockets: set[zmq.asyncio.Socket] = set()
 
     def follow(self, address: str, replay_address: str) -> None:
         """Subscribe to these addresses (no-op when already subscribed to them)."""
@@ -55,13 +56,27 @@ class KVEventListener:
         self.follow(address, replay)
 
     def stop(self) -> None:
+        """Cancel the subscription and close its sockets now (the router terminates its
+        zmq context right after, which waits for every socket to be closed)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for sock in self._sockets:
+            sock.close(0)
+        self._sockets.clear()
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._sockets.add(sock)
+        return sock
+
+    def _close(self, sock: zmq.asyncio.Socket) -> None:
+        self._sockets.discard(sock)
+        sock.close(0)
 
     async def _run(self, address: str) -> None:
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        sub = self._socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.connect(address)
         try:
@@ -86,11 +101,10 @@ class KVEventListener:
             log.exception("node %s: KV event subscription failed; prefix routing falls back to load for it",
                           self.node_id)
         finally:
-            sub.close(0)
+            self._close(sub)
 
     async def _replay(self, start_seq: int) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self._socket(zmq.DEALER)
         sock.connect(self.replay_address)
         try:
             await sock.send_multipart([b"", seq_bytes(start_seq)])
@@ -108,7 +122,7 @@ class KVEventListener:
                 if seq > self.last_seq or (start_seq == 0 and self.last_seq < 0):
                     self._apply(seq, batch)
         finally:
-            sock.close(0)
+            self._close(sock)
 
     def _apply(self, seq: int, batch: KVEventBatch) -> None:
         self.index.apply(self.node_id, batch.events)
