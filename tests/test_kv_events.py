@@ -177,3 +177,26 @@ def test_the_replay_socket_speaks_vllms_request_reply_framing(publisher):
         assert decode_batch(replies[0][2]).events == [_stored(1)]
     finally:
         req.close(0)
+
+
+def test_the_standalone_subscriber_example_follows_a_publisher(publisher):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    publisher.publish([_stored(1)])
+    example = Path(__file__).parent.parent / "examples" / "kv_events_subscriber.py"
+    proc = subprocess.Popen([sys.executable, str(example), "--address", publisher.address, "--replay-address",
+                             publisher.replay_address, "--max-batches", "4"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # it joins, replays batches 0 and 1, then listens
+        publisher.publish([_stored(2, 1)])
+        publisher.publish([BlockRemoved([1], "CPU")])
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    lines = out.splitlines()
+    assert lines[0] == "node: batch 0 (replayed): +0 -0 blocks, 0 cached"
+    assert lines[1] == "node: batch 1 (replayed): +1 -0 blocks, 1 cached"
+    assert lines[-1] == "node: batch 3: +0 -1 blocks, 1 cached"
