@@ -200,6 +200,7 @@ class KVEventPublisher:
         self._mirror = KVCacheMirror()
         self._seq = -1
         self._hwm = hwm
+        self._closed = False
         self._ctx = zmq.Context.instance()
         self._wake_addr = f"inproc://kv-events-wake-{id(self)}"
         self._ready = threading.Event()
@@ -214,7 +215,6 @@ class KVEventPublisher:
         self._wake = self._ctx.socket(zmq.PAIR)
         self._wake.setsockopt(zmq.LINGER, 0)
         self._wake.connect(self._wake_addr)
-        self._closed = False
         self.publish([AllBlocksCleared()])  # seq 0: a (re)started node's cache is empty
 
     def publish(self, events: list[KVCacheEvent]) -> None:
@@ -275,6 +275,7 @@ class KVEventPublisher:
                         log.exception("KV events: a replay request failed")
         except Exception:
             log.exception("KV event publisher stopped on an error: subscribers will see no more events")
+            self._closed = True  # publish() stops queueing
         finally:
             for s in (pub, replay, wake):
                 s.close(0)

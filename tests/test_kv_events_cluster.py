@@ -1,6 +1,6 @@
-"""KV events in a running cluster: the router's prefix index follows what the nodes say
-(also across a node's restart), prefix-aware routing uses it, and the KV-cache metrics
-count a scripted workload exactly."""
+"""KV events in a running cluster, split (2P1D) and colocated: the router's prefix index
+follows what the nodes say (also across a node's restart), prefix-aware routing uses it,
+and the KV-cache metrics count a scripted workload exactly."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ from cluster.launcher import LocalCluster
 PREFIX = list(range(200, 264))  # four blocks of 16
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture(scope="module", params=["colocated2", "2P1D"])
+def cluster(request, tmp_path_factory):
+    p, d, c = {"colocated2": (0, 0, 2), "2P1D": (2, 1, 0)}[request.param]
     config = ClusterConfig.model_validate({
         "model": {"path": "builtin:tiny", "dtype": "float32"},
         "router": {"port": 0, "policy": "prefix_aware"},
+        "kv_transfer": {"connector": "tcp", "abort_timeout_s": 30, "transfer_timeout_s": 10},
         "engine": {"num_blocks": 128, "block_size": 16, "max_num_seqs": 8},
-        "prefill": {"replicas": 0}, "decode": {"replicas": 0},
-        "colocated": {"replicas": 2, "devices": ["cpu"]},
+        "prefill": {"replicas": p, "devices": ["cpu"]}, "decode": {"replicas": d, "devices": ["cpu"]},
+        "colocated": {"replicas": c, "devices": ["cpu"]},
     })
     c = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
     c.start(timeout_s=180)
@@ -105,11 +107,12 @@ def test_routing_by_events_finds_the_prefix_also_after_its_node_restarted(cluste
     before = wait_for(lambda: in_sync(url), "a quiet index")
     complete(url, prefix + [1])
     view = wait_for(lambda: in_sync(url), "the prefix's blocks in the index")
-    served = [c for c in cluster.nodes if view[c.name]["prefix_cache_query_tokens"]
+    prompt_nodes = [c for c in cluster.nodes if c.role != "decode"]  # the nodes that compute prompts
+    served = [c for c in prompt_nodes if view[c.name]["prefix_cache_query_tokens"]
               > before[c.name]["prefix_cache_query_tokens"]]
     assert len(served) == 1
     home = served[0]
-    other = next(c for c in cluster.nodes if c is not home)
+    other = next(c for c in prompt_nodes if c is not home)
     assert cached_tokens(complete(url, prefix + [2])) == 64  # sent back to the node holding it
 
     home.proc.kill()
