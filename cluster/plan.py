@@ -103,7 +103,9 @@ def plan_node(spec: NodeSpec, model: Any, dtype: Any, workload: WorkloadShape, h
     fits = num_blocks * e.block_size
     model_len = model.max_position_embeddings
     served = e.max_model_len or model_len
-    if e.max_model_len is not None and e.max_model_len > fits:
+    if problems:  # the cache size is unknown: nothing more to say
+        pass
+    elif e.max_model_len is not None and e.max_model_len > fits:
         problems.append(f"max_model_len {e.max_model_len} cannot fit: the KV cache holds at most {fits} tokens; "
                         f"set max_model_len to {fits} or less, or give the KV cache more memory")
         served = fits
