@@ -422,6 +422,7 @@ def test_bench_compares_1p1d_and_colocated_on_cpu(tmp_path, monkeypatch, capsys)
         assert 0 < r["tpot_ms"]["median"] < 5000 and r["itl_ms"]["count"] == 32 * 7
         assert r["e2e_ms"]["median"] > r["ttft_ms"]["median"]
         assert r["prefix_cache"]["hit_rate"] > 0.2, key               # agents share their prompts
+        assert r["prefix_cache"]["token_hit_rate"] > 0.2 and r["prefix_cache"]["eviction_policy"] == "workflow"
         assert r["queues"]["samples"] >= 1
         assert (out / f"{key[0]}-{key[1]}.json").is_file()
     for topo in ("1P1D", "colocated1"):  # 4 s at 8 req/s: sampled while busy (stats lag up to 0.5 s)
@@ -435,6 +436,7 @@ def test_bench_compares_1p1d_and_colocated_on_cpu(tmp_path, monkeypatch, capsys)
 
     md = (out / "report.md").read_text()
     assert "Best by goodput: **" in md and summary["best"]["topology"] in ("1P1D", "colocated1")
+    assert "| Evictions |" in md and "0 (workflow) |" in md   # 256 blocks: nothing had to go
     for topo in ("1P1D", "colocated1"):
         assert f"| {topo} | 8 req/s |" in md and f"| {topo} | all at once |" in md
     assert "| 1P1D | 8 req/s |" in printed.out and str(out) in printed.out
