@@ -65,6 +65,7 @@ BENCH_DEFAULTS: dict[str, Any] = {
     "num_system_prompts": None,
     "system_prompt_len": None,
     "turn_len": None,
+    "background_share": None,    # prefix-agents: share of one-off requests outside the workflows
     "warmup_requests": 4,
     "max_duration_s": 1800.0,    # per load point
     "request_timeout_s": 300.0,
@@ -106,6 +107,10 @@ class BenchPlan:
         for name in ("input_len", "output_len", "num_agents", "num_system_prompts", "system_prompt_len", "turn_len"):
             if getattr(args, name, None) is not None:
                 setattr(opts, name, int(getattr(args, name)))
+        if getattr(args, "background_share", None) is not None:
+            opts.background_share = float(args.background_share)
+            if not 0 <= opts.background_share < 1:
+                raise ValueError(f"--background-share {opts.background_share}: give a share in [0, 1)")
         if opts.num_requests < 1:
             raise ValueError(f"--num-requests {opts.num_requests}: give 1 or more")
         if opts.length_scale <= 0:
@@ -204,6 +209,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prefix-agents: shared system prompts, one workflow each (default 2)")
     g.add_argument("--system-prompt-len", type=int, default=None, metavar="N", help="prefix-agents (default 1024)")
     g.add_argument("--turn-len", type=int, default=None, metavar="N", help="prefix-agents: user tokens per turn (default 64)")
+    g.add_argument("--background-share", type=float, default=None, metavar="F",
+                   help="prefix-agents: share of one-off requests from outside the workflows (default 0)")
     g = parser.add_argument_group("targets and limits")
     g.add_argument("--ttft-slo-ms", type=float, default=None, metavar="MS",
                    help=f"goodput's TTFT target (default {d['ttft_slo_ms']:g})")

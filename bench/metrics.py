@@ -118,6 +118,10 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
+_NODE_COUNTERS = {f"pdcluster_node_{c}" for c in ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens",
+                                                   "prefix_cache_hit_tokens", "kv_evictions")}
+
+
 def node_counters(text: str) -> dict[str, dict[str, Any]]:
     """Per node: role, prefix_cache_queries/hits, and kv_transfer counters, from the
     router's pdcluster_node_* gauges (which are the nodes' cumulative counters)."""
@@ -128,8 +132,10 @@ def node_counters(text: str) -> dict[str, dict[str, Any]]:
         node = nodes.setdefault(labels["node"], {"role": labels.get("role", ""), "kv_transfer": {}})
         if name == "pdcluster_node_kv_transfer" and "counter" in labels:
             node["kv_transfer"][labels["counter"]] = value
-        elif name in ("pdcluster_node_prefix_cache_queries", "pdcluster_node_prefix_cache_hits"):
+        elif name in _NODE_COUNTERS:
             node[name.removeprefix("pdcluster_node_")] = value
+        elif name == "pdcluster_node_eviction_policy" and "policy" in labels:
+            node["eviction_policy"] = labels["policy"]
     return nodes
 
 
@@ -154,7 +160,15 @@ def cluster_delta(before: str, after: str) -> dict[str, Any]:
     roles = PROMPT_ROLES if any(n["role"] in PROMPT_ROLES for n in a.values()) else None
     queries = total(lambda c: c.get("prefix_cache_queries", 0.0), roles)
     hits = total(lambda c: c.get("prefix_cache_hits", 0.0), roles)
+    query_tokens = total(lambda c: c.get("prefix_cache_query_tokens", 0.0), roles)
+    hit_tokens = total(lambda c: c.get("prefix_cache_hit_tokens", 0.0), roles)
+    policies = sorted({n["eviction_policy"] for n in a.values()
+                       if n.get("eviction_policy") and (roles is None or n["role"] in roles)})
     prefix = {"queries": queries, "hits": hits, "hit_rate": hits / queries if queries > 0 else None,
+              "query_tokens": query_tokens, "hit_tokens": hit_tokens,
+              "token_hit_rate": hit_tokens / query_tokens if query_tokens > 0 else None,
+              "evictions": total(lambda c: c.get("kv_evictions", 0.0), roles),
+              "eviction_policy": ",".join(policies) or None,
               "roles": list(roles) if roles else "all"}
     return {"kv_transfer": kv, "prefix_cache": prefix}
 

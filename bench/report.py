@@ -79,7 +79,7 @@ def write_report(out_dir: Path, runs: Sequence[dict[str, Any]], meta: dict[str, 
 
 # --- the table ------------------------------------------------------------------------------
 COLUMNS = ("Topology", "Load", "Goodput (req/s)", "Throughput (req/s)", "Output (tok/s)", "TTFT p50 (ms)",
-           "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "KV GB/s", "Prefix hit", "OK/sent")
+           "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "KV GB/s", "Prefix hit", "Evictions", "OK/sent")
 
 
 def _num(v: float | None, digits: int = 2) -> str:
@@ -98,7 +98,15 @@ def table_row(run: dict[str, Any]) -> list[str]:
             _num(_pct(run.get("ttft_ms"), "median"), 1), _num(_pct(run.get("ttft_ms"), "p99"), 1),
             _num(_pct(run.get("tpot_ms"), "median"), 1), _num(_pct(run.get("tpot_ms"), "p99"), 1),
             _num(kv.get("gb_per_s"), 3) if kv.get("loads") else "-",
-            "-" if hit is None else f"{100 * hit:.0f}%", f"{run.get('completed', 0)}/{run.get('requests', 0)}"]
+            "-" if hit is None else f"{100 * hit:.0f}%", _evictions(prefix),
+            f"{run.get('completed', 0)}/{run.get('requests', 0)}"]
+
+
+def _evictions(prefix: dict[str, Any]) -> str:
+    if prefix.get("evictions") is None:
+        return "-"
+    policy = prefix.get("eviction_policy")
+    return f"{prefix['evictions']:.0f}" + (f" ({policy})" if policy else "")
 
 
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
@@ -151,7 +159,9 @@ def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None 
     parts += ["", verdict(runs), "", markdown_table(runs), "",
               "Goodput: completed requests per second that met both the TTFT and the TPOT target. "
               "KV GB/s: bytes the decode nodes loaded / time spent loading. Prefix hit: prompt blocks "
-              "found in the prefix cache of the nodes that compute prompts.", ""]
+              "found in the prefix cache of the nodes that compute prompts. Evictions: cached blocks those "
+              "nodes evicted for room, and their eviction policy (`workflow`: blocks of active agent "
+              "workflows go last; `lru`).", ""]
     failed = [r for r in runs if r.get("failed")]
     for r in failed:
         errs = "; ".join(f"{e['count']}x {e['message']}" for e in r.get("errors", []))

@@ -83,6 +83,7 @@ class WorkloadOptions:
     system_prompt_len: int = 1024     # shared by the agents of one system prompt
     turn_len: int = 64                # new user tokens each turn
     reply_len: int | None = None      # the synthetic earlier replies in the context (default output_len)
+    background_share: float = 0.0     # share of one-off requests from outside the workflows (other tenants)
 
     def scaled(self, n: float) -> int:
         return max(1, int(round(n * self.length_scale)))
@@ -206,6 +207,10 @@ def _prefix_agents(opts, lengths, tokens):
     and the shared system prompt, not the generated tokens: the hit rate measured is the
     reuse of prompts across turns and agents. A conversation that would no longer fit
     max_model_len starts again after its system prompt.
+
+    `background_share` mixes in one-off prompts from outside the workflows (no
+    workflow_id, nothing shared), as a cluster serving agents next to other traffic sees:
+    the case workflow-aware eviction is for.
     """
     n, a = opts.num_requests, max(1, opts.num_agents)
     sys_len = opts.scaled(opts.system_prompt_len)
@@ -218,8 +223,15 @@ def _prefix_agents(opts, lengths, tokens):
     context: list[list[int]] = [[] for _ in range(a)]   # each agent's conversation after its system prompt
     last: list[int | None] = [None] * a                  # each agent's previous request
     out = []
+    turns = 0
     for i in range(n):
-        agent = i % a
+        if opts.background_share > 0 and lengths.random() < opts.background_share:
+            # Someone else's one-off prompt, as long as an agent's system prompt and turn.
+            prompt_len, _ = _fit(sys_len + turn_len, out_len, opts)
+            out.append(BenchRequest(i, _random_ids(tokens, prompt_len, opts.vocab_size), out_len))
+            continue
+        agent = turns % a
+        turns += 1
         user = _random_ids(tokens, turn_len, opts.vocab_size)
         system = systems[agent % len(systems)]
         if len(system) + len(context[agent]) + turn_len + out_len > opts.max_model_len:

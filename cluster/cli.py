@@ -1,4 +1,4 @@
-"""The `pdcluster` command line: up, status, bench, make-model, generate.
+"""The `pdcluster` command line: up, status, bench, plan, make-model, generate.
 
 Each subcommand's work lives elsewhere (cluster.launcher, cluster.status, bench.cli,
 engine.builtin_models, engine.LLM), imported only when that subcommand runs: `--help`
@@ -60,6 +60,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
 
+    plan = sub.add_parser("plan", help="per node: KV blocks that fit, the longest context, concurrent requests "
+                                       "with and without prefix sharing")
+    plan.add_argument("cluster_yaml", nargs="?", metavar="CLUSTER_YAML",
+                      help=f"the cluster description (default: ./{DEFAULT_CLUSTER_YAML} if present, else the built-in default)")
+    plan.add_argument("--prefix-hit-rate", type=_share, default=None, metavar="R",
+                      help="expected share of prompt tokens served from the prefix cache (default: the workload's ideal)")
+    plan.add_argument("--workload", default="fixed", metavar="NAME",
+                      help="fixed | random-uniform | random-lognormal | sharegpt | prefix-agents (default fixed)")
+    plan.add_argument("--input-len", type=int, default=None, metavar="N", help="fixed / random-*: prompt tokens")
+    plan.add_argument("--output-len", type=int, default=None, metavar="N", help="output tokens")
+    plan.add_argument("--gpu-memory-gib", type=float, default=None, metavar="G",
+                      help="free memory of each GPU, for planning on a machine that does not see the GPUs")
+    plan.set_defaults(run=_plan)
+
     make_model = sub.add_parser("make-model", help="write a random-initialised Hugging Face checkpoint")
     make_model.set_defaults(run=_make_model)
     if _subcommand(argv) == "make-model":  # its arguments come from the engine, which imports torch
@@ -82,6 +96,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _subcommand(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _share(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number: give a share in [0, 1], e.g. 0.5") from None
+    if not 0 <= rate <= 1:
+        raise argparse.ArgumentTypeError(f"{rate} is not in [0, 1]: give a share, e.g. 0.5 for half the prompt tokens")
+    return rate
 
 
 def _topologies(value: str) -> list[str]:
@@ -144,6 +168,28 @@ def _bench(args: argparse.Namespace) -> int:
                 return 2
     run_bench = _entry_point("bench.cli", "run_bench", "bench")
     return 2 if run_bench is None else run_bench(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    path = args.cluster_yaml
+    if path is None and Path(DEFAULT_CLUSTER_YAML).is_file():
+        path = DEFAULT_CLUSTER_YAML
+    config = _load(path)
+    if config is None:
+        return 2
+    from bench.workloads import WORKLOADS
+    if args.workload not in WORKLOADS:
+        print(f"pdcluster plan: --workload {args.workload!r}: choose one of {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    run_plan = _entry_point("cluster.plan", "run_plan", "plan")
+    if run_plan is None:
+        return 2
+    try:
+        return run_plan(config, args.workload, args.prefix_hit_rate, args.gpu_memory_gib, args.input_len,
+                        args.output_len)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pdcluster plan: {e}", file=sys.stderr)
+        return 1
 
 
 def _make_model(args: argparse.Namespace) -> int:

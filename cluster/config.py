@@ -69,6 +69,14 @@ class EngineSettings(_Section):
     memory_fraction: float = Field(default=0.85, gt=0, le=1)
     enforce_eager: bool = False
     """GPU only: true runs every step eagerly (no CUDA graphs for decode steps)."""
+    eviction_policy: Literal["workflow", "lru"] = "workflow"
+    """Which cached prefix blocks go first when room is needed: `workflow` keeps blocks of
+    workflows with requests in flight or active within `workflow_ttl_s` until the rest is
+    gone; `lru` ignores workflows."""
+    workflow_ttl_s: float = Field(default=60.0, gt=0)
+    prefix_hash_algo: Literal["sha256_64", "sha256"] = "sha256_64"
+    """The block hash of the prefix cache and of KV events (README: the block hash
+    contract); `sha256` (128-bit keys) where tenants must not be able to craft collisions."""
 
     @field_validator("block_size")
     @classmethod

@@ -130,7 +130,11 @@ class CacheConfig:
     memory_fraction: float = 0.85
     cpu_kv_cache_gib: float = 0.25
     enable_prefix_caching: bool = True
-    prefix_hash_algo: PrefixHashAlgo = "builtin"
+    prefix_hash_algo: PrefixHashAlgo = "sha256_64"  # engine/hashing.py: the block hash contract
+    # engine/block_pool.py: `workflow` evicts blocks of workflows with requests in flight,
+    # or active within workflow_ttl_s, after every other cached block; `lru` ignores workflows.
+    eviction_policy: Literal["lru", "workflow"] = "workflow"
+    workflow_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -139,6 +143,22 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be at least 2, got {self.num_blocks}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.eviction_policy not in ("lru", "workflow"):
+            raise ValueError(f"eviction_policy {self.eviction_policy!r}: use lru or workflow")
+        if self.prefix_hash_algo not in ("sha256_64", "sha256"):
+            raise ValueError(f"prefix_hash_algo {self.prefix_hash_algo!r}: use sha256_64 or sha256")
+
+
+@dataclass(slots=True)
+class KVEventsConfig:
+    """Publishing KV events (engine/kv_events.py). Port 0 picks a free port."""
+
+    enable: bool = False
+    host: str = "127.0.0.1"
+    port: int = 0
+    replay_port: int = 0
+    topic: str = "kv-events"
+    buffer_steps: int = 10_000
 
 
 @dataclass(slots=True)
@@ -171,6 +191,7 @@ class EngineConfig:
     enforce_eager: bool = False
     # Queue a plain decode step before the previous one is read back (LLMEngine._run_ahead).
     async_scheduling: bool = True
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     # KV transfer (kv_connector.config.KVTransferConfig); None: a plain engine.
     kv_transfer: Any = None
     # Overrides kv_transfer.kv_connector: a class object, or its cloudpickle bytes from the

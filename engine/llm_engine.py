@@ -74,13 +74,14 @@ class LLMEngine:
         cache = config.cache
         block_bytes = KVCacheSpec.bytes_per_block(self.model_config, cache.block_size, self.dtype)
         num_blocks = cache.num_blocks or num_blocks_for_budget(self._kv_budget_bytes(), block_bytes)
+        self.max_model_len = self._fit_max_model_len(num_blocks * cache.block_size, block_bytes)
         self.kv_spec = KVCacheSpec(num_blocks, self.model_config.num_layers, cache.block_size,
                                    self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype)
         self.kv_cache = allocate_kv_cache(self.kv_spec, self.device)
-        self.pool = BlockPool(num_blocks, cache.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, cache.enable_prefix_caching, cache.eviction_policy, cache.workflow_ttl_s)
+        self.kv_events = self._build_kv_event_publisher()
         self.connector = self._build_connector()
         self.scheduler = Scheduler(cache, config.scheduler, self.pool, self.connector)
-        self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         sched = config.scheduler
         self.runner = ModelRunner(self.model, self.kv_cache, cache.block_size, self.device,
                                   max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
@@ -118,9 +119,46 @@ class LLMEngine:
         connector.register_kv_cache(self.kv_cache)
         return connector
 
+    def _fit_max_model_len(self, capacity_tokens: int, block_bytes: int) -> int:
+        """The context length served: the configured one, which must fit the KV cache
+        (one request of that length), or the model's, lowered to what fits."""
+        asked = self.config.scheduler.max_model_len
+        if asked is not None and asked > capacity_tokens:
+            need_gib = -(-asked // self.config.cache.block_size) * block_bytes / GIB
+            raise ValueError(
+                f"max_model_len {asked} does not fit this node's KV cache: {capacity_tokens // self.config.cache.block_size} "
+                f"blocks of {self.config.cache.block_size} tokens hold at most {capacity_tokens} tokens (one request of "
+                f"{asked} tokens needs {need_gib:.2f} GiB). Set max_model_len to {capacity_tokens} or less, or give the "
+                "KV cache more memory (memory_fraction, cpu_kv_cache_gib, num_blocks); `pdcluster plan` shows the figures")
+        model_len = self.model_config.max_position_embeddings
+        if asked is None and model_len > capacity_tokens:
+            log.warning("the model's context of %d tokens does not fit the KV cache (%d tokens): serving at most %d; "
+                        "set max_model_len to silence this", model_len, capacity_tokens, capacity_tokens)
+            return capacity_tokens
+        return asked or model_len
+
+    def _build_kv_event_publisher(self):
+        events = self.config.kv_events
+        if not events.enable:
+            return None
+        from engine.kv_events import KVEventLog, KVEventPublisher
+
+        medium = "GPU" if self.device.type == "cuda" else "CPU"
+        publisher = KVEventPublisher(events.host, events.port, events.replay_port, events.topic, medium,
+                                     events.buffer_steps)
+        self.pool.event_log = KVEventLog(self.config.cache.block_size, medium)
+        return publisher
+
+    def _publish_kv_events(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.publish(self.pool.event_log.drain())
+
     def close(self) -> None:
         if self.connector is not None:
             self.connector.close()
+        if self.kv_events is not None:
+            self._publish_kv_events()
+            self.kv_events.close()
 
     def _kv_budget_bytes(self) -> int:
         cache = self.config.cache
@@ -138,8 +176,8 @@ class LLMEngine:
 
     # --- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    output_token_ids: list[int] | None = None,
-                    kv_transfer_params: dict | None = None) -> Request:
+                    output_token_ids: list[int] | None = None, kv_transfer_params: dict | None = None,
+                    workflow_id: str | None = None, agent_id: str | None = None) -> Request:
         """Queue a request. `output_token_ids` continues a generation another engine began
         (a decode node receives the token the prefill node sampled); `kv_transfer_params`
         tells the KV connector where this request's prompt KV can be pulled from."""
@@ -158,7 +196,8 @@ class LLMEngine:
         max_tokens = min(params.max_tokens or room, room)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt_ids, params, seed, max_tokens, output_token_ids=outputs,
-                      kv_transfer_params=kv_transfer_params, prompt_text=text)
+                      kv_transfer_params=kv_transfer_params, prompt_text=text, workflow_id=workflow_id,
+                      agent_id=agent_id)
         if params.detokenize:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
             if outputs:
@@ -224,6 +263,7 @@ class LLMEngine:
             outputs += self._poll_connector()
             outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
             self.idle = False
+            self._publish_kv_events()
             return outputs
         appended = self._collect_inflight()
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -245,6 +285,7 @@ class LLMEngine:
                 self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows), plain)
         outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
         self.idle = not chunks and not appended
+        self._publish_kv_events()
         return outputs
 
     def _run_ahead(self) -> _InflightStep | None:
@@ -399,6 +440,11 @@ class LLMEngine:
                             self.pool.num_free, self.pool.num_cached, self.pool.stats.queries, self.pool.stats.hits,
                             s.num_preemptions, self.connector.stats() if self.connector else {},
                             max(self._peak_running, len(s.running)),
-                            max(self._peak_waiting, len(s.waiting) + len(s.waiting_for_remote_kv)))
+                            max(self._peak_waiting, len(s.waiting) + len(s.waiting_for_remote_kv)),
+                            prefix_cache_query_tokens=self.pool.stats.query_tokens,
+                            prefix_cache_hit_tokens=self.pool.stats.hit_tokens,
+                            kv_evictions=self.pool.stats.evictions,
+                            kv_protected_evictions=self.pool.stats.protected_evictions,
+                            kv_cache_digest=self.pool.cached_digest, eviction_policy=self.pool.eviction_policy)
         self._peak_running = self._peak_waiting = 0
         return stats

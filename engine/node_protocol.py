@@ -21,6 +21,8 @@ class SubmitRequest(msgspec.Struct, tag="submit"):
     params: dict[str, Any]                  # SamplingParams.to_dict()
     output_token_ids: list[int] = []        # tokens another node already generated
     kv_transfer_params: dict[str, Any] | None = None
+    workflow_id: str | None = None          # for workflow-aware eviction
+    agent_id: str | None = None
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):
@@ -67,6 +69,11 @@ class NodeStats(msgspec.Struct, tag="node_stats"):
     block_size: int
     engine: EngineStats
     draining: bool = False
+    # KV events (engine/kv_events.py): the PUB and replay sockets, "" when not published,
+    # and the block hash algorithm of the keys they carry (engine/hashing.py).
+    kv_events_address: str = ""
+    kv_events_replay_address: str = ""
+    block_hash_algo: str = "sha256_64"
 
 
 ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest

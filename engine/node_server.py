@@ -115,7 +115,8 @@ class NodeServer:
         try:
             params = SamplingParams.from_dict(msg.params)
             self.engine.add_request(msg.request_id, msg.prompt_token_ids, params,
-                                    output_token_ids=msg.output_token_ids, kv_transfer_params=msg.kv_transfer_params)
+                                    output_token_ids=msg.output_token_ids, kv_transfer_params=msg.kv_transfer_params,
+                                    workflow_id=msg.workflow_id, agent_id=msg.agent_id)
         except (ValueError, TypeError) as e:  # the request is bad, the node is fine
             return refuse(str(e), 400)
         self._owners[msg.request_id] = ident
@@ -159,7 +160,11 @@ class NodeServer:
     def stats(self) -> proto.NodeStats:
         return proto.NodeStats(node_id=self.node_id, role=self.role, pid=os.getpid(),
                                model=self.engine.model_config.name, block_size=self.engine.kv_spec.block_size,
-                               engine=self.engine.stats(), draining=self._draining)
+                               engine=self.engine.stats(), draining=self._draining,
+                               kv_events_address=self.engine.kv_events.address if self.engine.kv_events else "",
+                               kv_events_replay_address=(self.engine.kv_events.replay_address
+                                                         if self.engine.kv_events else ""),
+                               block_hash_algo=self.engine.config.cache.prefix_hash_algo)
 
 
 # --- process entry ------------------------------------------------------------------------
@@ -178,16 +183,17 @@ class NodeLaunchSpec(msgspec.Struct, kw_only=True):
     kv_transfer: dict[str, Any] | None = None  # KVTransferConfig fields, role filled in per node kind
     log_level: str = "INFO"
     cpu_threads: int = 0                     # torch intra-op threads on CPU (0: torch's default)
+    kv_events: bool = True                   # publish KV events (engine/kv_events.py) on free ports of `host`
 
 
 _CACHE_KEYS = {"block_size", "num_blocks", "memory_fraction", "cpu_kv_cache_gib", "enable_prefix_caching",
-               "prefix_hash_algo"}
+               "prefix_hash_algo", "eviction_policy", "workflow_ttl_s"}
 _SCHED_KEYS = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_chunked_prefill"}
 _ENGINE_KEYS = {"enforce_eager"}
 
 
 def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> EngineConfig:
-    from engine.config import CacheConfig, SchedulerConfig
+    from engine.config import CacheConfig, KVEventsConfig, SchedulerConfig
 
     unknown = set(spec.engine) - _CACHE_KEYS - _SCHED_KEYS - _ENGINE_KEYS
     if unknown:
@@ -201,7 +207,7 @@ def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> Engine
         cache=CacheConfig(**{k: v for k, v in spec.engine.items() if k in _CACHE_KEYS}),
         scheduler=SchedulerConfig(**{k: v for k, v in spec.engine.items() if k in _SCHED_KEYS}),
         enforce_eager=bool(spec.engine.get("enforce_eager", False)),
-        kv_transfer=kv)
+        kv_transfer=kv, kv_events=KVEventsConfig(enable=spec.kv_events, host=spec.host))
 
 
 def run_node(argv: list[str] | None, kv_role: str | None) -> int:

@@ -48,3 +48,13 @@ class EngineStats:
     # instant's queue lengths miss the bursts between two polls.
     peak_running: int = 0
     peak_waiting: int = 0
+    # Prefix cache in tokens (queries: prompt tokens looked up at admission; hits: served
+    # from the cache), cached blocks evicted for room (of those, blocks of active
+    # workflows), the cached set's digest (engine/block_pool.py; a KV event subscriber
+    # in sync computes the same) and the eviction policy.
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    kv_evictions: int = 0
+    kv_protected_evictions: int = 0
+    kv_cache_digest: int = 0
+    eviction_policy: str = ""

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.hashing import ROOT_BLOCK_HASH, PrefixHashAlgo, hash_block_tokens
+from engine.hashing import PrefixHashAlgo, hash_block_tokens, root_block_hash
 from engine.sampling_params import SamplingParams
 
 
@@ -54,12 +54,19 @@ class Request:
     kv_transfer_params: dict[str, Any] | None = None
     num_external_tokens: int = 0             # prompt tokens whose KV arrives from another node
     prompt_text: str | None = None
+    workflow_id: str | None = None           # the agent workflow it belongs to (eviction priority, metrics)
+    agent_id: str | None = None
     detokenizer: Any = None
     logprobs: list[Any] = field(default_factory=list)
     # A stop string matched in text read while the next step ran: the request ends at the
     # engine's next step (see LLMEngine.step), with this reason and last text delta.
     pending_stop: str | None = None
     pending_text: str = ""
+
+    @property
+    def cache_owner(self) -> str | None:
+        """Whose KV blocks these are for workflow-aware eviction: the workflow, else the agent."""
+        return self.workflow_id or self.agent_id
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,5 +89,5 @@ class Request:
         n_full = self.num_tokens // block_size
         while len(self.block_hashes) < n_full:
             i = len(self.block_hashes)
-            parent = self.block_hashes[-1] if self.block_hashes else ROOT_BLOCK_HASH
+            parent = self.block_hashes[-1] if self.block_hashes else root_block_hash(algo)
             self.block_hashes.append(hash_block_tokens(parent, self.token_slice(i * block_size, (i + 1) * block_size), algo))

@@ -80,6 +80,7 @@ class Scheduler:
         request.update_block_hashes(self.block_size, self.cache.prefix_hash_algo)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.pool.workflow_started(request.cache_owner)
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """End a request wherever it is and give back its blocks (or leave them with the
@@ -99,6 +100,7 @@ class Scheduler:
         if not held:
             self.pool.free(request.block_ids)
         request.block_ids = [] if not held else request.block_ids
+        self.pool.workflow_finished(request.cache_owner)
 
     def release_blocks(self, block_ids: list[int]) -> None:
         """Return blocks a connector kept after their request finished."""
@@ -175,7 +177,7 @@ class Scheduler:
             if victim is req:
                 return False
         if need > 0:
-            req.block_ids += self.pool.allocate(need)
+            req.block_ids += self.pool.allocate(need, req.cache_owner)
         return True
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
@@ -214,8 +216,9 @@ class Scheduler:
         hits_in_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
         if new_blocks + hits_in_free > self.pool.num_free:
             return None
-        self.pool.touch(hits)
-        req.block_ids = hits + self.pool.allocate(new_blocks)
+        self.pool.touch(hits, req.cache_owner)
+        req.block_ids = hits + self.pool.allocate(new_blocks, req.cache_owner)
+        self.pool.record_lookup(max_hit_blocks, len(hits), req.num_tokens, num_computed)
         req.num_computed_tokens = num_computed
         req.num_cached_tokens = num_computed
         req.num_published_blocks = len(hits)
@@ -249,7 +252,8 @@ class Scheduler:
         req.update_block_hashes(self.block_size, self.cache.prefix_hash_algo)
         n_full = min(req.num_computed_tokens // self.block_size, len(req.block_hashes))
         for i in range(req.num_published_blocks, n_full):
-            self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
+            self.pool.cache_block(req.block_ids[i], req.block_hashes[i], req.block_hashes[i - 1] if i else None,
+                                  req.token_slice(i * self.block_size, (i + 1) * self.block_size))
         req.num_published_blocks = max(req.num_published_blocks, n_full)
 
     def _blocks_for(self, num_tokens: int) -> int:

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 0.5
 # Per node in GET /cluster, from its last stats.
 _CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "running", "waiting",
-                   "waiting_for_remote_kv", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+                   "waiting_for_remote_kv", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
+                   "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "kv_evictions", "kv_cache_digest",
+                   "eviction_policy")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 503: "service_unavailable_error"}
 
@@ -55,7 +57,7 @@ class Router:
         self.ctx = zmq.asyncio.Context()
         self.nodes = [NodeClient(n, self.ctx) for n in spec.nodes]
         self.policy = RoutingPolicy(spec.policy, spec.block_size)
-        self.metrics = RouterMetrics(self.nodes)
+        self.metrics = RouterMetrics(self.nodes, self.policy.kv_stats)
         self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy,
                                          on_failover=lambda stage: self.metrics.failovers.labels(stage).inc())
         self.in_flight = 0
@@ -69,6 +71,7 @@ class Router:
     async def stop(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        self.policy.close()
         for n in self.nodes:
             await n.close()
         self.ctx.term()
@@ -80,6 +83,7 @@ class Router:
             for n in self.nodes:
                 if n.id in was_down and n.healthy:
                     self.policy.node_restarted(n.id)  # its prefix cache starts empty
+            self.policy.follow_kv_events(self.nodes, self.ctx)
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     def can_serve(self) -> bool:
@@ -132,6 +136,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
                           "peak_running": peak_running, "peak_waiting": peak_waiting,
                           **{f: getattr(e, f) if e else 0 for f in _CLUSTER_FIELDS},
+                          "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
+                          "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
+                          "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
                           "kv_transfer": e.kv_transfer if e else {}})
         return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name}
 
@@ -217,7 +224,8 @@ class _Run:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.stream = router.orchestrator.generate(self.id, prompt_ids, params,
-                                                   req.workflow_id or req.agent_id)
+                                                   req.workflow_id or req.agent_id,
+                                                   workflow_id=req.workflow_id, agent_id=req.agent_id)
         self._done = False
         router.in_flight += 1
         router.metrics.in_flight.inc()
@@ -231,6 +239,8 @@ class _Run:
             raise
         self.router.metrics.ttft.observe(time.monotonic() - self.t0)
         self.cached_tokens = head.num_cached_tokens
+        self.router.metrics.observe_prompt_cache(self.req.workflow_id, self.req.agent_id, len(self.prompt_ids),
+                                                 head.num_cached_tokens)
         return head
 
     async def deltas(self, head: Delta) -> AsyncIterator[Delta]:

@@ -68,29 +68,32 @@ class Orchestrator:
         return bool(self.prefill_nodes and self.decode_nodes)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       affinity_key: str | None = None) -> AsyncIterator[Delta]:
+                       affinity_key: str | None = None, *, workflow_id: str | None = None,
+                       agent_id: str | None = None) -> AsyncIterator[Delta]:
         """Deltas until one with finished=True. Raises RequestFailed before the first
-        token when the request cannot start (no node, bad input)."""
+        token when the request cannot start (no node, bad input). `workflow_id` and
+        `agent_id` go to the nodes (workflow-aware eviction)."""
+        owner = (workflow_id, agent_id)
         if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         try:
             if not self.disaggregated:
                 node = self.policy.pick_prefill(self.colocated_nodes, prompt_ids, affinity_key)
-                async with aclosing(self._stream(node, request_id, prompt_ids, params)) as inner:
+                async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
                     async for d in inner:
                         yield d
                 return
-            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key)) as inner:
+            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key, owner)) as inner:
                 async for d in inner:
                     yield d
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                             affinity_key: str | None) -> AsyncIterator[Delta]:
+                             affinity_key: str | None, owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
         if params.max_tokens == 1:  # nothing to decode: the prefill node serves it whole
             node = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params)) as inner:
+            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -102,7 +105,7 @@ class Orchestrator:
             # No prefill node is up: a decode node prefills the request itself.
             self.on_failover("prefill")
             async with aclosing(self._stream(self.policy.pick_decode(self.decode_nodes), request_id, prompt_ids,
-                                             params)) as inner:
+                                             params, owner=owner)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -110,7 +113,8 @@ class Orchestrator:
         first: proto.RequestUpdate | None = None
         try:
             q = await prefill.submit(proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
-                                                         kv_transfer_params={"do_remote_decode": True}))
+                                                         kv_transfer_params={"do_remote_decode": True},
+                                                         workflow_id=owner[0], agent_id=owner[1]))
             try:
                 first = await q.get()  # max_tokens=1: exactly one, final update
             except BaseException:
@@ -126,7 +130,7 @@ class Orchestrator:
             log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
                         prefill.id, first.error)
             node = self.policy.pick_decode(self.decode_nodes)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params)) as inner:
+            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -142,14 +146,15 @@ class Orchestrator:
             raise
         decode = self.policy.pick_decode(self.decode_nodes)
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
-                              kv=first.kv_transfer_params, lender=prefill)
+                              kv=first.kv_transfer_params, lender=prefill, owner=owner)
         async with aclosing(stream) as inner:
             async for d in inner:
                 yield d
 
     async def _stream(self, node: NodeClient, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       output_ids: list[int] | None = None, kv: dict | None = None,
-                      lender: NodeClient | None = None) -> AsyncIterator[Delta]:
+                      lender: NodeClient | None = None,
+                      owner: tuple[str | None, str | None] = (None, None)) -> AsyncIterator[Delta]:
         """Run (or continue) a request on one node and relay its updates. A node that
         fails mid-way hands the request to another of its kind under `recompute`."""
         output_ids = list(output_ids or [])
@@ -157,7 +162,8 @@ class Orchestrator:
         while True:
             tried.add(node.id)
             try:
-                q = await node.submit(proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv))
+                q = await node.submit(proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv,
+                                                          workflow_id=owner[0], agent_id=owner[1]))
             except NodeUnavailable as e:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),

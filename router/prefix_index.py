@@ -1,24 +1,29 @@
-"""Which prefill node has which prompt prefixes cached, as the router last saw them.
+"""Which node holds which prompt prefixes, as the nodes themselves say.
 
-The router computes the same chained block hashes the engines' prefix caches use
-(engine/hashing.py) and remembers, per hash, the nodes it sent that block to. It is a
-guess — a node may have evicted the block since — so it only steers routing, never
-correctness. Bounded: the least recently used hashes are dropped first.
+Built from every node's KV events (engine/kv_events.py, applied by
+router/kv_event_listener.py), not from the router's guesses: a block a node evicts
+leaves the index when its BlockRemoved arrives, and a restarted node's
+AllBlocksCleared empties its entry. Keys are the block hash contract's
+(engine/hashing.py), so the router finds a prompt's blocks by hashing its tokens the way
+the nodes do. It steers routing only, never correctness: an event still on the wire
+costs at most one cache miss.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+from engine.hashing import internal_block_hash
+from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 
 class PrefixIndex:
-    def __init__(self, capacity_blocks: int = 200_000):
-        self.capacity = capacity_blocks
-        self._nodes: OrderedDict[int, set[str]] = OrderedDict()  # block hash -> node ids
+    def __init__(self) -> None:
+        self._nodes: dict[int, set[str]] = {}     # block key -> nodes holding it
+        self._blocks: dict[str, set[int]] = {}    # node -> block keys it holds
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Per node, how many leading blocks of `hashes` it (probably) has."""
+        """Per node, how many leading blocks of `hashes` it holds."""
         matched: dict[str, int] = {}
         alive: set[str] | None = None
         for i, h in enumerate(hashes):
@@ -32,24 +37,41 @@ class PrefixIndex:
                 matched[n] = i + 1
         return matched
 
-    def insert(self, node_id: str, hashes: Sequence[int]) -> None:
+    def apply(self, node_id: str, events: Iterable[KVCacheEvent]) -> None:
+        for e in events:
+            if isinstance(e, BlockStored):
+                self.insert(node_id, [internal_block_hash(h) for h in e.block_hashes])
+            elif isinstance(e, BlockRemoved):
+                self.remove(node_id, [internal_block_hash(h) for h in e.block_hashes])
+            elif isinstance(e, AllBlocksCleared):
+                self.forget_node(node_id)
+
+    def insert(self, node_id: str, hashes: Iterable[int]) -> None:
+        held = self._blocks.setdefault(node_id, set())
         for h in hashes:
+            self._nodes.setdefault(h, set()).add(node_id)
+            held.add(h)
+
+    def remove(self, node_id: str, hashes: Iterable[int]) -> None:
+        held = self._blocks.get(node_id, set())
+        for h in hashes:
+            held.discard(h)
             nodes = self._nodes.get(h)
-            if nodes is None:
-                self._nodes[h] = {node_id}
-            else:
-                nodes.add(node_id)
-                self._nodes.move_to_end(h)
-        while len(self._nodes) > self.capacity:
-            self._nodes.popitem(last=False)
+            if nodes is not None:
+                nodes.discard(node_id)
+                if not nodes:
+                    del self._nodes[h]
 
     def forget_node(self, node_id: str) -> None:
-        """A node restarted: its cache is empty."""
-        for h in [h for h, nodes in self._nodes.items() if node_id in nodes]:
-            nodes = self._nodes[h]
-            nodes.discard(node_id)
-            if not nodes:
-                del self._nodes[h]
+        """The node's cache is empty (it restarted, or said so)."""
+        self.remove(node_id, list(self._blocks.pop(node_id, ())))
+
+    def num_blocks(self, node_id: str) -> int:
+        return len(self._blocks.get(node_id, ()))
+
+    def digest(self, node_id: str) -> int:
+        """Comparable with the node's `kv_cache_digest` stat when in sync."""
+        return sum(self._blocks.get(node_id, ())) & ((1 << 64) - 1)
 
     def __len__(self) -> int:
         return len(self._nodes)

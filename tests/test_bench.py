@@ -288,6 +288,13 @@ def test_cluster_delta_gives_kv_bandwidth_and_prompt_side_hit_rate():
     assert kv["gb_per_s"] == pytest.approx(1.0)
     assert prefix["queries"] == 100 and prefix["hits"] == 25 and prefix["hit_rate"] == pytest.approx(0.25)
     assert cluster_delta("", "") == {"kv_transfer": None, "prefix_cache": None}
+    extra = ('pdcluster_node_prefix_cache_query_tokens{node="prefill-0",role="prefill"} %s\n'
+             'pdcluster_node_prefix_cache_hit_tokens{node="prefill-0",role="prefill"} %s\n'
+             'pdcluster_node_kv_evictions{node="prefill-0",role="prefill"} %s\n'
+             'pdcluster_node_eviction_policy{node="prefill-0",policy="workflow",role="prefill"} 1.0\n')
+    prefix = cluster_delta(_BEFORE + extra % (100, 10, 3), _AFTER + extra % (1100, 510, 8))["prefix_cache"]
+    assert prefix["token_hit_rate"] == pytest.approx(0.5) and prefix["evictions"] == 5
+    assert prefix["eviction_policy"] == "workflow"
 
 
 def test_queue_peaks_over_samples():
@@ -309,7 +316,10 @@ def test_report_table_and_verdict():
     table = report.markdown_table(runs)
     lines = table.splitlines()
     assert lines[0].startswith("| Topology | Load | Goodput (req/s) |") and len(lines) == 6
-    assert lines[2] == "| 1P1D | 2 req/s | 1.80 | 2.00 | 22.0 | 150.0 | 199.0 | 25.0 | 29.9 | 1.234 | - | 2/2 |"
+    assert lines[2] == "| 1P1D | 2 req/s | 1.80 | 2.00 | 22.0 | 150.0 | 199.0 | 25.0 | 29.9 | 1.234 | - | - | 2/2 |"
+    row = report.table_row(_run("both", 1.0, 1.0, prefix_cache={"hit_rate": 0.5, "evictions": 12.0,
+                                                               "eviction_policy": "workflow"}))
+    assert row[-3:] == ["50%", "12 (workflow)", "2/2"]
     assert lines[5].startswith("| colocated2 | all at once | 1.50 |")
     v = report.verdict(runs)
     assert v.startswith("Best by goodput: **1P1D**, 3.00 req/s within TTFT <= 1000 ms and TPOT <= 100 ms")
@@ -412,6 +422,7 @@ def test_bench_compares_1p1d_and_colocated_on_cpu(tmp_path, monkeypatch, capsys)
         assert 0 < r["tpot_ms"]["median"] < 5000 and r["itl_ms"]["count"] == 32 * 7
         assert r["e2e_ms"]["median"] > r["ttft_ms"]["median"]
         assert r["prefix_cache"]["hit_rate"] > 0.2, key               # agents share their prompts
+        assert r["prefix_cache"]["token_hit_rate"] > 0.2 and r["prefix_cache"]["eviction_policy"] == "workflow"
         assert r["queues"]["samples"] >= 1
         assert (out / f"{key[0]}-{key[1]}.json").is_file()
     for topo in ("1P1D", "colocated1"):  # 4 s at 8 req/s: sampled while busy (stats lag up to 0.5 s)
@@ -425,6 +436,7 @@ def test_bench_compares_1p1d_and_colocated_on_cpu(tmp_path, monkeypatch, capsys)
 
     md = (out / "report.md").read_text()
     assert "Best by goodput: **" in md and summary["best"]["topology"] in ("1P1D", "colocated1")
+    assert "| Evictions |" in md and "0 (workflow) |" in md   # 256 blocks: nothing had to go
     for topo in ("1P1D", "colocated1"):
         assert f"| {topo} | 8 req/s |" in md and f"| {topo} | all at once |" in md
     assert "| 1P1D | 8 req/s |" in printed.out and str(out) in printed.out

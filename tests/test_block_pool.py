@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.block_pool import BlockPool, NoFreeBlocksError
-from engine.hashing import ROOT_BLOCK_HASH, hash_block_tokens, prefix_block_hashes, safe_hash
+from engine.hashing import hash_block_tokens, prefix_block_hashes, root_block_hash, safe_hash
 
 
 def test_allocate_and_free_return_every_block():
@@ -81,7 +81,7 @@ def test_prefix_hashes_chain_so_equal_blocks_after_different_prefixes_differ():
     b = prefix_block_hashes([5, 6, 7, 8, 9, 9, 9, 9], 4)
     assert a[1] != b[1]
     assert prefix_block_hashes([1, 2, 3, 4, 5], 4) == a[:1]  # a partial tail block has no key
-    assert hash_block_tokens(ROOT_BLOCK_HASH, [1, 2, 3, 4], "sha256") == prefix_block_hashes([1, 2, 3, 4], 4, "sha256")[0]
+    assert hash_block_tokens(root_block_hash("sha256"), [1, 2, 3, 4], "sha256") == prefix_block_hashes([1, 2, 3, 4], 4, "sha256")[0]
 
 
 def test_safe_hash_is_stable_and_fast_md5_by_default():
@@ -94,3 +94,71 @@ def test_freed_plain_blocks_are_handed_out_lowest_id_first_so_requests_get_runs(
     pool.free(c)
     pool.free(a)  # free: 0-3 and 8-11, in that order of freeing
     assert pool.allocate(6) == [0, 1, 2, 3, 8, 9]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cache_and_free(pool: BlockPool, keys: list[int], workflow: str | None = None) -> list[int]:
+    blocks = pool.allocate(len(keys), workflow)
+    for b, k in zip(blocks, keys):
+        pool.cache_block(b, k)
+    pool.free(blocks)
+    return blocks
+
+
+def test_workflow_eviction_keeps_an_active_workflows_blocks_over_newer_anonymous_ones():
+    clock = _Clock()
+    for policy, survives in (("workflow", True), ("lru", False)):
+        pool = BlockPool(4, eviction_policy=policy, workflow_ttl_s=10, clock=clock)
+        pool.workflow_started("wf")
+        _cache_and_free(pool, [1, 2], "wf")   # the agent's context, between two of its turns
+        _cache_and_free(pool, [3, 4])          # someone else's, newer
+        pool.allocate(2)                       # room needed: two cached blocks must go
+        assert (pool.find_cached_prefix([1, 2]) != []) == survives, policy
+        assert pool.stats.evictions == 2 and pool.stats.protected_evictions == 0
+
+
+def test_a_workflow_idle_past_its_ttl_loses_its_protection():
+    clock = _Clock()
+    pool = BlockPool(4, eviction_policy="workflow", workflow_ttl_s=10, clock=clock)
+    pool.workflow_started("wf")
+    _cache_and_free(pool, [1, 2], "wf")
+    pool.workflow_finished("wf")
+    _cache_and_free(pool, [3, 4])
+    clock.now = 5.0
+    pool.allocate(1)  # within the TTL: the anonymous tail goes
+    assert pool.find_cached_prefix([1, 2]) != [] and pool.find_cached_prefix([3]) != []
+    clock.now = 20.0
+    pool.allocate(1)  # past the TTL: the workflow's blocks are the oldest now
+    assert pool.find_cached_prefix([1, 2]) == [pool.cached[1]] and 2 not in pool.cached
+
+
+def test_when_only_protected_blocks_remain_the_least_recently_active_workflow_goes_first():
+    clock = _Clock()
+    pool = BlockPool(4, eviction_policy="workflow", workflow_ttl_s=100, clock=clock)
+    for wf, keys in (("old", [1, 2]), ("new", [3, 4])):
+        pool.workflow_started(wf)
+        _cache_and_free(pool, keys, wf)
+        clock.now += 1
+        pool.workflow_finished(wf)
+    pool.allocate(2)
+    assert 1 not in pool.cached and 2 not in pool.cached and {3, 4} <= set(pool.cached)
+    assert pool.stats.protected_evictions == 2 and pool.num_free == 2
+
+
+def test_a_hit_takes_a_protected_block_out_of_its_queue():
+    pool = BlockPool(3, eviction_policy="workflow")
+    pool.workflow_started("wf")
+    blocks = _cache_and_free(pool, [1, 2], "wf")
+    assert pool.num_free == 3
+    pool.touch(pool.find_cached_prefix([1, 2]), "wf")
+    assert pool.num_free == 1 and pool.ref_counts[blocks[0]] == 1
+    pool.free(blocks)
+    pool.uncache(blocks)
+    assert pool.num_free == 3 and pool.num_cached == 0 and pool.cached_digest == 0

@@ -170,6 +170,7 @@ def test_models_health_metrics_and_cluster_endpoints(client, cluster):
         assert {"id", "role", "address", "pid", "healthy", "kv_blocks_total", "kv_blocks_free", "running",
                 "waiting"} <= set(n)
         assert n["role"] in ("prefill", "decode", "both")
+        assert n["kv_events_address"].startswith("tcp://")  # split and colocated nodes alike publish KV events
 
 
 def test_api_key_is_enforced(tmp_path_factory):

@@ -1,0 +1,130 @@
+"""The router's subscription to one node's KV events, feeding the PrefixIndex.
+
+One asyncio task per node, on the router's event loop. The node reports its PUB and
+replay addresses in its stats; `follow()` (called from the health loop) starts a
+subscription, or a fresh one when the addresses change (a restarted node binds new
+ports). A fresh subscription first asks the replay socket for everything from batch 0,
+which is either the node's whole history or a snapshot (engine/kv_events.py), so the
+index is exact from the start. Afterwards, a gap in the sequence numbers is filled by
+replay, and a sequence that starts again at 0 means the node restarted on the same
+address: its entry is emptied and rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import zmq
+import zmq.asyncio
+
+from engine.kv_events import DEFAULT_TOPIC, END_OF_REPLAY, KVEventBatch, decode_batch, seq_bytes
+from router.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+REPLAY_TIMEOUT_S = 2.0
+
+
+class KVEventListener:
+    def __init__(self, node_id: str, index: PrefixIndex, ctx: zmq.asyncio.Context, topic: str = DEFAULT_TOPIC):
+        self.node_id = node_id
+        self.index = index
+        self.ctx = ctx
+        self.topic = topic.encode()
+        self.address = self.replay_address = ""
+        self.last_seq = -1
+        self.batches = 0          # applied, for /cluster and tests
+        self.gaps_healed = 0
+        self._task: asyncio.Task | None = None
+        self._sockets: set[zmq.asyncio.Socket] = set()
+
+    def follow(self, address: str, replay_address: str) -> None:
+        """Subscribe to these addresses (no-op when already subscribed to them)."""
+        if not address or (address, replay_address) == (self.address, self.replay_address):
+            return
+        self.stop()
+        self.address, self.replay_address = address, replay_address
+        self.index.forget_node(self.node_id)
+        self.last_seq = -1
+        self._task = asyncio.get_running_loop().create_task(self._run(address))
+
+    def resync(self) -> None:
+        """Rebuild from a snapshot (the node was unreachable for a while)."""
+        address, replay = self.address, self.replay_address
+        self.address = self.replay_address = ""
+        self.follow(address, replay)
+
+    def stop(self) -> None:
+        """Cancel the subscription and close its sockets now (the router terminates its
+        zmq context right after, which waits for every socket to be closed)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for sock in self._sockets:
+            sock.close(0)
+        self._sockets.clear()
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        self._sockets.add(sock)
+        return sock
+
+    def _close(self, sock: zmq.asyncio.Socket) -> None:
+        self._sockets.discard(sock)
+        sock.close(0)
+
+    async def _run(self, address: str) -> None:
+        sub = self._socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        sub.connect(address)
+        try:
+            await self._replay(0)
+            while True:
+                _, seq_b, payload = await sub.recv_multipart()
+                seq = int.from_bytes(seq_b, "big")
+                if seq == 0 and self.last_seq >= 0:  # the node restarted behind the same address
+                    self.index.forget_node(self.node_id)
+                    self.last_seq = -1
+                elif seq <= self.last_seq:
+                    continue  # a replay already brought it
+                elif seq > self.last_seq + 1:
+                    await self._replay(self.last_seq + 1)
+                    self.gaps_healed += 1
+                    if seq <= self.last_seq:
+                        continue
+                self._apply(seq, decode_batch(payload))
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("node %s: KV event subscription failed; prefix routing falls back to load for it",
+                          self.node_id)
+        finally:
+            self._close(sub)
+
+    async def _replay(self, start_seq: int) -> None:
+        sock = self._socket(zmq.DEALER)
+        sock.connect(self.replay_address)
+        try:
+            await sock.send_multipart([b"", seq_bytes(start_seq)])
+            while True:
+                try:
+                    _, seq_b, payload = await asyncio.wait_for(sock.recv_multipart(), REPLAY_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    log.warning("node %s: no answer from the KV event replay socket %s", self.node_id,
+                                self.replay_address)
+                    return
+                if seq_b == END_OF_REPLAY:
+                    return
+                seq = int.from_bytes(seq_b, "big")
+                batch = decode_batch(payload)
+                if seq > self.last_seq or (start_seq == 0 and self.last_seq < 0):
+                    self._apply(seq, batch)
+        finally:
+            self._close(sock)
+
+    def _apply(self, seq: int, batch: KVEventBatch) -> None:
+        self.index.apply(self.node_id, batch.events)
+        self.last_seq = seq
+        self.batches += 1
