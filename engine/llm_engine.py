@@ -18,7 +18,7 @@ from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, num_block
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
@@ -178,17 +178,50 @@ class LLMEngine:
         self.idle = not chunks
         if not chunks:
             return outputs
-        logits = self.runner.execute(chunks)
+        try:
+            results = [self._forward(chunks)]
+        except Exception as e:
+            chunks, results = self._isolate_failure(chunks, e, outputs)
         for c in chunks:
             self.scheduler.chunk_done(c)
             self.num_tokens_computed += c.num_tokens
-        sampling = [c.request for c in chunks if c.sample]
-        if sampling:
-            rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
-            sampled = self.sampler(logits, rows)
-            outputs += [self._append_token(r, tok, lp)
-                        for r, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs)]
+        for sampling, sampled in results:
+            for r, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
+                try:
+                    outputs.append(self._append_token(r, tok, lp))
+                except Exception as e:  # e.g. detokenizing: this request's fault, not the batch's
+                    log.exception("request_id=%s: appending token %d failed", r.request_id, tok)
+                    if (out := self.fail_request(r.request_id, f"engine error: {e}")) is not None:
+                        outputs.append(out)
         return outputs
+
+    def _forward(self, chunks: list) -> tuple[list[Request], SamplerOutput]:
+        """Run the model on `chunks` and sample the requests that complete a chunk. Changes
+        no request's state, so a failed forward can be run again (it rewrites the same KV)."""
+        logits = self.runner.execute(chunks)
+        sampling = [c.request for c in chunks if c.sample]
+        if not sampling:
+            return [], SamplerOutput([], [])
+        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+        return sampling, self.sampler(logits, rows)
+
+    def _isolate_failure(self, chunks: list, error: Exception, outputs: list[RequestOutput]):
+        """A batch's forward raised: run each chunk alone, fail only the requests whose own
+        chunk raises (their error goes to `outputs`), and go on with the rest. Slow, but
+        only after a fault; one bad request must not end every request in the batch."""
+        log.warning("engine step over %d requests failed (%s: %s): retrying them one by one", len(chunks),
+                    type(error).__name__, error)
+        kept, results = [], []
+        for c in chunks:
+            try:
+                results.append(self._forward([c]))
+            except Exception as e:
+                log.exception("request_id=%s: engine step failed: failing this request", c.request.request_id)
+                if (out := self.fail_request(c.request.request_id, f"engine error: {type(e).__name__}: {e}")):
+                    outputs.append(out)
+                continue
+            kept.append(c)
+        return kept, results
 
     def _poll_connector(self) -> list[RequestOutput]:
         """Apply what the KV connector finished: loaded requests join the running batch,
@@ -238,6 +271,11 @@ class LLMEngine:
     def release_lent_kv(self, request_id: str) -> None:
         if self.connector is not None:
             self.connector.release_lent(request_id)
+
+    def producer_down(self, engine_id: str) -> None:
+        """The router saw that KV producer die: stop waiting for loads from it."""
+        if self.connector is not None:
+            self.connector.producer_down(engine_id)
 
     def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
         text = req.detokenizer.text if req.detokenizer is not None else ""
