@@ -134,7 +134,8 @@ class Router:
         for n in self.nodes:
             if n.id in was_down and n.healthy:
                 self.policy.node_restarted(n.id)  # its prefix cache starts empty
-            elif n.id not in was_down and not n.healthy and n.last_stats and n.last_stats.kv_engine_id:
+            elif (n.id not in was_down and not n.healthy and n.role in ("prefill", "both") and n.last_stats
+                  and n.last_stats.kv_engine_id):
                 # A producer gone: its consumers stop waiting for KV from it and recompute now.
                 for c in self.nodes:
                     if c is not n and c.healthy and c.role in ("decode", "both"):
