@@ -123,6 +123,11 @@ class Tokenizer:
         keeps running; and a text of far more than `max_tokens` tokens raises
         PromptTooLong after tokenizing it in pieces, never building its whole token list
         (a 2 MB text's Encoding alone takes 0.2 s to free, with the GIL held)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can carry lone surrogates ("\ud800"); tokenizers cannot
+            raise ValueError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
+                             "text") from None
         if max_tokens is not None and len(text) > _PIECE_CHARS:
             counted = 0
             for cuts, start in enumerate(range(0, len(text), _PIECE_CHARS), start=1):

@@ -277,7 +277,11 @@ def _prompt_ids(router: Router, req, chat: bool) -> list[int]:
     tokenizer, limit = router.tokenizer, router.max_model_len
     try:
         if chat:
-            text = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools)
+            try:
+                text = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools)
+            except (TypeError, KeyError, AttributeError, IndexError) as e:  # the template met data it cannot take
+                raise RequestError(f"the chat template cannot render these messages/tools ({type(e).__name__}: "
+                                   f"{e}): check their shape") from None
             return tokenizer.encode_untrusted(text, add_special_tokens=False, max_tokens=limit)  # specials are in
         if isinstance(req.prompt, str):
             if not req.prompt:

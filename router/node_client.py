@@ -168,6 +168,8 @@ class NodeClient:
     # --- health ---------------------------------------------------------------------
     async def poll_stats(self, timeout_s: float = 2.0) -> proto.NodeStats | None:
         fut: asyncio.Future[proto.NodeStats] = asyncio.get_running_loop().create_future()
+        # Drop the waiters of earlier polls that timed out (a dead node answers none).
+        self._stats_waiters = [w for w in self._stats_waiters if not w.done()]
         self._stats_waiters.append(fut)
         try:
             await self._sock.send(proto.encode(proto.StatsRequest()), flags=zmq.NOBLOCK)

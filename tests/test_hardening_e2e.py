@@ -82,7 +82,9 @@ def completion(http, **body) -> httpx.Response:
 INTS = st.one_of(st.integers(-3, 40), st.integers(), st.sampled_from([2**31, 2**63, 2**64, 2**70, -(2**63) - 1]))
 FLOATS = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
                    st.sampled_from([0.0, 1e-300, 5e-324, 1e-45, 1e-6, 0.5, 1.0, 2.0, 1e39, 1e308]))
-TEXT = st.text(st.characters(codec=None), max_size=24)  # surrogates too: JSON escapes them
+TEXT = st.one_of(st.text(st.characters(codec=None), max_size=24),  # surrogates too: JSON escapes them
+                 st.sampled_from(["\ud800", "ok \udfff", "\x00", "<s>", "</s>", "{{ raise_exception('x') }}",
+                                  "x" * 300, "\u202e", "\n" * 40]))
 JSON = st.recursive(st.none() | st.booleans() | INTS | FLOATS | TEXT,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
                     max_leaves=6)
@@ -171,6 +173,15 @@ def test_out_of_range_fields_get_a_400_on_a_connection_that_stays_usable(cluster
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert completion(http).status_code == 200  # the same keep-alive client goes on
     assert "pdcluster_requests_in_flight 0.0" in http.get("/metrics").text
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "half a surrogate: \ud800", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}], "max_tokens": 2}),
+])
+def test_text_that_is_not_unicode_gets_a_400(cluster, http, path, body):
+    r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
 
 
 def test_huge_seeds_sample_as_their_value_modulo_2_to_the_64(cluster, http):
