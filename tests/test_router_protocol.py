@@ -356,3 +356,17 @@ def test_sse_framing_is_exact():
     assert sse_error("boom", "internal_server_error", 500) == \
         b'data: {"error":{"message":"boom","type":"internal_server_error","code":500}}\n\n'
     assert sse_data(usage(1, 2)) == b'data: {"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}\n\n'
+
+
+def test_sse_events_survive_readers_that_split_on_unicode_line_breaks():
+    """Generated text may hold U+2028, U+0085, ...: JSON leaves them raw, and httpx's
+    iter_lines (like str.splitlines) would cut the event there; they go out escaped."""
+    import json
+
+    from httpx._decoders import LineDecoder
+
+    from router.sse import sse_data
+
+    text = "a\u2028b\u2029c\x85d\x1ce"
+    lines = [line for line in LineDecoder().decode(sse_data({"text": text}).decode()) if line]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: ")) == {"text": text}
