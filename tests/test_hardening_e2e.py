@@ -181,7 +181,7 @@ def test_out_of_range_fields_get_a_400_on_a_connection_that_stays_usable(cluster
 ])
 def test_text_that_is_not_unicode_gets_a_400(cluster, http, path, body):
     r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and ("surrogate" in r.text or "hex escape" in r.text), r.text
 
 
 def test_huge_seeds_sample_as_their_value_modulo_2_to_the_64(cluster, http):
