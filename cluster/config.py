@@ -100,6 +100,14 @@ class RouterSettings(_Section):
     max_concurrent_requests: int | None = Field(default=None, ge=1)
     """Admission control: requests beyond this many in flight are refused (HTTP 429);
     null: no limit."""
+    max_request_body_bytes: int = Field(default=16 << 20, ge=1024)
+    """Larger request bodies are refused (HTTP 413) before they are read whole."""
+    protect_admin_endpoints: bool = False
+    """With an api_key: also require it for /cluster and /metrics (node pids, socket
+    addresses). /health stays open for load balancers."""
+    node_timeout_s: float = Field(default=5.0, gt=0)
+    """A node that has not answered the router's health checks for this long is declared
+    down: its requests are failed over (or fail), and aborted there if it wakes up."""
 
     @field_validator("api_key")
     @classmethod

@@ -19,6 +19,16 @@ replacements) from a thread that outlives the cluster, normally the main thread.
 
 Output: children write to log files in a run folder ($PDCLUSTER_RUN_DIR, else a fresh
 temp folder), so the terminal shows only the launcher's own lines.
+
+Secrets: a fresh cluster key (engine/cluster_key.py: CURVE on every internal socket) and
+the router's API key reach the children in their environment, never in argv, which any
+local user can read with `ps`.
+
+Restarts: a node that dies is restarted at once, up to MAX_RESTARTS times within
+RESTART_WINDOW_S; beyond that each further restart waits longer (RESTART_BACKOFF_S,
+doubling) while the rest of the cluster keeps serving. Only a node that dies again
+before it ever became healthy (it cannot start) or a dead router stops the cluster:
+nothing a client sends can take a healthy cluster down by crashing one node repeatedly.
 """
 
 from __future__ import annotations
@@ -41,15 +51,20 @@ from typing import Any
 
 import httpx
 import msgspec
+import zmq
 from rich.console import Console
 
 from cluster.config import ClusterConfig, ClusterConfigError, NodeSpec, load_cluster_config
+from engine.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
+from engine.cluster_key import ClusterKey
 
 LOCALHOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT_S = 300.0
 STOP_GRACE_S = 15.0          # SIGTERM, then this long to drain, then SIGKILL
-MAX_RESTARTS = 3             # per node, within RESTART_WINDOW_S
+MAX_RESTARTS = 3             # per node, within RESTART_WINDOW_S, at once; then with backoff
 RESTART_WINDOW_S = 600.0
+RESTART_BACKOFF_S = 5.0      # the first delayed restart; doubles, up to RESTART_BACKOFF_MAX_S
+RESTART_BACKOFF_MAX_S = 300.0
 POLL_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 20
 
@@ -80,6 +95,8 @@ class Child:
     restarts: deque[float] = field(default_factory=deque)  # monotonic times of restarts
     restarting: bool = False                # restarted and not yet seen healthy
     restart_deadline: float = 0.0           # monotonic; while restarting, healthy by then or give up
+    restart_at: float = 0.0                 # monotonic; a backed-off restart waits until then
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # extra environment, never argv
 
     def spawn(self) -> None:
         # Append: a restarted node's log follows its previous life, with a marker between.
@@ -87,7 +104,7 @@ class Child:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name} ===\n".encode())
             log.flush()
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, close_fds=True)
+                                         start_new_session=True, close_fds=True, env={**os.environ, **self.secrets})
 
     @property
     def pid(self) -> int:
@@ -145,6 +162,7 @@ class LocalCluster:
         self.router: Child | None = None
         self.model_dir: Path | None = None
         self.url = ""                        # http://HOST:PORT of the router, set by start()
+        self.cluster_key: ClusterKey | None = None   # set by start(); None where libzmq has no CURVE
         self._stop_requested = threading.Event()
         self._stopped = False
         self._atexit_registered = False
@@ -198,9 +216,9 @@ class LocalCluster:
 
     def supervise(self) -> None:
         """Keep the cluster up until `request_stop()`: restart a node that dies (same spec,
-        same ports; the router's sockets reconnect), at most MAX_RESTARTS times per node
-        within RESTART_WINDOW_S. Raises ClusterFailed when the router dies, or a node
-        cannot be restarted or dies again before it is healthy. Does not stop anything:
+        same ports; the router's sockets reconnect), at once up to MAX_RESTARTS times per
+        node within RESTART_WINDOW_S, then with a growing delay. Raises ClusterFailed when
+        the router dies, or a node dies again before it is healthy (it cannot start). Does not stop anything:
         the caller does (run_up in its `finally`)."""
         with self._http() as http:
             while not self._stop_requested.wait(POLL_INTERVAL_S):
@@ -264,11 +282,18 @@ class LocalCluster:
     # --- internals ------------------------------------------------------------------------
     def _plan(self) -> None:
         """Build every child's argv: ports picked, specs written as JSON."""
-        from engine.node_server import _CACHE_KEYS, _SCHED_KEYS, _ENGINE_KEYS, NodeLaunchSpec  # imports torch
-        from router.spec import NodeAddress, RouterLaunchSpec
+        from engine.node_server import _CACHE_KEYS, _ENGINE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
+        from router.spec import API_KEY_ENV, NodeAddress, RouterLaunchSpec
 
         cfg = self.config
         specs = cfg.node_specs()
+        secrets: dict[str, str] = {}
+        if zmq.has("curve"):
+            self.cluster_key = ClusterKey.generate()
+            secrets[CLUSTER_KEY_ENV] = self.cluster_key.encode()
+        else:
+            self.console.print("warning: this libzmq has no CURVE support: the nodes' sockets are not "
+                               "authenticated (any local process can send them requests)", markup=False)
         # CPU nodes share the cores: without a limit each torch would start one thread per
         # core and they would thrash each other.
         cpu_threads = max(1, (os.cpu_count() or 1) // max(sum(s.device == "cpu" for s in specs), 1))
@@ -293,7 +318,7 @@ class LocalCluster:
                 cpu_threads=cpu_threads if s.device == "cpu" else 0)
             argv = [sys.executable, *_NODE_MODULES[s.role], "--spec", msgspec.json.encode(spec).decode()]
             self.nodes.append(Child(s.name, s.role, argv, self.run_dir / f"{s.name}.log",
-                                    address=f"tcp://{LOCALHOST}:{port}"))
+                                    address=f"tcp://{LOCALHOST}:{port}", secrets=secrets))
 
         router_port = cfg.router.port or next(free)
         if cfg.router.port:
@@ -301,11 +326,15 @@ class LocalCluster:
         spec = RouterLaunchSpec(
             host=cfg.router.host, port=router_port, model_dir=str(self.model_dir), served_model_name=cfg.model.path,
             nodes=[NodeAddress(n.name, n.role, n.address, 0) for n in self.nodes], policy=cfg.router.policy,
-            api_key=cfg.router.api_key, max_concurrent_requests=cfg.router.max_concurrent_requests,
+            api_key=None, protect_admin_endpoints=cfg.router.protect_admin_endpoints,
+            max_concurrent_requests=cfg.router.max_concurrent_requests,
+            max_request_body_bytes=cfg.router.max_request_body_bytes, node_timeout_s=cfg.router.node_timeout_s,
             load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=_block_size(specs),
             max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level)
         self.url = f"http://{_connect_host(cfg.router.host)}:{router_port}"
-        self.router = Child("router", "router", [], self.run_dir / "router.log", address=self.url)
+        router_secrets = {**secrets, **({API_KEY_ENV: cfg.router.api_key} if cfg.router.api_key else {})}
+        self.router = Child("router", "router", [], self.run_dir / "router.log", address=self.url,
+                            secrets=router_secrets)
         self._router_spec = spec
 
     def _spawn_all(self) -> None:
@@ -324,16 +353,23 @@ class LocalCluster:
         if node.restarting:
             raise ClusterFailed(_died_message(node, "again before it became healthy", "stopping the cluster"))
         if len(node.restarts) >= MAX_RESTARTS:
-            raise ClusterFailed(_died_message(node, f"after {MAX_RESTARTS} restarts in the last "
-                                              f"{RESTART_WINDOW_S / 60:.0f} minutes", "stopping the cluster"))
+            if node.restart_at == 0.0:
+                delay = min(RESTART_BACKOFF_S * 2 ** (len(node.restarts) - MAX_RESTARTS), RESTART_BACKOFF_MAX_S)
+                node.restart_at = now + delay
+                self.console.print(f"node {node.name} {node.describe_exit()} after {len(node.restarts)} restarts in "
+                                   f"the last {RESTART_WINDOW_S / 60:.0f} minutes: restarting it in {delay:.0f} s "
+                                   f"(the other nodes keep serving); log {node.log_path}", markup=False)
+            if now < node.restart_at:
+                return
+        node.restart_at = 0.0
         why = node.describe_exit()
         node.restarts.append(now)
         node.spawn()
         node.restarting = True
         node.restart_deadline = now + float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
-        self.console.print(f"node {node.name} {why}: restarting it (pid {node.pid}, restart {len(node.restarts)} of "
-                           f"{MAX_RESTARTS} allowed in {RESTART_WINDOW_S / 60:.0f} minutes; log {node.log_path})",
-                           markup=False)
+        self.console.print(f"node {node.name} {why}: restarting it (pid {node.pid}, restart {len(node.restarts)} in "
+                           f"the last {RESTART_WINDOW_S / 60:.0f} minutes; after {MAX_RESTARTS}, restarts back off; "
+                           f"log {node.log_path})", markup=False)
 
     def _check_restarted(self, http: httpx.Client) -> None:
         view = self.cluster_view(http) or {}

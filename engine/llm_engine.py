@@ -20,7 +20,7 @@ from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, num_block
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import PendingSample, Sampler, SamplingRow
+from engine.sampler import PendingSample, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.tokenizer import Tokenizer
@@ -261,7 +261,7 @@ class LLMEngine:
             appended = self._collect(previous)
             outputs, self._pending_outputs = self._pending_outputs, []
             outputs += self._poll_connector()
-            outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
+            outputs += self._text_outputs(appended)
             self.idle = False
             self._publish_kv_events()
             return outputs
@@ -275,15 +275,21 @@ class LLMEngine:
         chunks = [c for c in sched.chunks if c.num_tokens > 0]
         if chunks:
             plain = all(c.num_tokens == 1 and c.sample for c in chunks)
-            logits = self.runner.execute(chunks)
+            try:
+                logits = self.runner.execute(chunks)
+                sampling = [c.request for c in chunks if c.sample]
+                if sampling:
+                    rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+                    self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows), plain)
+            except Exception as e:
+                self._inflight = None
+                chunks, results = self._isolate_failure(chunks, e, outputs)
+                for sampling, sampled in results:  # run alone and read back already
+                    appended += self._append_sampled(sampling, sampled)
             for c in chunks:
                 self.scheduler.chunk_done(c)
                 self.num_tokens_computed += c.num_tokens
-            sampling = [c.request for c in chunks if c.sample]
-            if sampling:
-                rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
-                self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows), plain)
-        outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
+        outputs += self._text_outputs(appended)
         self.idle = not chunks and not appended
         self._publish_kv_events()
         return outputs
@@ -340,22 +346,7 @@ class LLMEngine:
     def _collect(self, step: _InflightStep | None) -> list[tuple[Request, int, tuple | None]]:
         """Read a step's tokens; append each to its request and end requests whose token
         is a stop. Returns (request, token, finish) for the text work."""
-        appended = []
-        if step is not None:
-            sampled = step.sample.resolve()
-            for req, token, lp in zip(step.requests, sampled.token_ids, sampled.logprobs):
-                if req.status.finished or req.pending_stop is not None:
-                    continue  # ended (aborted, or a stop string) while this step ran
-                req.output_token_ids.append(token)
-                if lp is not None:
-                    req.logprobs.append(lp)
-                params = req.params
-                finish = check_stop(token, len(req.output_token_ids), params, params.eos_token_ids, req.max_tokens)
-                if finish is not None:
-                    req.stop_reason = finish[1]
-                    status = RequestStatus.FINISHED_STOPPED if finish[0] == "stop" else RequestStatus.FINISHED_LENGTH
-                    self.scheduler.finish_request(req, status)
-                appended.append((req, token, finish))
+        appended = [] if step is None else self._append_sampled(step.requests, step.sample.resolve())
         # Stop strings found last step: their requests end now that no step uses them.
         stopping, self._stopping = self._stopping, []
         for req in stopping:
@@ -366,13 +357,48 @@ class LLMEngine:
             self._pending_outputs.append(self._output(req, [req.output_token_ids[-1]], req.pending_text))
         return appended
 
+    def _append_sampled(self, requests: list[Request], sampled: SamplerOutput) -> list[tuple[Request, int, tuple | None]]:
+        appended = []
+        for req, token, lp in zip(requests, sampled.token_ids, sampled.logprobs):
+            if req.status.finished or req.pending_stop is not None:
+                continue  # ended (aborted, or a stop string) while this step ran
+            req.output_token_ids.append(token)
+            if lp is not None:
+                req.logprobs.append(lp)
+            params = req.params
+            finish = check_stop(token, len(req.output_token_ids), params, params.eos_token_ids, req.max_tokens)
+            if finish is not None:
+                req.stop_reason = finish[1]
+                status = RequestStatus.FINISHED_STOPPED if finish[0] == "stop" else RequestStatus.FINISHED_LENGTH
+                self.scheduler.finish_request(req, status)
+            appended.append((req, token, finish))
+        return appended
+
+    def _text_outputs(self, appended: list[tuple[Request, int, tuple | None]]) -> list[RequestOutput]:
+        """The text work of appended tokens; a failure there (detokenizing, say) is that
+        request's fault, not the batch's: it fails that request only."""
+        outputs = []
+        for req, token, finish in appended:
+            try:
+                out = self._token_output(req, token, finish)
+            except Exception as e:
+                log.exception("request_id=%s: appending token %d failed", req.request_id, token)
+                out = None
+                if not req.status.finished:  # not fail_request: it would read the step in flight now
+                    req.error = f"engine error: {e}"
+                    self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
+                    out = self._output(req, [], "")
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
     def _settle_inflight(self) -> None:
         """Finish the step in flight before changing requests outside step() (abort,
         fail): its outputs are kept for the next step() call."""
         if self._inflight is None:
             return
         appended = self._collect_inflight()
-        self._pending_outputs += [o for req, token, finish in appended if (o := self._token_output(req, token, finish))]
+        self._pending_outputs += self._text_outputs(appended)
 
     def _token_output(self, req: Request, token: int, finish: tuple | None) -> RequestOutput | None:
         """The text work for one appended token: detokenize, look for stop strings."""
@@ -393,6 +419,34 @@ class LLMEngine:
             if finish is not None and not self._continues_elsewhere(req, finish):
                 new_text += req.detokenizer.finish()
         return self._output(req, [token], new_text)
+
+    def _forward(self, chunks: list) -> tuple[list[Request], SamplerOutput]:
+        """Run the model on `chunks` and sample the requests that complete a chunk. Changes
+        no request's state, so a failed forward can be run again (it rewrites the same KV)."""
+        logits = self.runner.execute(chunks)
+        sampling = [c.request for c in chunks if c.sample]
+        if not sampling:
+            return [], SamplerOutput([], [])
+        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+        return sampling, self.sampler(logits, rows)
+
+    def _isolate_failure(self, chunks: list, error: Exception, outputs: list[RequestOutput]):
+        """A batch's forward raised: run each chunk alone, fail only the requests whose own
+        chunk raises (their error goes to `outputs`), and go on with the rest. Slow, but
+        only after a fault; one bad request must not end every request in the batch."""
+        log.warning("engine step over %d requests failed (%s: %s): retrying them one by one", len(chunks),
+                    type(error).__name__, error)
+        kept, results = [], []
+        for c in chunks:
+            try:
+                results.append(self._forward([c]))
+            except Exception as e:
+                log.exception("request_id=%s: engine step failed: failing this request", c.request.request_id)
+                if (out := self.fail_request(c.request.request_id, f"engine error: {type(e).__name__}: {e}")):
+                    outputs.append(out)
+                continue
+            kept.append(c)
+        return kept, results
 
     def _poll_connector(self) -> list[RequestOutput]:
         """Apply what the KV connector finished: loaded requests join the running batch,
@@ -422,6 +476,11 @@ class LLMEngine:
     def release_lent_kv(self, request_id: str) -> None:
         if self.connector is not None:
             self.connector.release_lent(request_id)
+
+    def producer_down(self, engine_id: str) -> None:
+        """The router saw that KV producer die: stop waiting for loads from it."""
+        if self.connector is not None:
+            self.connector.producer_down(engine_id)
 
     def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
         text = req.detokenizer.text if req.detokenizer is not None else ""

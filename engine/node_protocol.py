@@ -2,7 +2,9 @@
 
 The router is the only client; a node answers every submitted request with a stream of
 `RequestUpdate`s on the same connection, the last one `finished`. Decoding is typed
-(msgspec tagged unions): nothing on this wire is ever unpickled.
+(msgspec tagged unions): nothing on this wire is ever unpickled. Every message is one
+frame (after the ROUTER socket's identity frame); anything else is dropped and counted.
+When the cluster has a key (engine/cluster_key.py) the socket is CURVE-authenticated.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ class ReleaseKV(msgspec.Struct, tag="release_kv"):
 
 class StatsRequest(msgspec.Struct, tag="stats"):
     pass
+
+
+class ProducerDown(msgspec.Struct, tag="producer_down"):
+    """The router saw the node with this KV engine id die: loads from it fail at once
+    (and recompute, under that policy) instead of waiting for transfer_timeout_s."""
+    engine_id: str
 
 
 # --- node -> router ---------------------------------------------------------------------
@@ -74,9 +82,11 @@ class NodeStats(msgspec.Struct, tag="node_stats"):
     kv_events_address: str = ""
     kv_events_replay_address: str = ""
     block_hash_algo: str = "sha256_64"
+    messages_dropped: int = 0               # malformed or undecodable messages since the node started
+    kv_engine_id: str | None = None         # the KV connector's engine id (new at every start)
 
 
-ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest
+ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest | ProducerDown
 FromNode = RequestUpdate | NodeStats
 
 _encoder = msgspec.msgpack.Encoder()

@@ -9,6 +9,11 @@ KV role their engine runs (see prefill_node/ and decode_node/).
 Shutdown: SIGTERM or SIGINT stops intake (new requests get a 503 update), lets running
 requests finish for up to `drain_timeout_s`, aborts what is left, closes the connector
 (deregistering KV memory) and exits 0.
+
+Hostile input: the socket is CURVE-authenticated when the cluster has a key
+(engine/cluster_key.py), so strangers never get a message through; whatever does arrive
+and is malformed (wrong frame count, undecodable, a handler that raises) is dropped with
+a log line and counted in `NodeStats.messages_dropped`. Nothing a peer sends ends the loop.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ import msgspec
 import zmq
 
 from engine import node_protocol as proto
+from engine.cluster_key import ClusterKey
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Largest message a node accepts: a SubmitRequest of a million-token prompt is ~5 MB.
+MAX_MESSAGE_BYTES = 256 << 20
 
 
 class NodeServer:
@@ -42,11 +51,16 @@ class NodeServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished router: drop, don't raise
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # larger: the peer is disconnected
+        key = ClusterKey.from_env()
+        if key is not None:
+            key.serve(self._sock)
         self._sock.bind(f"tcp://{host}:{port}")
         self.address = f"tcp://{host}:{port}"
         self._owners: dict[str, bytes] = {}  # request id -> router identity
         self._draining = False
         self._stop = False
+        self.messages_dropped = 0
 
     # --- the loop -------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -80,15 +94,27 @@ class NodeServer:
     def _drain_socket(self) -> None:
         while True:
             try:
-                ident, payload = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if len(frames) != 2:  # identity + one payload frame, always
+                self._drop(f"{len(frames) - 1} payload frames instead of 1")
+                continue
+            ident, payload = frames
             try:
                 msg = proto.decode_to_node(payload)
             except Exception as e:
-                log.warning("node %s: undecodable message dropped: %s", self.node_id, e)
+                self._drop(f"undecodable ({e})")
                 continue
-            self._handle(ident, msg)
+            try:
+                self._handle(ident, msg)
+            except Exception as e:  # a message this node cannot act on must not stop it
+                log.exception("node %s: handling %s failed", self.node_id, type(msg).__name__)
+                self._drop(f"{type(msg).__name__} failed ({e})")
+
+    def _drop(self, why: str) -> None:
+        self.messages_dropped += 1
+        log.warning("node %s: message dropped: %s (%d dropped so far)", self.node_id, why, self.messages_dropped)
 
     def _handle(self, ident: bytes, msg: proto.ToNode) -> None:
         if isinstance(msg, proto.SubmitRequest):
@@ -101,6 +127,8 @@ class NodeServer:
             self.engine.release_lent_kv(msg.request_id)
         elif isinstance(msg, proto.StatsRequest):
             self._sock.send_multipart([ident, proto.encode(self.stats())])
+        elif isinstance(msg, proto.ProducerDown):
+            self.engine.producer_down(msg.engine_id)
 
     def _submit(self, ident: bytes, msg: proto.SubmitRequest) -> None:
         def refuse(message: str, code: int) -> None:
@@ -119,6 +147,10 @@ class NodeServer:
                                     workflow_id=msg.workflow_id, agent_id=msg.agent_id)
         except (ValueError, TypeError) as e:  # the request is bad, the node is fine
             return refuse(str(e), 400)
+        except Exception as e:  # a fault while queueing it: undo, and say so
+            log.exception("node %s: request_id=%s could not be queued", self.node_id, msg.request_id)
+            self.engine.abort_request(msg.request_id)
+            return refuse(f"node {self.node_id} could not queue the request: {type(e).__name__}: {e}", 500)
         self._owners[msg.request_id] = ident
         if msg.output_token_ids:
             # A continued generation: say at once that it was accepted (and how long the prompt is).
@@ -158,13 +190,16 @@ class NodeServer:
         self._sock.send_multipart([ident, proto.encode(update)])
 
     def stats(self) -> proto.NodeStats:
+        connector = self.engine.connector
         return proto.NodeStats(node_id=self.node_id, role=self.role, pid=os.getpid(),
                                model=self.engine.model_config.name, block_size=self.engine.kv_spec.block_size,
                                engine=self.engine.stats(), draining=self._draining,
                                kv_events_address=self.engine.kv_events.address if self.engine.kv_events else "",
                                kv_events_replay_address=(self.engine.kv_events.replay_address
                                                          if self.engine.kv_events else ""),
-                               block_hash_algo=self.engine.config.cache.prefix_hash_algo)
+                               block_hash_algo=self.engine.config.cache.prefix_hash_algo,
+                               messages_dropped=self.messages_dropped,
+                               kv_engine_id=connector.config.engine_id if connector is not None else None)
 
 
 # --- process entry ------------------------------------------------------------------------

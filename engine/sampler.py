@@ -390,10 +390,12 @@ def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> None:
     """Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays
     when the tokens strictly ahead of it in sorted order hold less than top_p. The cut is
     turned into a probability threshold, so tokens tied at the cut all stay and the
-    result never depends on how the sort orders ties. In place."""
+    result never depends on how the sort orders ties. The most likely token always
+    stays, whatever top_p. In place."""
     probs = torch.softmax(logits, dim=-1)                                             # (M, V)
     ordered = probs.sort(dim=-1, descending=True).values                              # (M, V)
     ahead = F.pad(ordered.cumsum(dim=-1)[:, :-1], (1, 0))  # mass strictly ahead; monotone, [:, 0] == 0
-    n_keep = (ahead < top_p).sum(dim=-1, keepdim=True)                                # (M, 1), >= 1
+    # >= 1 always: the top token stays even when top_p rounds to 0 in float32.
+    n_keep = (ahead < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)                  # (M, 1)
     cutoff = ordered.gather(1, n_keep - 1)                                            # (M, 1)
     logits.masked_fill_(probs < cutoff, float("-inf"))

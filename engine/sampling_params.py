@@ -17,8 +17,20 @@ from typing import Any, Callable, Protocol
 
 # Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
+_MASK64 = (1 << 64) - 1
 # Most top logprobs a request may ask for per token (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
+# Bounds that keep every value representable where it goes: token ids and counts fit
+# int32 tensors and msgpack, floats stay finite and non-zero in float32 (a positive
+# top_p of 1e-300 is 0.0 in float32; a temperature of 1e39 is inf).
+MAX_TOKEN_ID = 2**31 - 1
+MAX_COUNT = 2**31 - 1                 # max_tokens, min_tokens, top_k
+# top_p below this keeps only the most likely token(s) on any vocabulary under a
+# million tokens (the second token has at least 1/V of the mass ahead of it), so it
+# is stored as this: same tokens, and a float32-safe value.
+MIN_TOP_P = 1e-6
+MAX_TEMPERATURE = 1e4                 # logits / temperature: already uniform long before this
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
 
 
 class SamplingType(enum.Enum):
@@ -43,7 +55,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0                      # 0 or -1: no top-k (-1 is stored as 0)
     min_p: float = 0.0
-    seed: int | None = None             # any int; the sampler uses it modulo 2**64
+    seed: int | None = None             # any int; stored (and used) modulo 2**64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -72,32 +84,39 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        # Same sampling, wire-safe values (msgpack carries at most 64-bit ints; float32 has no 1e-300).
+        if self.seed is not None:
+            self.seed &= _MASK64
+        if self.top_p < MIN_TOP_P:
+            self.top_p = MIN_TOP_P
 
     def _validate(self) -> None:
         _check_int("n", self.n)
         if self.n != 1:
             raise ValueError(f"n={self.n}: only n=1 is supported; send {self.n} requests (with different seeds) "
                              "to get several completions")
-        _check_number("temperature", self.temperature, lambda v: v >= 0, "must be >= 0 (0 means greedy)")
+        _check_number("temperature", self.temperature, lambda v: 0 <= v <= MAX_TEMPERATURE,
+                      f"must be between 0 (greedy) and {MAX_TEMPERATURE:g}")
         _check_number("top_p", self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1] (1 disables top-p)")
         _check_int("top_k", self.top_k)
-        if self.top_k < -1:
-            raise ValueError(f"top_k={self.top_k}: must be -1 or 0 (disabled) or >= 1")
+        if not -1 <= self.top_k <= MAX_COUNT:
+            raise ValueError(f"top_k={self.top_k}: must be -1 or 0 (disabled) or between 1 and {MAX_COUNT}")
         _check_number("min_p", self.min_p, lambda v: 0 <= v <= 1, "must be in [0, 1] (0 disables min-p)")
         for name in ("presence_penalty", "frequency_penalty"):
             _check_number(name, getattr(self, name), lambda v: -2 <= v <= 2, "must be in [-2, 2] (0 disables it)")
-        _check_number("repetition_penalty", self.repetition_penalty, lambda v: v > 0,
-                      "must be > 0 (1 disables it; > 1 discourages repeats)")
+        low, high = REPETITION_PENALTY_RANGE
+        _check_number("repetition_penalty", self.repetition_penalty, lambda v: low <= v <= high,
+                      f"must be between {low:g} and {high:g} (1 disables it; > 1 discourages repeats)")
         if self.seed is not None:
             _check_int("seed", self.seed)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens)
-            if self.max_tokens < 1:
-                raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1, or None to generate until "
-                                 "the context is full")
+            if not 1 <= self.max_tokens <= MAX_COUNT:
+                raise ValueError(f"max_tokens={self.max_tokens}: must be between 1 and {MAX_COUNT}, or None to "
+                                 "generate until the context is full")
         _check_int("min_tokens", self.min_tokens)
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens={self.min_tokens}: must be >= 0")
+        if not 0 <= self.min_tokens <= MAX_COUNT:
+            raise ValueError(f"min_tokens={self.min_tokens}: must be between 0 and {MAX_COUNT}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}: "
                              "lower min_tokens or raise max_tokens")
@@ -202,6 +221,6 @@ def _as_token_ids(name: str, value: list[int] | None) -> list[int]:
     if value is None:
         return []
     items = list(value)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items):
-        raise ValueError(f"{name}={value!r}: must be a list of token ids (integers >= 0)")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in items):
+        raise ValueError(f"{name}={value!r:.200}: must be a list of token ids (integers from 0 to {MAX_TOKEN_ID})")
     return items

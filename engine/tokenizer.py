@@ -30,6 +30,15 @@ from tokenizers import Tokenizer as BackendTokenizer
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+_PIECE_CHARS = 1 << 16  # encode_untrusted's length check: ~50k tokens a piece, a few ms of GIL each
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, at_least: int, max_tokens: int):
+        super().__init__(f"the prompt has more than {at_least} tokens; at most {max_tokens} fit: shorten it")
+        self.at_least = at_least
+
+
 class Tokenizer:
     """A model's tokenizer. Build it with `Tokenizer.from_pretrained(model_dir)`.
 
@@ -107,6 +116,28 @@ class Tokenizer:
         """Token ids of `text`. `add_special_tokens` adds what the model's post-processor
         adds (usually a BOS); turn it off for text a chat template already marked up."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_untrusted(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """`encode` for text from a client, possibly megabytes, in a worker thread: the
+        tokenizing runs with the GIL released (encode_batch), so the caller's event loop
+        keeps running; and a text of far more than `max_tokens` tokens raises
+        PromptTooLong after tokenizing it in pieces, never building its whole token list
+        (a 2 MB text's Encoding alone takes 0.2 s to free, with the GIL held)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can carry lone surrogates ("\ud800"); tokenizers cannot
+            raise ValueError(f"the text is not valid Unicode ({e.reason} at character {e.start}): send UTF-8 "
+                             "text") from None
+        if max_tokens is not None and len(text) > _PIECE_CHARS:
+            counted = 0
+            for cuts, start in enumerate(range(0, len(text), _PIECE_CHARS), start=1):
+                piece = self._backend.encode_batch([text[start:start + _PIECE_CHARS]], add_special_tokens=False)[0]
+                counted += len(piece)
+                del piece
+                # A cut inside a word can add a token or two to the pieces' sum: allow for it.
+                if counted - 2 * cuts > max_tokens:
+                    raise PromptTooLong(counted - 2 * cuts, max_tokens)
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids the tokenizer does not know (a model's vocabulary is often

@@ -125,6 +125,12 @@ class KVConnectorBase(ABC):
         free it at the next poll instead of after abort_timeout_s."""
         return None
 
+    def producer_down(self, engine_id: str) -> None:
+        """Consumer, engine thread: the router saw the producer with this engine id die.
+        Loads from it should end now (as failed blocks, so the load-failure policy
+        applies) rather than wait for transfer_timeout_s; later ones should not start."""
+        return None
+
     def stats(self) -> dict[str, float]:
         """Counters for metrics (transfers, bytes, seconds, failures). Names are stable."""
         return {}

@@ -37,6 +37,7 @@ class _Read(msgspec.Struct):
     local: list[int]
     deadline: float
     future: Any
+    give_up: Any = None        # a threading.Event: set when the producer is known dead
 
 
 class NixlOwnerThread:
@@ -56,9 +57,10 @@ class NixlOwnerThread:
         self._orders.put((fn, fut))
         return fut.result(timeout=timeout_s)
 
-    def read(self, peer: str, remote: list[int], local: list[int], deadline: float) -> None:
+    def read(self, peer: str, remote: list[int], local: list[int], deadline: float,
+             give_up: threading.Event | None = None) -> None:
         fut: Future = Future()
-        self._orders.put(_Read(peer, remote, local, deadline, fut))
+        self._orders.put(_Read(peer, remote, local, deadline, fut, give_up))
         try:
             fut.result(timeout=max(deadline - time.monotonic(), 0) + 1.0)
         except TimeoutError:
@@ -110,9 +112,12 @@ class NixlOwnerThread:
             order.future.set_exception(TransferError(f"NIXL read failed: {e}"))
         else:
             if state == "PENDING":
-                if time.monotonic() < order.deadline:
+                if order.give_up is not None and order.give_up.is_set():
+                    order.future.set_exception(TransferError("NIXL read abandoned: the producer is down"))
+                elif time.monotonic() < order.deadline:
                     return False
-                order.future.set_exception(TransferError("NIXL read timed out (peer gone or stalled)"))
+                else:
+                    order.future.set_exception(TransferError("NIXL read timed out (peer gone or stalled)"))
             else:
                 order.future.set_result(None)
         try:
@@ -144,7 +149,7 @@ class NixlConnector(PullConnector):
         return self._nixl.call(lambda t: t.add_peer(info.agent_metadata, info.layout), timeout_s=30)
 
     def _read(self, peer: Peer, job: LoadJob, remote_ids: list[int], local_ids: list[int], deadline: float) -> None:
-        self._nixl.read(peer.transport, remote_ids, local_ids, deadline)
+        self._nixl.read(peer.transport, remote_ids, local_ids, deadline, job.producer_dead)
 
     def close(self) -> None:
         super().close()

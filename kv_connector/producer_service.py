@@ -5,6 +5,9 @@ The service thread never touches the engine: it reads the ledger (its own lock) 
 for TCP reads, the KV tensor's held blocks, which nobody writes while they are held.
 Every client call has a deadline and uses a fresh socket with LINGER 0, so a dead
 producer costs a consumer at most its timeout, never a hang.
+
+With a cluster key in the environment (engine/cluster_key.py) the service is a CURVE
+server and clients authenticate; malformed messages are dropped, logged and counted.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
+from engine.cluster_key import ClusterKey
 from kv_connector import messages as m
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,11 @@ class ProducerService:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 16 << 20)  # requests are small: a larger one disconnects its peer
+        key = ClusterKey.from_env()
+        if key is not None:
+            key.serve(self._sock)
+        self.messages_dropped = 0
         if port == 0:
             self.port = self._sock.bind_to_random_port(f"tcp://{host}")
         else:
@@ -54,10 +63,13 @@ class ProducerService:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            try:
-                ident, _, tag, payload = self._sock.recv_multipart()
-            except ValueError:
-                continue  # not our framing
+            frames = self._sock.recv_multipart()
+            if len(frames) != 4 or frames[1]:
+                self.messages_dropped += 1
+                log.warning("kv service: dropped a message of %d frames, not ours (%d dropped so far)",
+                            len(frames) - 1, self.messages_dropped)
+                continue
+            ident, _, tag, payload = frames
             try:
                 msg = m.decode_request(payload)
                 handler = self._handlers.get(type(msg))
@@ -92,6 +104,9 @@ def _socket(host: str, port: int) -> zmq.Socket:
     if sock is None:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        key = ClusterKey.from_env()
+        if key is not None:
+            key.connect(sock)
         sock.connect(f"tcp://{host}:{port}")
         cache[(host, port)] = sock
     return sock
@@ -103,11 +118,13 @@ def _drop_socket(host: str, port: int) -> None:
         sock.close(0)
 
 
-def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
+def call(host: str, port: int, msg: m.Request, timeout_s: float,
+         give_up: threading.Event | None = None) -> list[bytes]:
     """Send one request and return the raw reply frames, or raise ServiceError.
 
     Each request carries a sequence number the service echoes, so a late answer to an
-    earlier request that timed out is recognised and skipped."""
+    earlier request that timed out is recognised and skipped. `give_up` set (the
+    producer is known dead) ends the wait within 50 ms."""
     sock = _socket(host, port)
     _local.seq += 1
     tag = _local.seq.to_bytes(8, "little")
@@ -116,9 +133,13 @@ def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
         sock.send_multipart([b"", tag, m.encode(msg)])
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            if give_up is not None and give_up.is_set():
+                raise ServiceError(f"KV producer at {host}:{port} is down: gave up on {type(msg).__name__}")
+            if left <= 0:
                 raise ServiceError(f"KV producer at {host}:{port} did not answer {type(msg).__name__} "
                                    f"within {timeout_s:.1f}s (down, or overloaded)")
+            if not sock.poll(int(min(left, 0.05) * 1000) + 1, zmq.POLLIN):
+                continue
             frames = sock.recv_multipart()
             if len(frames) >= 3 and frames[1] == tag:
                 return frames[2:]
@@ -127,9 +148,10 @@ def call(host: str, port: int, msg: m.Request, timeout_s: float) -> list[bytes]:
         raise
 
 
-def call_struct(host: str, port: int, msg: m.Request, expect: type, timeout_s: float):
+def call_struct(host: str, port: int, msg: m.Request, expect: type, timeout_s: float,
+                give_up: threading.Event | None = None):
     try:
-        reply = m.decode_response(call(host, port, msg, timeout_s)[0])
+        reply = m.decode_response(call(host, port, msg, timeout_s, give_up)[0])
     except msgspec.DecodeError as e:
         raise ServiceError(f"KV producer at {host}:{port} sent an unreadable answer to {type(msg).__name__}: {e} "
                            "(a different pdcluster version?)") from e

@@ -11,7 +11,9 @@ starts), and at admission its blocks are pulled on a worker thread: handshake (o
 producer, cached), read, release — the release answer says whether the blocks were held
 through the read — then checksums. Whatever did not arrive intact is a failed block; the
 load-failure policy turns failed blocks into "recompute these" or "fail the request".
-The engine thread only ever polls a queue.
+The engine thread only ever polls a queue. When the router reports a producer dead
+(`producer_down`), loads from it give up at once — mid-call, not after
+transfer_timeout_s — and later ones fail before they start.
 
 Options (kv_connector_extra_config): load_workers (consumer threads, default 4),
 verify_checksums (default true; a producer with it off sends no checksums and consumers
@@ -73,6 +75,7 @@ class LoadJob:
     first_block: int            # index of remote_block_ids[0] among the request's blocks
     all_block_ids: list[int]    # the request's blocks, to free if it is aborted mid-load
     cancelled: bool = False
+    producer_dead: threading.Event = field(default_factory=threading.Event)  # set: stop waiting on the producer
 
 
 @dataclass(slots=True)
@@ -120,6 +123,7 @@ class PullConnector(KVConnectorBase):
                                         thread_name_prefix="kv-load") if config.is_consumer else None
         self._claims: dict[str, tuple[str, int, str]] = {}  # request id -> (host, port, remote id)
         self._claims_lock = threading.Lock()
+        self._dead_engines: set[str] = set()  # producers the router saw die (engine ids are per start)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._stats = {"loads": 0, "load_failures": 0, "blocks_loaded": 0, "blocks_failed": 0,
@@ -273,9 +277,17 @@ class PullConnector(KVConnectorBase):
             self._loads[job.request_id] = job
             return
         self._loads[job.request_id] = job
+        if job.remote_engine_id in self._dead_engines:
+            job.producer_dead.set()
         with self._claims_lock:
             self._claims.pop(job.request_id, None)  # the load claims for itself now
         self._pool.submit(self._load, job)
+
+    def producer_down(self, engine_id: str) -> None:
+        self._dead_engines.add(engine_id)
+        for job in self._loads.values():
+            if job.remote_engine_id == engine_id:
+                job.producer_dead.set()
 
     def _load(self, job: LoadJob) -> None:
         t0 = time.monotonic()
@@ -285,12 +297,14 @@ class PullConnector(KVConnectorBase):
         try:
             if self._faults.get("fault_refuse_handshake"):
                 raise TransferError("handshake refused (fault injection)")
-            peer = self._peer(job.host, job.port, job.remote_engine_id, deadline)
+            if job.producer_dead.is_set():
+                raise TransferError(f"the KV producer {job.remote_engine_id} at {job.host}:{job.port} is down")
+            peer = self._peer(job.host, job.port, job.remote_engine_id, deadline, job.producer_dead)
             t_claim = time.monotonic()
             # No claim round trip here: the request was claimed when it arrived and renewed
             # while it waited, and the release below tells whether the blocks stayed held.
-            if self._faults.get("fault_delay_s"):
-                time.sleep(float(self._faults["fault_delay_s"]))
+            if self._faults.get("fault_delay_s") and job.producer_dead.wait(float(self._faults["fault_delay_s"])):
+                raise TransferError(f"the KV producer {job.remote_engine_id} at {job.host}:{job.port} is down")
             drop = {job.local_block_ids[i] for i in self._fault_indices("fault_drop_blocks", job)}
             pairs = [(r, l) for r, l in zip(job.remote_block_ids, job.local_block_ids) if l not in drop]
             t_read = time.monotonic()
@@ -302,7 +316,7 @@ class PullConnector(KVConnectorBase):
                 for i in self._fault_indices("fault_corrupt_blocks", job):
                     self.kv_cache[job.local_block_ids[i]].view(-1)[:8].fill_(12345)
             release = call_struct(job.host, job.port, m.ReleaseRequest(job.remote_request_id), m.ReleaseResponse,
-                                  max(deadline - time.monotonic(), 0.01))
+                                  max(deadline - time.monotonic(), 0.01), job.producer_dead)
             released = True
             t_verify = time.monotonic()
             if not release.was_held:
@@ -332,20 +346,21 @@ class PullConnector(KVConnectorBase):
             result.failed, result.error = set(job.local_block_ids), f"KV transfer error: {e}"
         self._stats["load_seconds"] += time.monotonic() - t0
         self._done.put(result)
-        if not released:  # gave up before the release: let the producer free its copy now
+        if not released and not job.producer_dead.is_set():  # gave up early: let the producer free its copy now
             self._release_quietly(job.host, job.port, job.remote_request_id)
 
     def _fault_indices(self, key: str, job: LoadJob) -> list[int]:
         return [i - job.first_block for i in self._faults.get(key, ())
                 if 0 <= i - job.first_block < len(job.local_block_ids)]
 
-    def _peer(self, host: str, port: int, engine_id: str, deadline: float) -> Peer:
+    def _peer(self, host: str, port: int, engine_id: str, deadline: float,
+              give_up: threading.Event | None = None) -> Peer:
         with self._peer_lock:
             peer = self._peers.get((host, port))
         if peer is not None and peer.handshake.engine_id == engine_id:
             return peer
         hs = call_struct(host, port, m.HandshakeRequest(self.config.engine_id, self.config.compute_hash()),
-                         m.HandshakeResponse, max(deadline - time.monotonic(), 0.01))
+                         m.HandshakeResponse, max(deadline - time.monotonic(), 0.01), give_up)
         if hs.engine_id != engine_id:
             raise TransferError(f"{host}:{port} is engine {hs.engine_id}, not {engine_id} that lent the KV "
                                 "(the producer restarted?)")

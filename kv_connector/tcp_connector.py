@@ -29,7 +29,8 @@ class TcpConnector(PullConnector):
     def _read(self, peer: Peer, job: LoadJob, remote_ids: list[int], local_ids: list[int], deadline: float) -> None:
         timeout = max(deadline - time.monotonic(), 0.01)
         try:
-            frames = call(peer.host, peer.port, m.ReadRequest(job.remote_request_id, remote_ids), timeout)
+            frames = call(peer.host, peer.port, m.ReadRequest(job.remote_request_id, remote_ids), timeout,
+                          job.producer_dead)
         except ServiceError as e:
             raise TransferError(str(e)) from e
         if frames[0] != b"ok":

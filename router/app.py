@@ -1,18 +1,26 @@
 """The front door: an OpenAI-compatible HTTP API over the cluster's nodes.
 
-Per request: validate (400s name the field), tokenize (text or token ids; chat
-templates), admit (429 beyond max_concurrent_requests), hand to the Orchestrator, and
-relay its deltas as JSON or server-sent events. A client that disconnects cancels the
-request on every node it touched. The router never touches KV bytes.
+Per request: read the body (413 beyond max_request_body_bytes), validate (400s name the
+field), tokenize (text or token ids; chat templates), admit (429 beyond
+max_concurrent_requests), hand to the Orchestrator, and relay its deltas as JSON or
+server-sent events. A client that disconnects cancels the request on every node it
+touched. The router never touches KV bytes.
+
+Large prompts are rendered and tokenized on worker threads with the GIL released, so a
+2 MB prompt does not pause every other stream. Every error is OpenAI-shaped JSON; 429
+and 503 carry `Retry-After`. The API key is compared in constant time, the `Bearer`
+scheme case-insensitively.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import zmq.asyncio
@@ -20,7 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine.tokenizer import Tokenizer
+from engine.cluster_key import ClusterKey
+from engine.tokenizer import PromptTooLong, Tokenizer
 from router import responses as build
 from router.metrics import RouterMetrics
 from router.node_client import NodeClient
@@ -34,6 +43,12 @@ from router.sse import SSE_DONE, json_bytes, sse_data, sse_error
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 0.5
+# Bodies up to this size are tokenized on the event loop (well under a millisecond);
+# larger ones on a worker thread.
+INLINE_TOKENIZE_BYTES = 32 << 10
+# Retry-After (seconds) on 429 (at the concurrency limit) and 503 (no healthy node).
+RETRY_AFTER_S = {429: 1, 503: 2}
+_ADMIN_PATHS = ("/cluster", "/metrics")
 # Per node in GET /cluster, from its last stats.
 _CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "running", "waiting",
                    "waiting_for_remote_kv", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
@@ -43,8 +58,37 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
                 429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
+_ERROR_TYPES[413] = "invalid_request_error"
+
+
 def error(message: str, code: int) -> JSONResponse:
-    return JSONResponse(error_body(message, _ERROR_TYPES.get(code, "internal_server_error"), code), status_code=code)
+    headers = {"Retry-After": str(RETRY_AFTER_S[code])} if code in RETRY_AFTER_S else None
+    return JSONResponse(error_body(message, _ERROR_TYPES.get(code, "internal_server_error"), code), status_code=code,
+                        headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or BodyTooLarge as soon as it passes `limit` (before reading it all)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bearer_token(header: str | None) -> str | None:
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 9110)."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 class Router:
@@ -55,7 +99,9 @@ class Router:
         self.tokenizer = Tokenizer.from_pretrained(spec.model_dir)
         self.max_model_len = spec.max_model_len or _max_position_embeddings(spec.model_dir)
         self.ctx = zmq.asyncio.Context()
-        self.nodes = [NodeClient(n, self.ctx) for n in spec.nodes]
+        key = ClusterKey.from_env()
+        self.nodes = [NodeClient(n, self.ctx, spec.node_timeout_s, key) for n in spec.nodes]
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.policy = RoutingPolicy(spec.policy, spec.block_size)
         self.metrics = RouterMetrics(self.nodes, self.policy.kv_stats)
         self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy,
@@ -75,16 +121,28 @@ class Router:
         for n in self.nodes:
             await n.close()
         self.ctx.term()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _health_loop(self) -> None:
         while True:
-            was_down = {n.id for n in self.nodes if not n.healthy}
-            await asyncio.gather(*(n.check_health() for n in self.nodes))
-            for n in self.nodes:
-                if n.id in was_down and n.healthy:
-                    self.policy.node_restarted(n.id)  # its prefix cache starts empty
-            self.policy.follow_kv_events(self.nodes, self.ctx)
+            try:
+                await self._health_tick()
+            except Exception:  # never let the health checks die: nodes would never be marked down
+                log.exception("health check failed")
             await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def _health_tick(self) -> None:
+        was_down = {n.id for n in self.nodes if not n.healthy}
+        await asyncio.gather(*(n.check_health() for n in self.nodes))
+        for n in self.nodes:
+            if n.id in was_down and n.healthy:
+                self.policy.node_restarted(n.id)  # its prefix cache starts empty
+            elif (n.id not in was_down and not n.healthy and n.role in ("prefill", "both") and n.last_stats
+                  and n.last_stats.kv_engine_id):
+                # A producer gone: its consumers stop waiting for KV from it and recompute now.
+                for c in self.nodes:
+                    if c is not n and c.healthy and c.role in ("decode", "both"):
+                        await c.producer_down(n.last_stats.kv_engine_id)
 
     def can_serve(self) -> bool:
         healthy = {n.role for n in self.nodes if n.healthy}
@@ -111,10 +169,15 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     app = FastAPI(title="pdcluster router", lifespan=lifespan)
     app.state.router = router
 
+    expected_key = spec.api_key.encode() if spec.api_key else None
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if spec.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {spec.api_key}":
+        path = request.url.path
+        if expected_key is not None and (path.startswith("/v1/")
+                                         or (spec.protect_admin_endpoints and path in _ADMIN_PATHS)):
+            token = _bearer_token(request.headers.get("authorization"))
+            if token is None or not hmac.compare_digest(token.encode(), expected_key):
                 return error("missing or wrong API key: send 'Authorization: Bearer <key>'", 401)
         return await call_next(request)
 
@@ -123,7 +186,8 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         ok = router.can_serve()
         body = {"status": "ok" if ok else "unavailable",
                 "healthy_nodes": sum(n.healthy for n in router.nodes), "nodes": len(router.nodes)}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        headers = None if ok else {"Retry-After": str(RETRY_AFTER_S[503])}
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
     @app.get("/cluster")
     async def cluster():
@@ -135,6 +199,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             peak_running, peak_waiting = n.take_peaks()
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
                           "peak_running": peak_running, "peak_waiting": peak_waiting,
+                          "messages_dropped": n.last_stats.messages_dropped if n.last_stats else 0,
                           **{f: getattr(e, f) if e else 0 for f in _CLUSTER_FIELDS},
                           "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
@@ -162,11 +227,29 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     async def _serve(request: Request, cls, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         try:
-            req = parse_request(cls, await request.body())
+            return await _serve_checked(request, cls, chat, endpoint)
+        except Exception as e:  # a router bug: still an OpenAI-shaped answer, and the connection stays usable
+            log.exception("%s request failed", endpoint)
+            router.metrics.requests.labels(endpoint, 500).inc()
+            return error(f"internal error: {type(e).__name__}: {e}", 500)
+
+    async def _serve_checked(request: Request, cls, chat: bool, endpoint: str) -> Response:
+        try:
+            body = await _read_body(request, spec.max_request_body_bytes)
+        except BodyTooLarge:
+            router.metrics.requests.labels(endpoint, 413).inc()
+            return error(f"the request body is larger than the server's limit of {spec.max_request_body_bytes} "
+                         "bytes (router.max_request_body_bytes): send a shorter prompt", 413)
+        try:
+            req = parse_request(cls, body)
             if req.model is not None and req.model != spec.served_model_name:
                 router.metrics.requests.labels(endpoint, 404).inc()
                 return error(f"model {req.model!r} is not served here: use {spec.served_model_name!r}", 404)
-            prompt_ids = _prompt_ids(router, req, chat)
+            if len(body) <= INLINE_TOKENIZE_BYTES:
+                prompt_ids = _prompt_ids(router, req, chat)
+            else:  # megabytes of prompt: off the event loop, so the other streams go on
+                prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                    router.tokenize_pool, _prompt_ids, router, req, chat)
             room = router.max_model_len - len(prompt_ids)
             if room < 1:
                 raise RequestError(f"the prompt has {len(prompt_ids)} tokens, but the model's context is "
@@ -196,13 +279,22 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
 
 
 def _prompt_ids(router: Router, req, chat: bool) -> list[int]:
-    if chat:
-        text = router.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools)
-        return router.tokenizer.encode(text, add_special_tokens=False)  # the template wrote the specials
-    if isinstance(req.prompt, str):
-        if not req.prompt:
-            raise RequestError("prompt is empty")
-        return router.tokenizer.encode(req.prompt)
+    """Render and tokenize the prompt. May run on a worker thread (see INLINE_TOKENIZE_BYTES)."""
+    tokenizer, limit = router.tokenizer, router.max_model_len
+    try:
+        if chat:
+            try:
+                text = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools)
+            except (TypeError, KeyError, AttributeError, IndexError) as e:  # the template met data it cannot take
+                raise RequestError(f"the chat template cannot render these messages/tools ({type(e).__name__}: "
+                                   f"{e}): check their shape") from None
+            return tokenizer.encode_untrusted(text, add_special_tokens=False, max_tokens=limit)  # specials are in
+        if isinstance(req.prompt, str):
+            if not req.prompt:
+                raise RequestError("prompt is empty")
+            return tokenizer.encode_untrusted(req.prompt, max_tokens=limit)
+    except PromptTooLong as e:
+        raise RequestError(f"{e} (the model's context is {limit} tokens)") from None
     if not req.prompt:
         raise RequestError("prompt is an empty list of token ids")
     vocab = router.tokenizer.vocab_size

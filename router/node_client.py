@@ -3,8 +3,14 @@ updates, abort, ask for stats. Health comes from those stats answers.
 
 One zmq.asyncio DEALER per node. Sends never queue for an absent node (IMMEDIATE): a
 request submitted to a node that is down fails at once instead of running later on a
-restarted node that nobody waits for. When a node is declared down, every request in
-flight on it gets a final 503 update, so no client waits on a dead node.
+restarted node that nobody waits for. When a node is declared down (its process is
+gone, or it has not answered for `down_after_s`), every request in flight on it gets a
+final 503 update, so no client waits on a dead node; those requests are remembered and
+aborted on the node if it answers again (a frozen process that wakes up), so they do
+not run on for nobody. Updates for requests this router no longer waits for are
+answered with an abort (or, for a finished prefill that lent KV, a release).
+
+With a cluster key in the environment the socket is a CURVE client (engine/cluster_key.py).
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import logging
 import os
 import time
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from engine import node_protocol as proto
+from engine.cluster_key import ClusterKey
 from router.spec import NodeAddress
 
 log = logging.getLogger(__name__)
@@ -28,12 +36,15 @@ class NodeUnavailable(RuntimeError):
 
 
 class NodeClient:
-    def __init__(self, node: NodeAddress, ctx: zmq.asyncio.Context, down_after_s: float = 10.0):
+    def __init__(self, node: NodeAddress, ctx: zmq.asyncio.Context, down_after_s: float = 5.0,
+                 key: ClusterKey | None = None):
         self.id = node.id
         self.role = node.role
         self.address = node.address
         self.pid = node.pid
         self.down_after_s = down_after_s
+        self._key = key
+        self._abandoned: set[str] = set()  # failed here when the node went down; abort if it comes back
         self._ctx = ctx
         self._sock: zmq.asyncio.Socket | None = None
         self._queues: dict[str, asyncio.Queue[proto.RequestUpdate]] = {}
@@ -53,6 +64,8 @@ class NodeClient:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._key is not None:
+            self._key.connect(sock)
         sock.connect(self.address)
         self._sock = sock
         self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop(sock))
@@ -82,8 +95,9 @@ class NodeClient:
             self.last_seen = time.monotonic()
             if isinstance(msg, proto.RequestUpdate):
                 q = self._queues.get(msg.request_id)
-                if q is None:
-                    continue  # a request this router already gave up on
+                if q is None:  # a request this router already gave up on: stop it, free what it holds
+                    await self._forget(msg)
+                    continue
                 if msg.finished:
                     del self._queues[msg.request_id]
                     self.in_flight -= 1
@@ -104,16 +118,28 @@ class NodeClient:
         if self._sock is not None:
             self._sock.close(0)
 
+    async def _forget(self, update: proto.RequestUpdate) -> None:
+        if not update.finished:
+            await self._send_quietly(proto.AbortRequest(update.request_id))
+        elif (update.kv_transfer_params or {}).get("do_remote_prefill"):
+            await self._send_quietly(proto.ReleaseKV(update.request_id))
+
     # --- requests -------------------------------------------------------------------
     async def submit(self, msg: proto.SubmitRequest) -> asyncio.Queue[proto.RequestUpdate]:
-        """Send a request; its updates arrive on the returned queue, the last one finished."""
+        """Send a request; its updates arrive on the returned queue, the last one finished.
+        Raises NodeUnavailable, or ValueError for a message that cannot be encoded (a
+        value the request validation should have refused)."""
         if not self.healthy:
             raise NodeUnavailable(f"node {self.id} is not healthy")
+        try:
+            payload = proto.encode(msg)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as e:
+            raise ValueError(f"the request cannot be sent to a node: {e}") from None
         q: asyncio.Queue[proto.RequestUpdate] = asyncio.Queue()
         self._queues[msg.request_id] = q
         self.in_flight += 1
         try:
-            await self._sock.send(proto.encode(msg), flags=zmq.NOBLOCK)
+            await self._sock.send(payload, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._queues.pop(msg.request_id, None)
             self.in_flight -= 1
@@ -129,6 +155,10 @@ class NodeClient:
     async def release_kv(self, request_id: str) -> None:
         await self._send_quietly(proto.ReleaseKV(request_id))
 
+    async def producer_down(self, engine_id: str) -> None:
+        """Tell this (consumer) node that the producer with this KV engine id is gone."""
+        await self._send_quietly(proto.ProducerDown(engine_id))
+
     async def _send_quietly(self, msg) -> None:
         try:
             await self._sock.send(proto.encode(msg), flags=zmq.NOBLOCK)
@@ -138,6 +168,8 @@ class NodeClient:
     # --- health ---------------------------------------------------------------------
     async def poll_stats(self, timeout_s: float = 2.0) -> proto.NodeStats | None:
         fut: asyncio.Future[proto.NodeStats] = asyncio.get_running_loop().create_future()
+        # Drop the waiters of earlier polls that timed out (a dead node answers none).
+        self._stats_waiters = [w for w in self._stats_waiters if not w.done()]
         self._stats_waiters.append(fut)
         try:
             await self._sock.send(proto.encode(proto.StatsRequest()), flags=zmq.NOBLOCK)
@@ -158,12 +190,21 @@ class NodeClient:
 
     async def check_health(self) -> None:
         """One health tick: a stats answer makes the node healthy; a dead process or a
-        long silence makes it down, failing what was in flight there."""
-        stats = await self.poll_stats()
+        silence longer than `down_after_s` makes it down, failing what was in flight there."""
+        if self.healthy and self._process_gone():
+            self.mark_down("process exited")
+            return
+        stats = await self.poll_stats(timeout_s=min(1.0, self.down_after_s / 2))
         if stats is not None and not stats.draining:
             if not self.healthy:
                 log.info("node %s is healthy (pid %d)", self.id, stats.pid)
             self.healthy = True
+            if self._abandoned:  # it was frozen, not dead: stop what nobody waits for any more
+                abandoned, self._abandoned = self._abandoned, set()
+                log.warning("node %s answers again: aborting the %d requests given up on it", self.id, len(abandoned))
+                for rid in abandoned:
+                    await self._send_quietly(proto.AbortRequest(rid))
+                    await self._send_quietly(proto.ReleaseKV(rid))
             return
         silent = time.monotonic() - self.last_seen > self.down_after_s
         if self.healthy and (self._process_gone() or silent or (stats is not None and stats.draining)):
@@ -173,6 +214,7 @@ class NodeClient:
         log.warning("node %s %s: failing its %d requests in flight", self.id, why, len(self._queues))
         self.healthy = False
         queues, self._queues = self._queues, {}
+        self._abandoned |= set(queues)
         self.in_flight = 0
         for rid, q in queues.items():
             q.put_nowait(proto.RequestUpdate(rid, finished=True, finish_reason="error", error_code=503,

@@ -12,7 +12,9 @@ Failures (ARCHITECTURE §2). A prefill node that fails before answering: under
 `recompute` the request goes to a decode node, which prefills it itself; under `fail`
 the client gets a 5xx error at once. A decode node that fails mid-stream: under
 `recompute` another decode node continues from the tokens streamed so far (it
-recomputes their KV); under `fail`, an error. Bad input (4xx) is never retried.
+recomputes their KV); under `fail`, an error. Either way the prefill node is told at
+once to release the KV it lent for the request (nobody will pull it any more), rather
+than holding it until abort_timeout_s. Bad input (4xx) is never retried.
 """
 
 from __future__ import annotations
@@ -112,9 +114,9 @@ class Orchestrator:
         first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
         try:
-            q = await prefill.submit(proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
-                                                         kv_transfer_params={"do_remote_decode": True},
-                                                         workflow_id=owner[0], agent_id=owner[1]))
+            q = await _submit(prefill, proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
+                                                           kv_transfer_params={"do_remote_decode": True},
+                                                           workflow_id=owner[0], agent_id=owner[1]))
             try:
                 first = await q.get()  # max_tokens=1: exactly one, final update
             except BaseException:
@@ -162,8 +164,8 @@ class Orchestrator:
         while True:
             tried.add(node.id)
             try:
-                q = await node.submit(proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv,
-                                                          workflow_id=owner[0], agent_id=owner[1]))
+                q = await _submit(node, proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv,
+                                                            workflow_id=owner[0], agent_id=owner[1]))
             except NodeUnavailable as e:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
@@ -183,10 +185,10 @@ class Orchestrator:
                 if lender is not None and kv is not None:
                     await lender.release_kv(kv.get("remote_request_id", ""))
                 raise
-            # The node failed this request.
+            # The node failed this request: whatever comes next, nobody pulls the lent KV.
+            if lender is not None and kv is not None:
+                await lender.release_kv(kv.get("remote_request_id", ""))
             if self.load_failure_policy == "fail" or update.error_code != 503:  # only a lost node is retried
-                if lender is not None and kv is not None:
-                    await lender.release_kv(kv.get("remote_request_id", ""))
                 yield _delta(update)
                 return
             pool = self.decode_nodes if node.role == "decode" else self.colocated_nodes or self.prefill_nodes
@@ -198,6 +200,13 @@ class Orchestrator:
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
             node, kv = self.policy.pick_decode(others), None  # the new node recomputes the KV
+
+
+async def _submit(node: NodeClient, msg: proto.SubmitRequest):
+    try:
+        return await node.submit(msg)
+    except ValueError as e:  # cannot even be encoded: the request's fault, never retried
+        raise RequestFailed(str(e), 400) from None
 
 
 def _delta(u: proto.RequestUpdate) -> Delta:

@@ -73,6 +73,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False   # one last chunk with `choices: []` and `usage`
 
 
+# Bounds on request fields (numbers are bounded by SamplingParams).
+MAX_ID_CHARS = 256          # model, user, workflow_id, agent_id, parent_request_id
+MAX_STOP_STRINGS = 64       # OpenAI allows 4
+MAX_STOP_CHARS = 1024
+MAX_LIST_ITEMS = 1024       # stop_token_ids, bad_words
+
 # Request fields that go to SamplingParams under the same name, when sent.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
@@ -122,6 +128,22 @@ class _SamplingRequest(BaseModel):
         if self.logit_bias:
             raise ValueError("logit_bias is not supported: remove it (to ban words, send bad_words "
                              "in extra_body)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> _SamplingRequest:
+        """Sizes the product serves; numbers are bounded where SamplingParams checks them."""
+        for name in ("model", "user", "workflow_id", "agent_id", "parent_request_id"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_ID_CHARS:
+                raise ValueError(f"{name} is {len(value)} characters long: at most {MAX_ID_CHARS}")
+        for name, most in (("stop", MAX_STOP_STRINGS), ("stop_token_ids", MAX_LIST_ITEMS), ("bad_words", MAX_LIST_ITEMS)):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) > most:
+                raise ValueError(f"{name} has {len(value)} entries: at most {most}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
         return self
 
     @property

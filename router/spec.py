@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+API_KEY_ENV = "PDCLUSTER_ROUTER_API_KEY"   # how the launcher hands the router its API key
+
 
 class NodeAddress(msgspec.Struct):
     id: str            # e.g. prefill-0
@@ -19,8 +21,11 @@ class RouterLaunchSpec(msgspec.Struct, kw_only=True):
     served_model_name: str                  # what /v1/models lists and requests may name
     nodes: list[NodeAddress]
     policy: str = "round_robin"             # round_robin | least_loaded | prefix_aware
-    api_key: str | None = None
+    api_key: str | None = None              # the launcher leaves it out of argv: $PDCLUSTER_ROUTER_API_KEY
+    protect_admin_endpoints: bool = False   # the key also guards /cluster and /metrics
     max_concurrent_requests: int | None = None
+    max_request_body_bytes: int = 16 << 20  # larger bodies get 413
+    node_timeout_s: float = 5.0             # a node silent this long is declared down
     load_failure_policy: str = "recompute"  # what to do when a prefill node fails before answering
     block_size: int = 16                    # for prefix_aware's block-hash index
     max_model_len: int | None = None

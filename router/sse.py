@@ -17,6 +17,11 @@ from router.protocol import error_body
 
 SSE_DONE = b"data: [DONE]\n\n"
 
+# Characters JSON leaves raw that line readers other than SSE's own (Python's
+# str.splitlines, httpx's iter_lines) take for line breaks, cutting an event in two:
+# sent as \uXXXX escapes instead, which every JSON reader decodes back.
+_LINE_BREAKERS = {c.encode(): f"\\u{ord(c):04x}".encode() for c in "\x1c\x1d\x1e\x85\u2028\u2029"}
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -34,7 +39,11 @@ def sse_data(obj: BaseModel | dict[str, Any] | str) -> bytes:
     becomes one `data:` line per line, which SSE readers join back with newlines."""
     if isinstance(obj, str):
         return b"".join(b"data: " + line.encode() + b"\n" for line in obj.split("\n")) + b"\n"
-    return b"data: " + json_bytes(obj) + b"\n\n"
+    data = json_bytes(obj)
+    for raw, escaped in _LINE_BREAKERS.items():
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 def sse_error(message: str, type: str = "internal_server_error", code: int = 500) -> bytes:

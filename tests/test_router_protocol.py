@@ -139,13 +139,31 @@ def test_type_errors_name_the_field(body, field):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"temperature": -1}, "temperature=-1.0: must be >= 0"),
+    ({"temperature": -1}, "temperature=-1.0: must be between 0"),
     ({"top_p": 0}, "top_p=0"),
     ({"max_tokens": 4, "min_tokens": 5}, "min_tokens=5 is more than max_tokens=4"),
     ({"stop": ""}, "stop contains an empty string"),
 ])
 def test_sampling_params_errors_become_request_errors(body, message):
     assert message in rejected(CompletionRequest, {"prompt": "hi", **body})
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"seed": 2**70, "top_k": 2**70}, "top_k=1180591620717411303424: must be -1 or 0"),
+    ({"stop_token_ids": [2**64]}, "must be a list of token ids (integers from 0 to 2147483647)"),
+    ({"max_tokens": 2**63}, "max_tokens=9223372036854775808: must be between 1 and 2147483647"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty=1e-300: must be between"),
+    ({"workflow_id": "w" * 300}, "workflow_id is 300 characters long: at most 256"),
+    ({"stop": ["x"] * 65}, "stop has 65 entries: at most 64"),
+    ({"stop": "y" * 2000}, "stop strings may be at most 1024 characters long"),
+])
+def test_out_of_range_fields_are_refused_before_anything_reaches_a_node(body, message):
+    assert message in rejected(CompletionRequest, {"prompt": "hi", **body})
+
+
+def test_huge_seeds_and_tiny_top_p_are_accepted_as_the_same_sampling():
+    params = parse_request(CompletionRequest, {"prompt": "hi", "seed": 2**70 + 3, "top_p": 1e-300}).to_sampling_params(8)
+    assert params.seed == 3 and 0 < params.top_p <= 1e-6
 
 
 def test_unknown_fields_are_ignored_and_bad_json_is_a_request_error():
@@ -338,3 +356,17 @@ def test_sse_framing_is_exact():
     assert sse_error("boom", "internal_server_error", 500) == \
         b'data: {"error":{"message":"boom","type":"internal_server_error","code":500}}\n\n'
     assert sse_data(usage(1, 2)) == b'data: {"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}\n\n'
+
+
+def test_sse_events_survive_readers_that_split_on_unicode_line_breaks():
+    """Generated text may hold U+2028, U+0085, ...: JSON leaves them raw, and httpx's
+    iter_lines (like str.splitlines) would cut the event there; they go out escaped."""
+    import json
+
+    from httpx._decoders import LineDecoder
+
+    from router.sse import sse_data
+
+    text = "a\u2028b\u2029c\x85d\x1ce"
+    lines = [line for line in LineDecoder().decode(sse_data({"text": text}).decode()) if line]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: ")) == {"text": text}

@@ -202,6 +202,15 @@ def test_top_p_keeps_every_token_tied_at_the_cut():
     assert set(many_seeds(SamplingParams(top_p=0.4), logits, 500).tolist()) == set(range(6))
 
 
+def test_top_p_always_keeps_the_most_likely_token_even_when_it_rounds_to_zero():
+    # 1e-45 is the smallest float32 subnormal; below it top_p is 0.0 in float32. SamplingParams
+    # clamps such values, but the mask must not depend on that: it keeps the top token regardless.
+    params = SamplingParams(top_p=0.5)
+    params.top_p = 1e-300                                   # as if the clamp were bypassed
+    assert set(many_seeds(params, PROBS, 200).tolist()) == {0}
+    assert set(many_seeds(SamplingParams(top_p=1e-300), PROBS, 200).tolist()) == {0}
+
+
 def test_rows_with_different_filters_share_a_batch():
     logits = PROBS.expand(4, -1).contiguous()
     params = [SamplingParams(top_k=1), SamplingParams(temperature=0.0), SamplingParams(min_p=0.7),

@@ -55,25 +55,31 @@ def test_n_above_one_is_rejected():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -0.1}, r"temperature=-0.1: must be >= 0"),
-    ({"temperature": float("nan")}, r"temperature=nan: must be >= 0"),
+    ({"temperature": -0.1}, r"temperature=-0.1: must be between 0 \(greedy\) and 10000"),
+    ({"temperature": float("nan")}, r"temperature=nan: must be between 0"),
+    ({"temperature": 1e39}, r"temperature=1e\+39: must be between 0"),  # inf in float32
     ({"temperature": "hot"}, r"temperature='hot': must be a number"),
     ({"top_p": 0.0}, r"top_p=0.0: must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p=1.5: must be in \(0, 1\]"),
-    ({"top_k": -2}, r"top_k=-2: must be -1 or 0 \(disabled\) or >= 1"),
+    ({"top_k": -2}, r"top_k=-2: must be -1 or 0 \(disabled\) or between 1 and 2147483647"),
+    ({"top_k": 2**70}, r"top_k=1180591620717411303424: must be -1 or 0"),  # no longer a msgpack integer
     ({"top_k": 2.5}, r"top_k=2.5: must be an integer"),
     ({"min_p": 1.1}, r"min_p=1.1: must be in \[0, 1\]"),
     ({"presence_penalty": 2.5}, r"presence_penalty=2.5: must be in \[-2, 2\]"),
     ({"frequency_penalty": -3}, r"frequency_penalty=-3: must be in \[-2, 2\]"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty=0.0: must be > 0"),
-    ({"max_tokens": 0}, r"max_tokens=0: must be >= 1, or None"),
-    ({"min_tokens": -1}, r"min_tokens=-1: must be >= 0"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty=0.0: must be between 0.0001 and 10000"),
+    ({"repetition_penalty": 1e-300}, r"repetition_penalty=1e-300: must be between"),  # 0 in float32
+    ({"max_tokens": 0}, r"max_tokens=0: must be between 1 and 2147483647, or None"),
+    ({"max_tokens": 2**64}, r"max_tokens=18446744073709551616: must be between 1"),
+    ({"min_tokens": -1}, r"min_tokens=-1: must be between 0 and"),
     ({"min_tokens": 20, "max_tokens": 10}, r"min_tokens=20 is more than max_tokens=10"),
     ({"logprobs": -1}, rf"logprobs=-1: must be between 0 and {MAX_LOGPROBS}"),
     ({"logprobs": MAX_LOGPROBS + 1}, rf"logprobs={MAX_LOGPROBS + 1}: must be between 0 and {MAX_LOGPROBS}"),
     ({"seed": 1.5}, r"seed=1.5: must be an integer"),
     ({"stop": ["ok", ""]}, r"stop contains an empty string"),
     ({"stop_token_ids": [-1]}, r"stop_token_ids=\[-1\]: must be a list of token ids"),
+    ({"stop_token_ids": [5, 2**64]}, r"stop_token_ids=\[5, 18446744073709551616\]: must be a list of token ids "
+                                     r"\(integers from 0 to 2147483647\)"),
     ({"bad_words": ["  "]}, r"bad_words contains an empty or whitespace-only word"),
 ])
 def test_invalid_values_name_the_field_and_the_allowed_range(kwargs, message):
@@ -135,3 +141,14 @@ def test_from_dict_refuses_unknown_fields():
 def test_from_dict_validates_like_the_constructor():
     with pytest.raises(ValueError, match="top_p=2"):
         SamplingParams.from_dict({"top_p": 2})
+
+
+def test_values_are_stored_wire_safe_without_changing_what_is_sampled():
+    # Seeds are used modulo 2**64 (engine/sampler.py), so they are stored that way: any int fits msgpack.
+    assert SamplingParams(seed=2**64 + 5).seed == 5
+    assert SamplingParams(seed=-1).seed == 2**64 - 1
+    # A top_p that float32 rounds to 0 keeps only the top token either way; stored as the smallest safe value.
+    from engine.sampling_params import MIN_TOP_P
+    assert SamplingParams(top_p=1e-300).top_p == MIN_TOP_P
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(SamplingParams(seed=10**30, top_p=1e-300).to_dict()))
+    assert SamplingParams.from_dict(wire).seed == 10**30 % 2**64
