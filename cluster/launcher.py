@@ -303,7 +303,13 @@ class LocalCluster:
             nodes=[NodeAddress(n.name, n.role, n.address, 0) for n in self.nodes], policy=cfg.router.policy,
             api_key=cfg.router.api_key, max_concurrent_requests=cfg.router.max_concurrent_requests,
             load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=_block_size(specs),
-            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level)
+            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level,
+            structured_outputs_backend=cfg.structured_outputs.backend,
+            disable_any_whitespace=cfg.structured_outputs.disable_any_whitespace,
+            disable_additional_properties=cfg.structured_outputs.disable_additional_properties,
+            reasoning_parser=cfg.structured_outputs.reasoning_parser,
+            enable_in_reasoning=cfg.structured_outputs.enable_in_reasoning,
+            tool_call_parser=cfg.router.tool_call_parser)
         self.url = f"http://{_connect_host(cfg.router.host)}:{router_port}"
         self.router = Child("router", "router", [], self.run_dir / "router.log", address=self.url)
         self._router_spec = spec

@@ -21,6 +21,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured_output.manager import StructuredOutputManager
 from engine.tokenizer import Tokenizer
 from engine.weights import build_model
 
@@ -71,6 +72,7 @@ class LLMEngine:
         self.scheduler = Scheduler(cache, config.scheduler, self.pool, self.connector)
         self.runner = ModelRunner(self.model, self.kv_cache, cache.block_size, self.device)
         self.sampler = Sampler()
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device)
         self.max_model_len = config.scheduler.max_model_len or self.model_config.max_position_embeddings
         self._rng = random.Random()
         self.idle = True  # the last step ran no model
@@ -128,6 +130,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt_ids, params, seed, max_tokens, output_token_ids=outputs,
                       kv_transfer_params=kv_transfer_params, prompt_text=text)
+        if params.structured_outputs is not None:  # compiles (cached); replays tokens made elsewhere
+            self.structured.add_request(request_id, params.structured_outputs, outputs)
         if params.detokenize:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
             if outputs:
@@ -185,9 +189,15 @@ class LLMEngine:
         sampling = [c.request for c in chunks if c.sample]
         if sampling:
             rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+            ids = [r.request_id for r in sampling]
+            self.structured.apply_bitmask(logits, ids)  # structured outputs: a no-op without grammars
             sampled = self.sampler(logits, rows)
+            broken = self.structured.accept_tokens(ids, sampled.token_ids)
             outputs += [self._append_token(r, tok, lp)
                         for r, tok, lp in zip(sampling, sampled.token_ids, sampled.logprobs)]
+            outputs += [out for rid in broken if (out := self.fail_request(
+                rid, "the sampler picked a token the request's grammar forbids (a ban such as min_tokens "
+                     "left no allowed token): relax min_tokens or bad_words")) is not None]
         return outputs
 
     def _poll_connector(self) -> list[RequestOutput]:
@@ -240,6 +250,8 @@ class LLMEngine:
             self.connector.release_lent(request_id)
 
     def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
+        if req.status.finished:
+            self.structured.remove(req.request_id)
         text = req.detokenizer.text if req.detokenizer is not None else ""
         completion = CompletionOutput(0, text, req.output_token_ids,
                                       req.logprobs if req.params.logprobs is not None else None,
