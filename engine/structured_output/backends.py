@@ -16,6 +16,7 @@ factory)`, a factory being `(tokenizer_view) -> GrammarBackend`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,6 +53,10 @@ class GrammarMatcher(Protocol):
 class GrammarBackend(Protocol):
     name: str
 
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """`matchers[k]` fills `bitmask[rows[k]]`: one call per step and backend, so a
+        backend can spread a large batch over threads."""
+
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar; raises ValueError naming what is wrong with the constraint."""
 
@@ -78,6 +83,16 @@ def check_available(name: str) -> None:
     problem = backend_unavailable(name)
     if problem:
         raise ValueError(problem)
+
+
+# Below this many rows a thread pool costs more than it saves.
+PARALLEL_FILL_MIN_ROWS = 8
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+def fill_one_by_one(matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+    for m, row in zip(matchers, rows):
+        m.fill_bitmask(bitmask, row)
 
 
 def build_backend(name: str, tokenizer: TokenizerView) -> GrammarBackend:
@@ -139,6 +154,12 @@ class XGrammarBackend:
                                  vocab_size=tokenizer.vocab_size, stop_token_ids=list(tokenizer.eos_token_ids),
                                  add_prefix_space=meta["add_prefix_space"])
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS) if FILL_THREADS > 1 else None
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        if self._batch is None or len(matchers) < PARALLEL_FILL_MIN_ROWS:
+            return fill_one_by_one(matchers, bitmask, rows)
+        self._batch.batch_fill_next_token_bitmask([m.m for m in matchers], bitmask, indices=rows)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         c, kind = self.compiler, params.kind
@@ -184,6 +205,13 @@ class GuidanceBackend:
         self.fill = llguidance.torch.fill_next_token_bitmask
         self.tokenizer = llguidance.LLTokenizer(tokenizer.tokenizer_json, n_vocab=tokenizer.vocab_size,
                                                 eos_token=list(tokenizer.eos_token_ids) or None)
+        self._executor = llguidance.LLExecutor(FILL_THREADS) if FILL_THREADS > 1 else None
+        self._fill_par = llguidance.torch.fill_next_token_bitmask_par
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        if self._executor is None or len(matchers) < PARALLEL_FILL_MIN_ROWS:
+            return fill_one_by_one(matchers, bitmask, rows)
+        self._fill_par(self._executor, [(m.m, row) for m, row in zip(matchers, rows)], bitmask)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         ll, kind = self.ll, params.kind
@@ -274,6 +302,9 @@ class OutlinesBackend:
 
     def matcher(self, compiled: Any) -> GrammarMatcher:
         return _OutlinesMatcher(self.oc.Guide(compiled), self.eos)
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        fill_one_by_one(matchers, bitmask, rows)
 
 
 def _unavailable(name: str) -> BackendFactory:

@@ -127,8 +127,15 @@ class StructuredOutputManager:
             return
         words = (logits.shape[1] + 31) // 32
         host = self._bitmask(len(rows), words)
-        for j, i in enumerate(rows):
-            self.states[request_ids[i]].matcher.fill_bitmask(host, j)
+        by_backend: dict[str, list[int]] = {}
+        for i in rows:
+            by_backend.setdefault(self.states[request_ids[i]].params.backend, []).append(i)
+        rows = [i for group in by_backend.values() for i in group]  # host row j <-> logits row rows[j]
+        j = 0
+        for name, group in by_backend.items():
+            matchers = [self.states[request_ids[i]].matcher for i in group]
+            self._backends[name].fill_bitmasks(matchers, host, list(range(j, j + len(group))))
+            j += len(group)
         with torch.inference_mode():  # the runner's logits are inference tensors
             mask = host[:len(rows)].to(logits.device, non_blocking=True)             # (R, W)
             apply_token_bitmask(logits, mask, rows)
