@@ -155,3 +155,15 @@ def test_disable_additional_properties_closes_every_object():
     closed = closed_schema(schema)
     assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["b"]["additionalProperties"] is True
+
+
+def test_outlines_backend_constrains_where_installed(llm):
+    pytest.importorskip("outlines_core", reason="outlines is an optional backend: pip install outlines-core")
+    for spec in ({"json": SCHEMA, "disable_any_whitespace": True}, {"choice": ["yes", "no way"]}):
+        out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=60,
+                                                     structured_outputs={"backend": "outlines", **spec}))[0].outputs[0]
+        assert out.finish_reason == "stop"
+        if "json" in spec:
+            assert set(json.loads(out.text)) == {"ok", "n"}
+        else:
+            assert out.text in ("yes", "no way")

@@ -239,57 +239,53 @@ class GuidanceBackend:
 
 # --- outlines (outlines_core) ----------------------------------------------------------
 class _OutlinesMatcher:
-    __slots__ = ("guide", "index", "eos")
+    __slots__ = ("guide",)
 
-    def __init__(self, guide, eos):
-        self.guide, self.eos, self.index = guide, eos, None
+    def __init__(self, guide):
+        self.guide = guide
 
     def accept(self, token_id: int) -> bool:
-        if self.guide.is_finished():
-            return token_id in self.eos
-        try:
-            self.guide.advance(token_id)
-        except Exception:
+        if not self.guide.accepts_tokens([token_id]):
             return False
+        self.guide.advance(token_id, return_tokens=False)
         return True
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        bitmask[row].zero_()
-        if self.guide.is_finished():
-            allowed = list(self.eos)
-        else:
-            allowed = list(self.guide.get_tokens())
-        ids = torch.tensor(allowed, dtype=torch.int64)
-        words = torch.zeros(bitmask.shape[1], dtype=torch.int64)
-        words.index_add_(0, ids // 32, torch.ones_like(ids).bitwise_left_shift(ids % 32))
-        bitmask[row] = words.to(torch.int32) if words.max() < 2 ** 31 else (words - (words >= 2 ** 31) * 2 ** 32).to(torch.int32)
+        v = bitmask[row]
+        self.guide.write_mask_into(v.data_ptr(), v.numel(), v.element_size())
 
     def is_terminated(self) -> bool:
         return self.guide.is_finished()
 
 
 class OutlinesBackend:
-    """Regex-based (outlines_core's Index): JSON schemas are turned into a regex first,
-    so recursive schemas are not expressible; use xgrammar or guidance for those."""
+    """outlines_core's regex index (as vLLM's outlines backend): JSON schemas become a regex
+    first, so recursive schemas and grammars need xgrammar or guidance."""
 
     name = "outlines"
 
     def __init__(self, tokenizer: TokenizerView):
         import outlines_core
         self.oc = outlines_core
-        eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
-        vocab: dict[str, list[int]] = {}
-        for i, tok in enumerate(tokenizer.vocab):
-            if tok and i not in tokenizer.eos_token_ids:
-                vocab.setdefault(tok, []).append(i)
-        self.vocabulary = outlines_core.Vocabulary(eos, vocab)
-        self.eos = frozenset(tokenizer.eos_token_ids)
+        eos = set(tokenizer.eos_token_ids)
+        byte_level = '"ByteLevel"' in tokenizer.tokenizer_json
+        decode = _byte_level_decoder() if byte_level else None
+        special = _added_token_contents(tokenizer.tokenizer_json)
+        vocab: dict[bytes, list[int]] = {}
+        for i, token in enumerate(tokenizer.vocab):
+            if not token or i in eos or token in special:
+                continue
+            raw = token.encode() if decode is None or any(ch not in decode for ch in token) \
+                else bytes(decode[ch] for ch in token)
+            vocab.setdefault(raw, []).append(i)
+        self.vocabulary = outlines_core.Vocabulary(min(eos) if eos else 0, vocab)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         kind = params.kind
         try:
             if kind in ("json", "json_object"):
-                regex = self.oc.json_schema.build_regex_from_schema(json.dumps(_schema(params)))
+                regex = self.oc.json_schema.build_regex_from_schema(
+                    json.dumps(_schema(params)), **({"whitespace_pattern": ""} if params.disable_any_whitespace else {}))
             elif kind == "regex":
                 regex = params.regex
             elif kind == "choice":
@@ -301,10 +297,27 @@ class OutlinesBackend:
             raise ValueError(f"the {kind} constraint does not compile with outlines: {_first_line(e)}") from None
 
     def matcher(self, compiled: Any) -> GrammarMatcher:
-        return _OutlinesMatcher(self.oc.Guide(compiled), self.eos)
+        return _OutlinesMatcher(self.oc.Guide(compiled))
 
     def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         fill_one_by_one(matchers, bitmask, rows)
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable-character alphabet for bytes, inverted: char -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _added_token_contents(tokenizer_json: str) -> set[str]:
+    return {t["content"] for t in json.loads(tokenizer_json).get("added_tokens", []) if t.get("special")}
 
 
 def _unavailable(name: str) -> BackendFactory:
