@@ -12,6 +12,7 @@ can be made to write `<think>...</think>` at all: the regexes below spell it out
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -219,12 +220,24 @@ def test_tool_choice_required_and_named_are_enforced(split):
     assert none.message.tool_calls is None
 
 
+def prefix_hits(url: str, role: str) -> int:
+    return sum(n["prefix_cache_hits"] for n in httpx.get(url + "/cluster").json()["nodes"] if n["role"] == role)
+
+
 @pytest.mark.parametrize("which", ["split", "colocated"])
-def test_n_choices_match_single_requests_with_consecutive_seeds(split, colocated, which):
+def test_n_choices_match_single_requests_with_consecutive_seeds(clusters, split, colocated, which):
     client = split if which == "split" else colocated
-    kw = dict(model=MODEL, prompt=PROMPT + " " + PROMPT, max_tokens=8, temperature=1.0,
-              extra_body={"ignore_eos": True})
+    url, role = clusters[which].url, "prefill" if which == "split" else "both"
+    prompt = f"{which}: {PROMPT} {PROMPT}"  # not seen before: the cache starts cold for it
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    hits = prefix_hits(url, role)
     many = client.completions.create(n=3, seed=100, **kw)
+    # Choices 1 and 2 found the prompt's full blocks that choice 0 prefilled.
+    full_blocks = many.usage.prompt_tokens // 16
+    deadline = time.monotonic() + 5
+    while prefix_hits(url, role) - hits < 2 * full_blocks:  # stats reach the router every 0.5 s
+        assert time.monotonic() < deadline, (prefix_hits(url, role) - hits, full_blocks)
+        time.sleep(0.2)
     assert sorted(c.index for c in many.choices) == [0, 1, 2]
     texts = {c.index: c.text for c in many.choices}
     with ThreadPoolExecutor(3) as pool:
