@@ -167,3 +167,13 @@ def test_outlines_backend_constrains_where_installed(llm):
             assert set(json.loads(out.text)) == {"ok", "n"}
         else:
             assert out.text in ("yes", "no way")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_complete_grammar_allows_only_eos_after_it(llm, backend):
+    # ignore_eos keeps the request going past the grammar's end: nothing but eos may follow.
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                            structured_outputs={"backend": backend, "choice": ["yes", "no"]})
+    out = llm.generate(["Hello"], params)[0].outputs[0]
+    eos = llm.engine.tokenizer.eos_token_ids
+    assert out.text in ("yes", "no") and out.finish_reason == "length" and out.token_ids[-1] in eos

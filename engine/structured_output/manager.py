@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.structured_output.backends import (GrammarBackend, GrammarMatcher, TokenizerView, build_backend)
@@ -107,13 +108,12 @@ class StructuredOutputManager:
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    @staticmethod
-    def _advance(state: GrammarState, token: int) -> bool:
+    def _advance(self, state: GrammarState, token: int) -> bool:
         if not state.active:
             state.active = token == state.params.reasoning_end_token_id
             return True
-        if state.matcher.is_terminated():
-            return True  # finished: the stop token that ended it is already accepted
+        if state.matcher.is_terminated():  # complete: only eos may follow (see apply_bitmask)
+            return token in self._tokenizer_view().eos_token_ids
         return state.matcher.accept(token)
 
     # --- the step ---------------------------------------------------------------------
@@ -128,9 +128,15 @@ class StructuredOutputManager:
         words = (logits.shape[1] + 31) // 32
         host = self._bitmask(len(rows), words)
         by_backend: dict[str, list[int]] = {}
+        finished: list[int] = []
         for i in rows:
-            by_backend.setdefault(self.states[request_ids[i]].params.backend, []).append(i)
-        rows = [i for group in by_backend.values() for i in group]  # host row j <-> logits row rows[j]
+            state = self.states[request_ids[i]]
+            if state.matcher.is_terminated():
+                finished.append(i)  # the grammar is complete (ignore_eos goes on): only eos may follow
+            else:
+                by_backend.setdefault(state.params.backend, []).append(i)
+        rows = [i for group in by_backend.values() for i in group] + finished  # host row j <-> logits row rows[j]
+        host[len(rows) - len(finished):len(rows)] = self._eos_row(words)
         j = 0
         for name, group in by_backend.items():
             matchers = [self.states[request_ids[i]].matcher for i in group]
@@ -152,6 +158,13 @@ class StructuredOutputManager:
             if state is not None and not self._advance(state, token):
                 broken.append(rid)
         return broken
+
+    def _eos_row(self, words: int) -> torch.Tensor:
+        """A bitmask row (int32, (words,)) allowing only the tokenizer's eos ids."""
+        bits = np.zeros(words, dtype=np.uint32)
+        for t in self._tokenizer_view().eos_token_ids:
+            bits[t // 32] |= np.uint32(1 << (t % 32))
+        return torch.from_numpy(bits.view(np.int32))
 
     def _bitmask(self, rows: int, words: int) -> torch.Tensor:
         host = self._host_bitmask
