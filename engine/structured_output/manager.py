@@ -11,6 +11,10 @@ nothing more. For the rows with a grammar, each matcher fills its row of one pin
 bitmask (int32, 32 tokens a word), the rows go to the device in one non-blocking copy,
 and one batched op masks the logits there: no per-request device sync.
 
+The pinned host bitmask is reused every step: that is safe while each step syncs before
+the next one fills it (the sampler's `.tolist()` does today); a step loop that stops
+syncing must double-buffer it.
+
 Grammar state survives the prefill/decode split by construction: a request that arrives
 with `output_token_ids` (the prefill node's first token, or everything streamed before a
 decode failover or KV recompute) has its fresh matcher advanced over those tokens at
