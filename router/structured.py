@@ -7,8 +7,8 @@ newer `structured_outputs` object. Tools add two more: `tool_choice: "required"`
 list of calls) and a named function (its arguments' schema) are enforced with the same
 grammar machinery. At most one constraint per request: two are a 400, not a guess.
 
-The result is one `StructuredOutputsParams` with the backend resolved (so every node
-compiles the same grammar) and, for chat with a reasoning parser, the token after which
+The result is one `StructuredOutputsParams` with the backend checked (installed, or a
+400 saying what to install) and, for chat with a reasoning parser, the token after which
 the grammar starts.
 """
 
@@ -75,7 +75,10 @@ class ServerFeatures:
             fields.setdefault("disable_any_whitespace", self.spec.disable_any_whitespace)
             fields.setdefault("disable_additional_properties", self.spec.disable_additional_properties)
             try:
-                fields["backend"] = resolve_backend(backend)
+                # auto stays auto: each node takes xgrammar, or guidance where xgrammar cannot
+                # compile the grammar (the same choice everywhere: nodes run the same install).
+                resolved = resolve_backend(backend)
+                fields["backend"] = "auto" if backend == "auto" else resolved
                 constraint = StructuredOutputsParams(**fields)
             except (TypeError, ValueError) as e:
                 raise RequestError(str(e)) from None
@@ -119,7 +122,7 @@ def _constraint_sources(req: Any) -> list[tuple[str, dict[str, Any]]]:
         if unsupported:
             raise RequestError(f"structured_outputs.{unsupported[0]} is not supported: use json, regex, choice, "
                                "grammar or json_object")
-        so.pop("disable_fallback", None)   # vLLM's knob for its auto fallback; auto here does not fall back
+        so.pop("disable_fallback", None)   # vLLM's knob for auto's fallback: accepted, auto always falls back
         known = {"json", "regex", "choice", "grammar", "json_object", "backend", "disable_any_whitespace",
                  "disable_additional_properties", "whitespace_pattern"}
         unknown = sorted(set(so) - known)

@@ -177,3 +177,15 @@ def test_a_complete_grammar_allows_only_eos_after_it(llm, backend):
     out = llm.generate(["Hello"], params)[0].outputs[0]
     eos = llm.engine.tokenizer.eos_token_ids
     assert out.text in ("yes", "no") and out.finish_reason == "length" and out.token_ids[-1] in eos
+
+
+def test_auto_takes_xgrammar_and_falls_back_to_guidance_for_what_xgrammar_cannot_compile(llm):
+    manager = llm.engine.structured
+    lark = StructuredOutputsParams(grammar='start: "a" "b"+', backend="auto")   # Lark: guidance's syntax
+    ebnf = StructuredOutputsParams(grammar='root ::= "a" "b"+', backend="auto")  # GBNF: both read it
+    assert manager.compile(lark)[0] == "guidance" and manager.compile(ebnf)[0] == "xgrammar"
+    out = llm.generate(["Hi"], SamplingParams(temperature=1.0, seed=2, max_tokens=8, ignore_eos=True,
+                                              structured_outputs=lark))[0].outputs[0]
+    assert re.fullmatch(r"ab+", out.text)
+    with pytest.raises(ValueError, match="xgrammar.*guidance"):
+        manager.compile(StructuredOutputsParams(grammar="start: (", backend="auto"))

@@ -33,19 +33,21 @@ import numpy as np
 import torch
 
 from engine.structured_output.backends import (GrammarBackend, GrammarMatcher, TokenizerView, build_backend)
-from engine.structured_output.params import StructuredOutputsParams
+from engine.structured_output.params import StructuredOutputsParams, backend_unavailable, resolve_backend
 
 log = logging.getLogger(__name__)
 
 # Compiled grammars kept (LRU). Compiling a schema costs ms to 100s of ms; a grammar
 # object is small next to that.
 GRAMMAR_CACHE_SIZE = 256
+AUTO_ORDER = ("xgrammar", "guidance")
 
 
 @dataclass(slots=True)
 class GrammarState:
     matcher: GrammarMatcher
     params: StructuredOutputsParams
+    backend: str          # the one that compiled it (auto resolves per grammar)
     active: bool          # False while the reasoning (before its end token) is unconstrained
 
 
@@ -78,30 +80,40 @@ class StructuredOutputManager:
             self._backends[name] = build_backend(name, self._tokenizer_view())
         return self._backends[name]
 
-    def compile(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar for `params`, from the cache when seen before."""
-        if params.backend == "auto":
-            raise ValueError("structured output backend 'auto' reached a node: the router resolves it; "
-                             "name a backend (xgrammar, guidance) when calling the engine directly")
+    def compile(self, params: StructuredOutputsParams) -> tuple[str, Any]:
+        """(backend name, compiled grammar) for `params`, from the cache when seen before.
+        `auto` is vLLM's rule: xgrammar, and guidance for what xgrammar cannot compile."""
         key = params.cache_key()
-        compiled = self._compiled.get(key)
-        if compiled is not None:
+        hit = self._compiled.get(key)
+        if hit is not None:
             self._compiled.move_to_end(key)
             self.compile_hits += 1
-            return compiled
-        compiled = self.backend(params.backend).compile(params)
+            return hit
+        if params.backend == "auto":
+            names = [n for n in AUTO_ORDER if backend_unavailable(n) is None] or [resolve_backend("auto")]
+        else:
+            names = [params.backend]
+        errors = []
+        for name in names:
+            try:
+                hit = (name, self.backend(name).compile(params))
+                break
+            except ValueError as e:
+                errors.append(str(e))
+        else:
+            raise ValueError("; ".join(errors))
         self.compile_misses += 1
-        self._compiled[key] = compiled
+        self._compiled[key] = hit
         if len(self._compiled) > GRAMMAR_CACHE_SIZE:
             self._compiled.popitem(last=False)
-        return compiled
+        return hit
 
     # --- requests ---------------------------------------------------------------------
     def add_request(self, request_id: str, params: StructuredOutputsParams, output_token_ids: Sequence[int]) -> None:
         """Compile (or reuse) the grammar and replay the tokens already produced. Raises
         ValueError for a constraint that does not compile or tokens it does not allow."""
-        compiled = self.compile(params)
-        state = GrammarState(self.backend(params.backend).matcher(compiled), params,
+        backend, compiled = self.compile(params)
+        state = GrammarState(self.backend(backend).matcher(compiled), params, backend,
                              active=params.reasoning_end_token_id is None)
         for i, token in enumerate(output_token_ids):
             if not self._advance(state, token):
@@ -138,7 +150,7 @@ class StructuredOutputManager:
             if state.matcher.is_terminated():
                 finished.append(i)  # the grammar is complete (ignore_eos goes on): only eos may follow
             else:
-                by_backend.setdefault(state.params.backend, []).append(i)
+                by_backend.setdefault(state.backend, []).append(i)
         rows = [i for group in by_backend.values() for i in group] + finished  # host row j <-> logits row rows[j]
         host[len(rows) - len(finished):len(rows)] = self._eos_row(words)
         j = 0

@@ -1,8 +1,8 @@
 """What one request's output must match: vLLM's `StructuredOutputsParams`, names and meaning.
 
 Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object` is set. The router
-fills in the backend (resolved from `auto`) and the options, so a node needs no
-configuration of its own: a request carries everything its grammar is compiled from,
+fills in the backend (`auto`: xgrammar, falling back to guidance per grammar, see
+manager.py) and the options, so a node needs no configuration of its own: a request carries everything its grammar is compiled from,
 which is also what lets a decode node (or another one after a failover) rebuild the
 same grammar state from the tokens already produced.
 
