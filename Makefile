@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,nixl-cu12
+EXTRAS ?= test,structured,nixl-cu12
 CLUSTER ?= cluster.yaml
 PYTEST_ARGS ?=
 

@@ -108,11 +108,45 @@ class RouterSettings(_Section):
     node_timeout_s: float = Field(default=5.0, gt=0)
     """A node that has not answered the router's health checks for this long is declared
     down: its requests are failed over (or fail), and aborted there if it wakes up."""
+    tool_call_parser: str | None = None
+    """hermes | llama3_json | module:Class: turns the model's text into `tool_calls`
+    (needed for tool_choice auto; required and named choices work without it)."""
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_tool_parser(cls, v: str | None) -> str | None:
+        if v:
+            from router.tool_parsers import ToolParserManager
+            ToolParserManager.get(v)
+        return v or None
 
     @field_validator("api_key")
     @classmethod
     def _key_from_env(cls, v: str | None) -> str | None:
         return v or os.environ.get("PDCLUSTER_API_KEY") or None
+
+
+class StructuredOutputsSettings(_Section):
+    """vLLM's structured_outputs_config: the default grammar backend and options (a
+    request may name its own backend with `guided_decoding_backend` or
+    `structured_outputs.backend`), and the reasoning parser whose end the grammar waits for."""
+
+    backend: Literal["auto", "xgrammar", "guidance", "llguidance", "outlines", "lm-format-enforcer"] = "auto"
+    """auto: xgrammar, else guidance (llguidance), whichever is installed."""
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    reasoning_parser: str | None = None
+    """deepseek_r1 | qwen3 | module:Class: chat answers carry `reasoning_content`."""
+    enable_in_reasoning: bool = False
+    """Apply the grammar to the reasoning too (default: only to the answer after it)."""
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _known_reasoning_parser(cls, v: str | None) -> str | None:
+        if v:
+            from router.reasoning import ReasoningParserManager
+            ReasoningParserManager.get(v)
+        return v or None
 
 
 class KVTransferSettings(_Section):
@@ -164,7 +198,7 @@ class ColocatedSettings(RoleSettings):
     replicas: int = Field(default=0, ge=0)
 
 
-_SECTIONS = ("model", "router", "kv_transfer", "engine", "prefill", "decode", "colocated")
+_SECTIONS = ("model", "router", "kv_transfer", "engine", "prefill", "decode", "colocated", "structured_outputs")
 
 
 @dataclass(slots=True, frozen=True)
@@ -196,6 +230,7 @@ class ClusterConfig(_Section):
     prefill: RoleSettings = Field(default_factory=RoleSettings)
     decode: RoleSettings = Field(default_factory=RoleSettings)
     colocated: ColocatedSettings = Field(default_factory=ColocatedSettings)
+    structured_outputs: StructuredOutputsSettings = Field(default_factory=StructuredOutputsSettings)
     backend: Literal["local", "ray"] = "local"
     nodes_base_port: int = Field(default=0, ge=0, le=65535)
     """0: every node picks free ports. Else node k (in node_specs() order) listens on

@@ -330,7 +330,13 @@ class LocalCluster:
             max_concurrent_requests=cfg.router.max_concurrent_requests,
             max_request_body_bytes=cfg.router.max_request_body_bytes, node_timeout_s=cfg.router.node_timeout_s,
             load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=_block_size(specs),
-            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level)
+            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level,
+            structured_outputs_backend=cfg.structured_outputs.backend,
+            disable_any_whitespace=cfg.structured_outputs.disable_any_whitespace,
+            disable_additional_properties=cfg.structured_outputs.disable_additional_properties,
+            reasoning_parser=cfg.structured_outputs.reasoning_parser,
+            enable_in_reasoning=cfg.structured_outputs.enable_in_reasoning,
+            tool_call_parser=cfg.router.tool_call_parser)
         self.url = f"http://{_connect_host(cfg.router.host)}:{router_port}"
         router_secrets = {**secrets, **({API_KEY_ENV: cfg.router.api_key} if cfg.router.api_key else {})}
         self.router = Child("router", "router", [], self.run_dir / "router.log", address=self.url,

@@ -56,6 +56,34 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# Reasoning and tool-call markers (Qwen3's): plain added tokens, not special, so that
+# decoding keeps them in the text for the router's reasoning and tool parsers to read.
+AGENT_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+
+# A Qwen3-style template: `tools` rendered into the system turn (hermes format),
+# assistant tool calls and tool results rendered back, and `enable_thinking=False`
+# closing the reasoning in the prompt as Qwen3's template does.
+AGENT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ '# Tools\\nYou may call functions. Signatures:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '</tools>\\nFor each call write <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and tools %}{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>' }}{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
 # Standard deviation of the logits we aim for (the final RMSNorm's output has RMS 1, so
 # a head with std s over hidden size H gives logits of std s * sqrt(H)). Over 2k
 # candidates the top-1/top-2 gap is then ~1.2 at the median and below 0.1 about 5% of
@@ -87,6 +115,9 @@ class Preset:
     # Whether `resolve_builtin` writes weights: a preset of real-model size is meant for
     # `load_format: dummy`, with config and tokenizer only.
     default_with_weights: bool = True
+    # Added (non-special) tokens after the special ones, and the chat template.
+    extra_tokens: tuple[str, ...] = ()
+    chat_template: str = CHAT_TEMPLATE
 
 
 _TINY = dict(architecture="LlamaForCausalLM", model_type="llama", hidden_size=128, intermediate_size=384,
@@ -106,6 +137,12 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen3": Preset(architecture="Qwen3ForCausalLM", model_type="qwen3", hidden_size=128,
                          intermediate_size=384, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
                          qk_norm=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    # tiny-qwen3 with Qwen3's <think> and <tool_call> tokens and a template that takes
+    # `tools`: for reasoning parsers, tool calls and structured output over them.
+    "tiny-chat": Preset(architecture="Qwen3ForCausalLM", model_type="qwen3", hidden_size=128,
+                        intermediate_size=384, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
+                        qk_norm=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                        extra_tokens=AGENT_TOKENS, chat_template=AGENT_CHAT_TEMPLATE),
     # Llama 3.1 8B: the llama3 rope scaling stretches its 8k training context to 128k.
     "llama-3-8b": Preset(architecture="LlamaForCausalLM", model_type="llama", hidden_size=4096,
                          intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -255,7 +292,7 @@ def content_hash(name: str) -> str:
 
 
 # --- tokenizer -----------------------------------------------------------------------
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(extra_tokens: tuple[str, ...] = ()) -> Tokenizer:
     """Train the byte-level BPE on CORPUS. Deterministic: the trainer breaks ties between
     equally frequent pairs by token id, and ids come from the sorted byte alphabet."""
     tok = Tokenizer(models.BPE())
@@ -266,6 +303,8 @@ def build_tokenizer() -> Tokenizer:
     # One training sequence per line.
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if extra_tokens:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     bos_id = tok.token_to_id(BOS_TOKEN)
     # Like Llama 3: `encode(text)` starts with <|begin_of_text|>.
     tok.post_processor = processors.TemplateProcessing(
@@ -274,7 +313,7 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
-def tokenizer_config() -> dict[str, Any]:
+def tokenizer_config(chat_template: str = CHAT_TEMPLATE) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
@@ -285,7 +324,7 @@ def tokenizer_config() -> dict[str, Any]:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 20,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
 
 
@@ -453,14 +492,14 @@ def make_model(dir: str | os.PathLike, preset: str = "tiny", with_weights: bool 
         raise FileExistsError(f"{out} already holds a model (config.json): pick an empty directory "
                               "or pass overwrite=True (--force)")
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer(spec.extra_tokens)
     token_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     tok_vocab = tok.get_vocab_size(with_added_tokens=True)
     vocab_size = spec.vocab_size or tok_vocab
     if vocab_size < tok_vocab:
         raise ValueError(f"preset {preset} has vocab_size {vocab_size} < tokenizer's {tok_vocab}")
     tok.save(str(out / "tokenizer.json"), pretty=True)
-    _write_json(out / "tokenizer_config.json", tokenizer_config())
+    _write_json(out / "tokenizer_config.json", tokenizer_config(spec.chat_template))
     _write_json(out / "config.json", model_config(spec, vocab_size, token_ids))
     _write_json(out / "generation_config.json", generation_config(token_ids))
     if with_weights:

@@ -23,6 +23,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import PendingSample, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
+from engine.structured_output.manager import StructuredOutputManager
 from engine.tokenizer import Tokenizer
 from engine.weights import build_model
 
@@ -93,6 +94,7 @@ class LLMEngine:
         self._inflight: _InflightStep | None = None
         self._pending_outputs: list[RequestOutput] = []  # produced outside step(), returned by it
         self._stopping: list[Request] = []  # a stop string ended them; they end at the next step()
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device)
         self._rng = random.Random()
         self.idle = True  # the last step ran no model
         self._peak_running = self._peak_waiting = 0  # since the last stats()
@@ -198,6 +200,8 @@ class LLMEngine:
         req = Request(request_id, prompt_ids, params, seed, max_tokens, output_token_ids=outputs,
                       kv_transfer_params=kv_transfer_params, prompt_text=text, workflow_id=workflow_id,
                       agent_id=agent_id)
+        if params.structured_outputs is not None:  # compiles (cached); replays tokens made elsewhere
+            self.structured.add_request(request_id, params.structured_outputs, outputs)
         if params.detokenize:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
             if outputs:
@@ -280,6 +284,9 @@ class LLMEngine:
                 sampling = [c.request for c in chunks if c.sample]
                 if sampling:
                     rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+                    # Structured outputs: a no-op without grammars; matchers are current, since
+                    # the previous step's tokens were accepted when read (_append_sampled).
+                    self.structured.apply_bitmask(logits, [r.request_id for r in sampling])
                     self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows), plain)
             except Exception as e:
                 self._inflight = None
@@ -337,7 +344,8 @@ class LLMEngine:
         lends = bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
         return (req.num_computed_tokens == req.num_tokens and not req.recompute_ranges and not lends
                 and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-                and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens)
+                and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens
+                and p.structured_outputs is None)  # a grammar's mask needs the previous token accepted
 
     def _collect_inflight(self) -> list[tuple[Request, int, tuple | None]]:
         step, self._inflight = self._inflight, None
@@ -372,6 +380,14 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_STOPPED if finish[0] == "stop" else RequestStatus.FINISHED_LENGTH
                 self.scheduler.finish_request(req, status)
             appended.append((req, token, finish))
+        broken = self.structured.accept_tokens([r.request_id for r, _, _ in appended], [t for _, t, _ in appended])
+        for rid in broken:
+            req = self.scheduler.requests.get(rid)
+            if req is not None and not req.status.finished:  # not fail_request: a step may be in flight
+                req.error = ("the sampler picked a token the request's grammar forbids (a ban such as min_tokens "
+                             "left no allowed token): relax min_tokens or bad_words")
+                self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
+                self._pending_outputs.append(self._output(req, [], ""))
         return appended
 
     def _text_outputs(self, appended: list[tuple[Request, int, tuple | None]]) -> list[RequestOutput]:
@@ -428,6 +444,7 @@ class LLMEngine:
         if not sampling:
             return [], SamplerOutput([], [])
         rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+        self.structured.apply_bitmask(logits, [r.request_id for r in sampling])
         return sampling, self.sampler(logits, rows)
 
     def _isolate_failure(self, chunks: list, error: Exception, outputs: list[RequestOutput]):
@@ -483,6 +500,8 @@ class LLMEngine:
             self.connector.producer_down(engine_id)
 
     def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
+        if req.status.finished:
+            self.structured.remove(req.request_id)
         text = req.detokenizer.text if req.detokenizer is not None else ""
         completion = CompletionOutput(0, text, req.output_token_ids,
                                       req.logprobs if req.params.logprobs is not None else None,

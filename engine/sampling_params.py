@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol
 
+from engine.structured_output.params import StructuredOutputsParams
+
 # Below this temperature a request is greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 _MASK64 = (1 << 64) - 1
@@ -70,6 +72,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     bad_words: list[str] | None = None            # stored as list[str]
     detokenize: bool = True
+    # A grammar the output must match (a dict is converted); see engine/structured_output/.
+    structured_outputs: StructuredOutputsParams | None = None
     # Derived by update_from_tokenizer. They are fields (not private attributes) so that
     # to_dict()/from_dict() carry them to a node that may not have the tokenizer loaded.
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
@@ -83,6 +87,8 @@ class SamplingParams:
         self.eos_token_ids = frozenset(_as_token_ids("eos_token_ids", list(self.eos_token_ids)))
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self._validate()
         # Same sampling, wire-safe values (msgpack carries at most 64-bit ints; float32 has no 1e-300).
         if self.seed is not None:
@@ -159,6 +165,8 @@ class SamplingParams:
         out["bad_words"] = list(self.bad_words)
         out["bad_words_token_ids"] = [list(ids) for ids in self.bad_words_token_ids]
         out["eos_token_ids"] = sorted(self.eos_token_ids)
+        if self.structured_outputs is not None:
+            out["structured_outputs"] = self.structured_outputs.to_dict()
         return out
 
     @classmethod

@@ -153,6 +153,14 @@ class Tokenizer:
         decoder = self._backend.decoder
         return decoder.decode(list(tokens)) if decoder is not None else "".join(tokens)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included (grammar backends index it by id)."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def to_json_str(self) -> str:
+        """The tokenizer as tokenizer.json text, with the added tokens loaded here."""
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -37,6 +38,7 @@ from router.orchestrator import Delta, Orchestrator, RequestFailed
 from router.policy import RoutingPolicy
 from router.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, RequestError,
                              error_body, now, parse_request, random_id)
+from router.structured import AnswerPlan, ServerFeatures, check_tools, forced_tool_calls, template_takes_tools
 from router.spec import RouterLaunchSpec
 from router.sse import SSE_DONE, json_bytes, sse_data, sse_error
 
@@ -106,6 +108,7 @@ class Router:
         self.metrics = RouterMetrics(self.nodes, self.policy.kv_stats)
         self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy,
                                          on_failover=lambda stage: self.metrics.failovers.labels(stage).inc())
+        self.features = ServerFeatures(spec)   # structured outputs, reasoning and tool parsers
         self.in_flight = 0
         self._health_task: asyncio.Task | None = None
 
@@ -246,9 +249,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                 router.metrics.requests.labels(endpoint, 404).inc()
                 return error(f"model {req.model!r} is not served here: use {spec.served_model_name!r}", 404)
             if len(body) <= INLINE_TOKENIZE_BYTES:
-                prompt_ids = _prompt_ids(router, req, chat)
+                prompt_ids, prompt_text = _prompt_ids(router, req, chat)
             else:  # megabytes of prompt: off the event loop, so the other streams go on
-                prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                prompt_ids, prompt_text = await asyncio.get_running_loop().run_in_executor(
                     router.tokenize_pool, _prompt_ids, router, req, chat)
             room = router.max_model_len - len(prompt_ids)
             if room < 1:
@@ -258,6 +261,8 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             if params.max_tokens is not None and params.max_tokens > room:
                 raise RequestError(f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} tokens "
                                    f"exceed the model's context of {router.max_model_len}: lower max_tokens")
+            plan = router.features.plan(req, chat, router.tokenizer, prompt_text)
+            params.structured_outputs = plan.constraint
         except (RequestError, ValueError) as e:
             router.metrics.requests.labels(endpoint, 400).inc()
             return error(str(e), 400)
@@ -265,7 +270,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         if limit is not None and router.in_flight >= limit:
             router.metrics.requests.labels(endpoint, 429).inc()
             return error(f"the server is at its limit of {limit} concurrent requests: retry shortly", 429)
-        run = _Run(router, req, prompt_ids, params, chat)
+        run = _Run(router, req, prompt_ids, params, chat, plan, prompt_text)
         try:
             head = await run.start()
         except RequestFailed as e:
@@ -278,54 +283,133 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     return app
 
 
-def _prompt_ids(router: Router, req, chat: bool) -> list[int]:
-    """Render and tokenize the prompt. May run on a worker thread (see INLINE_TOKENIZE_BYTES)."""
-    tokenizer, limit = router.tokenizer, router.max_model_len
+def _prompt_ids(router: Router, req, chat: bool) -> tuple[list[int], str]:
+    """The prompt's token ids, and its text (what reasoning checks and echo repeat).
+    May run on a worker thread (see INLINE_TOKENIZE_BYTES)."""
+    tok, limit = router.tokenizer, router.max_model_len
     try:
         if chat:
+            if req.tools:
+                check_tools(req.tools)
+                template = tok.chat_templates.get("tool_use") or tok.chat_templates.get("default")
+                if template is not None and not template_takes_tools(template):
+                    raise RequestError("this model's chat template does not take tools: it would drop them silently; "
+                                       "serve a model whose template renders `tools`, or describe the tools in a message")
             try:
-                text = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools)
+                text = tok.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools,
+                                               **(req.chat_template_kwargs or {}))
             except (TypeError, KeyError, AttributeError, IndexError) as e:  # the template met data it cannot take
                 raise RequestError(f"the chat template cannot render these messages/tools ({type(e).__name__}: "
                                    f"{e}): check their shape") from None
-            return tokenizer.encode_untrusted(text, add_special_tokens=False, max_tokens=limit)  # specials are in
+            return tok.encode_untrusted(text, add_special_tokens=False, max_tokens=limit), text  # specials are in
         if isinstance(req.prompt, str):
             if not req.prompt:
                 raise RequestError("prompt is empty")
-            return tokenizer.encode_untrusted(req.prompt, max_tokens=limit)
+            return tok.encode_untrusted(req.prompt, max_tokens=limit), req.prompt
     except PromptTooLong as e:
         raise RequestError(f"{e} (the model's context is {limit} tokens)") from None
     if not req.prompt:
         raise RequestError("prompt is an empty list of token ids")
-    vocab = router.tokenizer.vocab_size
+    vocab = tok.vocab_size
     bad = [t for t in req.prompt if not 0 <= t < vocab]
     if bad:
         raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-    return list(req.prompt)
+    return list(req.prompt), tok.decode(req.prompt, skip_special_tokens=False)
+
+
+class _Choice:
+    """One of a request's `n` choices: its engine stream, and the parsers that read it
+    (reasoning first, then tool calls in what is left)."""
+
+    def __init__(self, index: int, stream: AsyncIterator[Delta], plan: AnswerPlan):
+        self.index, self.stream, self.plan = index, stream, plan
+        self.reasoning = plan.reasoning.stream() if plan.reasoning is not None else None
+        self.tools = plan.tool_parser.stream() if plan.tool_parser is not None else None
+        self.forced_tools = plan.tool_mode in ("required", "named")
+        self.tokens = 0
+        self.logprobs: list = []
+        self.content: list[str] = []
+        self.reasoning_text: list[str] = []
+        self.calls: list = []
+        self.finish_reason: str | None = None
+        self.last: Delta | None = None
+
+    def read(self, text: str, final: bool) -> tuple[str, str, list]:
+        """New (reasoning, content, tool calls) from a text delta; `final` flushes."""
+        r, c = self.reasoning.feed(text) if self.reasoning is not None else ("", text)
+        if final and self.reasoning is not None:
+            r2, c2 = self.reasoning.finish()
+            r, c = r + r2, c + c2
+        calls: list = []
+        if self.tools is not None:
+            c, calls = self.tools.feed(c)
+            if final:
+                c2, calls2 = self.tools.finish()
+                c, calls = c + c2, calls + calls2
+        if self.forced_tools:  # the grammar-forced JSON is read whole at the end
+            self.content.append(c)
+            c = ""
+            if final:
+                whole = "".join(self.content)
+                forced = forced_tool_calls(self.plan, whole)
+                if forced is None:
+                    c = whole  # cut short (max_tokens): the client gets what was written
+                else:
+                    self.content = []
+                    calls = forced
+        else:
+            self.content.append(c)
+        self.reasoning_text.append(r)
+        self.calls += calls
+        return r, c, calls
+
+    def api_finish_reason(self, reason: str | None) -> str | None:
+        if reason == "stop" and self.calls and self.plan.tool_mode != "named":
+            return "tool_calls"
+        return reason
 
 
 class _Run:
-    """One admitted request: its deltas, counted into usage and metrics."""
+    """One admitted request: its choices' deltas, counted into usage and metrics."""
 
-    def __init__(self, router: Router, req, prompt_ids: list[int], params, chat: bool):
+    def __init__(self, router: Router, req, prompt_ids: list[int], params, chat: bool, plan: AnswerPlan,
+                 prompt_text: str):
         self.router, self.req, self.prompt_ids, self.params, self.chat = router, req, prompt_ids, params, chat
+        self.plan, self.prompt_text = plan, prompt_text
         self.id = random_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.model = router.spec.served_model_name
         self.t0 = time.monotonic()
-        self.completion_tokens = 0
         self.cached_tokens = 0
-        self.stream = router.orchestrator.generate(self.id, prompt_ids, params,
-                                                   req.workflow_id or req.agent_id,
-                                                   workflow_id=req.workflow_id, agent_id=req.agent_id)
+        self.n = req.n or 1
+        # All choices go to the prefill node that ran choice 0: it prefills the prompt once,
+        # and the others find its blocks in the prefix cache (shared, reference-counted).
+        self.affinity = req.workflow_id or req.agent_id or (self.id if self.n > 1 else None)
+        self.choices = [self._choice(0)]
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
         self._done = False
         router.in_flight += 1
         router.metrics.in_flight.inc()
 
+    def _choice(self, index: int) -> _Choice:
+        params = self.params
+        if index > 0 and params.seed is not None:  # vLLM's rule: choice i samples with seed + i
+            params = dataclasses.replace(params, seed=params.seed + index)
+        stream = self.router.orchestrator.generate(self.id if index == 0 else f"{self.id}-{index}", self.prompt_ids,
+                                                   params, self.affinity, workflow_id=self.req.workflow_id,
+                                                   agent_id=self.req.agent_id)
+        return _Choice(index, stream, self.plan)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
+
     async def start(self) -> Delta:
-        """Wait for the first delta (the first token, or an error before any)."""
+        """Wait for choice 0's first delta (its first token, or an error before any), then
+        start the other choices."""
         try:
-            head = await self.stream.__anext__()
+            head = await self.choices[0].stream.__anext__()
         except BaseException:
             await self._finish(None)
             raise
@@ -333,15 +417,39 @@ class _Run:
         self.cached_tokens = head.num_cached_tokens
         self.router.metrics.observe_prompt_cache(self.req.workflow_id, self.req.agent_id, len(self.prompt_ids),
                                                  head.num_cached_tokens)
+        self.choices += [self._choice(i) for i in range(1, self.n)]
         return head
 
-    async def deltas(self, head: Delta) -> AsyncIterator[Delta]:
-        yield head
+    async def deltas(self, head: Delta) -> AsyncIterator[tuple[_Choice, Delta]]:
+        """Every choice's deltas, interleaved as they come, each choice's last one finished."""
+        yield self.choices[0], head
+        live = len(self.choices)
+        if head.finished:
+            live -= 1
+        else:
+            self._pumps.append(asyncio.create_task(self._pump(self.choices[0])))
+        self._pumps += [asyncio.create_task(self._pump(c)) for c in self.choices[1:]]
+        while live:
+            choice, d = await self._queue.get()
+            if d.finished:
+                live -= 1
+            yield choice, d
+
+    async def _pump(self, choice: _Choice) -> None:
         try:
-            async for d in self.stream:
-                yield d
+            async for d in choice.stream:
+                await self._queue.put((choice, d))
+                if d.finished:
+                    return
+            await self._queue.put((choice, Delta(finished=True, finish_reason="error", error="stream ended early",
+                                                 error_code=500)))
         except RequestFailed as e:  # mid-stream (e.g. no decode node left): end with an error
-            yield Delta(finished=True, finish_reason="error", error=str(e), error_code=e.code)
+            await self._queue.put((choice, Delta(finished=True, finish_reason="error", error=str(e),
+                                                 error_code=e.code)))
+        except Exception as e:
+            log.exception("request_id=%s choice=%d: stream failed", self.id, choice.index)
+            await self._queue.put((choice, Delta(finished=True, finish_reason="error", error=f"internal error: {e}",
+                                                 error_code=500)))
 
     async def _finish(self, status: int | None) -> None:
         if self._done:
@@ -355,43 +463,60 @@ class _Run:
             r.e2e.observe(time.monotonic() - self.t0)
             r.prompt_tokens.inc(len(self.prompt_ids))
             r.generation_tokens.inc(self.completion_tokens)
-        await self.stream.aclose()  # on a disconnect: aborts the request on its nodes
+        for task in self._pumps:
+            task.cancel()
+        for task in self._pumps:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for c in self.choices:
+            await c.stream.aclose()  # on a disconnect: aborts the request on its nodes
 
     def _usage(self):
         return build.usage(len(self.prompt_ids), self.completion_tokens, self.cached_tokens)
 
-    def _logprobs(self, d: Delta):
-        """The delta's raw logprob entries when the request asked for them."""
-        return d.logprobs if self.params.logprobs is not None and d.logprobs else None
+    def _logprobs(self, entries):
+        """The raw logprob entries when the request asked for them."""
+        return entries if self.params.logprobs is not None and entries else None
 
     async def sse(self, head: Delta) -> AsyncIterator[bytes]:
         status = 500
-        offset = 0
+        offsets = [0] * self.n
         try:
             if self.chat:
-                yield sse_data(build.chat_chunk(self.id, self.model, self.created, "", role="assistant"))
-            async for d in self.deltas(head):
+                for i in range(self.n):
+                    yield sse_data(build.chat_delta_chunk(self.id, self.model, self.created, i, content="",
+                                                          role="assistant"))
+            elif self.req.echo:
+                for i in range(self.n):
+                    yield sse_data(build.completion_chunk(self.id, self.model, self.created, self.prompt_text,
+                                                          index=i))
+            async for choice, d in self.deltas(head):
                 if d.error is not None:
                     yield sse_error(d.error, _ERROR_TYPES.get(d.error_code, "internal_server_error"), d.error_code or 500)
                     yield SSE_DONE
                     status = d.error_code or 500
                     return
-                self.completion_tokens += len(d.token_ids)
+                choice.tokens += len(d.token_ids)
                 reason = d.finish_reason if d.finished else None
-                if d.text or d.finished or d.token_ids:
-                    lps = self._logprobs(d)
-                    if self.chat:
-                        chunk = build.chat_chunk(self.id, self.model, self.created, d.text, reason,
-                                                 logprobs=lps, token_text=self.router.token_text)
-                    else:
-                        chunk = build.completion_chunk(self.id, self.model, self.created, d.text, reason,
-                                                       logprobs=lps, token_text=self.router.token_text,
-                                                       text_offset=offset)
-                        # completions' text_offset counts the token texts sent so far
-                        offset += sum(len(self.router.token_text(e.token_id)) for e in lps or ())
-                    yield sse_data(chunk)
-                if d.finished:
-                    break
+                if not (d.text or d.finished or d.token_ids):
+                    continue
+                lps = self._logprobs(d.logprobs)
+                if self.chat:
+                    r, c, calls = choice.read(d.text, d.finished)
+                    deltas = [build.tool_call_delta(len(choice.calls) - len(calls) + k, call.id, call.name,
+                                                    call.arguments) for k, call in enumerate(calls)]
+                    chunk = build.chat_delta_chunk(
+                        self.id, self.model, self.created, choice.index, content=c if (c or not (r or deltas)) else None,
+                        reasoning_content=r or None, tool_calls=deltas or None,
+                        finish_reason=choice.api_finish_reason(reason), logprobs=lps,
+                        token_text=self.router.token_text)
+                else:
+                    chunk = build.completion_chunk(self.id, self.model, self.created, d.text, reason,
+                                                   logprobs=lps, token_text=self.router.token_text,
+                                                   text_offset=offsets[choice.index], index=choice.index)
+                    # completions' text_offset counts the token texts sent so far
+                    offsets[choice.index] += sum(len(self.router.token_text(e.token_id)) for e in lps or ())
+                yield sse_data(chunk)
             if self.req.include_usage:
                 make = build.chat_usage_chunk if self.chat else build.completion_usage_chunk
                 yield sse_data(make(self.id, self.model, self.created, self._usage()))
@@ -405,19 +530,22 @@ class _Run:
             await self._finish(status)
 
     async def collect(self, head: Delta, request: Request) -> Response:
-        """Non-streaming: gather every delta; a client that hangs up cancels the work."""
-        async def gather() -> tuple[str, Delta, list]:
-            text, last, lps = [], head, []
-            async for d in self.deltas(head):
+        """Non-streaming: gather every choice's deltas; a client that hangs up cancels the work."""
+        async def gather() -> Delta | None:
+            texts: dict[int, list[str]] = {c.index: [] for c in self.choices}
+            async for choice, d in self.deltas(head):
                 if d.error is not None:
-                    return "", d, []
-                text.append(d.text)
-                self.completion_tokens += len(d.token_ids)
-                lps += d.logprobs or []
-                last = d
+                    return d
+                texts[choice.index].append(d.text)
+                choice.tokens += len(d.token_ids)
+                choice.logprobs += d.logprobs or []
                 if d.finished:
-                    break
-            return "".join(text), last, lps
+                    choice.finish_reason = d.finish_reason
+                    if self.chat:
+                        choice.read("".join(texts[choice.index]), final=True)
+                    else:
+                        choice.content = texts[choice.index]
+            return None
 
         task = asyncio.create_task(gather())
         status = 500
@@ -430,17 +558,34 @@ class _Run:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                     return Response(status_code=499)
-            text, last, lps = task.result()
-            if last.error is not None:
-                status = last.error_code or 500
-                return error(last.error, status)
-            args = dict(finish_reason=last.finish_reason, prompt_tokens=len(self.prompt_ids),
-                        completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
-                        logprobs=self._logprobs(Delta(logprobs=lps)), token_text=self.router.token_text)
-            body = (build.chat_response if self.chat else build.completion_response)(self.id, self.model, text, **args)
+            failed = task.result()
+            if failed is not None:
+                status = failed.error_code or 500
+                return error(failed.error, status)
+            body = self._response()
             status = 200
             return Response(json_bytes(body), media_type="application/json")
         finally:
             if not task.done():
                 task.cancel()
             await self._finish(status)
+
+    def _response(self):
+        tt = self.router.token_text
+        if not self.chat:
+            echo = self.prompt_text if self.req.echo else ""
+            choices = [build.completion_choice(c.index, echo + "".join(c.content), c.finish_reason,
+                                               self._logprobs(c.logprobs), tt) for c in self.choices]
+            return build.completion_response_of(self.id, self.model, choices, self._usage())
+        choices = []
+        for c in self.choices:
+            content = "".join(c.content)
+            reasoning = "".join(c.reasoning_text)
+            calls = [build.tool_call(call.id, call.name, call.arguments) for call in c.calls]
+            has_reasoning = c.reasoning is not None and (reasoning or c.reasoning.seen_start
+                                                         or c.plan.reasoning.starts_in_reasoning)
+            choices.append(build.chat_choice(
+                c.index, content if (content or not calls) else None, c.api_finish_reason(c.finish_reason),
+                reasoning_content=reasoning if has_reasoning else None, tool_calls=calls or None,
+                logprobs=self._logprobs(c.logprobs), token_text=tt))
+        return build.chat_response_of(self.id, self.model, choices, self._usage())

@@ -24,6 +24,10 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from engine.sampling_params import SamplingParams
 
 
+# Most choices one request may ask for (`n`).
+MAX_N = 16
+
+
 class RequestError(ValueError):
     """A request the client must fix: HTTP 400, `error_body(str(exc))`."""
 
@@ -80,7 +84,7 @@ MAX_STOP_CHARS = 1024
 MAX_LIST_ITEMS = 1024       # stop_token_ids, bad_words
 
 # Request fields that go to SamplingParams under the same name, when sent.
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
                     "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                     "spaces_between_special_tokens", "bad_words")
@@ -97,7 +101,7 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None          # only 1: SamplingParams says so
+    n: int | None = Field(None, ge=1, le=MAX_N)   # choices: fanned out by the router, prompt prefilled once
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
@@ -120,6 +124,16 @@ class _SamplingRequest(BaseModel):
     workflow_id: str | None = None
     agent_id: str | None = None
     parent_request_id: str | None = None
+    # Structured outputs (router/structured.py reads these): OpenAI's response_format,
+    # vLLM's guided_* fields and its newer `structured_outputs` object.
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_shared(self) -> _SamplingRequest:
@@ -186,9 +200,8 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _check_supported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo=true is not supported: the response does not repeat the prompt; "
-                             "prepend it yourself")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo=true with logprobs is not supported (no prompt logprobs): drop one of them")
         if self.suffix:
             raise ValueError("suffix is not supported (no fill-in-the-middle): remove it")
         if self.best_of is not None and self.best_of > 1:
@@ -244,9 +257,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     """`POST /v1/chat/completions`.
 
-    `tools` and `tool_choice` are accepted so that agent frameworks that always send them
-    work, and may be handed to the chat template, but nothing parses tool calls from the
-    output: the answer is plain assistant text and `finish_reason` is never "tool_calls".
+    `tools` go to the chat template; `tool_choice` auto is read back by the server's tool
+    call parser, required and named choices are enforced with a grammar (router/structured.py).
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -256,16 +268,14 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None   # false: tool_choice "required" allows one call
+    chat_template_kwargs: dict[str, Any] | None = None   # e.g. {"enable_thinking": false}
+    include_reasoning: bool = True            # false: reasoning is not split out (vLLM)
 
     @model_validator(mode="after")
     def _check_supported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ValueError(f"response_format type {kind!r} is not supported (no structured output): "
-                             "remove response_format or use {'type': 'text'}")
         return self
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -291,7 +301,7 @@ class ChatCompletionRequest(_SamplingRequest):
 # Serialise with `router.sse.json_bytes` (None fields left out, as the official client
 # expects absence), except a stream choice's `finish_reason`, which stays as `null`.
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _KeepsFinishReason(BaseModel):
@@ -374,9 +384,34 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str                          # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = None
+    reasoning_content: str | None = None    # what a reasoning parser split off (vLLM's name)
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -389,6 +424,8 @@ class ChatChoice(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None   # only on a stream's first chunk
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(_KeepsFinishReason):

@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Protocol
 from router.protocol import (AssistantMessage, ChatChoice, ChatCompletionResponse, ChatCompletionStreamChunk,
                              ChatDelta, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob,
                              CompletionChoice, CompletionLogprobs, CompletionResponse, CompletionStreamChoice,
-                             CompletionStreamChunk, FinishReason, PromptTokensDetails, UsageInfo)
+                             CompletionStreamChunk, DeltaFunctionCall, DeltaToolCall, FinishReason, FunctionCall,
+                             PromptTokensDetails, ToolCall, UsageInfo)
 
 TokenText = Callable[[int], str]
 
@@ -36,7 +37,7 @@ class TokenLogprobsLike(Protocol):
 
 def api_finish_reason(reason: str | None) -> FinishReason | None:
     """The engine's finish reason as the API's; None while a stream is still running."""
-    if reason is None or reason in ("stop", "length"):
+    if reason is None or reason in ("stop", "length", "tool_calls"):
         return reason  # type: ignore[return-value]
     raise ValueError(f"finish_reason {reason!r} has no API equivalent: end the request with "
                      "error_body(...) (or sse_error(...) then SSE_DONE when streaming) instead")
@@ -92,10 +93,10 @@ def completion_response(request_id: str, model: str, text: str, finish_reason: s
 
 def completion_chunk(request_id: str, model: str, created: int, text: str, finish_reason: str | None = None,
                      logprobs: Iterable[TokenLogprobsLike] | None = None, token_text: TokenText | None = None,
-                     text_offset: int = 0) -> CompletionStreamChunk:
+                     text_offset: int = 0, index: int = 0) -> CompletionStreamChunk:
     """One streamed step: the new text, its tokens' logprobs when asked for."""
     lp = None if logprobs is None else completion_logprobs(logprobs, _need(token_text), text_offset)
-    choice = CompletionStreamChoice(text=text, logprobs=lp, finish_reason=api_finish_reason(finish_reason))
+    choice = CompletionStreamChoice(index=index, text=text, logprobs=lp, finish_reason=api_finish_reason(finish_reason))
     return CompletionStreamChunk(id=request_id, model=model, created=created, choices=[choice])
 
 
@@ -141,6 +142,56 @@ def chat_chunk(request_id: str, model: str, created: int, text: str, finish_reas
     choice = ChatStreamChoice(delta=ChatDelta(role=role, content=text), logprobs=lp,
                               finish_reason=api_finish_reason(finish_reason))
     return ChatCompletionStreamChunk(id=request_id, model=model, created=created, choices=[choice])
+
+
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: Iterable[TokenLogprobsLike] | None = None,
+                      token_text: TokenText | None = None) -> CompletionChoice:
+    lp = None if logprobs is None else completion_logprobs(logprobs, _need(token_text))
+    return CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=api_finish_reason(finish_reason))
+
+
+def completion_response_of(request_id: str, model: str, choices: list[CompletionChoice], usage: UsageInfo,
+                           created: int | None = None) -> CompletionResponse:
+    """The non-streaming answer with several choices (`n`)."""
+    extra = {} if created is None else {"created": created}
+    return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage, **extra)
+
+
+def chat_choice(index: int, content: str | None, finish_reason: str, reasoning_content: str | None = None,
+                tool_calls: list[ToolCall] | None = None, logprobs: Iterable[TokenLogprobsLike] | None = None,
+                token_text: TokenText | None = None) -> ChatChoice:
+    """One choice of a chat answer: content, the reasoning split off it, parsed tool calls."""
+    lp = None if logprobs is None else chat_logprobs(logprobs, _need(token_text))
+    message = AssistantMessage(content=content, reasoning_content=reasoning_content, tool_calls=tool_calls or None)
+    return ChatChoice(index=index, message=message, logprobs=lp, finish_reason=api_finish_reason(finish_reason))
+
+
+def chat_response_of(request_id: str, model: str, choices: list[ChatChoice], usage: UsageInfo,
+                     created: int | None = None) -> ChatCompletionResponse:
+    extra = {} if created is None else {"created": created}
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage, **extra)
+
+
+def chat_delta_chunk(request_id: str, model: str, created: int, index: int, *, content: str | None = None,
+                     reasoning_content: str | None = None, tool_calls: list[DeltaToolCall] | None = None,
+                     finish_reason: str | None = None, logprobs: Iterable[TokenLogprobsLike] | None = None,
+                     token_text: TokenText | None = None, role: str | None = None) -> ChatCompletionStreamChunk:
+    """One streamed step of choice `index`, with whichever of content, reasoning and tool
+    call deltas it carries."""
+    lp = None if logprobs is None else chat_logprobs(logprobs, _need(token_text))
+    delta = ChatDelta(role=role, content=content, reasoning_content=reasoning_content, tool_calls=tool_calls)
+    choice = ChatStreamChoice(index=index, delta=delta, logprobs=lp, finish_reason=api_finish_reason(finish_reason))
+    return ChatCompletionStreamChunk(id=request_id, model=model, created=created, choices=[choice])
+
+
+def tool_call_delta(index: int, call_id: str, name: str, arguments: str) -> DeltaToolCall:
+    """A whole call in one delta (OpenAI clients concatenate `arguments` across deltas)."""
+    return DeltaToolCall(index=index, id=call_id, type="function",
+                         function=DeltaFunctionCall(name=name, arguments=arguments))
+
+
+def tool_call(call_id: str, name: str, arguments: str) -> ToolCall:
+    return ToolCall(id=call_id, function=FunctionCall(name=name, arguments=arguments))
 
 
 def chat_usage_chunk(request_id: str, model: str, created: int, usage: UsageInfo) -> ChatCompletionStreamChunk:

@@ -30,3 +30,11 @@ class RouterLaunchSpec(msgspec.Struct, kw_only=True):
     block_size: int = 16                    # for prefix_aware's block-hash index
     max_model_len: int | None = None
     log_level: str = "info"
+    # Structured outputs, reasoning and tools (cluster.yaml `structured_outputs:` and
+    # `router.tool_call_parser`).
+    structured_outputs_backend: str = "auto"
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    reasoning_parser: str | None = None
+    enable_in_reasoning: bool = False
+    tool_call_parser: str | None = None

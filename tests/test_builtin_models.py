@@ -61,7 +61,8 @@ def test_config_reads_the_same_in_pdcluster_and_transformers(tiny_checkpoints, p
         (ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim)
     assert ours.vocab_size == ref.vocab_size >= tokenizer.vocab_size
     assert ours.tie_word_embeddings == ref.tie_word_embeddings == spec.tie_word_embeddings
-    assert ours.attention_bias == (preset == "tiny-qwen2") and ours.qk_norm == (preset == "tiny-qwen3")
+    assert ours.attention_bias == spec.attention_bias and ours.qk_norm == spec.qk_norm
+    assert ours.attention_bias == (preset == "tiny-qwen2") and ours.qk_norm == (preset in ("tiny-qwen3", "tiny-chat"))
     assert ours.sliding_window is None
     assert set(ours.eos_token_ids) <= tokenizer.eos_token_ids
     generation = json.loads((path / "generation_config.json").read_text())

@@ -115,11 +115,11 @@ def test_completion_bad_prompt_names_the_field(prompt):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"echo": True}, "echo=true is not supported"),
+    ({"echo": True, "logprobs": 1}, "echo=true with logprobs is not supported"),
     ({"suffix": "end"}, "suffix is not supported"),
     ({"best_of": 2}, "best_of=2 is not supported"),
     ({"logit_bias": {"50256": -100}}, "logit_bias is not supported"),
-    ({"n": 2}, "n=2: only n=1 is supported"),
+    ({"n": 17}, "n: Input should be less than or equal to 16"),
     ({"logprobs": 6}, "logprobs: Input should be less than or equal to 5"),
     ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true"),
 ])
@@ -214,7 +214,6 @@ def test_chat_max_tokens_and_logprobs_mapping(body, max_tokens, logprobs):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"response_format": {"type": "json_object"}}, "response_format type 'json_object' is not supported"),
     ({"top_logprobs": 2}, "top_logprobs=2 needs logprobs=true"),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs: Input should be less than or equal to 20"),
     ({"messages": []}, "messages: List should have at least 1 item"),
@@ -222,7 +221,7 @@ def test_chat_max_tokens_and_logprobs_mapping(body, max_tokens, logprobs):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content: content part of type 'image_url' is not supported"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
-    ({"n": 3}, "n=3: only n=1 is supported"),
+    ({"n": 0}, "n: Input should be greater than or equal to 1"),
     ({"logit_bias": {"1": 5}}, "logit_bias is not supported"),
 ])
 def test_chat_unsupported_or_invalid_requests_are_explained(body, message):

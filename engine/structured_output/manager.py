@@ -1,0 +1,210 @@
+"""The engine's structured-output state: compiled grammars, one matcher per request, and
+the token bitmask applied to the logits batch.
+
+Two calls from the engine's step, nothing else on the hot path:
+
+    structured.apply_bitmask(logits, requests)   # before sampling: disallowed tokens -> -inf
+    structured.accept_tokens(requests, tokens)   # after sampling: matchers advance
+
+Requests without a grammar cost one dict lookup per step each; a batch with none costs
+nothing more. For the rows with a grammar, each matcher fills its row of one pinned host
+bitmask (int32, 32 tokens a word), the rows go to the device in one non-blocking copy,
+and one batched op masks the logits there: no per-request device sync.
+
+The pinned host bitmask is reused every step: that is safe while each step syncs before
+the next one fills it (the sampler's `.tolist()` does today); a step loop that stops
+syncing must double-buffer it.
+
+Grammar state survives the prefill/decode split by construction: a request that arrives
+with `output_token_ids` (the prefill node's first token, or everything streamed before a
+decode failover or KV recompute) has its fresh matcher advanced over those tokens at
+`add_request`, so the decode node continues exactly where the other node stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.structured_output.backends import (GrammarBackend, GrammarMatcher, TokenizerView, build_backend)
+from engine.structured_output.params import StructuredOutputsParams, backend_unavailable, resolve_backend
+
+log = logging.getLogger(__name__)
+
+# Compiled grammars kept (LRU). Compiling a schema costs ms to 100s of ms; a grammar
+# object is small next to that.
+GRAMMAR_CACHE_SIZE = 256
+AUTO_ORDER = ("xgrammar", "guidance")
+
+
+@dataclass(slots=True)
+class GrammarState:
+    matcher: GrammarMatcher
+    params: StructuredOutputsParams
+    backend: str          # the one that compiled it (auto resolves per grammar)
+    active: bool          # False while the reasoning (before its end token) is unconstrained
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer: Any, vocab_size: int, device: torch.device | str = "cpu"):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._view: TokenizerView | None = None
+        self._backends: dict[str, GrammarBackend] = {}
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self.states: dict[str, GrammarState] = {}
+        self._host_bitmask: torch.Tensor | None = None   # (rows, words) int32, pinned on CUDA hosts
+        self.compile_hits = 0
+        self.compile_misses = 0
+
+    # --- grammars ---------------------------------------------------------------------
+    def _tokenizer_view(self) -> TokenizerView:
+        if self._view is None:
+            tok = self._tokenizer
+            vocab = [""] * self.vocab_size
+            for token, i in tok.get_vocab().items():
+                if i < self.vocab_size:
+                    vocab[i] = token
+            self._view = TokenizerView(tok.to_json_str(), tuple(vocab), tuple(sorted(tok.eos_token_ids)), self.vocab_size)
+        return self._view
+
+    def backend(self, name: str) -> GrammarBackend:
+        if name not in self._backends:
+            self._backends[name] = build_backend(name, self._tokenizer_view())
+        return self._backends[name]
+
+    def compile(self, params: StructuredOutputsParams) -> tuple[str, Any]:
+        """(backend name, compiled grammar) for `params`, from the cache when seen before.
+        `auto` is vLLM's rule: xgrammar, and guidance for what xgrammar cannot compile."""
+        key = params.cache_key()
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            self.compile_hits += 1
+            return hit
+        if params.backend == "auto":
+            names = [n for n in AUTO_ORDER if backend_unavailable(n) is None] or [resolve_backend("auto")]
+        else:
+            names = [params.backend]
+        errors = []
+        for name in names:
+            try:
+                hit = (name, self.backend(name).compile(params))
+                break
+            except ValueError as e:
+                errors.append(str(e))
+        else:
+            raise ValueError("; ".join(errors))
+        self.compile_misses += 1
+        self._compiled[key] = hit
+        if len(self._compiled) > GRAMMAR_CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return hit
+
+    # --- requests ---------------------------------------------------------------------
+    def add_request(self, request_id: str, params: StructuredOutputsParams, output_token_ids: Sequence[int]) -> None:
+        """Compile (or reuse) the grammar and replay the tokens already produced. Raises
+        ValueError for a constraint that does not compile or tokens it does not allow."""
+        backend, compiled = self.compile(params)
+        state = GrammarState(self.backend(backend).matcher(compiled), params, backend,
+                             active=params.reasoning_end_token_id is None)
+        for i, token in enumerate(output_token_ids):
+            if not self._advance(state, token):
+                raise ValueError(f"output token {i} ({token}) breaks the request's {params.kind} constraint: the "
+                                 "tokens another node produced do not match it")
+        self.states[request_id] = state
+
+    def remove(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def _advance(self, state: GrammarState, token: int) -> bool:
+        if not state.active:
+            state.active = token == state.params.reasoning_end_token_id
+            return True
+        if state.matcher.is_terminated():  # complete: only eos may follow (see apply_bitmask)
+            return token in self._tokenizer_view().eos_token_ids
+        return state.matcher.accept(token)
+
+    # --- the step ---------------------------------------------------------------------
+    def apply_bitmask(self, logits: torch.Tensor, request_ids: Sequence[str]) -> None:
+        """Mask `logits` (B, V) in place: row i keeps only what request_ids[i]'s grammar
+        allows next. Rows without an active grammar are left alone."""
+        if not self.states:
+            return
+        rows = [i for i, rid in enumerate(request_ids) if (s := self.states.get(rid)) is not None and s.active]
+        if not rows:
+            return
+        words = (logits.shape[1] + 31) // 32
+        host = self._bitmask(len(rows), words)
+        by_backend: dict[str, list[int]] = {}
+        finished: list[int] = []
+        for i in rows:
+            state = self.states[request_ids[i]]
+            if state.matcher.is_terminated():
+                finished.append(i)  # the grammar is complete (ignore_eos goes on): only eos may follow
+            else:
+                by_backend.setdefault(state.backend, []).append(i)
+        rows = [i for group in by_backend.values() for i in group] + finished  # host row j <-> logits row rows[j]
+        host[len(rows) - len(finished):len(rows)] = self._eos_row(words)
+        j = 0
+        for name, group in by_backend.items():
+            matchers = [self.states[request_ids[i]].matcher for i in group]
+            self._backends[name].fill_bitmasks(matchers, host, list(range(j, j + len(group))))
+            j += len(group)
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            mask = host[:len(rows)].to(logits.device, non_blocking=True)             # (R, W)
+            apply_token_bitmask(logits, mask, rows)
+
+    def accept_tokens(self, request_ids: Sequence[str], tokens: Sequence[int]) -> list[str]:
+        """Advance each request's matcher by its sampled token. Returns the ids of requests
+        whose token the grammar refused (possible only when a sampler ban removed every
+        token the grammar allowed, e.g. min_tokens against a finished grammar)."""
+        if not self.states:
+            return []
+        broken = []
+        for rid, token in zip(request_ids, tokens):
+            state = self.states.get(rid)
+            if state is not None and not self._advance(state, token):
+                broken.append(rid)
+        return broken
+
+    def _eos_row(self, words: int) -> torch.Tensor:
+        """A bitmask row (int32, (words,)) allowing only the tokenizer's eos ids."""
+        bits = np.zeros(words, dtype=np.uint32)
+        for t in self._tokenizer_view().eos_token_ids:
+            bits[t // 32] |= np.uint32(1 << (t % 32))
+        return torch.from_numpy(bits.view(np.int32))
+
+    def _bitmask(self, rows: int, words: int) -> torch.Tensor:
+        host = self._host_bitmask
+        if host is None or host.shape[0] < rows or host.shape[1] != words:
+            n = max(rows, 64 if host is None else 2 * host.shape[0])
+            host = torch.empty((n, words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            self._host_bitmask = host
+        return host
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """`logits[rows[j], v] = -inf` where bit v of `bitmask[j]` is 0. In place, on the
+    logits' device, batched over rows: (B, V) float, (R, W) int32, R = len(rows).
+    A plain-torch op (the same rule as xgrammar's and llguidance's kernels)."""
+    vocab = logits.shape[1]
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab]  # (R, V)
+    if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    index = torch.tensor(list(rows), dtype=torch.int64, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,191 @@
+"""The engine side of structured outputs: both grammar backends on a real engine, the
+compile cache, the bitmask op, the reasoning gate, and the property the prefill/decode
+split rests on: an engine handed the tokens another one produced continues the same
+grammar state and samples what one engine alone would have."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.structured_output.backends import closed_schema
+from engine.structured_output.manager import StructuredOutputManager, apply_token_bitmask
+from engine.structured_output.params import StructuredOutputsParams, backend_unavailable, resolve_backend
+
+BACKENDS = ["xgrammar", "guidance"]
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 99}},
+          "required": ["ok", "n"]}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("builtin:tiny-chat", dtype="float32", device="cpu", num_blocks=128)
+
+
+def constrained(backend: str, **kind) -> dict:
+    return {"backend": backend, "disable_any_whitespace": True, "disable_additional_properties": True, **kind}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_constrains_a_real_engine(llm, backend):
+    greedy = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=constrained(backend, json=SCHEMA))
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=60, structured_outputs=constrained(backend, json=SCHEMA))
+    for out in llm.generate(["Hello", "def f(x):"], greedy) + llm.generate(["Numbers:"], seeded):
+        assert out.outputs[0].finish_reason == "stop"
+        obj = json.loads(out.outputs[0].text)
+        assert set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool) and 0 <= obj["n"] <= 99
+    regex = SamplingParams(temperature=1.0, seed=1, max_tokens=20,
+                           structured_outputs={"backend": backend, "regex": r"[a-z]{2,4}\d"})
+    assert re.fullmatch(r"[a-z]{2,4}\d", llm.generate(["Hi"], regex)[0].outputs[0].text)
+
+
+def test_a_grammar_is_compiled_once_per_key(llm):
+    structured = llm.engine.structured
+    params = SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=constrained("xgrammar", choice=["a b", "c"]))
+    before = (structured.compile_misses, structured.compile_hits)
+    llm.generate(["one", "two", "three"], params)
+    assert (structured.compile_misses - before[0], structured.compile_hits - before[1]) == (1, 2)
+    assert not structured.states  # finished requests leave nothing behind
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_engine_continuing_from_produced_tokens_samples_what_one_engine_would(llm, backend):
+    """The decode node's view: prompt + tokens made elsewhere (first token from the prefill
+    node, or everything before a failover) -> same tokens as an uninterrupted run."""
+    for sampling in (dict(temperature=0.0), dict(temperature=0.9, seed=42)):
+        params = SamplingParams(max_tokens=40, structured_outputs=constrained(backend, json=SCHEMA), **sampling)
+        whole = llm.generate(["Tell me"], params)[0].outputs[0]
+        for cut in (1, 5):
+            engine = llm.engine
+            engine.add_request(f"cont-{backend}-{cut}", "Tell me", SamplingParams(
+                max_tokens=40 - cut, structured_outputs=constrained(backend, json=SCHEMA), **sampling),
+                output_token_ids=whole.token_ids[:cut])
+            tokens = None
+            while engine.has_unfinished_requests:
+                for out in engine.step():
+                    if out.finished:
+                        tokens = out.outputs[0].token_ids
+            assert tokens == whole.token_ids
+
+
+def test_tokens_that_break_the_grammar_are_refused_at_admission(llm):
+    bad = llm.engine.tokenizer.encode("zzz", add_special_tokens=False)
+    with pytest.raises(ValueError, match="breaks the request's json constraint"):
+        llm.engine.add_request("bad", "Hi", SamplingParams(structured_outputs=constrained("xgrammar", json=SCHEMA)),
+                               output_token_ids=bad)
+    assert "bad" not in llm.engine.structured.states
+
+
+@pytest.mark.parametrize("backend,spec", [("xgrammar", {"regex": "[a-"}), ("guidance", {"regex": "(a"}),
+                                          ("xgrammar", {"grammar": "root ::= nothing"}),
+                                          ("guidance", {"json": {"type": "nonsense"}})])
+def test_a_constraint_that_does_not_compile_is_a_value_error(llm, backend, spec):
+    with pytest.raises(ValueError, match=f"does not compile with {backend}"):
+        llm.engine.add_request("x", "Hi", SamplingParams(structured_outputs={"backend": backend, **spec}))
+
+
+def test_the_grammar_waits_for_the_reasoning_to_end(llm):
+    tok = llm.engine.tokenizer
+    end = tok.token_to_id("</think>")
+    manager = StructuredOutputManager(tok, llm.engine.model_config.vocab_size)
+    params = StructuredOutputsParams(choice=["yes", "no"], backend="xgrammar", reasoning_end_token_id=end)
+    manager.add_request("r", params, tok.encode("some thoughts", add_special_tokens=False))
+    logits = torch.zeros(1, manager.vocab_size)
+    manager.apply_bitmask(logits, ["r"])
+    assert torch.isfinite(logits).all()            # still reasoning: free
+    manager.accept_tokens(["r"], [end])
+    manager.apply_bitmask(logits, ["r"])
+    allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    assert allowed and all("yes".startswith(t) or "no".startswith(t) for t in map(lambda i: tok.decode([i]), allowed))
+    # A request replayed with the end token already produced starts constrained.
+    manager.add_request("s", params, tok.encode("x", add_special_tokens=False) + [end])
+    assert manager.states["s"].active
+
+
+def test_bitmask_op_matches_a_per_token_reference():
+    g = torch.Generator().manual_seed(0)
+    vocab, words = 70, 3
+    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (2, words), dtype=torch.int32, generator=g)
+    logits = torch.randn(4, vocab, generator=g)
+    want = logits.clone()
+    for j, row in enumerate([3, 1]):
+        for v in range(vocab):
+            if not (int(bitmask[j, v // 32]) >> (v % 32)) & 1:
+                want[row, v] = float("-inf")
+    apply_token_bitmask(logits, bitmask, [3, 1])
+    assert torch.equal(logits, want)
+
+
+def test_requests_without_a_grammar_leave_the_logits_alone(llm):
+    manager = StructuredOutputManager(llm.engine.tokenizer, 64)
+    logits = torch.randn(3, 64)
+    before = logits.clone()
+    manager.apply_bitmask(logits, ["a", "b", "c"])
+    assert torch.equal(logits, before) and manager._host_bitmask is None
+
+
+def test_backend_names_resolve_or_say_what_to_install():
+    assert resolve_backend("auto") == "xgrammar" and resolve_backend("llguidance") == "guidance"
+    with pytest.raises(ValueError, match="use one of auto, xgrammar, guidance"):
+        resolve_backend("nope")
+    for name in ("outlines", "lm-format-enforcer"):
+        problem = backend_unavailable(name)
+        if problem is not None:
+            assert "pip install" in problem or "use xgrammar" in problem
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="whitespace_pattern is not supported"):
+        StructuredOutputsParams(regex="a", whitespace_pattern=r"\s")
+
+
+def test_sampling_params_carry_the_constraint_over_the_wire():
+    params = SamplingParams(structured_outputs={"json": json.dumps(SCHEMA), "backend": "guidance"})
+    back = SamplingParams.from_dict(json.loads(json.dumps(params.to_dict())))
+    assert back.structured_outputs == params.structured_outputs and back.structured_outputs.json == SCHEMA
+
+
+def test_disable_additional_properties_closes_every_object():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}},
+                                               "b": {"type": "object", "additionalProperties": True}}}
+    closed = closed_schema(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["b"]["additionalProperties"] is True
+
+
+def test_outlines_backend_constrains_where_installed(llm):
+    pytest.importorskip("outlines_core", reason="outlines is an optional backend: pip install outlines-core")
+    for spec in ({"json": SCHEMA, "disable_any_whitespace": True}, {"choice": ["yes", "no way"]}):
+        out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=60,
+                                                     structured_outputs={"backend": "outlines", **spec}))[0].outputs[0]
+        assert out.finish_reason == "stop"
+        if "json" in spec:
+            assert set(json.loads(out.text)) == {"ok", "n"}
+        else:
+            assert out.text in ("yes", "no way")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_complete_grammar_allows_only_eos_after_it(llm, backend):
+    # ignore_eos keeps the request going past the grammar's end: nothing but eos may follow.
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                            structured_outputs={"backend": backend, "choice": ["yes", "no"]})
+    out = llm.generate(["Hello"], params)[0].outputs[0]
+    eos = llm.engine.tokenizer.eos_token_ids
+    assert out.text in ("yes", "no") and out.finish_reason == "length" and out.token_ids[-1] in eos
+
+
+def test_auto_takes_xgrammar_and_falls_back_to_guidance_for_what_xgrammar_cannot_compile(llm):
+    manager = llm.engine.structured
+    lark = StructuredOutputsParams(grammar='start: "a" "b"+', backend="auto")   # Lark: guidance's syntax
+    ebnf = StructuredOutputsParams(grammar='root ::= "a" "b"+', backend="auto")  # GBNF: both read it
+    assert manager.compile(lark)[0] == "guidance" and manager.compile(ebnf)[0] == "xgrammar"
+    out = llm.generate(["Hi"], SamplingParams(temperature=1.0, seed=2, max_tokens=8, ignore_eos=True,
+                                              structured_outputs=lark))[0].outputs[0]
+    assert re.fullmatch(r"ab+", out.text)
+    with pytest.raises(ValueError, match="xgrammar.*guidance"):
+        manager.compile(StructuredOutputsParams(grammar="start: (", backend="auto"))
