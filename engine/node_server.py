@@ -7,7 +7,7 @@ cost and reacts within one step when busy. Prefill and decode nodes differ only 
 KV role their engine runs (see prefill_node/ and decode_node/).
 
 Shutdown: SIGTERM or SIGINT stops intake (new requests get a 503 update), lets running
-requests finish for up to `drain_timeout_s`, aborts what is left, closes the connector
+requests finish and lent KV be pulled for up to `drain_timeout_s`, aborts what is left, closes the connector
 (deregistering KV memory) and exits 0.
 """
 
@@ -59,7 +59,7 @@ class NodeServer:
         while True:
             if self._draining and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.drain_timeout_s
-            if drain_deadline is not None and (not self.engine.has_unfinished_requests
+            if drain_deadline is not None and ((not self.engine.has_unfinished_requests and not self._lending())
                                                or time.monotonic() > drain_deadline):
                 break
             busy = self.engine.has_unfinished_requests and not self.engine.idle
@@ -76,6 +76,12 @@ class NodeServer:
 
     def _on_signal(self, signum, frame) -> None:
         self._draining = True
+
+    def _lending(self) -> bool:
+        """KV lent to a decode node that has not pulled it yet: a draining producer waits
+        for it (or for its lease to run out), so the pull does not fail."""
+        connector = self.engine.connector
+        return connector is not None and connector.stats().get("requests_held", 0) > 0
 
     def _drain_socket(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.tokenizer import Tokenizer
 from router import responses as build
+from router.membership import install_membership
 from router.metrics import RouterMetrics
 from router.node_client import NodeClient
 from router.orchestrator import Delta, Orchestrator, RequestFailed
@@ -106,6 +107,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
 
     app = FastAPI(title="pdcluster router", lifespan=lifespan)
     app.state.router = router
+    membership = install_membership(app, router)  # /cluster/scale, /cluster/nodes, /cluster/membership
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -130,6 +132,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             e = n.last_stats.engine if n.last_stats else None
             peak_running, peak_waiting = n.take_peaks()
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
+                          "state": membership.state(n), "placement": membership.placement.get(n.id, {}),
                           "peak_running": peak_running, "peak_waiting": peak_waiting,
                           **{f: getattr(e, f) if e else 0 for f in _CLUSTER_FIELDS},
                           "kv_transfer": e.kv_transfer if e else {}})
