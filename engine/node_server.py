@@ -49,9 +49,12 @@ class NodeServer:
         self._stop = False
 
     # --- the loop -------------------------------------------------------------------
-    def serve_forever(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+    def serve_forever(self, handle_signals: bool = True) -> None:
+        """Run until drained. `handle_signals=False` for a host that stops the node itself
+        with `request_stop()` (a Ray actor, whose loop runs off the main thread)."""
+        if handle_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         drain_deadline = None
@@ -75,6 +78,10 @@ class NodeServer:
         log.info("node %s stopped", self.node_id)
 
     def _on_signal(self, signum, frame) -> None:
+        self._draining = True
+
+    def request_stop(self) -> None:
+        """Drain as on SIGTERM: no new requests, running ones finish, lent KV is pulled."""
         self._draining = True
 
     def _lending(self) -> bool:
