@@ -1,5 +1,5 @@
-"""A serving node as a Ray actor: the same NodeServer the local backend runs as a process
-(`python -m prefill_node` / `decode_node`), here in the actor's worker process.
+"""A serving node as a Ray actor: the same role service the local backend runs as a
+process (`python -m prefill_node` / `decode_node`), here in the actor's worker process.
 
 The actor binds its ZeroMQ and KV ports on the address of the Ray node it landed on (not
 127.0.0.1: the router and the other nodes may be on other machines) and reports where it
@@ -29,7 +29,7 @@ class NodeActor:
     def __init__(self, spec_json: str, kv_role: str | None, placement: dict[str, Any]):
         import ray
 
-        from engine.node_server import NodeLaunchSpec, NodeServer, engine_config_from_spec
+        from engine.node_server import NodeLaunchSpec, engine_config_from_spec
 
         spec = msgspec.json.decode(spec_json, type=NodeLaunchSpec)
         logging.basicConfig(level=spec.log_level.upper(),
@@ -50,7 +50,8 @@ class NodeActor:
             spec.kv_transfer = {**spec.kv_transfer, "kv_ip": ip, "kv_port": kv_port,
                                 "kv_buffer_device": "cpu" if spec.device == "cpu" else "cuda"}
         self.spec = spec
-        self.server = NodeServer(spec.node_id, spec.role, engine_config_from_spec(spec, kv_role), ip, port)
+        self.server = server_class(spec.role)(spec.node_id, spec.role, engine_config_from_spec(spec, kv_role), ip,
+                                              port)
         ctx = ray.get_runtime_context()
         self._info = {"id": spec.node_id, "role": spec.role, "address": f"tcp://{ip}:{port}", "pid": os.getpid(),
                       "placement": {"ray_node_id": ctx.get_node_id(), "ip": ip, "device": spec.device,
@@ -74,6 +75,15 @@ class NodeActor:
         self.server.request_stop()
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
+
+
+def server_class(role: str):
+    """The role's NodeServer, as `python -m prefill_node` / `decode_node` run it."""
+    if role == "prefill":
+        from prefill_node.service import PrefillNodeServer
+        return PrefillNodeServer
+    from decode_node.service import DecodeNodeServer  # decode, and colocated (`both`)
+    return DecodeNodeServer
 
 
 def _free_ports(ip: str, n: int) -> list[int]:

@@ -4,7 +4,8 @@ Two different needs, two functions:
 
 * `safe_hash` fingerprints configuration (compatibility checks between producer and
   consumer, cache folder names). md5 is fast and plenty for that, but FIPS builds of
-  OpenSSL refuse it, so it falls back to sha256 there.
+  OpenSSL refuse it, so it falls back to sha256 there. It is defined in
+  kv_connector/fingerprint.py, which both packages use.
 * `hash_block_tokens` keys the prefix cache. Each block's key chains its parent's key, so
   equal keys mean equal *prefixes*, not just equal blocks. The default (`builtin`) uses
   Python's tuple hash: fast, 64-bit, fine for one tenant; `sha256` makes collisions
@@ -17,19 +18,13 @@ import hashlib
 from collections.abc import Sequence
 from typing import Literal
 
+from kv_connector.fingerprint import safe_hash  # noqa: F401 - part of this module's API
+
 PrefixHashAlgo = Literal["builtin", "sha256"]
 
 # The parent key of a request's first block. Folding in a nonzero constant keeps the first
 # block's key from colliding with a tuple hash of the bare tokens.
 ROOT_BLOCK_HASH = 0x5043_4C55_5354_4552  # "PCLUSTER"
-
-
-def safe_hash(data: bytes, usedforsecurity: bool = True):
-    """md5 of `data`, or sha256 where FIPS forbids md5. Returns a hashlib object."""
-    try:
-        return hashlib.md5(data, usedforsecurity=usedforsecurity)
-    except (ValueError, TypeError):  # FIPS: "unsupported hash type", or an old signature
-        return hashlib.sha256(data)
 
 
 def hash_block_tokens(parent_hash: int, token_ids: Sequence[int], algo: PrefixHashAlgo = "builtin",
