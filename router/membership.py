@@ -124,7 +124,7 @@ class Membership:
     # --- changes ----------------------------------------------------------------------
     def scale(self, req: ScaleRequest) -> dict[str, Any]:
         """Set the target; pick the nodes that leave now (they start draining at once).
-        Growing needs a launcher attached to start the new nodes."""
+        A change needs a launcher attached, to start new nodes and stop drained ones."""
         want = dict(self.target)
         for field, role in (("prefill", "prefill"), ("decode", "decode"), ("colocated", "both")):
             value = getattr(req, field)
@@ -140,10 +140,10 @@ class Membership:
         if not (p or c):
             raise MembershipError("that leaves no serving node: keep prefill and decode at 1 or more, "
                                   "or colocated at 1 or more")
-        grows = any(want[r] > len(self.members(r)) for r in ROLES)
-        if grows and not self.supervised:
-            raise MembershipError("no launcher is attached to this router to start new nodes (start the cluster "
-                                  "with `pdcluster up`, which supervises it)", 409)
+        changes = any(want[r] != len(self.members(r)) for r in ROLES)
+        if changes and not self.supervised:
+            raise MembershipError("no launcher is attached to this router to start or stop nodes (start the "
+                                  "cluster with `pdcluster up`, which supervises it)", 409)
         self.target = want
         for role in ROLES:
             surplus = len(self.members(role)) - want[role]
@@ -209,6 +209,7 @@ class Membership:
         return {"id": node_id, "state": "departed"}
 
     async def _forget(self, node: NodeClient, why: str) -> None:
+        node.healthy = False  # a health check still in flight must not mark it down (and reconnect it)
         self.nodes.remove(node)
         self.states.pop(node.id, None)
         self.placement.pop(node.id, None)

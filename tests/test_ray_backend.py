@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from cluster.scale import run_scale  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.builtin_models import resolve_builtin  # noqa: E402
-from tests.scaling import check_scale_decode_one_two_one, membership, wait_until  # noqa: E402
+from tests.scaling import check_scale_one_two_one, membership, wait_until  # noqa: E402
 from tests.test_cluster_e2e import GREEDY, PROMPTS, SEEDED  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_outputs_equal_the_offline_engine_and_the_local_backend(client, offline,
 
 
 def test_scale_decode_one_two_one_under_load_loses_nothing(up):
-    gone = check_scale_decode_one_two_one(up["url"], None)
+    gone = check_scale_one_two_one(up["url"], None)
     wait_until(lambda: f"{_prefix(up)}-{gone['id']}" not in our_actors(), 30, f"{gone['id']}'s actor to be removed")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.launcher import LocalCluster
-from tests.scaling import check_scale_decode_one_two_one, wait_until
+from tests.scaling import check_scale_one_two_one, wait_until
 
 API_KEY = "scale-test-key"
 
@@ -68,12 +68,12 @@ def test_bad_scale_requests_are_refused_and_change_nothing(supervised, body, mes
     assert view["target"] == {"prefill": 1, "decode": 1, "colocated": 0}
 
 
-def test_scale_decode_one_two_one_under_load_loses_nothing(supervised):
-    gone = check_scale_decode_one_two_one(supervised.url, API_KEY)
-    # The launcher stopped the drained node's process.
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_scale_one_two_one_under_load_loses_nothing(supervised, role):
+    gone = check_scale_one_two_one(supervised.url, API_KEY, role)
+    # The launcher stopped the drained node's process, and runs one node of each role.
     wait_until(lambda: not _alive(gone["pid"]), 30, f"{gone['id']} (pid {gone['pid']}) to exit")
-    assert [n.name for n in supervised.nodes] == ["prefill-0"] + [n for n in ["decode-0", "decode-1"]
-                                                                  if n != gone["id"]]
+    assert sorted(n.role for n in supervised.nodes) == ["decode", "prefill"]
 
 
 def _alive(pid: int) -> bool:
