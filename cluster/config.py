@@ -169,6 +169,11 @@ class RaySettings(_Section):
     namespace: str = "pdcluster"
     max_restarts: int = Field(default=3, ge=0)
     """How often Ray restarts a node's actor that died (then it rejoins the router)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    """Place the nodes `pdcluster up` starts as one Ray placement group with this strategy
+    (one bundle per node, its role's resources): STRICT_PACK keeps them on one machine
+    (e.g. prefill and decode over NVLink), STRICT_SPREAD one per machine. Null: each actor
+    is placed on its own. Nodes added by `pdcluster scale` are placed on their own."""
 
     @field_validator("address")
     @classmethod

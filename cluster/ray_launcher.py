@@ -85,6 +85,7 @@ class RayCluster:
         self._names_used: set[str] = set()
         self._starting: list[ActorNode] = []     # actors created for `scale`, not yet registered
         self._prefix = ""
+        self._pg = None                          # the initial nodes' placement group (ray.placement_strategy)
 
     @property
     def api_key(self) -> str | None:
@@ -113,7 +114,7 @@ class RayCluster:
         import ray
 
         rc = self.config.ray
-        address = None if rc.address == "local" else rc.address
+        address = rc.address  # "local" always starts a private Ray, whatever RAY_ADDRESS says
         self._ray_started_here = rc.address == "local"
         # Node output stays in Ray's logs on each machine (/tmp/ray/session_latest/logs),
         # as local nodes write to the run folder: the terminal shows the launcher only.
@@ -136,7 +137,9 @@ class RayCluster:
         self._router_port = router_port
         self._prefix = f"pdcluster-{router_port}"
         specs = [NodeSpec(s.role, s.index, "auto", s.engine) for s in cfg.node_specs(num_gpus=0)]
-        self.nodes = [self._create_actor(s) for s in specs]
+        if cfg.ray.placement_strategy:
+            self._place_group(specs, timeout_s)
+        self.nodes = [self._create_actor(s, bundle=i if self._pg is not None else None) for i, s in enumerate(specs)]
         self._names_used = {n.name for n in self.nodes}
         refs = {n.handle.info.remote(): n for n in self.nodes}
         deadline = time.monotonic() + timeout_s
@@ -161,7 +164,21 @@ class RayCluster:
                     "have the resources they ask for? `ray status` shows what is free; set "
                     "PDCLUSTER_START_TIMEOUT_S to wait longer")
 
-    def _create_actor(self, spec: NodeSpec) -> ActorNode:
+    def _place_group(self, specs: list[NodeSpec], timeout_s: float) -> None:
+        """One placement group for the initial nodes, one bundle each (node order)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        strategy = self.config.ray.placement_strategy
+        bundles = [_bundle(dict(self.config.roles())[s.role].resources) for s in specs]
+        self._pg = placement_group(bundles, strategy=strategy, name=self._prefix)
+        done, _ = ray.wait([self._pg.ready()], timeout=timeout_s)
+        if not done:
+            raise ClusterStartError(f"Ray could not place the nodes as one {strategy} placement group within "
+                                    f"{timeout_s:.0f} s (bundles {bundles}): does the Ray cluster have machines "
+                                    "with those resources? `ray status` shows them")
+
+    def _create_actor(self, spec: NodeSpec, bundle: int | None = None) -> ActorNode:
         import ray
 
         from cluster.ray_actor import NodeActor
@@ -169,7 +186,7 @@ class RayCluster:
 
         cfg = self.config
         settings = dict(cfg.roles())[spec.role]
-        resources = dict(settings.resources)
+        resources = _bundle(settings.resources) if bundle is not None else dict(settings.resources)
         num_cpus = resources.pop("CPU", 0.0)
         num_gpus = resources.pop("GPU", 0.0)
         kv = cfg.kv_transfer_config(spec)
@@ -180,10 +197,14 @@ class RayCluster:
             device="auto", port=0, engine={k: v for k, v in spec.engine.model_dump().items()
                                             if k in _CACHE_KEYS | _SCHED_KEYS},
             kv_transfer=kv, log_level=cfg.log_level.upper(), cpu_threads=max(1, int(num_cpus)))
-        placement = {"resources": settings.resources}
+        placement: dict[str, Any] = {"resources": settings.resources}
         options = dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=cfg.ray.max_restarts,
                        max_task_retries=0, max_concurrency=4, name=f"{self._prefix}-{spec.name}",
                        namespace=cfg.ray.namespace)
+        if bundle is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, bundle)
+            placement |= {"placement_group": self._pg.id.hex(), "bundle": bundle}
         handle = ray.remote(NodeActor).options(**options).remote(
             msgspec.json.encode(launch).decode(), _kv_role(spec.role), placement)
         return ActorNode(spec.name, spec.role, spec, handle)
@@ -344,6 +365,9 @@ class RayCluster:
                     self.router.proc.wait()
             import ray
             if ray.is_initialized():
+                if self._pg is not None:
+                    from ray.util.placement_group import remove_placement_group
+                    remove_placement_group(self._pg)
                 ray.shutdown()  # a private Ray (address: local) stops with it
 
     def _kill(self, nodes: list[ActorNode]) -> None:
@@ -382,6 +406,12 @@ class RayCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _bundle(resources: dict[str, float]) -> dict[str, float]:
+    """A role's resources as a placement-group bundle, which Ray wants non-empty."""
+    bundle = {k: v for k, v in resources.items() if v > 0}
+    return bundle or {"CPU": 0.01}
 
 
 def _kv_role(role: str) -> str | None:

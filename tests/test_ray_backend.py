@@ -65,7 +65,7 @@ def up(ray_cluster, tmp_path_factory):
         "prefill: {replicas: 1, resources: {prefill_box: 1}}\n"
         "decode: {replicas: 1, resources: {decode_box: 1}}\n"
         "backend: ray\n"
-        "ray: {address: auto, namespace: pdcluster}\n")
+        "ray: {address: auto, namespace: pdcluster, placement_strategy: STRICT_SPREAD}\n")
     env = {**os.environ, **_LOOPBACK_ENV, "RAY_ADDRESS": ray_cluster.address, "PDCLUSTER_STATE_DIR": str(tmp / "state"),
            "PDCLUSTER_RUN_DIR": str(tmp / "run")}
     env.pop("PDCLUSTER_API_KEY", None)
@@ -108,6 +108,8 @@ def test_actors_land_on_the_ray_nodes_their_resources_name_and_status_shows_it(u
     assert nodes["prefill-0"]["placement"]["ray_node_id"] == by_resource["prefill_box"]
     assert nodes["decode-0"]["placement"]["ray_node_id"] == by_resource["decode_box"]
     assert by_resource["prefill_box"] != by_resource["decode_box"]
+    groups = {n["placement"]["placement_group"] for n in nodes.values()}  # STRICT_SPREAD: one group
+    assert len(groups) == 1 and [n["placement"]["bundle"] for n in nodes.values()] == [0, 1]
     assert all(n["address"].startswith("tcp://127.0.0.1:") for n in nodes.values())  # the Ray node's address
     r = subprocess.run([*up["cli"], "status", "--url", up["url"]], cwd=REPO_ROOT, env=up["env"], capture_output=True,
                        text=True, timeout=60)
@@ -136,7 +138,7 @@ def test_scale_decode_one_two_one_under_load_loses_nothing(up):
 def test_a_killed_decode_actor_hands_its_stream_over_and_ray_brings_it_back(up, offline):
     with mock.patch.dict(os.environ, {k: v for k, v in up["env"].items() if k.startswith("PDCLUSTER")}):
         assert run_scale(up["url"], ["decode=2"], timeout_s=180) == 0
-    n_tokens = 1000
+    n_tokens = 500
     want = offline.generate(PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True))
     body = {"prompt": PROMPTS[1], "max_tokens": n_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True}
     text, killed = "", None
