@@ -230,10 +230,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.cli ...` is `pdcluster bench ...`."""
-    from cluster.cli import main as pdcluster
+    """`python -m bench.cli ...` is `pdcluster bench ...`. It runs that command in a new
+    process rather than importing cluster.cli: the CLI imports this module, not the
+    other way round."""
+    import subprocess
 
-    return pdcluster(["bench", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    return subprocess.call([sys.executable, "-m", "cluster.cli", "bench", *argv])
 
 
 # --- one topology -------------------------------------------------------------------------------

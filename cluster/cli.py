@@ -1,4 +1,4 @@
-"""The `pdcluster` command line: up, status, bench, plan, make-model, generate.
+"""The `pdcluster` command line: up, down, status, scale, bench, plan, make-model, generate.
 
 Each subcommand's work lives elsewhere (cluster.launcher, cluster.status, bench.cli,
 engine.builtin_models, engine.LLM), imported only when that subcommand runs: `--help`
@@ -36,7 +36,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the cluster, wait until healthy, print the URL; Ctrl-C stops it")
     up.add_argument("cluster_yaml", nargs="?", metavar="CLUSTER_YAML",
                     help=f"the cluster description (default: ./{DEFAULT_CLUSTER_YAML} if present, else the built-in default)")
+    up.add_argument("--detach", action="store_true",
+                    help="return once the cluster is healthy and keep it running in the background "
+                         "(`pdcluster down` stops it)")
     up.set_defaults(run=_up)
+
+    down = sub.add_parser("down", help="stop a cluster started with `pdcluster up --detach`")
+    down.add_argument("--url", default=None, help="which one, when several run (default: the only one)")
+    down.set_defaults(run=_down)
+
+    scale = sub.add_parser("scale", help="change the topology while serving, e.g. prefill=1 decode=2; "
+                                         "leaving nodes drain first")
+    scale.add_argument("targets", nargs="+", metavar="ROLE=N", help="prefill=N, decode=M, colocated=K")
+    scale.add_argument("--url", default=DEFAULT_URL, help=f"the router (default: {DEFAULT_URL})")
+    scale.add_argument("--no-wait", dest="wait", action="store_false",
+                       help="return once the router accepted the change, without waiting for it")
+    scale.add_argument("--timeout", type=float, default=300.0, metavar="S", help="how long to wait (default 300)")
+    scale.set_defaults(run=_scale)
 
     status = sub.add_parser("status", help="the running cluster's topology and health, as a table")
     status.add_argument("--url", default=DEFAULT_URL, help=f"the router (default: {DEFAULT_URL})")
@@ -147,8 +163,21 @@ def _up(args: argparse.Namespace) -> int:
         path = DEFAULT_CLUSTER_YAML
     if _load(path) is None:
         return 2
+    if args.detach:
+        run_detached = _entry_point("cluster.detach", "run_detached", "up")
+        return 2 if run_detached is None else run_detached(path)
     run_up = _entry_point("cluster.launcher", "run_up", "up")
     return 2 if run_up is None else run_up(path)
+
+
+def _down(args: argparse.Namespace) -> int:
+    run_down = _entry_point("cluster.detach", "run_down", "down")
+    return 2 if run_down is None else run_down(args.url)
+
+
+def _scale(args: argparse.Namespace) -> int:
+    run_scale = _entry_point("cluster.scale", "run_scale", "scale")
+    return 2 if run_scale is None else run_scale(args.url, args.targets, args.wait, args.timeout)
 
 
 def _status(args: argparse.Namespace) -> int:

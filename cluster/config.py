@@ -176,6 +176,19 @@ class RoleSettings(_Section):
     """One device per replica, or one for all: `cpu`, `cuda:N`, or `auto` (the next GPU
     round-robin, cpu when there is none)."""
     engine: EngineOverrides = Field(default_factory=EngineOverrides)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """backend ray: what each of the role's nodes asks Ray for, which says where it goes:
+    `CPU` and `GPU` counts, and custom resources or labels (e.g. `{GPU: 1,
+    "accelerator_type:H200": 0.001}`, or `{prefill_box: 1}` given to `ray start
+    --resources`). Empty: no CPU reserved, any Ray node. Ignored by backend local."""
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, x in v.items() if x < 0]
+        if bad:
+            raise ValueError(f"{bad[0]}: {v[bad[0]]} is negative: give an amount of 0 or more")
+        return v
 
     @field_validator("devices")
     @classmethod
@@ -198,7 +211,32 @@ class ColocatedSettings(RoleSettings):
     replicas: int = Field(default=0, ge=0)
 
 
-_SECTIONS = ("model", "router", "kv_transfer", "engine", "prefill", "decode", "colocated", "structured_outputs")
+class RaySettings(_Section):
+    """backend ray: which Ray cluster, and the namespace our actors are named in."""
+
+    address: str = "auto"
+    """`auto`: join the Ray cluster running on this machine (`ray start --head` ran here, or
+    RAY_ADDRESS is set); `local`: start a private one for this cluster (a laptop); or
+    HOST:PORT of a head node."""
+    namespace: str = "pdcluster"
+    max_restarts: int = Field(default=3, ge=0)
+    """How often Ray restarts a node's actor that died (then it rejoins the router)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    """Place the nodes `pdcluster up` starts as one Ray placement group with this strategy
+    (one bundle per node, its role's resources): STRICT_PACK keeps them on one machine
+    (e.g. prefill and decode over NVLink), STRICT_SPREAD one per machine. Null: each actor
+    is placed on its own. Nodes added by `pdcluster scale` are placed on their own."""
+
+    @field_validator("address")
+    @classmethod
+    def _address_given(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty: use auto, local or HOST:PORT of the Ray head")
+        return v.strip()
+
+
+_SECTIONS = ("model", "router", "kv_transfer", "engine", "prefill", "decode", "colocated", "structured_outputs",
+             "ray")
 
 
 @dataclass(slots=True, frozen=True)
@@ -232,6 +270,7 @@ class ClusterConfig(_Section):
     colocated: ColocatedSettings = Field(default_factory=ColocatedSettings)
     structured_outputs: StructuredOutputsSettings = Field(default_factory=StructuredOutputsSettings)
     backend: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=RaySettings)
     nodes_base_port: int = Field(default=0, ge=0, le=65535)
     """0: every node picks free ports. Else node k (in node_specs() order) listens on
     base + 2k (HTTP/control) and base + 2k + 1 (KV handshake)."""
@@ -301,6 +340,17 @@ class ClusterConfig(_Section):
                 port = self.nodes_base_port + PORTS_PER_NODE * len(specs) if self.nodes_base_port else 0
                 specs.append(NodeSpec(role, i, device, engine, port, port + 1 if port else 0))
         return specs
+
+    def node_spec(self, role: Role, index: int, num_gpus: int | None = None) -> NodeSpec:
+        """A node added while serving (`pdcluster scale`): the role's settings, free ports,
+        and its device by index (`devices` cycled; `auto`: GPUs round-robin)."""
+        settings = dict(self.roles())[role]
+        engine = self.engine.model_copy(update=settings.engine.model_dump(exclude_unset=True))
+        device = settings.devices[index % len(settings.devices)]
+        if device == "auto":
+            num_gpus = _visible_gpu_count() if num_gpus is None else num_gpus
+            device = f"cuda:{index % num_gpus}" if num_gpus else "cpu"
+        return NodeSpec(role, index, device, engine)
 
     def with_topology(self, prefill: int = 0, decode: int = 0, colocated: int = 0) -> ClusterConfig:
         """The same cluster on the same hardware, split differently (for the benchmark).

@@ -54,6 +54,7 @@ import msgspec
 import zmq
 from rich.console import Console
 
+from cluster import membership
 from cluster.config import ClusterConfig, ClusterConfigError, NodeSpec, load_cluster_config
 from engine.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
 from engine.cluster_key import ClusterKey
@@ -164,6 +165,9 @@ class LocalCluster:
         self.url = ""                        # http://HOST:PORT of the router, set by start()
         self.cluster_key: ClusterKey | None = None   # set by start(); None where libzmq has no CURVE
         self._stop_requested = threading.Event()
+        self._node_secrets: dict[str, str] = {}        # environment every node gets (the cluster key)
+        self._retired: list[tuple[Child, float]] = []   # nodes stopped after draining: (child, kill deadline)
+        self._names_used: set[str] = set()             # node ids ever used (never reused)
         self._stopped = False
         self._atexit_registered = False
 
@@ -225,9 +229,21 @@ class LocalCluster:
                 assert self.router is not None
                 if self.router.exit_code() is not None:
                     raise ClusterFailed(_died_message(self.router, then="stopping the cluster"))
-                for node in self.nodes:
-                    if node.exit_code() is not None:
+                changes = self._membership_changes(http)
+                for node in list(self.nodes):
+                    if node.exit_code() is None:
+                        continue
+                    if changes is not None and node.name in changes.draining:
+                        # It was leaving anyway: let the router forget it; no restart.
+                        self.console.print(f"node {node.name} {node.describe_exit()} while draining: "
+                                           "removing it", markup=False)
+                        membership.remove(http, self.url, node.name)
+                        self.nodes.remove(node)
+                    else:
                         self._restart(node)
+                if changes is not None:
+                    self._apply(changes, http)
+                self._reap_retired()
                 if any(n.restarting for n in self.nodes):
                     self._check_restarted(http)
 
@@ -256,6 +272,7 @@ class LocalCluster:
                 child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        self._reap_retired(wait=True)
         for child in children:
             if child.exit_code() is None:
                 self.console.print(f"{child.name} (pid {child.pid}) did not stop within {STOP_GRACE_S:.0f} s: "
@@ -282,7 +299,6 @@ class LocalCluster:
     # --- internals ------------------------------------------------------------------------
     def _plan(self) -> None:
         """Build every child's argv: ports picked, specs written as JSON."""
-        from engine.node_server import _CACHE_KEYS, _ENGINE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
         from router.spec import API_KEY_ENV, NodeAddress, RouterLaunchSpec
 
         cfg = self.config
@@ -294,6 +310,7 @@ class LocalCluster:
         else:
             self.console.print("warning: this libzmq has no CURVE support: the nodes' sockets are not "
                                "authenticated (any local process can send them requests)", markup=False)
+        self._node_secrets = secrets
         # CPU nodes share the cores: without a limit each torch would start one thread per
         # core and they would thrash each other.
         cpu_threads = max(1, (os.cpu_count() or 1) // max(sum(s.device == "cpu" for s in specs), 1))
@@ -301,25 +318,14 @@ class LocalCluster:
                           + [(f"{s.name} kv_port", s.kv_port) for s in specs if s.kv_port])
         free = iter(_free_ports(sum((s.port == 0) + (s.kv_role is not None and s.kv_port == 0) for s in specs)
                                 + (cfg.router.port == 0)))
-        engine_keys = _CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS
+        self._cpu_threads = cpu_threads
         self.nodes = []
         for s in specs:
             port = s.port or next(free)
             kv_port = s.kv_port or (next(free) if s.kv_role is not None else 0)
-            kv = cfg.kv_transfer_config(s, kv_ip=LOCALHOST, kv_port=kv_port)
-            # The node fills in its role, and draws a fresh engine_id at every (re)start, so
-            # consumers notice a restarted producer.
-            kv = None if kv is None else kv.model_dump(exclude={"kv_role", "engine_id"})
-            spec = NodeLaunchSpec(
-                node_id=s.name, role=s.role, model=str(self.model_dir), dtype=cfg.model.dtype,
-                load_format=cfg.model.load_format, device=s.device, host=LOCALHOST, port=port,
-                engine={k: v for k, v in s.engine.model_dump().items() if k in engine_keys},
-                kv_transfer=kv, log_level=cfg.log_level.upper(),
-                cpu_threads=cpu_threads if s.device == "cpu" else 0)
-            argv = [sys.executable, *_NODE_MODULES[s.role], "--spec", msgspec.json.encode(spec).decode()]
-            self.nodes.append(Child(s.name, s.role, argv, self.run_dir / f"{s.name}.log",
-                                    address=f"tcp://{LOCALHOST}:{port}", secrets=secrets))
+            self.nodes.append(self._node_child(s, port, kv_port))
 
+        self._names_used = {n.name for n in self.nodes}
         router_port = cfg.router.port or next(free)
         if cfg.router.port:
             _check_ports_free([("router.port", router_port)], host=cfg.router.host)
@@ -343,6 +349,25 @@ class LocalCluster:
                             secrets=router_secrets)
         self._router_spec = spec
 
+    def _node_child(self, s: NodeSpec, port: int, kv_port: int) -> Child:
+        """A node's Child: its NodeLaunchSpec as JSON on the command line."""
+        from engine.node_server import _CACHE_KEYS, _ENGINE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
+
+        cfg = self.config
+        kv = cfg.kv_transfer_config(s, kv_ip=LOCALHOST, kv_port=kv_port)
+        # The node fills in its role, and draws a fresh engine_id at every (re)start, so
+        # consumers notice a restarted producer.
+        kv = None if kv is None else kv.model_dump(exclude={"kv_role", "engine_id"})
+        spec = NodeLaunchSpec(
+            node_id=s.name, role=s.role, model=str(self.model_dir), dtype=cfg.model.dtype,
+            load_format=cfg.model.load_format, device=s.device, host=LOCALHOST, port=port,
+            engine={k: v for k, v in s.engine.model_dump().items() if k in _CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS},
+            kv_transfer=kv, log_level=cfg.log_level.upper(),
+            cpu_threads=self._cpu_threads if s.device == "cpu" else 0)
+        argv = [sys.executable, *_NODE_MODULES[s.role], "--spec", msgspec.json.encode(spec).decode()]
+        return Child(s.name, s.role, argv, self.run_dir / f"{s.name}.log", address=f"tcp://{LOCALHOST}:{port}",
+                     secrets=self._node_secrets)
+
     def _spawn_all(self) -> None:
         """Nodes first (their pids go into the router's spec for /cluster), then the router."""
         for node in self.nodes:
@@ -351,6 +376,57 @@ class LocalCluster:
                                    for a, n in zip(self._router_spec.nodes, self.nodes)]
         self.router.argv = [sys.executable, "-m", "router", "--spec", msgspec.json.encode(self._router_spec).decode()]
         self.router.spawn()
+
+    # --- membership while serving (`pdcluster scale`) -------------------------------------
+    def _membership_changes(self, http: httpx.Client) -> membership.MembershipPlan | None:
+        view = membership.read_membership(http, self.url)
+        return None if view is None else membership.plan(view, {n.name: n.role for n in self.nodes})
+
+    def _apply(self, changes: membership.MembershipPlan, http: httpx.Client) -> None:
+        """Start the nodes the target asks for and register them; stop the departed."""
+        for name in changes.stop:
+            node = next((n for n in self.nodes if n.name == name), None)
+            if node is None:
+                continue
+            self.console.print(f"node {name} left the cluster (drained): stopping it (pid {node.pid})", markup=False)
+            node.signal(signal.SIGTERM)
+            self.nodes.remove(node)
+            self._retired.append((node, time.monotonic() + STOP_GRACE_S))
+        for role in changes.start:
+            index = membership.next_index(role, self._names_used)
+            spec = self.config.node_spec(role, index)
+            port, kv_port = _free_ports(2)
+            node = self._node_child(spec, port, kv_port if spec.kv_role is not None else 0)
+            self._names_used.add(node.name)
+            node.spawn()
+            self.nodes.append(node)
+            try:
+                membership.register(http, self.url, node.name, role, node.address, node.pid)
+            except (httpx.HTTPError, membership.MembershipUnavailable) as e:
+                self.console.print(f"node {node.name}: could not register it with the router ({e}): "
+                                   "stopping it; the next check tries again", markup=False)
+                node.signal(signal.SIGTERM)
+                self.nodes.remove(node)
+                self._retired.append((node, time.monotonic() + STOP_GRACE_S))
+                continue
+            self.console.print(f"node {node.name} starting (pid {node.pid}, {node.address}); the router uses it "
+                               f"once it is healthy; log {node.log_path}", markup=False)
+
+    def _reap_retired(self, wait: bool = False) -> None:
+        """Collect stopped nodes; SIGKILL one that outlived its grace period."""
+        for entry in list(self._retired):
+            node, deadline = entry
+            if wait and node.proc is not None:
+                try:
+                    node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if node.exit_code() is not None:
+                self._retired.remove(entry)
+            elif time.monotonic() > deadline:
+                node.signal(signal.SIGKILL)
+                node.proc.wait()
+                self._retired.remove(entry)
 
     def _restart(self, node: Child) -> None:
         now = time.monotonic()
@@ -408,9 +484,16 @@ def run_up(config_path: str | None) -> int:
         return 2
     out = Console(soft_wrap=True, highlight=False)
     if config.backend == "ray":
-        print("pdcluster up: backend ray is not available in this build yet: use backend: local", file=sys.stderr)
-        return 2
-    cluster = LocalCluster(config, console=out)
+        try:
+            from cluster.ray_launcher import RayCluster
+        except ImportError as e:
+            print(f"pdcluster up: backend ray needs Ray on this machine ({e}): pip install 'pdcluster[ray]'",
+                  file=sys.stderr)
+            return 2
+        cluster = RayCluster(config, console=out)
+    else:
+        cluster = LocalCluster(config, console=out)
+    state_file: Path | None = None
     previous = {s: signal.signal(s, lambda signum, frame: cluster.request_stop())
                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -427,6 +510,8 @@ def run_up(config_path: str | None) -> int:
             out.print("stopped before the cluster was ready", markup=False)
             return 0
         _print_ready(out, cluster)
+        from cluster.detach import write_state
+        state_file = write_state(cluster.url, config.backend, cluster.run_dir)  # for `pdcluster down`
         try:
             cluster.supervise()
         except ClusterFailed as e:
@@ -438,6 +523,8 @@ def run_up(config_path: str | None) -> int:
         return 0
     finally:
         cluster.stop()
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -451,7 +538,7 @@ def resolve_model(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _print_ready(out: Console, cluster: LocalCluster) -> None:
+def _print_ready(out: Console, cluster) -> None:
     body = json.dumps({"model": cluster.config.model.path, "prompt": "Hello", "max_tokens": 16})
     auth = f" -H 'Authorization: Bearer {cluster.api_key}'" if cluster.api_key else ""
     lines = [f"{c.name:<12} pid {c.pid:<8} {c.address}" for c in cluster.children]
@@ -461,7 +548,8 @@ def _print_ready(out: Console, cluster: LocalCluster) -> None:
         "try:",
         f"  curl {cluster.url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
         f"  pdcluster status --url {cluster.url}",
-        "Ctrl-C stops the cluster.",
+        f"  pdcluster scale --url {cluster.url} prefill=N decode=M",
+        "Ctrl-C (or `pdcluster down`) stops the cluster.",
     ]), markup=False)
 
 

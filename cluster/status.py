@@ -51,13 +51,26 @@ def cluster_table(url: str, nodes: list[dict[str, Any]]) -> Table:
         table.add_column(column, no_wrap=True)
     for column in ("KV blocks free/total", "running", "waiting"):
         table.add_column(column, justify="right", no_wrap=True)
+    states = any(n.get("state", "serving") != "serving" for n in nodes)
+    placed = any(n.get("placement") for n in nodes)  # backend ray: which Ray node, which resources
+    if states:
+        table.add_column("state", no_wrap=True)
+    if placed:
+        table.add_column("Ray node", no_wrap=True)
+        table.add_column("resources", no_wrap=True)
     for n in nodes:
         ok = n.get("healthy")
-        table.add_row(
-            str(n.get("id", "?")), str(n.get("role", "?")), str(n.get("address", "")), str(n.get("pid") or "-"),
-            "[green]yes[/green]" if ok else "[red]no[/red]",
-            f"{_num(n.get('kv_blocks_free'))}/{_num(n.get('kv_blocks_total'))}",
-            _num(n.get("running")), _num(n.get("waiting")))
+        row = [str(n.get("id", "?")), str(n.get("role", "?")), str(n.get("address", "")), str(n.get("pid") or "-"),
+               "[green]yes[/green]" if ok else "[red]no[/red]",
+               f"{_num(n.get('kv_blocks_free'))}/{_num(n.get('kv_blocks_total'))}",
+               _num(n.get("running")), _num(n.get("waiting"))]
+        if states:
+            row.append(str(n.get("state", "")))
+        if placed:
+            p = n.get("placement") or {}
+            row.append(f"{p.get('ray_node_id', '-')[:12]} ({p.get('ip', '?')})" if p else "-")
+            row.append(", ".join(f"{k}={v:g}" for k, v in (p.get("resources") or {}).items()) or "-")
+        table.add_row(*row)
     return table
 
 

@@ -4,7 +4,8 @@ Two different needs, two functions:
 
 * `safe_hash` fingerprints configuration (compatibility checks between producer and
   consumer, cache folder names). md5 is fast and plenty for that, but FIPS builds of
-  OpenSSL refuse it, so it falls back to sha256 there.
+  OpenSSL refuse it, so it falls back to sha256 there. It is defined in
+  kv_connector/fingerprint.py, which both packages use.
 * `hash_block_tokens` keys the prefix cache, and is a public contract: nodes publish
   these keys in their KV events (engine/kv_events.py) and a router, ours or a third
   party's, recomputes them from a prompt's tokens to find which node holds the prompt's
@@ -42,18 +43,12 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Literal
 
+from kv_connector.fingerprint import safe_hash  # noqa: F401 - part of this module's API
+
 PrefixHashAlgo = Literal["sha256_64", "sha256"]
 HASH_ALGOS: tuple[str, ...] = ("sha256_64", "sha256")
 HASH_CONTRACT = "pdcluster-block-hash-v1"
 _WIDTH = {"sha256_64": 8, "sha256": 16}
-
-
-def safe_hash(data: bytes, usedforsecurity: bool = True):
-    """md5 of `data`, or sha256 where FIPS forbids md5. Returns a hashlib object."""
-    try:
-        return hashlib.md5(data, usedforsecurity=usedforsecurity)
-    except (ValueError, TypeError):  # FIPS: "unsupported hash type", or an old signature
-        return hashlib.sha256(data)
 
 
 def _width(algo: str) -> int:

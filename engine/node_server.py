@@ -3,12 +3,14 @@
 The loop is the only thread that touches the engine: it drains incoming messages,
 steps the engine, and sends each request's updates back to whoever submitted it. It
 blocks on the socket only when the engine has nothing to do, so a node idles at no CPU
-cost and reacts within one step when busy. Prefill and decode nodes differ only in the
-KV role their engine runs (see prefill_node/ and decode_node/).
+cost and reacts within one step when busy. This is what every node shares; what a role
+adds (lending KV, continuing generations) lives in prefill_node/service.py and
+decode_node/service.py, subclasses of NodeServer that both the local process and the
+Ray actor run.
 
 Shutdown: SIGTERM or SIGINT stops intake (new requests get a 503 update), lets running
-requests finish for up to `drain_timeout_s`, aborts what is left, closes the connector
-(deregistering KV memory) and exits 0.
+requests finish (and, on a prefill node, lent KV be pulled) for up to `drain_timeout_s`,
+aborts what is left, closes the connector (deregistering KV memory) and exits 0.
 
 Hostile input: the socket is CURVE-authenticated when the cluster has a key
 (engine/cluster_key.py), so strangers never get a message through; whatever does arrive
@@ -63,9 +65,12 @@ class NodeServer:
         self.messages_dropped = 0
 
     # --- the loop -------------------------------------------------------------------
-    def serve_forever(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+    def serve_forever(self, handle_signals: bool = True) -> None:
+        """Run until drained. `handle_signals=False` for a host that stops the node itself
+        with `request_stop()` (a Ray actor, whose loop runs off the main thread)."""
+        if handle_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         drain_deadline = None
@@ -73,8 +78,7 @@ class NodeServer:
         while True:
             if self._draining and drain_deadline is None:
                 drain_deadline = time.monotonic() + self.drain_timeout_s
-            if drain_deadline is not None and (not self.engine.has_unfinished_requests
-                                               or time.monotonic() > drain_deadline):
+            if drain_deadline is not None and (not self.has_work() or time.monotonic() > drain_deadline):
                 break
             busy = self.engine.has_unfinished_requests and not self.engine.idle
             # Idle: wait on the socket. Waiting only for KV from another node: wait 1 ms at a
@@ -90,6 +94,21 @@ class NodeServer:
 
     def _on_signal(self, signum, frame) -> None:
         self._draining = True
+
+    def request_stop(self) -> None:
+        """Drain as on SIGTERM: no new requests, running ones finish, lent KV is pulled."""
+        self._draining = True
+
+    # --- what a role adds (prefill_node/service.py, decode_node/service.py) ---------------
+    def has_work(self) -> bool:
+        """What a draining node waits for before it stops."""
+        return self.engine.has_unfinished_requests
+
+    def handle_role_message(self, ident: bytes, msg: proto.ToNode) -> None:
+        """A message only one role acts on; the shared loop ignores it."""
+
+    def accepted(self, ident: bytes, msg: proto.SubmitRequest) -> None:
+        """Called once a submitted request is in the engine."""
 
     def _drain_socket(self) -> None:
         while True:
@@ -123,12 +142,12 @@ class NodeServer:
             out = self.engine.abort_request(msg.request_id)
             if out is not None:
                 self._send(out)
-        elif isinstance(msg, proto.ReleaseKV):
-            self.engine.release_lent_kv(msg.request_id)
         elif isinstance(msg, proto.StatsRequest):
             self._sock.send_multipart([ident, proto.encode(self.stats())])
         elif isinstance(msg, proto.ProducerDown):
             self.engine.producer_down(msg.engine_id)
+        else:
+            self.handle_role_message(ident, msg)
 
     def _submit(self, ident: bytes, msg: proto.SubmitRequest) -> None:
         def refuse(message: str, code: int) -> None:
@@ -152,11 +171,7 @@ class NodeServer:
             self.engine.abort_request(msg.request_id)
             return refuse(f"node {self.node_id} could not queue the request: {type(e).__name__}: {e}", 500)
         self._owners[msg.request_id] = ident
-        if msg.output_token_ids:
-            # A continued generation: say at once that it was accepted (and how long the prompt is).
-            req = self.engine.scheduler.requests[msg.request_id]
-            self._sock.send_multipart([ident, proto.encode(proto.RequestUpdate(
-                msg.request_id, num_prompt_tokens=req.num_prompt_tokens))])
+        self.accepted(ident, msg)
 
     def _step(self) -> None:
         try:
@@ -245,8 +260,9 @@ def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> Engine
         kv_transfer=kv, kv_events=KVEventsConfig(enable=spec.kv_events, host=spec.host))
 
 
-def run_node(argv: list[str] | None, kv_role: str | None) -> int:
-    """`python -m prefill_node --spec JSON` and friends land here."""
+def run_node(argv: list[str] | None, kv_role: str | None, server_class: type[NodeServer] = NodeServer) -> int:
+    """`python -m prefill_node --spec JSON` and friends land here, each with its role's
+    NodeServer subclass."""
     import argparse
     import sys
 
@@ -263,7 +279,7 @@ def run_node(argv: list[str] | None, kv_role: str | None) -> int:
         import torch
         torch.set_num_threads(spec.cpu_threads)
     try:
-        server = NodeServer(spec.node_id, spec.role, engine_config_from_spec(spec, kv_role), spec.host, spec.port)
+        server = server_class(spec.node_id, spec.role, engine_config_from_spec(spec, kv_role), spec.host, spec.port)
     except Exception as e:
         log.exception("node %s failed to start", spec.node_id)
         print(f"node {spec.node_id} failed to start: {e}", file=sys.stderr)

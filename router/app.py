@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine.cluster_key import ClusterKey
 from engine.tokenizer import PromptTooLong, Tokenizer
 from router import responses as build
+from router.membership import install_membership
 from router.metrics import RouterMetrics
 from router.node_client import NodeClient
 from router.orchestrator import Delta, Orchestrator, RequestFailed
@@ -171,6 +172,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
 
     app = FastAPI(title="pdcluster router", lifespan=lifespan)
     app.state.router = router
+    membership = install_membership(app, router)  # /cluster/scale, /cluster/nodes, /cluster/membership
 
     expected_key = spec.api_key.encode() if spec.api_key else None
 
@@ -201,6 +203,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             e = n.last_stats.engine if n.last_stats else None
             peak_running, peak_waiting = n.take_peaks()
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
+                          "state": membership.state(n), "placement": membership.placement.get(n.id, {}),
                           "peak_running": peak_running, "peak_waiting": peak_waiting,
                           "messages_dropped": n.last_stats.messages_dropped if n.last_stats else 0,
                           **{f: getattr(e, f) if e else 0 for f in _CLUSTER_FIELDS},

@@ -56,6 +56,7 @@ class NodeClient:
         self.in_flight = 0  # requests submitted by this router and not finished
         self.peak_running = 0  # from the node's stats, since take_peaks() last ran
         self.peak_waiting = 0
+        self.leaving = False  # draining out of the cluster: no new jobs (router/membership.py)
 
     # --- connection -----------------------------------------------------------------
     def connect(self) -> None:
@@ -178,7 +179,8 @@ class NodeClient:
             return None
 
     def _process_gone(self) -> bool:
-        if not self.pid:
+        # A pid means something only on this machine (a Ray actor elsewhere has its own).
+        if not self.pid or not self.address.startswith(("tcp://127.", "tcp://localhost:", "tcp://[::1]:")):
             return False
         try:
             os.kill(self.pid, 0)

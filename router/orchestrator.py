@@ -58,12 +58,23 @@ class RequestFailed(Exception):
 class Orchestrator:
     def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute",
                  on_failover: Callable[[str], None] = lambda stage: None):
-        self.prefill_nodes = [n for n in nodes if n.role == "prefill"]
-        self.decode_nodes = [n for n in nodes if n.role == "decode"]
-        self.colocated_nodes = [n for n in nodes if n.role == "both"]
+        self.nodes = nodes  # the router's live list: nodes join and leave while serving
         self.policy = policy
         self.load_failure_policy = load_failure_policy
         self.on_failover = on_failover  # called with "prefill" or "decode" (metrics)
+
+    # A draining node (router/membership.py) gets no new job; what it runs goes on.
+    @property
+    def prefill_nodes(self) -> list[NodeClient]:
+        return [n for n in self.nodes if n.role == "prefill" and not n.leaving]
+
+    @property
+    def decode_nodes(self) -> list[NodeClient]:
+        return [n for n in self.nodes if n.role == "decode" and not n.leaving]
+
+    @property
+    def colocated_nodes(self) -> list[NodeClient]:
+        return [n for n in self.nodes if n.role == "both" and not n.leaving]
 
     @property
     def disaggregated(self) -> bool:

@@ -1,0 +1,84 @@
+"""Membership while serving on the local backend: `pdcluster scale` adds a decode node
+that takes work once healthy and drains one out without losing a request; the membership
+routes take the API key."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import httpx
+import pytest
+
+from cluster.config import ClusterConfig
+from cluster.launcher import LocalCluster
+from tests.scaling import check_scale_one_two_one, wait_until
+
+API_KEY = "scale-test-key"
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory):
+    config = ClusterConfig.model_validate({
+        "model": {"path": "builtin:tiny", "dtype": "float32"},
+        "router": {"port": 0, "api_key": API_KEY},
+        "kv_transfer": {"connector": "tcp", "abort_timeout_s": 30, "transfer_timeout_s": 10},
+        "engine": {"num_blocks": 128, "block_size": 16, "max_num_seqs": 16},
+        "prefill": {"replicas": 1, "devices": ["cpu"]},
+        "decode": {"replicas": 1, "devices": ["cpu"]},
+    })
+    cluster = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
+    cluster.start(timeout_s=180)
+    # supervise() forks the new nodes: its thread lives as long as the cluster (their
+    # parent-death signal is tied to it).
+    failure: list[BaseException] = []
+    def supervise():
+        try:
+            cluster.supervise()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            failure.append(e)
+    thread = threading.Thread(target=supervise, daemon=True)
+    thread.start()
+    yield cluster
+    cluster.request_stop()
+    thread.join(timeout=30)
+    cluster.stop()
+    assert not failure, failure
+
+
+def test_membership_routes_need_the_api_key(supervised):
+    for method, path, body in [("POST", "/cluster/scale", {"decode": 2}), ("GET", "/cluster/membership", None),
+                               ("POST", "/cluster/nodes", {"id": "x", "role": "decode", "address": "tcp://1.2.3.4:1"}),
+                               ("DELETE", "/cluster/nodes/decode-0", None)]:
+        r = httpx.request(method, supervised.url + path, json=body, trust_env=False)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"], (path, r.text)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"decode": 0}, "needs at least one node of each role"),
+    ({"prefill": 0, "decode": 0}, "no serving node"),
+    ({"decode": -1}, "0 or more"),
+    ({"decoders": 2}, "decoders"),
+])
+def test_bad_scale_requests_are_refused_and_change_nothing(supervised, body, message):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(supervised.url + "/cluster/scale", json=body, headers=auth, trust_env=False)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    view = httpx.get(supervised.url + "/cluster/membership", headers=auth, trust_env=False).json()
+    assert view["target"] == {"prefill": 1, "decode": 1, "colocated": 0}
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_scale_one_two_one_under_load_loses_nothing(supervised, role):
+    gone = check_scale_one_two_one(supervised.url, API_KEY, role)
+    # The launcher stopped the drained node's process, and runs one node of each role.
+    wait_until(lambda: not _alive(gone["pid"]), 30, f"{gone['id']} (pid {gone['pid']}) to exit")
+    assert sorted(n.role for n in supervised.nodes) == ["decode", "prefill"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
