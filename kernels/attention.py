@@ -36,9 +36,10 @@ The grid is (T // BLOCK_Q + S, Hkv): sequence i owns tile ids starting at
 query_start_loc[i] // BLOCK_Q + i, an upper bound on the tiles needed that is known from
 the shapes alone (no host sync); each program finds its sequence by binary search over
 query_start_loc and exits if its tile is past the end of the chunk. The key loop runs over
-[0, last visible position] in BLOCK_N-key tiles with the causal mask, flash-attention
-style (online softmax in exp2, float32 accumulation, P cast to the KV dtype for the
-second tl.dot). float32 inputs use IEEE dots (no TF32) so fp32 models stay exact.
+[0, last visible position] in BLOCK_N-key tiles, without any mask up to the tile's first
+query position and with the causal mask on the diagonal tiles, flash-attention style
+(online softmax in exp2, float32 accumulation, P cast to the KV dtype for the second
+tl.dot). float32 inputs use IEEE dots (no TF32) so fp32 models stay exact.
 The EMULATE flag only matters under Triton's CPU interpreter (kernels/triton_utils.py).
 """
 
@@ -241,7 +242,7 @@ def num_sms(device: torch.device | None = None) -> int:
 
 
 def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int,
-                         sms: int | None = None, min_keys_per_split: int = 256, max_splits: int = 32) -> int:
+                         sms: int | None = None, min_keys_per_split: int = 128, max_splits: int = 32) -> int:
     """A decode split count giving about two programs per SM, without splits shorter than
     `min_keys_per_split` keys. For CUDA graphs, call it once per captured batch size with
     the longest context the graph must serve (max_model_len) and keep the result: shorter
@@ -254,10 +255,6 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, blo
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcastdot(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreting()
 
 
 def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
@@ -335,6 +332,37 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _prefill_tile(q, acc, m_i, l_i, kv_base, bt_row, n0, kv_end, q_pos, d, dmask, scale_log2,
+                  stride_cn, stride_ck, stride_cb, stride_cd,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PREC: tl.constexpr, EMULATE: tl.constexpr):
+    # One BLOCK_N-key step of the online softmax. Unmasked tiles lie wholly before every
+    # row's position (and before seq_len).
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < kv_end
+    if MASKED:
+        block = tl.load(bt_row + pos // PAGE, mask=valid, other=0).to(tl.int64)
+        kv_mask = valid[:, None] & dmask[None, :]
+    else:
+        block = tl.load(bt_row + pos // PAGE).to(tl.int64)
+        kv_mask = dmask[None, :]
+    off = block * stride_cn + (pos % PAGE) * stride_cb
+    k = tl.load(kv_base + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
+    v = tl.load(kv_base + stride_ck + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
+    scores = dot(q, tl.trans(k), DOT_PREC, EMULATE) * scale_log2  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    # Every row sees key 0 in the first tile, so m_new is finite from there on.
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     scale_log2, num_seqs: tl.int32,
@@ -374,25 +402,18 @@ def _prefill_kernel(
     kv_base = cache_ptr + layer_off + kvh * stride_ch
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bts
     # Keys this tile can see: up to the last row's position (causal), at most seq_len.
+    # Keys up to the first row's position are visible to every row: those tiles skip
+    # all masking; only the tiles on the diagonal take the causal mask.
     kv_end = tl.minimum(seq_len, ctx + (local + 1) * BLOCK_Q)
-    for n0 in range(0, kv_end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < kv_end
-        block = tl.load(bt_row + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        off = block * stride_cn + (pos % PAGE) * stride_cb
-        kv_mask = valid[:, None] & dmask[None, :]
-        k = tl.load(kv_base + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
-        v = tl.load(kv_base + stride_ck + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
-        scores = dot(q, tl.trans(k), DOT_PREC, EMULATE) * scale_log2  # (BLOCK_M, BLOCK_N)
-        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        # Every row sees key 0 in the first tile, so m_new is finite from there on.
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
-        m_i = m_new
+    full_end = (ctx + local * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, kv_base, bt_row, n0, kv_end, q_pos, d, dmask, scale_log2,
+                                      stride_cn, stride_ck, stride_cb, stride_cd,
+                                      PAGE, BLOCK_N, False, DOT_PREC, EMULATE)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, kv_base, bt_row, n0, kv_end, q_pos, d, dmask, scale_log2,
+                                      stride_cn, stride_ck, stride_cb, stride_cd,
+                                      PAGE, BLOCK_N, True, DOT_PREC, EMULATE)
 
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,

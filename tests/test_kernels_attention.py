@@ -112,7 +112,7 @@ def test_choose_num_kv_splits_fills_the_gpu_without_tiny_splits():
     assert choose_num_kv_splits(256, 8, 1024, 16, sms=132) == 1
     assert choose_num_kv_splits(1, 8, 32, 16, sms=132) == 1              # short context: no split
     assert choose_num_kv_splits(1, 8, 8192, 16, sms=64) == math.ceil(2 * 64 / 8)
-    assert choose_num_kv_splits(1, 8, 1024, 16, sms=132) == 1024 // 256  # no split under 256 keys
+    assert choose_num_kv_splits(1, 8, 1024, 16, sms=132) == 1024 // 128  # no split under 128 keys
     assert choose_num_kv_splits(1, 1, 1 << 20, 16, sms=132) == 32        # capped
 
 
