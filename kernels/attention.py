@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cast, dot, emulate_bf16
+from kernels.triton_utils import cast, dot, emulate_bf16, use_triton
 
 
 @dataclass(slots=True)
@@ -307,7 +307,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence, at position seq_len - 1: q (S, Hq, D) -> (S, Hq, D).
     Rows with seq_len 0 (CUDA-graph padding) give zeros on CUDA."""
-    if q.is_cuda:
+    if use_triton(q):
         return paged_decode_attention_triton(q, kv_cache, layer, block_tables, seq_lens, scale, num_kv_splits, out)
     res = _decode_attention(q, kv_cache[:, layer, 0], kv_cache[:, layer, 1], block_tables.long(), seq_lens, scale)
     if out is None:
@@ -467,7 +467,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, laye
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata,
                             scale: float) -> torch.Tensor:
     """A whole mixed batch (chunks, prefix-cache hits, decode rows) in one launch on CUDA."""
-    if q.is_cuda:
+    if use_triton(q):
         return paged_prefill_attention_triton(q, kv_cache, layer, meta, scale)
     return paged_attention_ref(q, kv_cache, layer, meta, scale)
 
@@ -476,7 +476,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: A
                     scale: float) -> torch.Tensor:
     """What the model calls. CPU: the reference. CUDA: the decode kernel for decode-only
     batches, the prefill/extend kernel for anything else."""
-    if not q.is_cuda:
+    if not use_triton(q):
         return paged_attention_ref(q, kv_cache, layer, meta, scale)
     if meta.decode_only:
         splits = meta.num_kv_splits or choose_num_kv_splits(
