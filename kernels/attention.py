@@ -257,10 +257,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Decode tile defaults (keys per step, warps, pipeline stages); override per call to tune.
+DECODE_BLOCK_N = 64
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+
+
 def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
                                   seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
-                                  out: torch.Tensor | None = None, *, block_n: int = 64, num_warps: int = 4,
-                                  num_stages: int = 2) -> torch.Tensor:
+                                  out: torch.Tensor | None = None, *, block_n: int | None = None,
+                                  num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     s, hq, d = q.shape
     hkv = kv_cache.shape[4]
     page = kv_cache.shape[3]
@@ -288,9 +294,9 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
         block_tables.stride(0),
         *out.stride(),
         G=g, HEAD_DIM=d, PAGE=page,
-        BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n or DECODE_BLOCK_N,
         DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), EMULATE=emulate_bf16(q.dtype, kv_cache.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps or DECODE_NUM_WARPS, num_stages=num_stages or DECODE_NUM_STAGES,
     )
     if not direct:
         _decode_reduce_kernel[(s, hq)](
@@ -444,8 +450,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, laye
     qsl = meta.query_start_loc_t
     if qsl is None:
         qsl = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=q.device)
-    block_m = block_m or PREFILL_BLOCK_M
-    block_m = max(block_m, 16, triton.next_power_of_2(g))  # at least one query token per tile
+    # A power of two of at least 16 rows (tl.dot's minimum) holding at least one query token.
+    block_m = triton.next_power_of_2(max(block_m or PREFILL_BLOCK_M, 16, g))
     block_q = block_m // g
     sc = kv_cache.stride()
     grid = (t // block_q + num_seqs, hkv)

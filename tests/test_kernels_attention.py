@@ -130,6 +130,8 @@ PREFILL_CASES = [
     (4, 1, 64, 16, [(70, 70), (18, 2), (64, 1)], None, torch.float16),
     # GQA 3 (not a power of two: rows of a tile left empty), float32
     (6, 2, 64, 16, [(21, 21), (50, 9)], 16, torch.float32),
+    # empty chunks first and last (the tile -> sequence search at both ends)
+    (4, 2, 64, 16, [(5, 0), (20, 20), (1, 1), (7, 0)], 16, torch.float32),
 ]
 
 
