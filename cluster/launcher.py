@@ -143,6 +143,32 @@ class Child:
 
 
 # --- the cluster ---------------------------------------------------------------------------
+def router_launch_spec(cfg: ClusterConfig, port: int, model_dir: Path, nodes: list, block_size: int):
+    """The router's spec from cluster.yaml, for every backend. The API key is not in it
+    (specs travel in argv, which every local user can read): see router_secrets()."""
+    from router.spec import RouterLaunchSpec
+
+    so = cfg.structured_outputs
+    return RouterLaunchSpec(
+        host=cfg.router.host, port=port, model_dir=str(model_dir), served_model_name=cfg.model.path,
+        nodes=nodes, policy=cfg.router.policy,
+        api_key=None, protect_admin_endpoints=cfg.router.protect_admin_endpoints,
+        max_concurrent_requests=cfg.router.max_concurrent_requests,
+        max_request_body_bytes=cfg.router.max_request_body_bytes, node_timeout_s=cfg.router.node_timeout_s,
+        load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=block_size,
+        max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level,
+        structured_outputs_backend=so.backend, disable_any_whitespace=so.disable_any_whitespace,
+        disable_additional_properties=so.disable_additional_properties, reasoning_parser=so.reasoning_parser,
+        enable_in_reasoning=so.enable_in_reasoning, tool_call_parser=cfg.router.tool_call_parser)
+
+
+def router_secrets(cfg: ClusterConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The router's extra environment: the cluster key (when nodes have it) and the API key."""
+    from router.spec import API_KEY_ENV
+
+    return {**(base or {}), **({API_KEY_ENV: cfg.router.api_key} if cfg.router.api_key else {})}
+
+
 class LocalCluster:
     """A whole topology as local processes: nodes from `config.node_specs()` plus a router.
 
@@ -299,7 +325,7 @@ class LocalCluster:
     # --- internals ------------------------------------------------------------------------
     def _plan(self) -> None:
         """Build every child's argv: ports picked, specs written as JSON."""
-        from router.spec import API_KEY_ENV, NodeAddress, RouterLaunchSpec
+        from router.spec import NodeAddress
 
         cfg = self.config
         specs = cfg.node_specs()
@@ -329,24 +355,11 @@ class LocalCluster:
         router_port = cfg.router.port or next(free)
         if cfg.router.port:
             _check_ports_free([("router.port", router_port)], host=cfg.router.host)
-        spec = RouterLaunchSpec(
-            host=cfg.router.host, port=router_port, model_dir=str(self.model_dir), served_model_name=cfg.model.path,
-            nodes=[NodeAddress(n.name, n.role, n.address, 0) for n in self.nodes], policy=cfg.router.policy,
-            api_key=None, protect_admin_endpoints=cfg.router.protect_admin_endpoints,
-            max_concurrent_requests=cfg.router.max_concurrent_requests,
-            max_request_body_bytes=cfg.router.max_request_body_bytes, node_timeout_s=cfg.router.node_timeout_s,
-            load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=_block_size(specs),
-            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level,
-            structured_outputs_backend=cfg.structured_outputs.backend,
-            disable_any_whitespace=cfg.structured_outputs.disable_any_whitespace,
-            disable_additional_properties=cfg.structured_outputs.disable_additional_properties,
-            reasoning_parser=cfg.structured_outputs.reasoning_parser,
-            enable_in_reasoning=cfg.structured_outputs.enable_in_reasoning,
-            tool_call_parser=cfg.router.tool_call_parser)
+        spec = router_launch_spec(cfg, router_port, self.model_dir,
+                                  [NodeAddress(n.name, n.role, n.address, 0) for n in self.nodes], _block_size(specs))
         self.url = f"http://{_connect_host(cfg.router.host)}:{router_port}"
-        router_secrets = {**secrets, **({API_KEY_ENV: cfg.router.api_key} if cfg.router.api_key else {})}
         self.router = Child("router", "router", [], self.run_dir / "router.log", address=self.url,
-                            secrets=router_secrets)
+                            secrets=router_secrets(cfg, secrets))
         self._router_spec = spec
 
     def _node_child(self, s: NodeSpec, port: int, kv_port: int) -> Child:

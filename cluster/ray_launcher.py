@@ -41,7 +41,9 @@ from cluster import membership
 from cluster.config import ClusterConfig, NodeSpec
 from cluster.launcher import (DEFAULT_START_TIMEOUT_S, POLL_INTERVAL_S, STOP_GRACE_S, Child,
                               ClusterFailed, ClusterStartError, _block_size, _check_ports_free, _connect_host,
-                              _default_run_dir, _died_message, _free_ports, resolve_model)
+                              _default_run_dir, _died_message, _free_ports, resolve_model, router_launch_spec,
+                              router_secrets)
+from engine.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
 
 INFO_TIMEOUT_S = 2.0
 
@@ -182,7 +184,7 @@ class RayCluster:
         import ray
 
         from cluster.ray_actor import NodeActor
-        from engine.node_server import _CACHE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
+        from engine.node_server import _CACHE_KEYS, _ENGINE_KEYS, _SCHED_KEYS, NodeLaunchSpec  # imports torch
 
         cfg = self.config
         settings = dict(cfg.roles())[spec.role]
@@ -195,7 +197,7 @@ class RayCluster:
         launch = NodeLaunchSpec(
             node_id=spec.name, role=spec.role, model=model, dtype=cfg.model.dtype, load_format=cfg.model.load_format,
             device="auto", port=0, engine={k: v for k, v in spec.engine.model_dump().items()
-                                            if k in _CACHE_KEYS | _SCHED_KEYS},
+                                            if k in _CACHE_KEYS | _SCHED_KEYS | _ENGINE_KEYS},
             kv_transfer=kv, log_level=cfg.log_level.upper(), cpu_threads=max(1, int(num_cpus)))
         placement: dict[str, Any] = {"resources": settings.resources}
         options = dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=cfg.ray.max_restarts,
@@ -210,19 +212,19 @@ class RayCluster:
         return ActorNode(spec.name, spec.role, spec, handle)
 
     def _start_router(self) -> None:
-        from router.spec import NodeAddress, RouterLaunchSpec
+        from router.spec import NodeAddress
 
         cfg = self.config
         model_dir = resolve_model(cfg.model.path)
-        spec = RouterLaunchSpec(
-            host=cfg.router.host, port=self._router_port, model_dir=str(model_dir), served_model_name=cfg.model.path,
-            nodes=[NodeAddress(n.name, n.role, n.address, n.pid) for n in self.nodes], policy=cfg.router.policy,
-            api_key=cfg.router.api_key, max_concurrent_requests=cfg.router.max_concurrent_requests,
-            load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=_block_size(cfg.node_specs(0)),
-            max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level)
+        spec = router_launch_spec(cfg, self._router_port, model_dir,
+                                  [NodeAddress(n.name, n.role, n.address, n.pid) for n in self.nodes],
+                                  _block_size(cfg.node_specs(0)))
         self.url = f"http://{_connect_host(cfg.router.host)}:{self._router_port}"
         argv = [sys.executable, "-m", "router", "--spec", msgspec.json.encode(spec).decode()]
-        self.router = Child("router", "router", argv, self.run_dir / "router.log", address=self.url)
+        # Ray's actors get no cluster key (their sockets stay plain; see README, Ray): the
+        # router must not expect one either, whatever this shell's environment holds.
+        env = router_secrets(cfg, {CLUSTER_KEY_ENV: ""})  # empty: no key
+        self.router = Child("router", "router", argv, self.run_dir / "router.log", address=self.url, secrets=env)
         self.router.spawn()
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -279,6 +279,7 @@ class LLMEngine:
         chunks = [c for c in sched.chunks if c.num_tokens > 0]
         if chunks:
             plain = all(c.num_tokens == 1 and c.sample for c in chunks)
+            isolated: list[tuple[list[Request], SamplerOutput]] = []
             try:
                 logits = self.runner.execute(chunks)
                 sampling = [c.request for c in chunks if c.sample]
@@ -290,12 +291,12 @@ class LLMEngine:
                     self._inflight = _InflightStep(sampling, self.sampler.sample(logits, rows), plain)
             except Exception as e:
                 self._inflight = None
-                chunks, results = self._isolate_failure(chunks, e, outputs)
-                for sampling, sampled in results:  # run alone and read back already
-                    appended += self._append_sampled(sampling, sampled)
+                chunks, isolated = self._isolate_failure(chunks, e, outputs)
             for c in chunks:
                 self.scheduler.chunk_done(c)
                 self.num_tokens_computed += c.num_tokens
+            for sampling, sampled in isolated:  # run alone after a fault, and read back already
+                appended += self._append_sampled(sampling, sampled)
         outputs += self._text_outputs(appended)
         self.idle = not chunks and not appended
         self._publish_kv_events()

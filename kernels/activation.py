@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cast, emulate_bf16
+from kernels.triton_utils import cast, emulate_bf16, use_triton
 
 
 def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,6 @@ def silu_and_mul_triton(gate_up: torch.Tensor, *, block: int = 1024, num_warps: 
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if gate_up.is_cuda:
+    if use_triton(gate_up):
         return silu_and_mul_triton(gate_up)
     return silu_and_mul_ref(gate_up)

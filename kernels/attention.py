@@ -36,9 +36,10 @@ The grid is (T // BLOCK_Q + S, Hkv): sequence i owns tile ids starting at
 query_start_loc[i] // BLOCK_Q + i, an upper bound on the tiles needed that is known from
 the shapes alone (no host sync); each program finds its sequence by binary search over
 query_start_loc and exits if its tile is past the end of the chunk. The key loop runs over
-[0, last visible position] in BLOCK_N-key tiles with the causal mask, flash-attention
-style (online softmax in exp2, float32 accumulation, P cast to the KV dtype for the
-second tl.dot). float32 inputs use IEEE dots (no TF32) so fp32 models stay exact.
+[0, last visible position] in BLOCK_N-key tiles, without any mask up to the tile's first
+query position and with the causal mask on the diagonal tiles, flash-attention style
+(online softmax in exp2, float32 accumulation, P cast to the KV dtype for the second
+tl.dot). float32 inputs use IEEE dots (no TF32) so fp32 models stay exact.
 The EMULATE flag only matters under Triton's CPU interpreter (kernels/triton_utils.py).
 """
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cast, dot, emulate_bf16
+from kernels.triton_utils import cast, dot, emulate_bf16, use_triton
 
 
 @dataclass(slots=True)
@@ -243,7 +244,7 @@ def num_sms(device: torch.device | None = None) -> int:
 
 
 def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int,
-                         sms: int | None = None, min_keys_per_split: int = 256, max_splits: int = 32) -> int:
+                         sms: int | None = None, min_keys_per_split: int = 128, max_splits: int = 32) -> int:
     """A decode split count giving about two programs per SM, without splits shorter than
     `min_keys_per_split` keys. For CUDA graphs, call it once per captured batch size with
     the longest context the graph must serve (max_model_len) and keep the result: shorter
@@ -258,8 +259,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _upcastdot(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreting()
+# Decode launch shapes (keys per step, warps, pipeline stages) by batch size, from a sweep
+# on an H200 at Llama-3-8B shapes (bench/gpu/attention_tune.py): long key tiles while few
+# programs run, short ones once the batch alone fills the GPU. Override per call to tune.
+DECODE_LAUNCH = ((16, (128, 4, 2)), (127, (64, 4, 3)), (1 << 62, (32, 2, 2)))
 
 
 def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
@@ -281,9 +284,7 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
     block_d = triton.next_power_of_2(d)
     sc = kv_cache.stride()
     direct = num_kv_splits == 1
-    # Launch shapes from a sweep on an H200 (bench/gpu/attention_tune.py, 8B shapes): long
-    # key tiles while few programs run, short ones with more warps' worth of programs.
-    tuned = (128, 4, 2) if s <= 16 else (64, 4, 3) if s < 128 else (32, 2, 2)
+    tuned = next(shape for most, shape in DECODE_LAUNCH if s <= most)
     block_n, num_warps, num_stages = (v if v is not None else t for v, t in
                                       zip((block_n, num_warps, num_stages), tuned))
     if direct:
@@ -318,7 +319,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, 
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence, at position seq_len - 1: q (S, Hq, D) -> (S, Hq, D).
     Rows with seq_len 0 (CUDA-graph padding) give zeros on CUDA."""
-    if q.is_cuda:
+    if use_triton(q):
         return paged_decode_attention_triton(q, kv_cache, layer, block_tables, seq_lens, scale, num_kv_splits, out)
     res = _decode_attention(q, kv_cache[:, layer, 0], kv_cache[:, layer, 1], block_tables.long(), seq_lens, scale)
     if out is None:
@@ -340,6 +341,37 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _prefill_tile(q, acc, m_i, l_i, kv_base, bt_row, n0, kv_end, q_pos, d, dmask, scale_log2,
+                  stride_cn, stride_ck, stride_cb, stride_cd,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PREC: tl.constexpr, EMULATE: tl.constexpr):
+    # One BLOCK_N-key step of the online softmax. Unmasked tiles lie wholly before every
+    # row's position (and before seq_len).
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < kv_end
+    if MASKED:
+        block = tl.load(bt_row + pos // PAGE, mask=valid, other=0).to(tl.int64)
+        kv_mask = valid[:, None] & dmask[None, :]
+    else:
+        block = tl.load(bt_row + pos // PAGE).to(tl.int64)
+        kv_mask = dmask[None, :]
+    off = block * stride_cn + (pos % PAGE) * stride_cb
+    k = tl.load(kv_base + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
+    v = tl.load(kv_base + stride_ck + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
+    scores = dot(q, tl.trans(k), DOT_PREC, EMULATE) * scale_log2  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    # Every row sees key 0 in the first tile, so m_new is finite from there on.
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -382,25 +414,18 @@ def _prefill_kernel(
     kv_base = cache_ptr + layer_off + kvh * stride_ch
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bts
     # Keys this tile can see: up to the last row's position (causal), at most seq_len.
+    # Keys up to the first row's position are visible to every row: those tiles skip
+    # all masking; only the tiles on the diagonal take the causal mask.
     kv_end = tl.minimum(seq_len, ctx + (local + 1) * BLOCK_Q)
-    for n0 in range(0, kv_end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < kv_end
-        block = tl.load(bt_row + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        off = block * stride_cn + (pos % PAGE) * stride_cb
-        kv_mask = valid[:, None] & dmask[None, :]
-        k = tl.load(kv_base + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
-        v = tl.load(kv_base + stride_ck + off[:, None] + d[None, :] * stride_cd, mask=kv_mask, other=0.0)
-        scores = dot(q, tl.trans(k), DOT_PREC, EMULATE) * scale_log2  # (BLOCK_M, BLOCK_N)
-        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        # Every row sees key 0 in the first tile, so m_new is finite from there on.
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
-        m_i = m_new
+    full_end = (ctx + local * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, kv_base, bt_row, n0, kv_end, q_pos, d, dmask, scale_log2,
+                                      stride_cn, stride_ck, stride_cb, stride_cd,
+                                      PAGE, BLOCK_N, False, DOT_PREC, EMULATE)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, kv_base, bt_row, n0, kv_end, q_pos, d, dmask, scale_log2,
+                                      stride_cn, stride_ck, stride_cb, stride_cd,
+                                      PAGE, BLOCK_N, True, DOT_PREC, EMULATE)
 
     o = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
@@ -431,8 +456,8 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, laye
     qsl = meta.query_start_loc_t
     if qsl is None:
         qsl = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=q.device)
-    block_m = block_m or PREFILL_BLOCK_M
-    block_m = max(block_m, 16, triton.next_power_of_2(g))  # at least one query token per tile
+    # A power of two of at least 16 rows (tl.dot's minimum) holding at least one query token.
+    block_m = triton.next_power_of_2(max(block_m or PREFILL_BLOCK_M, 16, g))
     block_q = block_m // g
     sc = kv_cache.stride()
     grid = (t // block_q + num_seqs, hkv)
@@ -454,7 +479,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, laye
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata,
                             scale: float) -> torch.Tensor:
     """A whole mixed batch (chunks, prefix-cache hits, decode rows) in one launch on CUDA."""
-    if q.is_cuda:
+    if use_triton(q):
         return paged_prefill_attention_triton(q, kv_cache, layer, meta, scale)
     return paged_attention_ref(q, kv_cache, layer, meta, scale)
 
@@ -463,7 +488,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: A
                     scale: float) -> torch.Tensor:
     """What the model calls. CPU: the reference. CUDA: the decode kernel for decode-only
     batches, the prefill/extend kernel for anything else."""
-    if not q.is_cuda:
+    if not use_triton(q):
         return paged_attention_ref(q, kv_cache, layer, meta, scale)
     if meta.decode_only:
         splits = meta.num_kv_splits or choose_num_kv_splits(

@@ -3,9 +3,9 @@
 Frequencies and angles are computed in float32 from the integer positions, as
 transformers does, then cos/sin are cast to the activation dtype before rotating.
 
-Triton `apply_rope`: one program per token rotates all Hq query heads and Hkv key heads of
-that token, as (heads, head_dim/2) tiles of the two halves, loading the token's cos/sin row
-once. It rounds where the reference rounds (each product, then the sum, in the activation
+Triton `apply_rope`: one program per BLOCK_T tokens (1 on the GPU) rotates all Hq query
+heads and Hkv key heads of those tokens, as (tokens * heads, head_dim/2) tiles of the two
+halves. It rounds where the reference rounds (each product, then the sum, in the activation
 dtype), so half-precision results equal the reference's. q and k may be strided views of
 the fused qkv projection; results are new contiguous tensors.
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.cache_ops import write_kv_ref
-from kernels.triton_utils import cast, emulate_bf16
+from kernels.triton_utils import cast, emulate_bf16, use_triton
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
@@ -65,7 +65,6 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-
 def rope_and_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           kv_cache: torch.Tensor, layer: int,
                           slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,64 +74,65 @@ def rope_and_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
 
 
 @triton.jit
-def _rotate(x_ptr, out_ptr, t, cos1, cos2, sin1, sin2, stride_t, stride_h, stride_d,
-            H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-            EMULATE: tl.constexpr):
-    # x[t] (H, 2*HALF) -> out[t], contiguous; returns the rotated halves for the cache write.
-    h = tl.arange(0, BLOCK_H)[:, None]
+def _rotate(x_ptr, out_ptr, t0, n_tokens, cos_ptr, sin_ptr, sct, scd, sst, ssd, stride_t, stride_h, stride_d,
+            H: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+            BLOCK_HALF: tl.constexpr, EMULATE: tl.constexpr):
+    # Rows are (token, head) pairs of BLOCK_T tokens from t0: x[t, h] -> out[t, h] (contiguous).
+    # Returns the rotated halves, the row tokens and the row mask for the cache write.
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    t = t0 + r // BLOCK_H
+    h = r % BLOCK_H
+    row_ok = (t < n_tokens) & (h < H)
     j = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (h < H) & (j < HALF)
-    src = x_ptr + t * stride_t + h * stride_h
-    x1 = tl.load(src + j * stride_d, mask=mask, other=0.0)
-    x2 = tl.load(src + (j + HALF) * stride_d, mask=mask, other=0.0)
+    mask = row_ok[:, None] & (j < HALF)
+    cs = cos_ptr + (t * sct)[:, None]
+    sn = sin_ptr + (t * sst)[:, None]
+    cos1 = tl.load(cs + j * scd, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cs + (j + HALF) * scd, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sn + j * ssd, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sn + (j + HALF) * ssd, mask=mask, other=0.0).to(tl.float32)
+    src = x_ptr + (t * stride_t + h * stride_h)[:, None]
+    x1 = tl.load(src + j * stride_d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + (j + HALF) * stride_d, mask=mask, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
-    x1f = x1.to(tl.float32)
-    x2f = x2.to(tl.float32)
     # out = x * cos + rotate_half(x) * sin, each product and the sum rounded to dt like torch
-    o1 = cast(cast(x1f * cos1, dt, EMULATE).to(tl.float32) - cast(x2f * sin1, dt, EMULATE).to(tl.float32), dt, EMULATE)
-    o2 = cast(cast(x2f * cos2, dt, EMULATE).to(tl.float32) + cast(x1f * sin2, dt, EMULATE).to(tl.float32), dt, EMULATE)
-    dst = out_ptr + t * (H * 2 * HALF) + h * (2 * HALF)
+    o1 = cast(cast(x1 * cos1, dt, EMULATE).to(tl.float32) - cast(x2 * sin1, dt, EMULATE).to(tl.float32), dt, EMULATE)
+    o2 = cast(cast(x2 * cos2, dt, EMULATE).to(tl.float32) + cast(x1 * sin2, dt, EMULATE).to(tl.float32), dt, EMULATE)
+    dst = out_ptr + (t * (H * 2 * HALF) + h * (2 * HALF))[:, None]
     tl.store(dst + j, o1, mask=mask)
     tl.store(dst + j + HALF, o2, mask=mask)
-    return o1, o2
+    return o1, o2, t, h, row_ok
 
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, cache_ptr, slot_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, cache_ptr, slot_ptr, n_tokens,
     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sct, scd, sst, ssd,
     stride_cn, stride_ck, stride_cb, stride_ch, stride_cd, layer_off,
-    HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     WRITE_KV: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    jm = j < HALF
-    cos1 = tl.load(cos_ptr + t * sct + j * scd, mask=jm, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(cos_ptr + t * sct + (j + HALF) * scd, mask=jm, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(sin_ptr + t * sst + j * ssd, mask=jm, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(sin_ptr + t * sst + (j + HALF) * ssd, mask=jm, other=0.0).to(tl.float32)[None, :]
-    _rotate(q_ptr, q_out_ptr, t, cos1, cos2, sin1, sin2, sqt, sqh, sqd, HQ, HALF, BLOCK_HQ, BLOCK_HALF, EMULATE)
-    k1, k2 = _rotate(k_ptr, k_out_ptr, t, cos1, cos2, sin1, sin2, skt, skh, skd, HKV, HALF, BLOCK_HKV, BLOCK_HALF,
-                     EMULATE)
+    t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    _rotate(q_ptr, q_out_ptr, t0, n_tokens, cos_ptr, sin_ptr, sct, scd, sst, ssd, sqt, sqh, sqd,
+            HQ, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, EMULATE)
+    k1, k2, t, h, row_ok = _rotate(k_ptr, k_out_ptr, t0, n_tokens, cos_ptr, sin_ptr, sct, scd, sst, ssd, skt, skh, skd,
+                                 HKV, HALF, BLOCK_T, BLOCK_HKV, BLOCK_HALF, EMULATE)
     if WRITE_KV:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        if slot >= 0:
-            h = tl.arange(0, BLOCK_HKV)[:, None]
-            jj = j[None, :]
-            mask = (h < HKV) & (jj < HALF)
-            dst = cache_ptr + (slot // PAGE) * stride_cn + layer_off + (slot % PAGE) * stride_cb + h * stride_ch
-            tl.store(dst + jj * stride_cd, k1, mask=mask)
-            tl.store(dst + (jj + HALF) * stride_cd, k2, mask=mask)
-            src = v_ptr + t * svt + h * svh
-            v1 = tl.load(src + jj * svd, mask=mask, other=0.0)
-            v2 = tl.load(src + (jj + HALF) * svd, mask=mask, other=0.0)
-            tl.store(dst + stride_ck + jj * stride_cd, v1, mask=mask)
-            tl.store(dst + stride_ck + (jj + HALF) * stride_cd, v2, mask=mask)
+        slot = tl.load(slot_ptr + t, mask=row_ok, other=-1).to(tl.int64)
+        j = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (row_ok & (slot >= 0))[:, None] & (j < HALF)  # negative slot: write nothing
+        dst = cache_ptr + ((slot // PAGE) * stride_cn + layer_off + (slot % PAGE) * stride_cb + h * stride_ch)[:, None]
+        tl.store(dst + j * stride_cd, k1, mask=mask)
+        tl.store(dst + (j + HALF) * stride_cd, k2, mask=mask)
+        src = v_ptr + (t * svt + h * svh)[:, None]
+        v1 = tl.load(src + j * svd, mask=mask, other=0.0)
+        v2 = tl.load(src + (j + HALF) * svd, mask=mask, other=0.0)
+        tl.store(dst + stride_ck + j * stride_cd, v1, mask=mask)
+        tl.store(dst + stride_ck + (j + HALF) * stride_cd, v2, mask=mask)
 
 
-def _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, num_warps):
+def _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, block_t, num_warps):
     t, hq, d = q.shape
     hkv = k.shape[1]
     assert k.shape == (t, hkv, d) and cos.shape == sin.shape == (t, d) and d % 2 == 0, (q.shape, k.shape, cos.shape)
@@ -151,33 +151,37 @@ def _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, num_warps):
         kv_cache, v, slot_mapping = q_out, k, cos  # unused
         cache_args, page = (0, 0, 0, 0, 0, 0), 1
     half = d // 2
-    _rope_kernel[(t,)](
-        q, k, v, cos, sin, q_out, k_out, kv_cache, slot_mapping,
+    # One token per program on the GPU; under the interpreter (CPU) several, which cuts
+    # its per-program cost.
+    block_t = triton.next_power_of_2(block_t or (1 if q.is_cuda else 8))
+    _rope_kernel[(triton.cdiv(t, block_t),)](
+        q, k, v, cos, sin, q_out, k_out, kv_cache, slot_mapping, t,
         *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *cache_args,
-        HQ=hq, HKV=hkv, HALF=half, PAGE=page,
+        HQ=hq, HKV=hkv, HALF=half, PAGE=page, BLOCK_T=block_t,
         BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
         BLOCK_HALF=triton.next_power_of_2(half), WRITE_KV=write,
         EMULATE=emulate_bf16(q.dtype, k.dtype, cos.dtype, dtype),
-        num_warps=num_warps or (4 if hq * d >= 2048 else 2),
+        num_warps=num_warps or (4 if block_t * hq * d >= 2048 else 2),
     )
     return q_out, k_out
 
 
 def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                      num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(q, k, None, cos, sin, None, 0, None, num_warps)
+                      block_t: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, None, cos, sin, None, 0, None, block_t, num_warps)
 
 
 def rope_and_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, kv_cache: torch.Tensor, layer: int, slot_mapping: torch.Tensor, *,
+                             block_t: int | None = None,
                              num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, num_warps)
+    return _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, block_t, num_warps)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T, Hq, D), k (T, Hkv, D), cos/sin (T, D) -> rotated (q, k), new tensors."""
-    if q.is_cuda:
+    if use_triton(q):
         return apply_rope_triton(q, k, cos, sin)
     return apply_rope_ref(q, k, cos, sin)
 
@@ -186,6 +190,6 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       kv_cache: torch.Tensor, layer: int,
                       slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """apply_rope, then write_kv of the rotated k and v, in one launch on CUDA."""
-    if q.is_cuda:
+    if use_triton(q):
         return rope_and_write_kv_triton(q, k, v, cos, sin, kv_cache, layer, slot_mapping)
     return rope_and_write_kv_ref(q, k, v, cos, sin, kv_cache, layer, slot_mapping)

@@ -1,4 +1,11 @@
-"""Small pieces the Triton kernels share, mostly to stay exact under Triton's CPU interpreter.
+"""What the Triton kernels share: the dispatch rule, and exactness under Triton's CPU interpreter.
+
+Dispatch: every public kernel function runs its Triton kernel on CUDA tensors and its torch
+reference on CPU tensors. `PDCLUSTER_KERNELS=triton` (or `force_triton()`) sends CPU
+tensors to the Triton kernels too, which then run in Triton's interpreter (TRITON_INTERPRET=1
+must be set before triton is imported): slow, but it runs a whole model through the
+kernels on a machine without a GPU, e.g. `PDCLUSTER_KERNELS=triton TRITON_INTERPRET=1
+pytest tests/test_engine_vs_transformers.py`.
 
 The interpreter (TRITON_INTERPRET=1, how CI runs the kernels) models bfloat16 as raw
 uint16 bits, and gets two things wrong that the GPU gets right: float32 -> bfloat16 casts
@@ -11,6 +18,8 @@ plain operations compile unchanged.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -19,6 +28,30 @@ import triton.language as tl
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_force = os.environ.get("PDCLUSTER_KERNELS", "").lower() == "triton"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether a kernel call on `x` takes the Triton path (see the module docstring)."""
+    if x.is_cuda:
+        return True
+    if _force and not interpreting():
+        raise RuntimeError("PDCLUSTER_KERNELS=triton on CPU tensors needs Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is first imported")
+    return _force
+
+
+@contextmanager
+def force_triton(on: bool = True) -> Iterator[None]:
+    """Within the block, CPU tensors take the Triton kernels too (under the interpreter)."""
+    global _force
+    before, _force = _force, on
+    try:
+        yield
+    finally:
+        _force = before
 
 
 def emulate_bf16(*dtypes: torch.dtype) -> bool:

@@ -114,7 +114,7 @@ def test_choose_num_kv_splits_fills_the_gpu_without_tiny_splits():
     assert choose_num_kv_splits(256, 8, 1024, 16, sms=132) == 1
     assert choose_num_kv_splits(1, 8, 32, 16, sms=132) == 1              # short context: no split
     assert choose_num_kv_splits(1, 8, 8192, 16, sms=64) == math.ceil(2 * 64 / 8)
-    assert choose_num_kv_splits(1, 8, 1024, 16, sms=132) == 1024 // 256  # no split under 256 keys
+    assert choose_num_kv_splits(1, 8, 1024, 16, sms=132) == 1024 // 128  # no split under 128 keys
     assert choose_num_kv_splits(1, 1, 1 << 20, 16, sms=132) == 32        # capped
 
 
@@ -132,6 +132,8 @@ PREFILL_CASES = [
     (4, 1, 64, 16, [(70, 70), (18, 2), (64, 1)], None, torch.float16),
     # GQA 3 (not a power of two: rows of a tile left empty), float32
     (6, 2, 64, 16, [(21, 21), (50, 9)], 16, torch.float32),
+    # empty chunks first and last (the tile -> sequence search at both ends)
+    (4, 2, 64, 16, [(5, 0), (20, 20), (1, 1), (7, 0)], 16, torch.float32),
 ]
 
 

@@ -8,12 +8,12 @@ import torch
 from kernels.cache_ops import write_kv, write_kv_ref, write_kv_triton
 
 
-@pytest.mark.parametrize("dtype,block_size,hkv,d,index_dtype", [
-    (torch.float32, 16, 2, 64, torch.int64),
-    (torch.bfloat16, 8, 1, 128, torch.int32),
-    (torch.float16, 16, 3, 64, torch.int64),
+@pytest.mark.parametrize("dtype,block_size,hkv,d,index_dtype,block_t", [
+    (torch.float32, 16, 2, 64, torch.int64, 1),
+    (torch.bfloat16, 8, 1, 128, torch.int32, 4),
+    (torch.float16, 16, 3, 64, torch.int64, 8),
 ])
-def test_write_kv_kernel_matches_reference_and_skips_negative_slots(dtype, block_size, hkv, d, index_dtype):
+def test_write_kv_kernel_matches_reference_and_skips_negative_slots(dtype, block_size, hkv, d, index_dtype, block_t):
     gen = torch.Generator().manual_seed(block_size + hkv + d)
     n_blocks, layers, t = 6, 3, 13
     cache = torch.randn(n_blocks, layers, 2, block_size, hkv, d, generator=gen).to(dtype)
@@ -31,7 +31,7 @@ def test_write_kv_kernel_matches_reference_and_skips_negative_slots(dtype, block
             expected[slot // block_size, 1, 1, slot % block_size] = v[row]
     want, got = cache.clone(), cache.clone()
     write_kv_ref(want, 1, k, v, slots)
-    write_kv_triton(got, 1, k, v, slots)
+    write_kv_triton(got, 1, k, v, slots, block_t=block_t)
     assert torch.equal(want, expected)
     assert torch.equal(got, expected)
 

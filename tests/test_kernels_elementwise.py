@@ -100,8 +100,8 @@ def test_norm_dispatch_on_cpu_is_the_reference():
 # --- rotary embedding --------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (6, 1, 64)])
-def test_apply_rope_kernel_matches_reference(hq, hkv, d, dtype):
+@pytest.mark.parametrize("hq,hkv,d,block_t", [(4, 4, 64, 1), (8, 2, 128, 3), (6, 1, 64, 8)])
+def test_apply_rope_kernel_matches_reference(hq, hkv, d, block_t, dtype):
     gen = torch.Generator().manual_seed(hq * d)
     t = 11
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(dtype)  # q, k: strided views like the model's
@@ -112,7 +112,7 @@ def test_apply_rope_kernel_matches_reference(hq, hkv, d, dtype):
                                        "original_max_position_embeddings": 8192})
     cos, sin = rope_cos_sin(positions, inv, dtype)
     want_q, want_k = apply_rope_ref(q, k, cos, sin)
-    got_q, got_k = apply_rope_triton(q, k, cos, sin)
+    got_q, got_k = apply_rope_triton(q, k, cos, sin, block_t=block_t)
     if dtype == torch.float32:
         torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
@@ -120,8 +120,8 @@ def test_apply_rope_kernel_matches_reference(hq, hkv, d, dtype):
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_write_kv_kernel_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,block_t", [(torch.float32, 1), (torch.bfloat16, 4)])
+def test_rope_and_write_kv_kernel_matches_reference(dtype, block_t):
     gen = torch.Generator().manual_seed(5)
     t, hq, hkv, d, bs = 9, 8, 2, 64, 8
     q = torch.randn(t, hq, d, generator=gen).to(dtype)
@@ -133,7 +133,7 @@ def test_rope_and_write_kv_kernel_matches_reference(dtype):
     slots[[0, 4]] = -1
     want_cache, got_cache = cache.clone(), cache.clone()
     want_q, want_k = rope_and_write_kv_ref(q, k, v, cos, sin, want_cache, 1, slots)
-    got_q, got_k = rope_and_write_kv_triton(q, k, v, cos, sin, got_cache, 1, slots)
+    got_q, got_k = rope_and_write_kv_triton(q, k, v, cos, sin, got_cache, 1, slots, block_t=block_t)
     tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)
     torch.testing.assert_close(got_q, want_q, **tol)
     torch.testing.assert_close(got_k, want_k, **tol)
