@@ -49,6 +49,8 @@ def running_clusters() -> list[dict[str, Any]]:
         try:
             state = json.loads(path.read_text())
             os.kill(int(state["pid"]), 0)
+            if not _is_launcher(int(state["pid"])):  # a stale file whose pid was reused
+                raise ProcessLookupError
         except ProcessLookupError:
             path.unlink(missing_ok=True)
             continue
@@ -123,6 +125,17 @@ def run_down(url: str | None) -> int:
     print(f"pdcluster down: the launcher (pid {pid}) did not exit within {DOWN_TIMEOUT_S:.0f} s; its log is in "
           f"{c['run_dir']}", file=sys.stderr)
     return 1
+
+
+def _is_launcher(pid: int) -> bool:
+    """Whether `pid` runs `pdcluster up` (Linux: /proc; elsewhere, assume it does)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+    return b"cluster.cli" in cmdline or b"pdcluster" in cmdline
 
 
 def _tail(path: Path, lines: int = 20) -> str:

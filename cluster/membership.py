@@ -29,7 +29,7 @@ def read_membership(http: httpx.Client, url: str) -> dict[str, Any] | None:
     """GET /cluster/membership as the attached launcher (so the router accepts scale-ups);
     None when the router does not answer."""
     try:
-        r = http.get(f"{url}/cluster/membership", params={"supervisor": 1})
+        r = http.get(f"{url}/cluster/membership", params={"supervisor": 1}, timeout=5.0)
         r.raise_for_status()
         return r.json()
     except (httpx.HTTPError, ValueError):

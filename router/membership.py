@@ -16,7 +16,7 @@ A node's life here:
 * draining: routing gives it no new job, but what it runs goes on: its streams finish,
   and a prefill node keeps lending the KV a decode node still has to pull. It is drained
   when the router has nothing in flight on it and a stats answer taken *after* that shows
-  no running or waiting request and no lent KV held (requests_held == 0). Then the router
+  no running or waiting request, no lent KV held (requests_held == 0) and every block free. Then the router
   forgets it and lists it under `departed` (with its last stats: the blocks it still held,
   which should be none), and the launcher stops it.
 
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "both")
 DRAIN_CHECK_INTERVAL_S = 0.25
-SUPERVISOR_STALE_S = 10.0   # a launcher that has not polled for this long is not attached
+SUPERVISOR_STALE_S = 30.0   # a launcher that has not polled for this long is not attached
+IDLE_LEAK_GRACE_S = 10.0    # idle but holding blocks this long: depart anyway, reporting the leak
 MAX_DEPARTED = 64           # departed nodes remembered for GET /cluster/membership
 
 
@@ -84,6 +85,7 @@ class Membership:
         self._joined_at_runtime: set[str] = set()   # registered after start: their joins are counted
         self.supervisor_seen = 0.0
         self._drain_task: asyncio.Task | None = None
+        self._idle_since: dict[str, float] = {}     # draining node id -> when it was first seen idle
         r = router.metrics.registry
         self.changes = Counter("pdcluster_membership_changes", "Nodes that joined, started draining, "
                                "finished draining (departed) or were removed", ["role", "change"], registry=r)
@@ -240,14 +242,30 @@ class Membership:
             await asyncio.sleep(DRAIN_CHECK_INTERVAL_S)
 
     async def _drained(self, node: NodeClient) -> bool:
+        """Idle (nothing in flight from here, nothing running, waiting or lent) and every
+        block back in the pool. Released blocks return at the node's next step, so an idle
+        node briefly still holds some; one that keeps holding blocks is let go after
+        IDLE_LEAK_GRACE_S, its departed record showing what it held."""
         if node.in_flight:
+            self._idle_since.pop(node.id, None)
             return False
         stats = await node.poll_stats()  # asked after in_flight reached 0: fresh
         if stats is None or node.in_flight:
             return False
         e = stats.engine
-        return (e.running == 0 and e.waiting == 0 and e.waiting_for_remote_kv == 0
-                and not e.kv_transfer.get("requests_held", 0))
+        if e.running or e.waiting or e.waiting_for_remote_kv or e.kv_transfer.get("requests_held", 0):
+            self._idle_since.pop(node.id, None)
+            return False
+        if e.kv_blocks_free == e.kv_blocks_total:
+            self._idle_since.pop(node.id, None)
+            return True
+        since = self._idle_since.setdefault(node.id, time.monotonic())
+        if time.monotonic() - since < IDLE_LEAK_GRACE_S:
+            return False
+        log.warning("node %s is idle but holds %d KV blocks: letting it go anyway", node.id,
+                    e.kv_blocks_total - e.kv_blocks_free)
+        self._idle_since.pop(node.id, None)
+        return True
 
 
 class _MembershipCollector:

@@ -188,3 +188,41 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_address_local_starts_a_private_ray_and_ctrl_c_stops_it(tmp_path, offline):
+    yaml = tmp_path / "cluster-ray-local.yaml"
+    yaml.write_text(
+        "model: {path: 'builtin:tiny', dtype: float32}\n"
+        "router: {host: 127.0.0.1, port: 0}\n"
+        "engine: {num_blocks: 64}\n"
+        "prefill: {replicas: 0}\n"
+        "decode: {replicas: 0}\n"
+        "colocated: {replicas: 1}\n"
+        "backend: ray\n"
+        "ray: {address: local}\n")
+    env = {**os.environ, **_LOOPBACK_ENV, "PDCLUSTER_STATE_DIR": str(tmp_path / "state"),
+           "PDCLUSTER_RUN_DIR": str(tmp_path / "run")}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("PDCLUSTER_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", str(yaml)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("pdcluster is ready:"):
+                break
+        assert proc.poll() is None, "".join(lines)
+        url = lines[-1].split()[-1]
+        text = httpx.post(url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0,
+                                                         "ignore_eos": True}, timeout=60, trust_env=False)
+        want = offline.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        assert text.json()["choices"][0]["text"] == want[0].outputs[0].text
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and out.rstrip().endswith("stopped"), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
