@@ -341,9 +341,11 @@ class LLMEngine:
 
     @staticmethod
     def _can_run_ahead(req: Request) -> bool:
+        """Whether `req` may be in a step queued before its previous token is read back."""
         p = req.params
         lends = bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
-        return (req.num_computed_tokens == req.num_tokens and not req.recompute_ranges and not lends
+        last = len(req.output_token_ids) + 1 >= req.max_tokens  # the token in flight ends it: nothing to queue
+        return (req.num_computed_tokens == req.num_tokens and not req.recompute_ranges and not lends and not last
                 and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
                 and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens
                 and p.structured_outputs is None)  # a grammar's mask needs the previous token accepted

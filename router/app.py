@@ -147,6 +147,7 @@ class Router:
                 for c in self.nodes:
                     if c is not n and c.healthy and c.role in ("decode", "both"):
                         await c.producer_down(n.last_stats.kv_engine_id)
+        self.policy.follow_kv_events(self.nodes, self.ctx)  # subscribe to new nodes' KV events
 
     def can_serve(self) -> bool:
         healthy = {n.role for n in self.nodes if n.healthy}
