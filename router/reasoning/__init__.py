@@ -10,38 +10,14 @@ so streamed deltas always reassemble to it.
 
 from __future__ import annotations
 
-import importlib
-
+from router.class_registry import ClassRegistry
 from router.reasoning.think_tags import DeepSeekR1ReasoningParser, Qwen3ReasoningParser, ReasoningParser, ReasoningStream
 
 
-class ReasoningParserManager:
-    _parsers: dict[str, type[ReasoningParser]] = {}
-
-    @classmethod
-    def register(cls, name: str, parser: type[ReasoningParser]) -> None:
-        cls._parsers[name] = parser
-
-    @classmethod
-    def list_registered(cls) -> list[str]:
-        return sorted(cls._parsers)
-
-    @classmethod
-    def get(cls, name: str) -> type[ReasoningParser]:
-        """A registered name, or `module:Class`. ValueError lists what is registered."""
-        if name in cls._parsers:
-            return cls._parsers[name]
-        if ":" in name:
-            module, _, attr = name.partition(":")
-            try:
-                parser = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                raise ValueError(f"reasoning parser {name!r} cannot be imported: {e}") from None
-            if not (isinstance(parser, type) and issubclass(parser, ReasoningParser)):
-                raise ValueError(f"reasoning parser {name!r} is not a subclass of router.reasoning.ReasoningParser")
-            return parser
-        raise ValueError(f"unknown reasoning parser {name!r}: registered are "
-                         f"{', '.join(cls.list_registered())}, or give a module:Class path")
+class ReasoningParserManager(ClassRegistry):
+    kind = "reasoning parser"
+    base = ReasoningParser
+    base_path = "router.reasoning.ReasoningParser"
 
 
 ReasoningParserManager.register("deepseek_r1", DeepSeekR1ReasoningParser)
