@@ -102,7 +102,7 @@ def test_parsers_register_by_name_or_module_path_and_unknown_names_list_the_regi
     try:
         assert "brackets" in ReasoningParserManager.list_registered()
     finally:
-        ReasoningParserManager._parsers.pop("brackets")
+        ReasoningParserManager._classes.pop("brackets")
     assert ToolParserManager.get(f"{__name__}:EveryLine") is EveryLine
     with pytest.raises(ValueError, match="registered are deepseek_r1, qwen3"):
         ReasoningParserManager.get("nope")
@@ -128,10 +128,10 @@ def test_tools_for_a_template_that_ignores_them_are_a_400_not_silently_dropped()
     body = {"messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
     req = parse_request(ChatCompletionRequest, body)
-    plain = SimpleNamespace(tokenizer=Tokenizer.from_pretrained(resolve_builtin("tiny")))
+    plain = SimpleNamespace(tokenizer=Tokenizer.from_pretrained(resolve_builtin("tiny")), max_model_len=4096)
     with pytest.raises(RequestError, match="chat template does not take tools"):
         _prompt_ids(plain, req, chat=True)
-    agent = SimpleNamespace(tokenizer=Tokenizer.from_pretrained(resolve_builtin("tiny-chat")))
+    agent = SimpleNamespace(tokenizer=Tokenizer.from_pretrained(resolve_builtin("tiny-chat")), max_model_len=4096)
     ids, text = _prompt_ids(agent, req, chat=True)
     assert '"name": "f"' in text and ids
     bad = parse_request(ChatCompletionRequest, {**body, "tools": [{"type": "function", "function": {}}]})
