@@ -102,8 +102,8 @@ class Router:
         self.tokenizer = Tokenizer.from_pretrained(spec.model_dir)
         self.max_model_len = spec.max_model_len or _max_position_embeddings(spec.model_dir)
         self.ctx = zmq.asyncio.Context()
-        key = ClusterKey.from_env()
-        self.nodes = [NodeClient(n, self.ctx, spec.node_timeout_s, key) for n in spec.nodes]
+        self.cluster_key = ClusterKey.from_env()  # nodes that join later are reached with it too
+        self.nodes = [NodeClient(n, self.ctx, spec.node_timeout_s, self.cluster_key) for n in spec.nodes]
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.policy = RoutingPolicy(spec.policy, spec.block_size)
         self.metrics = RouterMetrics(self.nodes, self.policy.kv_stats)

@@ -190,7 +190,8 @@ class Membership:
                     node._reconnect()
             node.pid = reg.pid or node.pid
             return {"id": node.id, "state": self.state(node)}
-        node = NodeClient(NodeAddress(reg.id, reg.role, reg.address, reg.pid), self.router.ctx)
+        node = NodeClient(NodeAddress(reg.id, reg.role, reg.address, reg.pid), self.router.ctx,
+                          self.router.spec.node_timeout_s, self.router.cluster_key)
         node.connect()
         self.nodes.append(node)
         self.states[node.id] = "joining"
