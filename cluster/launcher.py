@@ -20,7 +20,7 @@ replacements) from a thread that outlives the cluster, normally the main thread.
 Output: children write to log files in a run folder ($PDCLUSTER_RUN_DIR, else a fresh
 temp folder), so the terminal shows only the launcher's own lines.
 
-Secrets: a fresh cluster key (engine/cluster_key.py: CURVE on every internal socket) and
+Secrets: a fresh cluster key (kv_connector/cluster_key.py: CURVE on every internal socket) and
 the router's API key reach the children in their environment, never in argv, which any
 local user can read with `ps`.
 
@@ -56,8 +56,8 @@ from rich.console import Console
 
 from cluster import membership
 from cluster.config import ClusterConfig, ClusterConfigError, NodeSpec, load_cluster_config
-from engine.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
-from engine.cluster_key import ClusterKey
+from kv_connector.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
+from kv_connector.cluster_key import ClusterKey
 
 LOCALHOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT_S = 300.0

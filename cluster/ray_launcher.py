@@ -43,7 +43,7 @@ from cluster.launcher import (DEFAULT_START_TIMEOUT_S, POLL_INTERVAL_S, STOP_GRA
                               ClusterFailed, ClusterStartError, _block_size, _check_ports_free, _connect_host,
                               _default_run_dir, _died_message, _free_ports, resolve_model, router_launch_spec,
                               router_secrets)
-from engine.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
+from kv_connector.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
 
 INFO_TIMEOUT_S = 2.0
 

@@ -4,7 +4,7 @@ The router is the only client; a node answers every submitted request with a str
 `RequestUpdate`s on the same connection, the last one `finished`. Decoding is typed
 (msgspec tagged unions): nothing on this wire is ever unpickled. Every message is one
 frame (after the ROUTER socket's identity frame); anything else is dropped and counted.
-When the cluster has a key (engine/cluster_key.py) the socket is CURVE-authenticated.
+When the cluster has a key (kv_connector/cluster_key.py) the socket is CURVE-authenticated.
 """
 
 from __future__ import annotations

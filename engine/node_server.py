@@ -13,7 +13,7 @@ requests finish (and, on a prefill node, lent KV be pulled) for up to `drain_tim
 aborts what is left, closes the connector (deregistering KV memory) and exits 0.
 
 Hostile input: the socket is CURVE-authenticated when the cluster has a key
-(engine/cluster_key.py), so strangers never get a message through; whatever does arrive
+(kv_connector/cluster_key.py), so strangers never get a message through; whatever does arrive
 and is malformed (wrong frame count, undecodable, a handler that raises) is dropped with
 a log line and counted in `NodeStats.messages_dropped`. Nothing a peer sends ends the loop.
 """
@@ -30,7 +30,7 @@ import msgspec
 import zmq
 
 from engine import node_protocol as proto
-from engine.cluster_key import ClusterKey
+from kv_connector.cluster_key import ClusterKey
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput

@@ -6,7 +6,7 @@ for TCP reads, the KV tensor's held blocks, which nobody writes while they are h
 Every client call has a deadline and uses a fresh socket with LINGER 0, so a dead
 producer costs a consumer at most its timeout, never a hang.
 
-With a cluster key in the environment (engine/cluster_key.py) the service is a CURVE
+With a cluster key in the environment (kv_connector/cluster_key.py) the service is a CURVE
 server and clients authenticate; malformed messages are dropped, logged and counted.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
-from engine.cluster_key import ClusterKey
+from kv_connector.cluster_key import ClusterKey
 from kv_connector import messages as m
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine.cluster_key import ClusterKey
+from kv_connector.cluster_key import ClusterKey
 from engine.tokenizer import PromptTooLong, Tokenizer
 from router import responses as build
 from router.membership import install_membership

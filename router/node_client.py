@@ -10,7 +10,7 @@ aborted on the node if it answers again (a frozen process that wakes up), so the
 not run on for nobody. Updates for requests this router no longer waits for are
 answered with an abort (or, for a finished prefill that lent KV, a release).
 
-With a cluster key in the environment the socket is a CURVE client (engine/cluster_key.py).
+With a cluster key in the environment the socket is a CURVE client (kv_connector/cluster_key.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from engine import node_protocol as proto
-from engine.cluster_key import ClusterKey
+from kv_connector.cluster_key import ClusterKey
 from router.spec import NodeAddress
 
 log = logging.getLogger(__name__)

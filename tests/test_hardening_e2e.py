@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from cluster.launcher import LocalCluster
 from engine import node_protocol as proto
-from engine.cluster_key import ClusterKey
+from kv_connector.cluster_key import ClusterKey
 from tests.test_cluster_e2e import cluster_config
 
 KEY = "sesame"

@@ -1,5 +1,9 @@
 """The cluster's key: who may talk to a node's sockets.
 
+It lives in kv_connector/, the lowest package that opens sockets (the KV service), so
+that engine/, router/ and cluster/ can share it while kv_connector/ imports nothing from
+engine/.
+
 `pdcluster up` draws one CURVE key pair per cluster run and hands it to every child in
 the environment (`PDCLUSTER_CLUSTER_KEY`, never argv: /proc/PID/environ is readable only
 by the same user, /proc/PID/cmdline by everyone). Every internal ZeroMQ server socket (a
