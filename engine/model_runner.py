@@ -276,6 +276,7 @@ class ModelRunner:
         memory pool (a smaller graph's activations fit in the larger one's)."""
         if not self.use_graphs:
             return
+        self.model.prepare_rope_cache(self.max_model_len, self.device, self.kv_cache.dtype)
         self.single_row_speedups = self.tune_single_row_matmuls()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)

@@ -115,6 +115,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # computed on first use, on the right device
         self.flip_single_row_logits = False  # see `linear`
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare_rope_cache
+
+    def prepare_rope_cache(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Precompute cos/sin for positions [0, max_positions): the same values rope_cos_sin
+        gives per step (same operations per element), looked up instead of recomputed. The
+        model runner calls it on a GPU, where a decode step's small kernels add up."""
+        inv = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, device=device)
+        self._rope_cache = rope_cos_sin(torch.arange(max_positions, device=device), inv, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -123,7 +131,10 @@ class LlamaForCausalLM(nn.Module):
             self._inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling,
                                            device=input_ids.device)
         residual = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, residual.dtype)
+        if self._rope_cache is not None:  # (P, D) tables: two gathers instead of ~7 kernels a step
+            cos, sin = self._rope_cache[0][positions], self._rope_cache[1][positions]
+        else:
+            cos, sin = rope_cos_sin(positions, self._inv_freq, residual.dtype)
         h = None
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin, kv_cache, meta)
