@@ -210,7 +210,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.workload not in WORKLOADS:
         print(f"pdcluster plan: --workload {args.workload!r}: choose one of {', '.join(WORKLOADS)}", file=sys.stderr)
         return 2
-    run_plan = _entry_point("cluster.plan", "run_plan", "plan")
+    run_plan = _entry_point("bench.plan", "run_plan", "plan")
     if run_plan is None:
         return 2
     try:

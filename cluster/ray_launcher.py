@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import zmq
 from rich.console import Console
 
 from cluster import membership
@@ -44,6 +45,7 @@ from cluster.launcher import (DEFAULT_START_TIMEOUT_S, POLL_INTERVAL_S, STOP_GRA
                               _default_run_dir, _died_message, _free_ports, resolve_model, router_launch_spec,
                               router_secrets)
 from kv_connector.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
+from kv_connector.cluster_key import ClusterKey
 
 INFO_TIMEOUT_S = 2.0
 
@@ -87,6 +89,7 @@ class RayCluster:
         self._names_used: set[str] = set()
         self._starting: list[ActorNode] = []     # actors created for `scale`, not yet registered
         self._prefix = ""
+        self._cluster_key_text = ""   # set by _connect()
         self._pg = None                          # the initial nodes' placement group (ray.placement_strategy)
 
     @property
@@ -114,6 +117,12 @@ class RayCluster:
 
     def _connect(self) -> None:
         import ray
+
+        # The cluster's key (kv_connector/cluster_key.py) reaches the actors through their
+        # runtime environment, so nodes on every machine admit only the router and each
+        # other. Whoever may inspect the Ray cluster's jobs can read it: they can run code
+        # there anyway. Empty where libzmq has no CURVE: sockets stay plain.
+        self._cluster_key_text = ClusterKey.generate().encode() if zmq.has("curve") else ""
 
         rc = self.config.ray
         address = rc.address  # "local" always starts a private Ray, whatever RAY_ADDRESS says
@@ -201,6 +210,7 @@ class RayCluster:
             kv_transfer=kv, log_level=cfg.log_level.upper(), cpu_threads=max(1, int(num_cpus)))
         placement: dict[str, Any] = {"resources": settings.resources}
         options = dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=cfg.ray.max_restarts,
+                       runtime_env={"env_vars": {CLUSTER_KEY_ENV: self._cluster_key_text}},
                        max_task_retries=0, max_concurrency=4, name=f"{self._prefix}-{spec.name}",
                        namespace=cfg.ray.namespace)
         if bundle is not None:
@@ -221,9 +231,7 @@ class RayCluster:
                                   _block_size(cfg.node_specs(0)))
         self.url = f"http://{_connect_host(cfg.router.host)}:{self._router_port}"
         argv = [sys.executable, "-m", "router", "--spec", msgspec.json.encode(spec).decode()]
-        # Ray's actors get no cluster key (their sockets stay plain; see README, Ray): the
-        # router must not expect one either, whatever this shell's environment holds.
-        env = router_secrets(cfg, {CLUSTER_KEY_ENV: ""})  # empty: no key
+        env = router_secrets(cfg, {CLUSTER_KEY_ENV: self._cluster_key_text})
         self.router = Child("router", "router", argv, self.run_dir / "router.log", address=self.url, secrets=env)
         self.router.spawn()
 

@@ -1,5 +1,5 @@
 """`pdcluster plan`: the figures are the engine's own, sharing is reckoned as written in
-cluster/plan.py, and a max_model_len that cannot fit is refused by the plan and by the
+bench/plan.py, and a max_model_len that cannot fit is refused by the plan and by the
 engine, both naming the largest length that fits."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig
-from cluster.plan import WorkloadShape, plan_node
+from bench.plan import WorkloadShape, plan_node
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
 from engine.llm_engine import LLMEngine
 

@@ -60,7 +60,7 @@ def up(ray_cluster, tmp_path_factory):
     yaml.write_text(
         "model: {path: 'builtin:tiny', dtype: float32}\n"
         "router: {host: 127.0.0.1, port: 0}\n"
-        "kv_transfer: {connector: tcp, abort_timeout_s: 30, transfer_timeout_s: 10}\n"
+        "kv_transfer: {connector: nixl, abort_timeout_s: 30, transfer_timeout_s: 10}\n"
         "engine: {num_blocks: 128, block_size: 16, max_num_seqs: 16}\n"
         "prefill: {replicas: 1, resources: {prefill_box: 1}}\n"
         "decode: {replicas: 1, resources: {decode_box: 1}}\n"
@@ -128,6 +128,28 @@ def test_outputs_equal_the_offline_engine_and_the_local_backend(client, offline,
     streamed = ["".join(c.choices[0].text for c in client.completions.create(
         model="builtin:tiny", prompt=p, stream=True, **kw) if c.choices) for p in PROMPTS]
     assert streamed == want
+
+
+def test_nodes_on_ray_refuse_a_stranger_without_the_cluster_key(up):
+    """The cluster key reaches the actors (their runtime environment): a node's socket
+    admits the router, and a client without the key gets nothing back."""
+    import zmq
+
+    from engine import node_protocol as proto
+
+    nodes = httpx.get(up["url"] + "/cluster", timeout=10).json()["nodes"]
+    ctx = zmq.Context()
+    try:
+        for n in nodes:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(n["address"])
+            sock.send(proto.encode(proto.StatsRequest()))
+            assert not sock.poll(1500), f"node {n['id']} answered a stranger"
+            sock.close()
+    finally:
+        ctx.term()
+    assert all(n["healthy"] for n in httpx.get(up["url"] + "/cluster", timeout=10).json()["nodes"])
 
 
 def test_scale_decode_one_two_one_under_load_loses_nothing(up):
