@@ -72,6 +72,29 @@ def decode_steps(llm: LLM, prompts: list[list[int]], params: SamplingParams, ste
         eng.structured.apply_bitmask = inner
 
 
+def profile_steps(llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int) -> dict:
+    """GPU busy ms per step (sum of kernel times) beside wall ms per step: the difference is
+    host time the device waited for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(f"p{time.monotonic_ns()}-{i}", p, params)
+    while any(len(r.output_token_ids) == 0 for r in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        _sync()
+        wall = (time.perf_counter() - t) / steps
+    busy = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in prof.key_averages())
+    for r in list(eng.scheduler.requests.values()):
+        eng.abort_request(r.request_id)
+    return {"gpu_busy_ms": busy / 1e3 / steps, "wall_ms": wall * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda:0")
@@ -79,6 +102,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--backends", default="xgrammar,guidance")
+    ap.add_argument("--profile", action="store_true",
+                    help="also: GPU busy time against wall time per step, with and without a grammar")
     args = ap.parse_args()
     path = os.path.join(tempfile.mkdtemp(), args.preset)
     make_model(path, args.preset, with_weights=False)
@@ -101,6 +126,10 @@ def main() -> None:
             b, g = statistics.median(base), statistics.median(with_grammar)
             row = {"batch": bs, "backend": backend, "step_ms": b * 1e3, "step_ms_grammar": g * 1e3,
                    "overhead": g / b - 1, "fill_ms": fill * 1e3}
+            if args.profile and args.device.startswith("cuda"):
+                row["profile"] = {"plain": profile_steps(llm, prompts, base_params, args.steps),
+                                  "grammar": profile_steps(llm, prompts, params, args.steps)}
+                print(f"  profile: {row['profile']}", flush=True)
             result["rows"].append(row)
             print(f"batch {bs:>3} {backend:>9}: {b * 1e3:7.2f} ms -> {g * 1e3:7.2f} ms per step "
                   f"({100 * row['overhead']:+.1f}%), bitmask fill + apply {fill * 1e3:.2f} ms", flush=True)
