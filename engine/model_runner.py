@@ -30,7 +30,7 @@ import torch
 
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk
-from kernels.attention import AttentionMetadata, choose_num_kv_splits
+from kernels.attention import AttentionMetadata, choose_num_kv_splits, num_sms
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 def kv_splits_for(batch_size: int, num_kv_heads: int, max_model_len: int, block_size: int,
                   device: torch.device) -> int:
     """Flash-decoding splits for a decode batch: about two programs per SM, no split
-    shorter than 256 keys of the longest context served. A function of the (padded)
+    shorter than 128 keys of the longest context served. A function of the (padded)
     batch size alone, so a graph's choice holds for every replay."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return choose_num_kv_splits(batch_size, num_kv_heads, max_model_len, block_size, sms=sms)
+    return choose_num_kv_splits(batch_size, num_kv_heads, max_model_len, block_size, sms=num_sms(device))
 
 
 class _StagingLayout:

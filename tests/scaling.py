@@ -14,6 +14,7 @@ import httpx
 import openai
 
 from cluster.scale import run_scale
+from tests.test_launcher import wait_until  # noqa: F401 - the scale tests take it from here
 
 PROMPTS = ["The quick brown fox jumps over", "def fibonacci(n):", "Numbers: 1, 2, 3, 5, 8,", "Once upon a time"]
 GREEDY = dict(temperature=0.0, max_tokens=24, extra_body={"ignore_eos": True})
@@ -25,16 +26,6 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 def membership(url: str, api_key: str | None) -> dict:
     return httpx.get(f"{url}/cluster/membership", headers=_headers(api_key), timeout=5, trust_env=False).json()
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 class SteadyLoad:

@@ -77,19 +77,23 @@ GREEDY = dict(temperature=0.0, max_tokens=12, extra_body={"ignore_eos": True})
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, extra_body={"ignore_eos": True, "top_k": 40})
 
 
-@pytest.mark.parametrize("kind", ["greedy", "seeded"])
-def test_completions_equal_the_offline_engine(client, offline, kind):
+def assert_completions_equal_the_offline_engine(client, offline, kind: str) -> None:
+    """Streamed and not, the cluster's completions are the offline engine's, token for token
+    (as text). Shared by every backend's tests."""
     kw = GREEDY if kind == "greedy" else SEEDED
     params = SamplingParams(temperature=kw["temperature"], max_tokens=12, ignore_eos=True,
                             seed=kw.get("seed"), top_p=kw.get("top_p", 1.0), top_k=kw["extra_body"].get("top_k", 0))
     want = [o.outputs[0].text for o in offline.generate(PROMPTS, params)]
     got = [client.completions.create(model="builtin:tiny", prompt=p, **kw).choices[0].text for p in PROMPTS]
     assert got == want
-    streamed = []
-    for p in PROMPTS:
-        chunks = client.completions.create(model="builtin:tiny", prompt=p, stream=True, **kw)
-        streamed.append("".join(c.choices[0].text for c in chunks if c.choices))
+    streamed = ["".join(c.choices[0].text for c in client.completions.create(
+        model="builtin:tiny", prompt=p, stream=True, **kw) if c.choices) for p in PROMPTS]
     assert streamed == want
+
+
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_completions_equal_the_offline_engine(client, offline, kind):
+    assert_completions_equal_the_offline_engine(client, offline, kind)
 
 
 def test_token_id_prompt_and_usage(client, offline):

@@ -31,7 +31,7 @@ from cluster.scale import run_scale  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.builtin_models import resolve_builtin  # noqa: E402
 from tests.scaling import check_scale_one_two_one, membership, wait_until  # noqa: E402
-from tests.test_cluster_e2e import GREEDY, PROMPTS, SEEDED  # noqa: E402
+from tests.test_cluster_e2e import GREEDY, PROMPTS, assert_completions_equal_the_offline_engine  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
@@ -119,15 +119,7 @@ def test_actors_land_on_the_ray_nodes_their_resources_name_and_status_shows_it(u
 
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
 def test_outputs_equal_the_offline_engine_and_the_local_backend(client, offline, kind):
-    kw = GREEDY if kind == "greedy" else SEEDED
-    params = SamplingParams(temperature=kw["temperature"], max_tokens=12, ignore_eos=True,
-                            seed=kw.get("seed"), top_p=kw.get("top_p", 1.0), top_k=kw["extra_body"].get("top_k", 0))
-    want = [o.outputs[0].text for o in offline.generate(PROMPTS, params)]
-    got = [client.completions.create(model="builtin:tiny", prompt=p, **kw).choices[0].text for p in PROMPTS]
-    assert got == want
-    streamed = ["".join(c.choices[0].text for c in client.completions.create(
-        model="builtin:tiny", prompt=p, stream=True, **kw) if c.choices) for p in PROMPTS]
-    assert streamed == want
+    assert_completions_equal_the_offline_engine(client, offline, kind)
 
 
 def test_nodes_on_ray_refuse_a_stranger_without_the_cluster_key(up):
