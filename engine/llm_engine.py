@@ -170,10 +170,13 @@ class LLMEngine:
         headroom = 2 * GIB  # activations and logits of the largest step
         if not self.config.enforce_eager:
             # Decode CUDA graphs keep their activations in one pool, sized by the largest
-            # captured batch (its logits dominate); counted before the cache is sized.
-            sched = self.config.scheduler
-            headroom += sched.max_num_seqs * (self.model_config.vocab_size * 4 * 3
-                                              + self.model_config.intermediate_size * 2 * 4) + 256 * 2**20
+            # captured batch (its float32 logits and their temporaries dominate); counted
+            # before the cache is sized. Per row: 6 logits-sized float32 buffers, the MLP's
+            # and the residual stream's activations; measured 1,107 MiB at 256 rows of an
+            # 8B-shape model (bench/results/2026-12-01-h200), this gives 1,096 MiB.
+            m, sched = self.model_config, self.config.scheduler
+            headroom += sched.max_num_seqs * (m.vocab_size * 4 * 6 + m.intermediate_size * 2 * 8
+                                              + m.hidden_size * 2 * 16) + 256 * 2**20
         return max(int(free * cache.memory_fraction) - headroom, 0)
 
     # --- requests -------------------------------------------------------------------
