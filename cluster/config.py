@@ -108,6 +108,11 @@ class RouterSettings(_Section):
     node_timeout_s: float = Field(default=5.0, gt=0)
     """A node that has not answered the router's health checks for this long is declared
     down: its requests are failed over (or fail), and aborted there if it wakes up."""
+    dispatch_to_both: bool = True
+    """Send a request's decode job together with its prefill job: the decode node reserves
+    its blocks and pulls each block as soon as it is computed (the transfer overlaps a
+    chunked prefill), then continues from the prefill's first token. false: the decode
+    job follows the prefill's answer (one more hop; the whole transfer after the prefill)."""
     tool_call_parser: str | None = None
     """hermes | llama3_json | module:Class: turns the model's text into `tool_calls`
     (needed for tool_choice auto; required and named choices work without it)."""

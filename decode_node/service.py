@@ -18,7 +18,7 @@ from engine.node_server import NodeServer
 
 class DecodeNodeServer(NodeServer):
     def accepted(self, ident: bytes, msg: proto.SubmitRequest) -> None:
-        if msg.output_token_ids:  # a continued generation
+        if msg.output_token_ids or (msg.kv_transfer_params or {}).get("streamed"):  # a continued generation
             req = self.engine.scheduler.requests[msg.request_id]
             self._sock.send_multipart([ident, proto.encode(proto.RequestUpdate(
                 msg.request_id, num_prompt_tokens=req.num_prompt_tokens))])

@@ -92,6 +92,9 @@ class LLMEngine:
         self.sampler = Sampler(max_rows=sched.max_num_seqs, device=self.device)
         # The step in flight on the device: its sampled tokens are read at the next step().
         self._inflight: _InflightStep | None = None
+        # A run-ahead step with grammar rows: its forward is queued, its sampling waits for
+        # the previous tokens to be accepted by the matchers (see _run_ahead).
+        self._unsampled: tuple[list[Request], torch.Tensor, list[SamplingRow]] | None = None
         self._pending_outputs: list[RequestOutput] = []  # produced outside step(), returned by it
         self._stopping: list[Request] = []  # a stop string ended them; they end at the next step()
         self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device)
@@ -266,6 +269,11 @@ class LLMEngine:
         previous = self._run_ahead()
         if previous is not None:
             appended = self._collect(previous)
+            if self._unsampled is not None:  # grammar rows: masks need the tokens just read
+                requests, logits, rows = self._unsampled
+                self._unsampled = None
+                self.structured.apply_bitmask(logits, [r.request_id for r in requests])
+                self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows), plain_decode=True)
             outputs, self._pending_outputs = self._pending_outputs, []
             outputs += self._poll_connector()
             outputs += self._text_outputs(appended)
@@ -298,12 +306,28 @@ class LLMEngine:
             for c in chunks:
                 self.scheduler.chunk_done(c)
                 self.num_tokens_computed += c.num_tokens
+            self._report_lent_progress(chunks, sched.preempted)
             for sampling, sampled in isolated:  # run alone after a fault, and read back already
                 appended += self._append_sampled(sampling, sampled)
         outputs += self._text_outputs(appended)
         self.idle = not chunks and not appended
         self._publish_kv_events()
         return outputs
+
+    def _report_lent_progress(self, chunks: list[ScheduledChunk], preempted: list[Request]) -> None:
+        """Producer: tell the connector how far requests it will lend are computed, with an
+        event that completes when this step's KV writes do (streamed pulls read then)."""
+        if self.connector is None or not self.connector.config.is_producer:
+            return
+        lending = [r for r in [c.request for c in chunks] + preempted
+                   if r.kv_transfer_params and r.kv_transfer_params.get("do_remote_decode")]
+        if not lending:
+            return
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.connector.kv_computed(lending, event)
 
     def _run_ahead(self) -> _InflightStep | None:
         """Queue the next decode step before reading the one in flight, when that is
@@ -338,7 +362,13 @@ class LLMEngine:
         self.num_steps_run_ahead += 1
         rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids,
                             step=len(r.output_token_ids) + 1) for r in running]
-        self._inflight = _InflightStep(list(running), self.sampler.sample(logits, rows), plain_decode=True)
+        if any(r.params.structured_outputs is not None for r in running):
+            # The forward does not depend on the grammar, only the sampling does: queue the
+            # forward now and sample once the tokens in flight are read and accepted, so the
+            # matchers' host work overlaps the device's forward.
+            self._unsampled = (list(running), logits, rows)
+        else:
+            self._inflight = _InflightStep(list(running), self.sampler.sample(logits, rows), plain_decode=True)
         self._peak_running = max(self._peak_running, len(running))
         return prev
 
@@ -350,8 +380,7 @@ class LLMEngine:
         last = len(req.output_token_ids) + 1 >= req.max_tokens  # the token in flight ends it: nothing to queue
         return (req.num_computed_tokens == req.num_tokens and not req.recompute_ranges and not lends and not last
                 and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
-                and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens
-                and p.structured_outputs is None)  # a grammar's mask needs the previous token accepted
+                and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens)
 
     def _collect_inflight(self) -> list[tuple[Request, int, tuple | None]]:
         step, self._inflight = self._inflight, None
@@ -482,12 +511,36 @@ class LLMEngine:
             self.scheduler.release_blocks(blocks)
         for request_id, failed in events.loads_done:
             if request_id in self.scheduler.waiting_for_remote_kv:
+                tokens = events.remote_outputs.get(request_id)
+                if tokens:
+                    self._continue_from(self.scheduler.waiting_for_remote_kv[request_id], tokens)
                 self.scheduler.remote_kv_ready(request_id, failed)
         for request_id, message in events.loads_failed:
             out = self.fail_request(request_id, message)
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _continue_from(self, req: Request, tokens: list[int]) -> None:
+        """A streamed pull brought the tokens the producer sampled (the router already sent
+        them to the client): take them as this request's own, as if they had come with it,
+        so its detokenizer and grammar continue from the same state."""
+        req.output_token_ids += tokens
+        if req.detokenizer is not None:
+            req.detokenizer.append(tokens)
+        if req.params.structured_outputs is not None:
+            for t in tokens:
+                if self.structured.accept_tokens([req.request_id], [t]):
+                    log.warning("request_id=%s: the producer's token %d does not fit the grammar here", req.request_id, t)
+
+    @property
+    def wakeup_fd(self) -> int | None:
+        """Readable when the KV connector has news (a load ended): the node loop sleeps on it."""
+        return self.connector.wakeup_fd if self.connector is not None else None
+
+    def drain_wakeup(self) -> None:
+        if self.connector is not None:
+            self.connector.drain_wakeup()
 
     @staticmethod
     def _continues_elsewhere(req: Request, finish: tuple) -> bool:

@@ -67,6 +67,7 @@ class RequestUpdate(msgspec.Struct, tag="update"):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[LogprobEntry] | None = None
+    num_output_tokens: int = 0              # the request's output tokens on this node after this update
 
 
 class NodeStats(msgspec.Struct, tag="node_stats"):
@@ -84,6 +85,7 @@ class NodeStats(msgspec.Struct, tag="node_stats"):
     block_hash_algo: str = "sha256_64"
     messages_dropped: int = 0               # malformed or undecodable messages since the node started
     kv_engine_id: str | None = None         # the KV connector's engine id (new at every start)
+    kv_service: str = ""                    # host:port of its KV service, when it lends KV
 
 
 ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest | ProducerDown

@@ -73,6 +73,9 @@ class NodeServer:
             signal.signal(signal.SIGINT, self._on_signal)
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        wake = self.engine.wakeup_fd  # readable when a KV load ends
+        if wake is not None:
+            poller.register(wake, zmq.POLLIN)
         drain_deadline = None
         log.info("node %s (%s) serving at %s", self.node_id, self.role, self.address)
         while True:
@@ -81,9 +84,13 @@ class NodeServer:
             if drain_deadline is not None and (not self.has_work() or time.monotonic() > drain_deadline):
                 break
             busy = self.engine.has_unfinished_requests and not self.engine.idle
-            # Idle: wait on the socket. Waiting only for KV from another node: wait 1 ms at a
-            # time, since a finished load is noticed at the next step, not by the socket.
-            if dict(poller.poll(0 if busy else (1 if self.engine.has_unfinished_requests else 50))):
+            # Idle: wait on the socket (and the connector's wake-up pipe, so a request whose
+            # KV landed runs at once). Waiting for KV without that pipe: 1 ms at a time.
+            waiting_kv = self.engine.has_unfinished_requests and wake is None
+            ready = dict(poller.poll(0 if busy else (1 if waiting_kv else 50)))
+            if wake is not None and wake in ready:
+                self.engine.drain_wakeup()
+            if self._sock in ready:
                 self._drain_socket()
             self._step()
         for rid in list(self._owners):
@@ -201,7 +208,8 @@ class NodeServer:
             finish_reason=comp.finish_reason if out.finished else None, stop_reason=comp.stop_reason,
             error=out.error, error_code=500 if out.error else 0,
             kv_transfer_params=out.kv_transfer_params, num_prompt_tokens=len(out.prompt_token_ids),
-            num_cached_tokens=out.num_cached_tokens, logprobs=logprobs)
+            num_cached_tokens=out.num_cached_tokens, logprobs=logprobs,
+            num_output_tokens=len(comp.token_ids))
         self._sock.send_multipart([ident, proto.encode(update)])
 
     def stats(self) -> proto.NodeStats:
@@ -214,7 +222,15 @@ class NodeServer:
                                                          if self.engine.kv_events else ""),
                                block_hash_algo=self.engine.config.cache.prefix_hash_algo,
                                messages_dropped=self.messages_dropped,
-                               kv_engine_id=connector.config.engine_id if connector is not None else None)
+                               kv_engine_id=connector.config.engine_id if connector is not None else None,
+                               kv_service=_service_address(connector))
+
+
+def _service_address(connector) -> str:
+    """host:port of a producer's KV service ("" when it lends no KV): the router hands it
+    to decode nodes when it dispatches a request to both nodes at once."""
+    service = getattr(connector, "service", None)
+    return f"{service.host}:{service.port}" if service is not None else ""
 
 
 # --- process entry ------------------------------------------------------------------------

@@ -69,6 +69,13 @@ class Request:
         return self.workflow_id or self.agent_id
 
     @property
+    def awaits_remote_output(self) -> bool:
+        """A streamed pull (kv_connector/pull_connector.py) will bring the producer's first
+        token with the prompt's KV."""
+        p = self.kv_transfer_params
+        return bool(p and p.get("do_remote_prefill") and p.get("streamed") and not self.output_token_ids)
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -96,7 +96,9 @@ class Scheduler:
             del self.waiting_for_remote_kv[request.request_id]
         request.status = status
         del self.requests[request.request_id]
-        held = self.connector is not None and bool(request.block_ids) and self.connector.request_finished(request)
+        # Told of every end, blocks or not: a producer stops streaming it, a consumer stops
+        # renewing its claim. Only a request with blocks can have them kept.
+        held = self.connector is not None and self.connector.request_finished(request) and bool(request.block_ids)
         if not held:
             self.pool.free(request.block_ids)
         request.block_ids = [] if not held else request.block_ids
@@ -112,7 +114,9 @@ class Scheduler:
         the rest is kept."""
         request = self.waiting_for_remote_kv.pop(request_id)
         failed = set(failed_block_ids)
-        end = request.num_computed_tokens + request.num_external_tokens
+        # A streamed pull that brought no first token: the last prompt token is computed
+        # here after all, to sample it.
+        end = min(request.num_computed_tokens + request.num_external_tokens, request.num_tokens - 1)
         ranges: list[tuple[int, int]] = []
         for i, block in enumerate(request.block_ids):
             if block not in failed:
@@ -203,8 +207,10 @@ class Scheduler:
         num_computed = len(hits) * self.block_size
         num_external = 0
         if self.connector is not None and req.kv_transfer_params and req.status == RequestStatus.WAITING:
+            # The last known token is computed here, for its logits; a streamed pull brings
+            # the whole prompt's KV and the producer's first token, which then is that token.
             num_external = min(self.connector.get_num_new_matched_tokens(req, num_computed),
-                               req.num_tokens - 1 - num_computed)
+                               req.num_tokens - (0 if req.awaits_remote_output else 1) - num_computed)
         if num_external > 0:
             n = num_external  # no compute this step; blocks for the loaded tokens
         else:

@@ -25,7 +25,10 @@ Scheduler side (a request's life)
     allocated (``request.block_ids``); begin filling tokens [num_computed_tokens,
     num_computed_tokens + num_external_tokens) asynchronously. Must not block: the
     engine keeps stepping its other requests meanwhile (async loads).
-  * ``request_finished(request) -> bool`` — the request ended (any reason). Return True
+  * ``kv_computed(requests, event)`` — producer, after each step: how far each lent
+    request's KV is computed (a streaming connector lets consumers read finished blocks).
+  * ``request_finished(request) -> bool`` — the request ended (any reason; with or without
+    blocks). Return True
     to keep its blocks: a producer lends them to a consumer, a consumer whose load is
     still in flight must not let the pool reuse blocks being written into. Blocks kept
     are handed back later through ``ConnectorEvents.blocks_to_free``. A producer sets
@@ -40,12 +43,14 @@ Progress
 
 Overlap
   vLLM's interface lets a producer save, and a consumer load, layer by layer, so that
-  transfer overlaps the forward pass. Here the consumer pulls a request's blocks after
-  its prefill finished, whole: with the block-major KV layout a block is one contiguous
-  run across all layers, and a layer-by-layer pull would cut every block into
-  2 x num_layers small pieces — the regime where NIXL crawls (see engine/kv_cache.py).
-  Overlap comes from elsewhere: loads run on background threads while the decode node
-  keeps stepping its running requests, and many requests' loads are in flight at once.
+  transfer overlaps the forward pass. Here the unit is the block: with the block-major KV
+  layout a block is one contiguous run across all layers, and a layer-by-layer pull would
+  cut every block into 2 x num_layers small pieces — the regime where NIXL crawls (see
+  engine/kv_cache.py). Overlap comes from chunks instead: when the router dispatches a
+  request to both nodes at once, the consumer reads each block as soon as the producer's
+  chunk that computes it is done (``kv_computed``), so only the last chunk's blocks move
+  after the prefill ends. Loads run on background threads while the decode node keeps
+  stepping its running requests, and many requests' loads are in flight at once.
 
 Failure
   The load-failure policy is the connector's to apply: under ``recompute`` a failed
@@ -92,6 +97,9 @@ class ConnectorEvents:
     loads_done: list[tuple[str, set[int]]] = field(default_factory=list)  # (request id, failed block ids)
     loads_failed: list[tuple[str, str]] = field(default_factory=list)     # (request id, error message)
     blocks_to_free: list[list[int]] = field(default_factory=list)
+    # Streamed pulls: the tokens the producer sampled, for requests in loads_done (or failed
+    # under recompute): the engine continues from them.
+    remote_outputs: dict[str, list[int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.loads_done or self.loads_failed or self.blocks_to_free)
@@ -123,6 +131,22 @@ class KVConnectorBase(ABC):
     def release_lent(self, request_id: str) -> None:
         """Producer: the consumer will never pull this request's KV (the router knows):
         free it at the next poll instead of after abort_timeout_s."""
+        return None
+
+    def kv_computed(self, requests, event=None) -> None:
+        """Producer, engine thread, after each step: these requests' KV is written up to
+        their num_computed_tokens once `event` (a device event; None: already) completes.
+        A connector that streams KV to consumers while the prefill runs reads from here."""
+        return None
+
+    @property
+    def wakeup_fd(self) -> int | None:
+        """A file descriptor that becomes readable when poll() has news (a load ended), so
+        the node loop can sleep on it instead of polling; None: poll periodically."""
+        return None
+
+    def drain_wakeup(self) -> None:
+        """Consume what made wakeup_fd readable."""
         return None
 
     def producer_down(self, engine_id: str) -> None:

@@ -17,7 +17,7 @@ KVRole = Literal["kv_producer", "kv_consumer", "kv_both"]
 LoadFailurePolicy = Literal["recompute", "fail"]
 
 # Bumped whenever the messages producer and consumer exchange change shape.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class KVTransferConfig(BaseModel):

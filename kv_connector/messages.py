@@ -45,12 +45,31 @@ class ReadRequest(msgspec.Struct, tag="read"):
     block_ids: list[int]
 
 
+class WaitKV(msgspec.Struct, tag="wait_kv"):
+    """Streamed pull: what of this request's KV is computed now? Answered at once when the
+    producer knows more than the consumer has (`have_blocks` at `epoch`), else when it
+    does, or after `wait_s` with no news (a long poll: the consumer asks again)."""
+    request_id: str
+    have_blocks: int = 0
+    epoch: int = 0
+    wait_s: float = 0.5
+
+
+class KVProgress(msgspec.Struct, tag="kv_progress"):
+    state: str                     # unknown (not seen yet) | computing | done (lent) | gone
+    epoch: int = 0                 # bumped when computed blocks were taken back (preemption)
+    block_ids: list[int] = []      # the producer's blocks whose KV is computed, in request order
+    num_tokens: int = 0            # prompt tokens they hold (done: all of them)
+    output_token_ids: list[int] = []  # done: the tokens the producer sampled (the first token)
+    reason: str = ""               # gone: why (stopped, aborted, failed, expired)
+
+
 class ErrorResponse(msgspec.Struct, tag="error"):
     message: str
 
 
-Request = HandshakeRequest | ClaimRequest | ReleaseRequest | ReadRequest
-Response = HandshakeResponse | ClaimResponse | ReleaseResponse | ErrorResponse
+Request = HandshakeRequest | ClaimRequest | ReleaseRequest | ReadRequest | WaitKV
+Response = HandshakeResponse | ClaimResponse | ReleaseResponse | KVProgress | ErrorResponse
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

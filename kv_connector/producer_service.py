@@ -1,6 +1,12 @@
 """A producer's KV service: a ZeroMQ ROUTER thread that answers consumers (handshake,
 claim, release, and for the TCP connector the block bytes), and the client side.
 
+Long polls: a request type registered in `long_poll` (a streamed pull's WaitKV) may be
+answered later: its handler returns None when there is no news, the request is parked,
+and the thread asks the handler again every millisecond until it answers or the
+request's wait runs out (then the handler must answer). Other requests are served
+meanwhile; nothing blocks the thread.
+
 The service thread never touches the engine: it reads the ledger (its own lock) and,
 for TCP reads, the KV tensor's held blocks, which nobody writes while they are held.
 Every client call has a deadline and uses a fresh socket with LINGER 0, so a dead
@@ -27,6 +33,11 @@ log = logging.getLogger(__name__)
 
 # Handler for a ReadRequest: returns the frames to send back (raw block bytes).
 ReadHandler = Callable[[m.ReadRequest], list[bytes]]
+# Handler for a long poll: (request, final) -> an answer, or None to be asked again later.
+LongPollHandler = Callable[[m.Request, bool], m.Response | None]
+
+_LONG_POLL_TICK_MS = 1
+_MAX_WAIT_S = 5.0
 
 
 class ServiceError(RuntimeError):
@@ -34,7 +45,8 @@ class ServiceError(RuntimeError):
 
 
 class ProducerService:
-    def __init__(self, host: str, port: int, handlers: dict[type, Callable]):
+    def __init__(self, host: str, port: int, handlers: dict[type, Callable],
+                 long_poll: dict[type, LongPollHandler] | None = None):
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -50,6 +62,8 @@ class ProducerService:
             self.port = port
         self.host = host
         self._handlers = handlers
+        self._long_poll = long_poll or {}
+        self._parked: list[tuple[bytes, bytes, m.Request, float]] = []  # (ident, tag, request, answer by)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kv-producer-service", daemon=True)
 
@@ -61,28 +75,54 @@ class ProducerService:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            frames = self._sock.recv_multipart()
-            if len(frames) != 4 or frames[1]:
-                self.messages_dropped += 1
-                log.warning("kv service: dropped a message of %d frames, not ours (%d dropped so far)",
-                            len(frames) - 1, self.messages_dropped)
-                continue
-            ident, _, tag, payload = frames
-            try:
-                msg = m.decode_request(payload)
-                handler = self._handlers.get(type(msg))
-                if handler is None:
-                    reply: list[bytes] = [m.encode(m.ErrorResponse(f"{type(msg).__name__} is not served here"))]
-                else:
-                    out = handler(msg)
-                    reply = out if isinstance(out, list) else [m.encode(out)]
-            except Exception as e:  # a bad message must not kill the service
-                log.warning("kv service: bad request from a consumer: %s", e)
-                reply = [m.encode(m.ErrorResponse(f"bad request: {e}"))]
-            self._sock.send_multipart([ident, b"", tag, *reply], copy=False)
+            if poller.poll(_LONG_POLL_TICK_MS if self._parked else 100):
+                self._serve_one()
+            if self._parked:
+                self._answer_parked()
         self._sock.close(0)
+
+    def _serve_one(self) -> None:
+        frames = self._sock.recv_multipart()
+        if len(frames) != 4 or frames[1]:
+            self.messages_dropped += 1
+            log.warning("kv service: dropped a message of %d frames, not ours (%d dropped so far)",
+                        len(frames) - 1, self.messages_dropped)
+            return
+        ident, _, tag, payload = frames
+        try:
+            msg = m.decode_request(payload)
+            poll = self._long_poll.get(type(msg))
+            handler = self._handlers.get(type(msg))
+            if poll is not None:
+                out = poll(msg, False)
+                if out is None:
+                    wait = min(max(float(getattr(msg, "wait_s", 0.0)), 0.0), _MAX_WAIT_S)
+                    self._parked.append((ident, tag, msg, time.monotonic() + wait))
+                    return
+            elif handler is None:
+                out = m.ErrorResponse(f"{type(msg).__name__} is not served here")
+            else:
+                out = handler(msg)
+            reply = out if isinstance(out, list) else [m.encode(out)]
+        except Exception as e:  # a bad message must not kill the service
+            log.warning("kv service: bad request from a consumer: %s", e)
+            reply = [m.encode(m.ErrorResponse(f"bad request: {e}"))]
+        self._sock.send_multipart([ident, b"", tag, *reply], copy=False)
+
+    def _answer_parked(self) -> None:
+        now = time.monotonic()
+        still: list[tuple[bytes, bytes, m.Request, float]] = []
+        for ident, tag, msg, until in self._parked:
+            try:
+                out = self._long_poll[type(msg)](msg, now >= until)
+            except Exception as e:
+                log.warning("kv service: long poll %s failed: %s", type(msg).__name__, e)
+                out = m.ErrorResponse(f"bad request: {e}")
+            if out is None:
+                still.append((ident, tag, msg, until))
+            else:
+                self._sock.send_multipart([ident, b"", tag, m.encode(out)], copy=False)
+        self._parked = still
 
     def close(self) -> None:
         self._stop.set()

@@ -11,11 +11,22 @@ starts), and at admission its blocks are pulled on a worker thread: handshake (o
 producer, cached), read, release — the release answer says whether the blocks were held
 through the read — then checksums. Whatever did not arrive intact is a failed block; the
 load-failure policy turns failed blocks into "recompute these" or "fail the request".
-The engine thread only ever polls a queue. When the router reports a producer dead
+The engine thread only ever polls a queue (and a pipe wakes the node loop when a load
+ends, so a request whose KV landed joins the next step at once). When the router reports a producer dead
 (`producer_down`), loads from it give up at once — mid-call, not after
 transfer_timeout_s — and later ones fail before they start.
 
+Streamed pulls (the router dispatches to both nodes at once; kv_transfer_params carry
+`streamed`): the consumer gets the job while the producer still prefills it. It reserves
+its blocks at admission and follows the producer's progress with long polls (WaitKV),
+reading each block as soon as its KV is computed — the blocks of finished chunks move
+while later chunks compute — and, when the producer lends the request, the last blocks
+and the token the producer sampled, from which the consumer continues. Blocks read
+under an older epoch (the producer preempted and recomputed the request) are read
+again; the release's checksums cover every block as lent.
+
 Options (kv_connector_extra_config): load_workers (consumer threads, default 4),
+stream_workers (threads following streamed pulls, default 64),
 verify_checksums (default true; a producer with it off sends no checksums and consumers
 then skip the comparison).
 
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -74,6 +86,7 @@ class LoadJob:
     local_block_ids: list[int]
     first_block: int            # index of remote_block_ids[0] among the request's blocks
     all_block_ids: list[int]    # the request's blocks, to free if it is aborted mid-load
+    streamed: bool = False      # remote_block_ids learnt while the producer computes
     cancelled: bool = False
     producer_dead: threading.Event = field(default_factory=threading.Event)  # set: stop waiting on the producer
 
@@ -83,6 +96,7 @@ class LoadResult:
     request_id: str
     failed: set[int] = field(default_factory=set)  # local block ids that did not arrive intact
     error: str | None = None                        # why (for the `fail` policy's message)
+    output_token_ids: list[int] = field(default_factory=list)  # streamed: what the producer sampled
 
 
 class PullConnector(KVConnectorBase):
@@ -121,6 +135,14 @@ class PullConnector(KVConnectorBase):
         self._done: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(max_workers=int(extra.get("load_workers", 4)),
                                         thread_name_prefix="kv-load") if config.is_consumer else None
+        # A streamed pull waits on its producer for as long as the prefill takes: its own
+        # threads, so that waiting never holds up loads that could run now.
+        self._stream_pool = ThreadPoolExecutor(max_workers=int(extra.get("stream_workers", 64)),
+                                               thread_name_prefix="kv-stream") if config.is_consumer else None
+        self._wake_r, self._wake_w = os.pipe() if config.is_consumer else (None, None)
+        if self._wake_r is not None:
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
         self._claims: dict[str, tuple[str, int, str]] = {}  # request id -> (host, port, remote id)
         self._claims_lock = threading.Lock()
         self._dead_engines: set[str] = set()  # producers the router saw die (engine ids are per start)
@@ -128,6 +150,7 @@ class PullConnector(KVConnectorBase):
         self._renewer: threading.Thread | None = None
         self._stats = {"loads": 0, "load_failures": 0, "blocks_loaded": 0, "blocks_failed": 0,
                        "bytes_loaded": 0, "load_seconds": 0.0, "requests_lent": 0,
+                       "streamed_loads": 0, "stream_tail_seconds": 0.0, "stream_blocks_early": 0,
                        **{f"load_{p}_seconds": 0.0 for p in ("handshake", "claim", "read", "release", "verify")}}
 
     def set_fault_injection(self, faults: dict) -> None:
@@ -148,7 +171,7 @@ class PullConnector(KVConnectorBase):
                 m.ClaimRequest: self._on_claim,
                 m.ReleaseRequest: self._on_release,
                 m.ReadRequest: self._serve_read,
-            }).start()
+            }, long_poll={m.WaitKV: self._on_wait_kv}).start()
             log.info("kv producer service engine_id=%s at %s:%d", self.config.engine_id, self.service.host,
                      self.service.port)
         if self.config.is_consumer:
@@ -170,6 +193,9 @@ class PullConnector(KVConnectorBase):
 
     def _on_claim(self, msg: m.ClaimRequest) -> m.ClaimResponse:
         return m.ClaimResponse([self.ledger.claim(rid) is not None for rid in msg.request_ids])
+
+    def _on_wait_kv(self, msg: m.WaitKV, final: bool) -> m.KVProgress | None:
+        return self.ledger.progress(msg.request_id, msg.have_blocks, msg.epoch, final)
 
     def _on_release(self, msg: m.ReleaseRequest) -> m.ReleaseResponse:
         delay = self._faults.get("fault_release_delay_s")
@@ -210,7 +236,8 @@ class PullConnector(KVConnectorBase):
         """Hold a finished prefill's blocks for the consumer and say where they are."""
         n_blocks = -(-request.num_computed_tokens // self.kv_info.block_size)
         blocks = request.block_ids[:n_blocks]
-        self.ledger.hold(request.request_id, request.block_ids, blocks)
+        self.ledger.hold(request.request_id, request.block_ids, blocks, request.num_computed_tokens,
+                         request.output_token_ids)
         request.kv_transfer_params = {
             "do_remote_prefill": True,
             "remote_engine_id": self.config.engine_id,
@@ -223,15 +250,54 @@ class PullConnector(KVConnectorBase):
         self._stats["requests_lent"] += 1
         return True
 
+    @staticmethod
+    def _lends(request) -> bool:
+        p = request.kv_transfer_params
+        return bool(p and p.get("do_remote_decode"))
+
+    def kv_computed(self, requests, event=None) -> None:
+        """Producer: these requests' KV is written up to num_computed_tokens once `event`
+        completes: streamed consumers may read their whole blocks then."""
+        if not self.config.is_producer:
+            return
+        bs = self.kv_info.block_size
+        for r in requests:
+            if self._lends(r):
+                n = min(r.num_computed_tokens, r.num_prompt_tokens) // bs
+                self.ledger.computed(r.request_id, r.block_ids[:n], n * bs, event)
+
     # --- consumer -------------------------------------------------------------------
     @staticmethod
     def _pull_params(request) -> dict | None:
         p = request.kv_transfer_params
         return p if p and p.get("do_remote_prefill") else None
 
+    @property
+    def wakeup_fd(self) -> int | None:
+        return self._wake_r
+
+    def drain_wakeup(self) -> None:
+        if self._wake_r is None:
+            return
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _finished_load(self, result: LoadResult) -> None:
+        self._done.put(result)
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"!")
+            except (BlockingIOError, OSError):  # full: the loop is awake anyway
+                pass
+
     def on_request_added(self, request) -> None:
+        if self.config.is_producer and self._lends(request):
+            self.ledger.expect(request.request_id)
         p = self._pull_params(request) if self.config.is_consumer else None
-        if p is None:
+        if p is None or p.get("streamed"):  # a streamed pull has nothing held to claim yet
             return
         with self._claims_lock:
             self._claims[request.request_id] = (p["remote_host"], p["remote_port"], p["remote_request_id"])
@@ -267,13 +333,14 @@ class PullConnector(KVConnectorBase):
         bs = self.kv_info.block_size
         first = num_computed_tokens // bs
         last = -(-(num_computed_tokens + num_external_tokens) // bs)
+        streamed = bool(p.get("streamed"))
+        remote = [] if streamed else list(p["remote_block_ids"][first:last])
         job = LoadJob(request.request_id, p["remote_host"], int(p["remote_port"]), p["remote_request_id"],
-                      p["remote_engine_id"], list(p["remote_block_ids"][first:last]), request.block_ids[first:last], first,
-                      request.block_ids)
-        if len(job.remote_block_ids) != len(job.local_block_ids):
-            self._done.put(LoadResult(job.request_id, set(job.local_block_ids),
-                                      f"the producer lent {len(p['remote_block_ids'])} blocks for "
-                                      f"{p['num_tokens']} tokens; {last} were expected"))
+                      p["remote_engine_id"], remote, request.block_ids[first:last], first, request.block_ids, streamed)
+        if not streamed and len(job.remote_block_ids) != len(job.local_block_ids):
+            self._finished_load(LoadResult(job.request_id, set(job.local_block_ids),
+                                           f"the producer lent {len(p['remote_block_ids'])} blocks for "
+                                           f"{p['num_tokens']} tokens; {last} were expected"))
             self._loads[job.request_id] = job
             return
         self._loads[job.request_id] = job
@@ -281,7 +348,7 @@ class PullConnector(KVConnectorBase):
             job.producer_dead.set()
         with self._claims_lock:
             self._claims.pop(job.request_id, None)  # the load claims for itself now
-        self._pool.submit(self._load, job)
+        (self._stream_pool if streamed else self._pool).submit(self._load, job)
 
     def producer_down(self, engine_id: str) -> None:
         self._dead_engines.add(engine_id)
@@ -306,9 +373,14 @@ class PullConnector(KVConnectorBase):
             if self._faults.get("fault_delay_s") and job.producer_dead.wait(float(self._faults["fault_delay_s"])):
                 raise TransferError(f"the KV producer {job.remote_engine_id} at {job.host}:{job.port} is down")
             drop = {job.local_block_ids[i] for i in self._fault_indices("fault_drop_blocks", job)}
-            pairs = [(r, l) for r, l in zip(job.remote_block_ids, job.local_block_ids) if l not in drop]
             t_read = time.monotonic()
-            if pairs:
+            if job.streamed:
+                # Reads happen as the producer computes; what follows its lending is the tail.
+                read_failed, t_lent = self._follow(peer, job, drop, result)
+                t_read, deadline = t_lent, t_lent + self.config.transfer_timeout_s
+                drop |= read_failed
+            pairs = [(r, l) for r, l in zip(job.remote_block_ids, job.local_block_ids) if l not in drop]
+            if pairs and not job.streamed:
                 remote_ids, local_ids = map(list, zip(*pairs))
                 self._read(peer, job, remote_ids, local_ids, deadline)
             t_release = time.monotonic()
@@ -332,6 +404,9 @@ class PullConnector(KVConnectorBase):
                                 f"from {job.host}:{job.port}")
             self._stats["bytes_loaded"] += len(pairs) * self.block_bytes
             t_end = time.monotonic()
+            if job.streamed:
+                self._stats["streamed_loads"] += 1
+                self._stats["stream_tail_seconds"] += t_end - t_read
             for phase, a, b in (("handshake", t0, t_claim), ("claim", t_claim, t_read), ("read", t_read, t_release),
                                 ("release", t_release, t_verify), ("verify", t_verify, t_end)):
                 self._stats[f"load_{phase}_seconds"] += b - a
@@ -345,9 +420,64 @@ class PullConnector(KVConnectorBase):
             log.exception("kv load request_id=%s failed", job.request_id)
             result.failed, result.error = set(job.local_block_ids), f"KV transfer error: {e}"
         self._stats["load_seconds"] += time.monotonic() - t0
-        self._done.put(result)
+        self._finished_load(result)
         if not released and not job.producer_dead.is_set():  # gave up early: let the producer free its copy now
             self._release_quietly(job.host, job.port, job.remote_request_id)
+
+    def _follow(self, peer: Peer, job: LoadJob, drop: set[int], result: LoadResult) -> tuple[set[int], float]:
+        """A streamed pull: read each block once its KV is computed, until the producer
+        lends the request. Sets job.remote_block_ids (as lent) and result.output_token_ids;
+        returns the local blocks whose read failed, and when the lending was learnt.
+
+        A producer that has not seen the prefill job yet gets transfer_timeout_s to show
+        it; one that has it may take as long as its queue and the prefill take (it answers
+        every long poll, so it is known alive; the router aborts this job if it dies)."""
+        first, last = job.first_block, job.first_block + len(job.local_block_ids)
+        read: dict[int, tuple[int, int]] = {}  # request-relative block index -> (remote id, epoch) read
+        failed: set[int] = set()
+        have, epoch = 0, 0
+        unseen_until = time.monotonic() + self.config.transfer_timeout_s
+        while True:
+            if job.cancelled:
+                raise TransferError("the request ended while its KV was streaming")
+            wait = m.WaitKV(job.remote_request_id, have, epoch, wait_s=0.5)
+            prog = call_struct(job.host, job.port, wait, m.KVProgress, min(self.config.transfer_timeout_s, 10.0),
+                               job.producer_dead)
+            if prog.state == "gone":
+                raise TransferError(f"the producer ended request {job.remote_request_id} without lending its KV "
+                                    f"({prog.reason})")
+            if prog.state == "unknown":
+                if time.monotonic() > unseen_until:
+                    raise TransferError(f"the producer at {job.host}:{job.port} never received prefill job "
+                                        f"{job.remote_request_id} (within transfer_timeout_s="
+                                        f"{self.config.transfer_timeout_s}s)")
+                continue
+            done = prog.state == "done"
+            if done:
+                t_lent = time.monotonic()
+                result.output_token_ids = list(prog.output_token_ids)
+                if len(prog.block_ids) < last:
+                    raise TransferError(f"the producer lent {len(prog.block_ids)} blocks for {prog.num_tokens} "
+                                        f"tokens; {last} were expected")
+            have, epoch = len(prog.block_ids), prog.epoch
+            todo = [i for i in range(first, min(last, len(prog.block_ids)))
+                    if read.get(i) != (prog.block_ids[i], epoch) and job.local_block_ids[i - first] not in drop]
+            if todo:
+                remote_ids = [prog.block_ids[i] for i in todo]
+                local_ids = [job.local_block_ids[i - first] for i in todo]
+                try:
+                    self._read(peer, job, remote_ids, local_ids, time.monotonic() + self.config.transfer_timeout_s)
+                except TransferError as e:  # these blocks are recomputed (or fail the request)
+                    log.warning("kv stream request_id=%s: reading %d blocks failed: %s", job.request_id, len(todo), e)
+                    failed |= set(local_ids)
+                else:
+                    failed -= set(local_ids)
+                    read.update((i, (prog.block_ids[i], epoch)) for i in todo)
+                    if not done:
+                        self._stats["stream_blocks_early"] += len(todo)
+            if done:
+                job.remote_block_ids = list(prog.block_ids[first:last])
+                return failed, t_lent
 
     def _fault_indices(self, key: str, job: LoadJob) -> list[int]:
         return [i - job.first_block for i in self._faults.get(key, ())
@@ -407,6 +537,8 @@ class PullConnector(KVConnectorBase):
         if (self.config.is_producer and p and p.get("do_remote_decode") and request.block_ids
                 and request.status.value == "finished_length"):
             return self._lend(request)
+        if self.config.is_producer and self._lends(request):  # streamed consumers stop waiting
+            self.ledger.forget(request.request_id, request.status.value)
         return False
 
     def release_lent(self, request_id: str) -> None:
@@ -427,7 +559,10 @@ class PullConnector(KVConnectorBase):
             self._stats["blocks_failed"] += len(res.failed)
             if job.cancelled:
                 ev.blocks_to_free.append(job.all_block_ids)
-            elif not res.failed:
+                continue
+            if res.output_token_ids:
+                ev.remote_outputs[res.request_id] = res.output_token_ids
+            if not res.failed:
                 ev.loads_done.append((res.request_id, set()))
             else:
                 self._stats["load_failures"] += 1
@@ -449,3 +584,7 @@ class PullConnector(KVConnectorBase):
             self.service = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._stream_pool is not None:
+            for job in self._loads.values():
+                job.cancelled = True
+            self._stream_pool.shutdown(wait=False, cancel_futures=True)

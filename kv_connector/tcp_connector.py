@@ -17,11 +17,10 @@ from kv_connector.producer_service import ServiceError, call
 class TcpConnector(PullConnector):
     def _serve_read(self, msg: m.ReadRequest) -> list[bytes]:
         # Only blocks of a request still held may be read: anything else may be reused.
-        held = self.ledger.claim(msg.request_id)
-        if held is None:
-            return [m.encode(m.ErrorResponse(f"request {msg.request_id} is not held (expired or unknown)"))]
-        if not set(msg.block_ids) <= set(held.block_ids):
-            return [m.encode(m.ErrorResponse(f"blocks {msg.block_ids} do not belong to request {msg.request_id}"))]
+        # (or computed already, for a streamed pull).
+        problem = self.ledger.readable(msg.request_id, msg.block_ids)
+        if problem is not None:
+            return [m.encode(m.ErrorResponse(problem))]
         with self.side_stream():
             blocks = self.kv_cache[torch.tensor(msg.block_ids, device=self.kv_cache.device)].cpu()  # (n, ...) gathered
         return [b"ok", blocks.view(torch.uint8).numpy().tobytes()]

@@ -108,7 +108,8 @@ class Router:
         self.policy = RoutingPolicy(spec.policy, spec.block_size)
         self.metrics = RouterMetrics(self.nodes, self.policy.kv_stats)
         self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy,
-                                         on_failover=lambda stage: self.metrics.failovers.labels(stage).inc())
+                                         on_failover=lambda stage: self.metrics.failovers.labels(stage).inc(),
+                                         dispatch_to_both=spec.dispatch_to_both)
         self.features = ServerFeatures(spec)   # structured outputs, reasoning and tool parsers
         self.in_flight = 0
         self._health_task: asyncio.Task | None = None

@@ -8,6 +8,15 @@ Disaggregated (xPyD):
      split changes no token; the router draws the seed when the client gave none.
 Colocated: one node does both.
 
+Dispatch to both at once (when the prefill node advertises its KV service, as SGLang
+does): the decode job is sent with the prefill job, carrying `streamed` KV parameters.
+The decode node reserves its blocks and pulls each block as soon as the prefill node has
+computed it, then continues from the first token the prefill node sampled (it arrives
+with the last blocks); the router streams that token from the prefill node's answer and
+the rest from the decode node. No round trip through the router stands between the
+prefill's end and the decode's start. If the prefill job fails or stops on its first
+token, the decode job is aborted (and, on failure, the request is served as below).
+
 Failures (ARCHITECTURE §2). A prefill node that fails before answering: under
 `recompute` the request goes to a decode node, which prefills it itself; under `fail`
 the client gets a 5xx error at once. A decode node that fails mid-stream: under
@@ -19,6 +28,7 @@ than holding it until abort_timeout_s. Bad input (4xx) is never retried.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from contextlib import aclosing
@@ -57,11 +67,12 @@ class RequestFailed(Exception):
 
 class Orchestrator:
     def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute",
-                 on_failover: Callable[[str], None] = lambda stage: None):
+                 on_failover: Callable[[str], None] = lambda stage: None, dispatch_to_both: bool = True):
         self.nodes = nodes  # the router's live list: nodes join and leave while serving
         self.policy = policy
         self.load_failure_policy = load_failure_policy
         self.on_failover = on_failover  # called with "prefill" or "decode" (metrics)
+        self.dispatch_to_both = dispatch_to_both
 
     # A draining node (router/membership.py) gets no new job; what it runs goes on.
     @property
@@ -124,17 +135,29 @@ class Orchestrator:
             return
         first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
+        decode, streamed_kv, decode_q = None, None, None
         try:
             q = await _submit(prefill, proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
                                                            kv_transfer_params={"do_remote_decode": True},
                                                            workflow_id=owner[0], agent_id=owner[1]))
             try:
+                streamed_kv = self._streamed_kv(prefill, f"{request_id}-p", len(prompt_ids))
+                if streamed_kv is not None:  # the decode job goes out now, beside the prefill job
+                    decode = self.policy.pick_decode(self.decode_nodes)
+                    decode_q = await _submit_quietly(decode, proto.SubmitRequest(
+                        request_id, prompt_ids, params.to_dict(), [], streamed_kv, workflow_id=owner[0],
+                        agent_id=owner[1]))
                 first = await q.get()  # max_tokens=1: exactly one, final update
             except BaseException:
                 await prefill.abort(f"{request_id}-p")
+                if decode_q is not None:
+                    await decode.abort(request_id)
                 raise
         except NodeUnavailable as e:
             first = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e), error_code=503)
+        if decode_q is not None and (first.error is not None or first.finish_reason != "length"):
+            await decode.abort(request_id)  # no decode to come: free what it reserved
+            decode_q = None
         if first.error is not None:
             if first.error_code < 500 or self.load_failure_policy == "fail":
                 raise RequestFailed(first.error, first.error_code or 500)
@@ -156,27 +179,48 @@ class Orchestrator:
             yield head
         except BaseException:  # the client left before the decode job: free the lent KV now
             await prefill.release_kv(f"{request_id}-p")
+            if decode_q is not None:
+                await decode.abort(request_id)
             raise
-        decode = self.policy.pick_decode(self.decode_nodes)
+        if decode is None:
+            decode = self.policy.pick_decode(self.decode_nodes)
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
-                              kv=first.kv_transfer_params, lender=prefill, owner=owner)
+                              kv=streamed_kv or first.kv_transfer_params, lender=prefill, owner=owner,
+                              submitted=decode_q)
         async with aclosing(stream) as inner:
             async for d in inner:
                 yield d
 
+    def _streamed_kv(self, prefill: NodeClient, remote_request_id: str, num_tokens: int) -> dict | None:
+        """The decode job's KV parameters for a dispatch to both nodes at once, or None when
+        the prefill node does not advertise its KV service (then the decode job follows the
+        prefill's answer, with the handle it carries)."""
+        stats = prefill.last_stats
+        if not self.dispatch_to_both or stats is None or not stats.kv_service or not stats.kv_engine_id:
+            return None
+        host, _, port = stats.kv_service.rpartition(":")
+        return {"do_remote_prefill": True, "streamed": True, "remote_engine_id": stats.kv_engine_id,
+                "remote_host": host, "remote_port": int(port), "remote_request_id": remote_request_id,
+                "num_tokens": num_tokens}
+
     async def _stream(self, node: NodeClient, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       output_ids: list[int] | None = None, kv: dict | None = None,
                       lender: NodeClient | None = None,
-                      owner: tuple[str | None, str | None] = (None, None)) -> AsyncIterator[Delta]:
-        """Run (or continue) a request on one node and relay its updates. A node that
-        fails mid-way hands the request to another of its kind under `recompute`."""
+                      owner: tuple[str | None, str | None] = (None, None),
+                      submitted: asyncio.Queue | None = None) -> AsyncIterator[Delta]:
+        """Run (or continue) a request on one node and relay its updates (`submitted`: the
+        job was sent already, this is its queue). A node that fails mid-way hands the
+        request to another of its kind under `recompute`. Tokens the client has already had
+        (a decode node sampling again the first token a prefill node sent) are not sent twice."""
         output_ids = list(output_ids or [])
         tried: set[str] = set()
         while True:
             tried.add(node.id)
+            q, submitted = submitted, None
             try:
-                q = await _submit(node, proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv,
-                                                            workflow_id=owner[0], agent_id=owner[1]))
+                if q is None:
+                    q = await _submit(node, proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids,
+                                                                kv, workflow_id=owner[0], agent_id=owner[1]))
             except NodeUnavailable as e:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
@@ -186,6 +230,7 @@ class Orchestrator:
                     update = await q.get()
                     if update.error is not None:
                         break
+                    _drop_sent(update, len(output_ids))
                     output_ids += update.new_token_ids
                     if update.new_token_ids or update.finished:
                         yield _delta(update)
@@ -211,6 +256,28 @@ class Orchestrator:
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
             node, kv = self.policy.pick_decode(others), None  # the new node recomputes the KV
+
+
+async def _submit_quietly(node: NodeClient, msg: proto.SubmitRequest) -> asyncio.Queue | None:
+    """Submit, or None when the node cannot take it now (the job is sent again later)."""
+    try:
+        return await _submit(node, msg)
+    except NodeUnavailable:
+        return None
+
+
+def _drop_sent(update: proto.RequestUpdate, num_sent: int) -> None:
+    """Drop from `update` the tokens the client already had."""
+    start = update.num_output_tokens - len(update.new_token_ids)
+    if not update.num_output_tokens or start >= num_sent:
+        return
+    skip = min(num_sent - start, len(update.new_token_ids))
+    if skip == len(update.new_token_ids):
+        update.new_text = ""
+    log.info("request_id=%s: %d token(s) already sent dropped", update.request_id, skip)
+    update.new_token_ids = update.new_token_ids[skip:]
+    if update.logprobs is not None:
+        update.logprobs = update.logprobs[skip:]
 
 
 async def _submit(node: NodeClient, msg: proto.SubmitRequest):

@@ -27,6 +27,7 @@ class RouterLaunchSpec(msgspec.Struct, kw_only=True):
     max_request_body_bytes: int = 16 << 20  # larger bodies get 413
     node_timeout_s: float = 5.0             # a node silent this long is declared down
     load_failure_policy: str = "recompute"  # what to do when a prefill node fails before answering
+    dispatch_to_both: bool = True           # send the decode job with the prefill job (streamed KV)
     block_size: int = 16                    # for prefix_aware's block-hash index
     max_model_len: int | None = None
     log_level: str = "info"

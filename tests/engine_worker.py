@@ -24,13 +24,15 @@ def _engine(spec: dict[str, Any]):
     return LLMEngine(EngineConfig(model=spec["model"], dtype="float32", device="cpu",
                                   cache=CacheConfig(block_size=spec.get("block_size", 4),
                                                     num_blocks=spec.get("num_blocks", 128)),
-                                  scheduler=SchedulerConfig(max_num_batched_tokens=spec.get("budget", 2048)),
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=spec.get("budget", 2048),
+                                                            max_num_seqs=spec.get("max_num_seqs", 256)),
                                   kv_transfer=kv))
 
 
-def _run(engine, requests: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+def _run(engine, requests: list[dict[str, Any]], timeout_s: float, step_delay_s: float = 0.0) -> dict[str, Any]:
     """Add each request at its `add_at_step` and step until all finish. Reports tokens,
-    and for every token the step it came out of."""
+    and for every token the step it came out of. `step_delay_s` stands for a slower
+    device: a pause after every step that ran the model."""
     from engine.sampling_params import SamplingParams
 
     pending = sorted(requests, key=lambda r: r.get("add_at_step", 0))
@@ -54,6 +56,8 @@ def _run(engine, requests: list[dict[str, Any]], timeout_s: float) -> dict[str, 
                            kv_transfer_params=out.kv_transfer_params, prompt_token_ids=out.prompt_token_ids)
         if engine.idle:
             time.sleep(0.002)
+        elif step_delay_s:
+            time.sleep(step_delay_s)
         step += 1
         if time.monotonic() > deadline:
             raise TimeoutError(f"requests still unfinished after {timeout_s}s: {[r for r in results if not results[r]['finished']]}")
@@ -68,6 +72,8 @@ def _stats(engine) -> dict[str, Any]:
     out["ref_counts_zero"] = all(rc == 0 for rc in engine.pool.ref_counts)
     if engine.connector is not None and hasattr(engine.connector, "service") and engine.connector.service:
         out["service_port"] = engine.connector.service.port
+    if engine.connector is not None:
+        out["kv_engine_id"] = engine.connector.config.engine_id
     return out
 
 
@@ -87,7 +93,8 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
                 conn.send_bytes(msgspec.msgpack.encode({"ok": True}))
                 return
             if op == "run":
-                reply = {"ok": True, "results": _run(engine, cmd["requests"], cmd.get("timeout_s", 120))}
+                reply = {"ok": True, "results": _run(engine, cmd["requests"], cmd.get("timeout_s", 120),
+                                                     cmd.get("step_delay_s", 0.0))}
             elif op == "tick":  # let background work (lease expiry, releases) land
                 end = time.monotonic() + cmd["seconds"]
                 while time.monotonic() < end:
@@ -97,6 +104,8 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
             elif op == "set_faults":
                 engine.connector.set_fault_injection(cmd["faults"])
                 reply = {"ok": True}
+            elif op == "tokenize":
+                reply = {"ok": True, "token_ids": [engine.tokenizer.encode(t) for t in cmd["texts"]]}
             elif op == "stats":
                 reply = {"ok": True}
             else:

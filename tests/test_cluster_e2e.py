@@ -201,7 +201,9 @@ def test_decode_nodes_pull_the_prompt_kv_instead_of_recomputing(client, cluster)
     loads = sum(n["kv_transfer"].get("loads", 0) for n in nodes if n["role"] == "decode")
     failed = sum(n["kv_transfer"].get("blocks_failed", 0) for n in nodes if n["role"] == "decode")
     loaded = sum(n["kv_transfer"].get("blocks_loaded", 0) for n in nodes if n["role"] == "decode")
+    streamed = sum(n["kv_transfer"].get("streamed_loads", 0) for n in nodes if n["role"] == "decode")
     assert lent >= 4 and loads >= 4 and loaded >= 4 * 4 and failed == 0
+    assert streamed >= 4  # dispatched to both nodes at once (router.dispatch_to_both, the default)
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
