@@ -189,3 +189,27 @@ def test_auto_takes_xgrammar_and_falls_back_to_guidance_for_what_xgrammar_cannot
     assert re.fullmatch(r"ab+", out.text)
     with pytest.raises(ValueError, match="xgrammar.*guidance"):
         manager.compile(StructuredOutputsParams(grammar="start: (", backend="auto"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grammar_rows_run_ahead_with_the_tokens_of_the_plain_loop(llm, backend):
+    """Async scheduling keeps grammar rows: the forward is queued before the previous token
+    is read, the mask filled once it is accepted — the same tokens as the unqueued loop,
+    grammars completing (eos) mid-batch included."""
+    eng = llm.engine
+    cases = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=constrained(backend, json=SCHEMA)),
+             SamplingParams(temperature=1.0, seed=9, max_tokens=40, structured_outputs=constrained(backend, json=SCHEMA)),
+             SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True),  # no grammar, same batch
+             SamplingParams(temperature=1.0, seed=2, max_tokens=20,
+                            structured_outputs={"backend": backend, "regex": r"[a-z]{3,9}"})]
+    results = {}
+    for async_scheduling in (True, False):
+        eng.config.async_scheduling = async_scheduling
+        before = eng.num_steps_run_ahead
+        outs = llm.generate(["Hello", "Numbers:", "def f(x):", "Hi"], cases)
+        results[async_scheduling] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+        assert (eng.num_steps_run_ahead > before) == async_scheduling
+    eng.config.async_scheduling = True
+    assert results[True] == results[False]
+    assert json.loads(llm.tokenizer.decode(results[True][0][0])) is not None
+    assert not eng.structured.states and eng.pool.num_free == eng.pool.num_blocks
