@@ -52,7 +52,8 @@ def cluster_config(model: str, dtype: str, load_format: str, topology: str, disp
     if DEVICES[0] == "cpu":
         engine = {**engine, "memory_fraction": 0.85, "cpu_kv_cache_gib": 1}
     roles = ({"prefill": {"replicas": 1, "devices": [DEVICES[0]]}, "decode": {"replicas": 1, "devices": [DEVICES[-1]]}}
-             if topology == "1P1D" else {"colocated": {"replicas": 1, "devices": [DEVICES[0]]}})
+             if topology == "1P1D" else {"prefill": {"replicas": 0}, "decode": {"replicas": 0},
+                                         "colocated": {"replicas": 1, "devices": [DEVICES[0]]}})
     return ClusterConfig.model_validate({
         "model": {"path": model, "dtype": dtype, "load_format": load_format},
         "router": {"port": 0, "dispatch_to_both": dispatch_to_both}, "kv_transfer": {"connector": "nixl"},
