@@ -79,7 +79,9 @@ def measure(cfg: ClusterConfig, vocab: int, seed: int) -> dict:
     return {"requests": len(done), "ttft_ms": 1e3 * ttft, "second_token_ms": 1e3 * second, "itl_ms": 1e3 * itl,
             "transfer_share_of_ttft": max(second - itl, 0.0) / ttft,
             "decode_kv": {k: kv.get(k) for k in ("loads", "streamed_loads", "stream_blocks_early", "blocks_loaded",
-                                                 "stream_tail_seconds", "load_seconds", "blocks_failed")}}
+                                                 "bytes_loaded", "stream_tail_seconds", "load_seconds", "blocks_failed",
+                                                 *(f"load_{p}_seconds" for p in ("handshake", "claim", "read",
+                                                                                   "release", "verify")))}}
 
 
 def main() -> int:
@@ -97,8 +99,11 @@ def main() -> int:
         dtype, load_format = "bfloat16", "dummy"
     vocab = 200 if model.startswith("builtin:") else 2000  # what the built-in tokenizers cover
     results = {}
+    modes = os.environ.get("MODES", "1P1D-both,1P1D-serial,colocated").split(",")
     for name, topology, both in (("1P1D-both", "1P1D", True), ("1P1D-serial", "1P1D", False),
                                  ("colocated", "colocated", False)):
+        if name not in modes:
+            continue
         results[name] = measure(cluster_config(model, dtype, load_format, topology, both), vocab, seed=1)
         r = results[name]
         print(f"{name:12s} TTFT {r['ttft_ms']:8.1f} ms  2nd token {r['second_token_ms']:7.1f} ms  ITL "
