@@ -60,12 +60,13 @@ def cluster_config(model: str, dtype: str, load_format: str, topology: str, disp
         "engine": engine, **roles})
 
 
-def measure(cfg: ClusterConfig, vocab: int, seed: int) -> dict:
+def measure(cfg: ClusterConfig, vocab: int, seed: int, name: str) -> dict:
     rng = random.Random(seed)
     # Distinct prompts (no prefix-cache help), sent one after another (no queueing).
     reqs = [BenchRequest(i, [rng.randrange(10, vocab) for _ in range(PROMPT_LEN)], OUTPUT_LEN,
                          after=i - 1 if i else None) for i in range(REQUESTS + 2)]
-    with LocalCluster(cfg) as cluster:
+    log_dir = os.environ.get("LOG_DIR")  # node logs kept there (else a temporary run directory)
+    with LocalCluster(cfg, run_dir=Path(log_dir) / name if log_dir else None) as cluster:
         run = asyncio.run(run_load(cluster.url, reqs))
         nodes = httpx.get(cluster.url + "/cluster", timeout=30).json()["nodes"]
     done = [r for r in run.results[2:] if r.ok]  # the first two warm up
@@ -104,7 +105,7 @@ def main() -> int:
                                  ("colocated", "colocated", False)):
         if name not in modes:
             continue
-        results[name] = measure(cluster_config(model, dtype, load_format, topology, both), vocab, seed=1)
+        results[name] = measure(cluster_config(model, dtype, load_format, topology, both), vocab, seed=1, name=name)
         r = results[name]
         print(f"{name:12s} TTFT {r['ttft_ms']:8.1f} ms  2nd token {r['second_token_ms']:7.1f} ms  ITL "
               f"{r['itl_ms']:6.1f} ms  transfer share of TTFT {100 * r['transfer_share_of_ttft']:5.1f}%  "
