@@ -158,7 +158,8 @@ class KVTransferSettings(_Section):
     """Becomes kv_connector.config.KVTransferConfig on each node (see `kv_transfer_config`)."""
 
     connector: str = "nixl"
-    """`nixl`, `tcp`, or a `module:Class` path to a connector class."""
+    """`nixl`, `tcp`, `cuda_ipc` (GPU processes of one host, one GPU shared included), or a
+    `module:Class` path to a connector class."""
     load_failure_policy: Literal["recompute", "fail"] = "recompute"
     abort_timeout_s: float = Field(default=120.0, gt=0)
     """A prefill node frees KV blocks no decode node has claimed after this long."""
@@ -170,8 +171,8 @@ class KVTransferSettings(_Section):
     @field_validator("connector")
     @classmethod
     def _known_connector(cls, v: str) -> str:
-        if v not in ("nixl", "tcp") and not re.fullmatch(r"[\w.]+:[\w.]+", v):
-            raise ValueError(f"{v!r} is not a connector: use nixl, tcp or a module:Class path")
+        if v not in ("nixl", "tcp", "cuda_ipc") and not re.fullmatch(r"[\w.]+:[\w.]+", v):
+            raise ValueError(f"{v!r} is not a connector: use nixl, tcp, cuda_ipc or a module:Class path")
         return v
 
 

@@ -22,6 +22,7 @@ from kv_connector.config import KVTransferConfig
 _REGISTRY: dict[str, str] = {
     "nixl": "kv_connector.nixl_connector:NixlConnector",
     "tcp": "kv_connector.tcp_connector:TcpConnector",
+    "cuda_ipc": "kv_connector.cuda_ipc_connector:CudaIpcConnector",
 }
 
 ConnectorSpec = Union[str, type, bytes]

@@ -74,7 +74,7 @@ BAD_FILES = [
     ("bad_policy", "router: {policy: random}",
      "router.policy: 'random' is not one of 'round_robin', 'least_loaded', 'prefix_aware'"),
     ("bad_connector", "kv_transfer: {connector: ucx}",
-     "kv_transfer.connector: 'ucx' is not a connector: use nixl, tcp or a module:Class path"),
+     "kv_transfer.connector: 'ucx' is not a connector: use nixl, tcp, cuda_ipc or a module:Class path"),
     ("bad_load_failure_policy", "kv_transfer: {load_failure_policy: retry}",
      "kv_transfer.load_failure_policy: 'retry' is not one of 'recompute', 'fail'"),
     ("bad_dtype", "model: {dtype: fp8}", "model.dtype: 'fp8' is not one of 'auto', 'float32'"),

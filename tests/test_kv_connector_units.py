@@ -340,3 +340,22 @@ def test_config_engine_id_defaults_to_a_fresh_uuid4():
     assert (a.is_producer, a.is_consumer) == (True, True)
     assert (KVTransferConfig(kv_role="kv_consumer").is_producer, KVTransferConfig(kv_role="kv_producer").is_consumer) \
         == (False, False)
+
+
+def test_cuda_ipc_connector_on_a_cpu_cache_says_to_use_nixl_or_tcp():
+    from kv_connector.base import KVCacheInfo
+    from kv_connector.registry import build_connector
+
+    info = KVCacheInfo("m", "float32", 4, 2, 1, 8, "block-major")
+    connector = build_connector(KVTransferConfig(kv_connector="cuda_ipc", kv_role="kv_producer"), info)
+    with pytest.raises(ValueError, match="needs the KV cache on a CUDA GPU.*nixl or tcp"):
+        connector.register_kv_cache(torch.zeros(4, 2, 2, 4, 1, 8))
+    connector.close()
+
+
+def test_cuda_ipc_copies_runs_consecutive_on_both_sides():
+    from kv_connector.cuda_ipc_connector import _runs
+
+    assert _runs([5, 6, 7, 9, 10], [1, 2, 3, 4, 5]) == [(5, 1, 3), (9, 4, 2)]
+    assert _runs([3, 4], [8, 10]) == [(3, 8, 1), (4, 10, 1)]
+    assert _runs([], []) == []

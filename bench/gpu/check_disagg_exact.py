@@ -31,7 +31,7 @@ CASES = {"greedy": dict(temperature=0.0), "seeded": dict(temperature=0.8, top_p=
 def check(name: str, model_path: str, dtype: str, load_format: str, max_tokens: int) -> bool:
     config = ClusterConfig.model_validate({
         "model": {"path": model_path, "dtype": dtype, "load_format": load_format},
-        "router": {"port": 0}, "kv_transfer": {"connector": "nixl"},
+        "router": {"port": 0}, "kv_transfer": {"connector": os.environ.get("CONNECTOR", "nixl")},
         "engine": {"num_blocks": 2048, "block_size": 16, "max_model_len": 4096},
         "prefill": {"replicas": 1, "devices": [DEVICES[0]]}, "decode": {"replicas": 1, "devices": [DEVICES[1]]}})
     offline = LLM(model_path if not model_path.startswith("builtin:") else str(resolve_builtin(model_path[8:])),

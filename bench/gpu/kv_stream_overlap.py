@@ -1,7 +1,7 @@
 """The KV transfer's share of a request's latency, with and without dispatch to both nodes.
 
-A 1P1D cluster (NIXL; DEVICES=cuda:0,cuda:0 puts both nodes on one GPU, cuda:0,cuda:1 on
-two) and one colocated node serve the same requests one at a time: 4k-token prompts (8B
+A 1P1D cluster (DEVICES=cuda:0,cuda:0 puts both nodes on one GPU, moving KV by CUDA IPC;
+cuda:0,cuda:1 on two, by NIXL; CONNECTOR overrides) and one colocated node serve the same requests one at a time: 4k-token prompts (8B
 shapes, bf16, dummy weights), 16 output tokens, prefill in chunks of CHUNK tokens. Per
 mode it reports TTFT, the second token's latency, the median inter-token latency after
 it, and
@@ -44,6 +44,9 @@ PROMPT_LEN = int(os.environ.get("PROMPT_LEN", 4096))
 CHUNK = int(os.environ.get("CHUNK", 1024))
 REQUESTS = int(os.environ.get("REQUESTS", 12))
 OUTPUT_LEN = 16
+# UCX reads another process's memory on the same GPU by TCP emulation (0.47 GB/s): one GPU
+# shared by both nodes uses CUDA IPC.
+CONNECTOR = os.environ.get("CONNECTOR", "cuda_ipc" if DEVICES[0] == DEVICES[-1] != "cpu" else "nixl")
 
 
 def cluster_config(model: str, dtype: str, load_format: str, topology: str, dispatch_to_both: bool) -> ClusterConfig:
@@ -56,7 +59,7 @@ def cluster_config(model: str, dtype: str, load_format: str, topology: str, disp
                                          "colocated": {"replicas": 1, "devices": [DEVICES[0]]}})
     return ClusterConfig.model_validate({
         "model": {"path": model, "dtype": dtype, "load_format": load_format},
-        "router": {"port": 0, "dispatch_to_both": dispatch_to_both}, "kv_transfer": {"connector": "nixl"},
+        "router": {"port": 0, "dispatch_to_both": dispatch_to_both}, "kv_transfer": {"connector": CONNECTOR},
         "engine": engine, **roles})
 
 
@@ -112,7 +115,7 @@ def main() -> int:
               f"decode kv {json.dumps(r['decode_kv'])}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"devices": DEVICES, "prompt_len": PROMPT_LEN, "chunk": CHUNK, "output_len": OUTPUT_LEN, "model": model}
+    meta = {"devices": DEVICES, "connector": CONNECTOR, "prompt_len": PROMPT_LEN, "chunk": CHUNK, "output_len": OUTPUT_LEN, "model": model}
     (out / "kv_stream_overlap.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 
