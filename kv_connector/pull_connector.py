@@ -151,7 +151,8 @@ class PullConnector(KVConnectorBase):
         self._stats = {"loads": 0, "load_failures": 0, "blocks_loaded": 0, "blocks_failed": 0,
                        "bytes_loaded": 0, "load_seconds": 0.0, "requests_lent": 0,
                        "streamed_loads": 0, "stream_tail_seconds": 0.0, "stream_blocks_early": 0,
-                       **{f"load_{p}_seconds": 0.0 for p in ("handshake", "claim", "read", "release", "verify")}}
+                       **{f"load_{p}_seconds": 0.0 for p in ("handshake", "claim", "follow", "read", "release",
+                                                             "verify")}}
 
     def set_fault_injection(self, faults: dict) -> None:
         """Replace the fault-injection options (tests; see the module docstring)."""
@@ -407,7 +408,10 @@ class PullConnector(KVConnectorBase):
             if job.streamed:
                 self._stats["streamed_loads"] += 1
                 self._stats["stream_tail_seconds"] += t_end - t_read
-            for phase, a, b in (("handshake", t0, t_claim), ("claim", t_claim, t_read), ("read", t_read, t_release),
+            # A streamed pull's "follow" is its wait for the prefill (reads included); its
+            # "read" is the tail after the producer lent the request.
+            for phase, a, b in (("handshake", t0, t_claim), ("follow" if job.streamed else "claim", t_claim, t_read),
+                                ("read", t_read, t_release),
                                 ("release", t_release, t_verify), ("verify", t_verify, t_end)):
                 self._stats[f"load_{phase}_seconds"] += b - a
             log.debug("kv load request_id=%s blocks=%d handshake_ms=%.2f claim_ms=%.2f read_ms=%.2f release_ms=%.2f "

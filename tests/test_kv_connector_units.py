@@ -359,3 +359,20 @@ def test_cuda_ipc_copies_runs_consecutive_on_both_sides():
     assert _runs([5, 6, 7, 9, 10], [1, 2, 3, 4, 5]) == [(5, 1, 3), (9, 4, 2)]
     assert _runs([3, 4], [8, 10]) == [(3, 8, 1), (4, 10, 1)]
     assert _runs([], []) == []
+
+
+def test_checksum_kernel_equals_the_torch_formulation_bit_for_bit():
+    """The GPU's Triton kernel (here in Triton's interpreter) and the CPU's torch code give
+    the same integers: a consumer on one may check a producer on the other. Blocks wider
+    than one tile, a ragged last tile, extreme int32 words, repeated and reordered ids."""
+    from kv_connector.checksum import block_checksums_ref, block_checksums_triton
+
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randint(-2**31, 2**31 - 1, (5, 3, 4100), generator=g, dtype=torch.int64).to(torch.int32)
+    kv[2].fill_(2**31 - 1)
+    kv[3].fill_(-2**31)
+    ids = [4, 0, 2, 3, 2, 1]
+    assert block_checksums_triton(kv, ids) == block_checksums_ref(kv, ids)
+    half = kv.view(torch.bfloat16)
+    assert block_checksums_triton(half, [1, 0]) == block_checksums_ref(half, [1, 0])
+    assert block_checksums_triton(kv, []) == []

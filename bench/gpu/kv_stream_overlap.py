@@ -84,7 +84,7 @@ def measure(cfg: ClusterConfig, vocab: int, seed: int, name: str) -> dict:
             "transfer_share_of_ttft": max(second - itl, 0.0) / ttft,
             "decode_kv": {k: kv.get(k) for k in ("loads", "streamed_loads", "stream_blocks_early", "blocks_loaded",
                                                  "bytes_loaded", "stream_tail_seconds", "load_seconds", "blocks_failed",
-                                                 *(f"load_{p}_seconds" for p in ("handshake", "claim", "read",
+                                                 *(f"load_{p}_seconds" for p in ("handshake", "claim", "follow", "read",
                                                                                    "release", "verify")))}}
 
 
