@@ -72,7 +72,6 @@ class RunPoint:
     ttft_met: float                # share of all requests (failed ones miss) within TTFT
     tpot_met: float                # ... within TPOT (a one-token request has none: met)
     both_met: float
-    goodput: float                 # the table's goodput
     prefill_tokens_per_s: float    # prompt tokens computed (not from the prefix cache) / duration
     output_tokens_per_s: float
     mean_running: dict[str, float] = field(default_factory=dict)   # per role: mean running per node
@@ -130,7 +129,7 @@ def run_point(run: dict[str, Any]) -> RunPoint | str:
         topology=run["topology"], rate=float(rate), prefill_nodes=counts[0], decode_nodes=counts[1],
         colocated_nodes=counts[2], completed_rate=len(done) / duration if duration > 0 else 0.0,
         ttft_met=sum(ttft_ok) / n, tpot_met=sum(tpot_ok) / n,
-        both_met=sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / n, goodput=float(run.get("goodput") or 0.0),
+        both_met=sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / n,
         prefill_tokens_per_s=computed / duration if duration > 0 else 0.0,
         output_tokens_per_s=float(run.get("output_throughput") or 0.0),
         mean_running={role: sum(v) / len(v) for role, v in by_role.items()})
