@@ -37,6 +37,10 @@ closed loop has no arrival rate); a decode node in xPyD sees no more than its pr
 nodes pass on, so a run whose prefill missed TTFT credits the decode nodes only with the
 run's completed rate; nodes are assumed to scale linearly and independently (no shared
 link limits, no router bottleneck); and the workload must be the one the runs measured.
+A run whose router chose each request's prefill (`router.disaggregation.mode:
+conditional`, colocated nodes lending KV, as the run's `disaggregation_mode` or its
+requests' `prefill` plans show) measures that choice rather than a node kind: it is
+compared with the suggestion ("colocated2 (conditional)") but not used for capacities.
 Runs of one workload are those with the same workload name, mean prompt and output
 lengths and SLO targets.
 """
@@ -64,6 +68,8 @@ class RunPoint:
     """One Poisson-rate run as the advisor sees it."""
 
     topology: str
+    label: str                     # the topology as the measured list names it ("colocated2 (conditional)")
+    pure: bool                     # every request took its node kinds' path: the run measures them
     rate: float                    # offered requests/s
     prefill_nodes: int
     decode_nodes: int
@@ -72,6 +78,7 @@ class RunPoint:
     ttft_met: float                # share of all requests (failed ones miss) within TTFT
     tpot_met: float                # ... within TPOT (a one-token request has none: met)
     both_met: float
+    goodput: float                 # the table's: requests/s that met both targets
     prefill_tokens_per_s: float    # prompt tokens computed (not from the prefix cache) / duration
     output_tokens_per_s: float
     mean_running: dict[str, float] = field(default_factory=dict)   # per role: mean running per node
@@ -125,14 +132,40 @@ def run_point(run: dict[str, Any]) -> RunPoint | str:
     for node in run.get("nodes") or []:
         if node.get("name") in per_node:
             by_role.setdefault(node.get("role"), []).append(per_node[node["name"]])
+    mixed = per_request_split(run, counts)
     return RunPoint(
-        topology=run["topology"], rate=float(rate), prefill_nodes=counts[0], decode_nodes=counts[1],
+        topology=run["topology"], label=_SUFFIX.sub("", run["topology"]) + (f" ({mixed})" if mixed else ""),
+        pure=not mixed, rate=float(rate), prefill_nodes=counts[0], decode_nodes=counts[1],
         colocated_nodes=counts[2], completed_rate=len(done) / duration if duration > 0 else 0.0,
         ttft_met=sum(ttft_ok) / n, tpot_met=sum(tpot_ok) / n,
-        both_met=sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / n,
+        both_met=sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / n, goodput=float(run.get("goodput") or 0.0),
         prefill_tokens_per_s=computed / duration if duration > 0 else 0.0,
         output_tokens_per_s=float(run.get("output_throughput") or 0.0),
         mean_running={role: sum(v) / len(v) for role, v in by_role.items()})
+
+
+# Local prefills that even `always` makes (router/disaggregation.py): nothing to decode,
+# or a prefill failover. They do not make a run a per-request split.
+_FORCED_LOCAL = ("single_token", "no_prefill_node")
+
+
+def per_request_split(run: dict[str, Any], counts: tuple[int, int, int]) -> str:
+    """"" when every request of the run took its topology's path (xPyD: prefill on a prefill
+    node; colocatedN: one node whole); else what the router did instead: the
+    `disaggregation_mode` it ran with, or, where none is recorded, "per-request split" when
+    its x-pdcluster-prefill answers show one. Such a run measures the router's choice,
+    not a node kind."""
+    p, d, c = counts
+    mode = run.get("disaggregation_mode")
+    if mode is not None:
+        pure = mode in ("always",) if p and d else mode in ("never",) if c else True
+        return "" if pure else str(mode)
+    plans = [(r.get("prefill"), r.get("prefill_reason")) for r in run.get("per_request") or []]
+    if p and d and any(plan == "local" and reason not in _FORCED_LOCAL for plan, reason in plans):
+        return "per-request split"
+    if c and any(plan == "remote" for plan, _ in plans):
+        return "per-request split"
+    return ""
 
 
 # --- capacity from attainment points ------------------------------------------------------------
@@ -209,6 +242,8 @@ def node_samples(points: Sequence[RunPoint], attainment: float) -> dict[str, lis
     """Per node kind, the per-node samples of every run that has nodes of that kind."""
     out: dict[str, list[Sample]] = {k: [] for k in KINDS}
     for p in points:
+        if not p.pure:
+            continue
         source = f"{p.topology} at {p.rate:g} req/s"
 
         def load(role: str, n: int) -> str:
@@ -252,7 +287,7 @@ def estimate_split(x: int, y: int, c: int, caps: dict[str, Capacity]) -> SplitEs
         cap = caps["colocated"]
         est = SplitEstimate(f"colocated{c}", 0, 0, c, cap.scaled(c), "colocated")
         if not cap.measured:
-            est.unknown = "no colocated run"
+            est.unknown = "no colocated run with one node per request"
         elif cap.estimate is None:
             est.unknown = _why_no_estimate("colocated", cap)
         return est
@@ -260,7 +295,7 @@ def estimate_split(x: int, y: int, c: int, caps: dict[str, Capacity]) -> SplitEs
     est = SplitEstimate(f"{x}P{y}D", x, y, 0, Capacity(min(p.lo, d.lo), min(p.hi, d.hi),
                                                           measured=p.measured and d.measured))
     if not est.capacity.measured:
-        est.unknown = "no xPyD run"
+        est.unknown = "no xPyD run with every request split"
         return est
     # The slower phase binds. It has an estimate where its own bracket gives one and the
     # other phase is known to be faster (its estimate, or else its lower bound, is above).
@@ -328,6 +363,7 @@ class Advice:
     measured: list[MeasuredTopology]
     skipped: list[str]                   # runs not used, and why
     reason: str = ""                     # why there is no suggestion
+    split_per_request: list[str] = field(default_factory=list)   # measured, not used for node capacities
 
     @property
     def line(self) -> str:
@@ -345,7 +381,7 @@ class Advice:
                 "cannot_tell": self.reason or None,
                 "not_estimated": {e.split: e.unknown for e in self.left_out},
                 "measured": [m.to_json() for m in self.measured],
-                "skipped_runs": self.skipped, "line": self.line}
+                "skipped_runs": self.skipped, "split_per_request": self.split_per_request, "line": self.line}
 
 
 def workload_key(run: dict[str, Any]) -> tuple:
@@ -384,17 +420,19 @@ def _advise_workload(key: tuple, runs: list[dict[str, Any]], gpus: int | None, a
             skipped.append(f"{run['topology']} at {_load_text(run.get('load') or {})}: {p}")
         else:
             points.append(p)
+    split_per_request = list(dict.fromkeys(p.label for p in points if not p.pure))
     samples = node_samples(points, attainment)
     caps = {k: capacity(samples[k], attainment) for k in KINDS}
     n = gpus or max((p.nodes for p in points), default=0)
-    measured = _measured(points, runs, attainment)
+    measured = _measured(points, attainment)
     if n < 1:
         return Advice(workload, 0, attainment, caps, [], None, [], [], measured, skipped,
-                      "no run with an arrival rate and per-request results")
+                      "no run with an arrival rate and per-request results", split_per_request)
     splits = [estimate_split(x, y, c, caps) for x, y, c in splits_for(n)]
     contest = [s for s in splits if s.capacity.measured]
     left_out = [s for s in splits if not s.capacity.measured]
-    advice = Advice(workload, n, attainment, caps, splits, None, [], left_out, measured, skipped)
+    advice = Advice(workload, n, attainment, caps, splits, None, [], left_out, measured, skipped,
+                    split_per_request=split_per_request)
     if not contest:
         advice.reason = "no run measured the node kinds of any split of " + f"{n} GPUs"
         return advice
@@ -415,18 +453,17 @@ def _advise_workload(key: tuple, runs: list[dict[str, Any]], gpus: int | None, a
     return advice
 
 
-def _measured(points: Sequence[RunPoint], runs: Sequence[dict[str, Any]], attainment: float) -> list[MeasuredTopology]:
+def _measured(points: Sequence[RunPoint], attainment: float) -> list[MeasuredTopology]:
     """Each measured topology's own capacity: its runs' attainment of both targets."""
     out = []
     # "1P1D (dir)" (report.load_runs' label for a topology and load found in several files)
-    # is the same topology as "1P1D": within one workload their runs are pooled.
-    for topo in dict.fromkeys(_SUFFIX.sub("", p.topology) for p in points):
-        mine = [p for p in points if _SUFFIX.sub("", p.topology) == topo]
+    # is the same topology as "1P1D": within one workload their runs are pooled. A run that
+    # split per request is its own entry, "colocated2 (conditional)".
+    for label in dict.fromkeys(p.label for p in points):
+        mine = [p for p in points if p.label == label]
         cap = capacity([Sample(p.rate, p.both_met, f"{p.topology} at {p.rate:g} req/s", per_node=False)
                         for p in mine], attainment)
-        best = max((float(r.get("goodput") or 0.0) for r in runs if _SUFFIX.sub("", r["topology"]) == topo),
-                   default=0.0)
-        out.append(MeasuredTopology(topo, mine[0].nodes, cap, best))
+        out.append(MeasuredTopology(label, mine[0].nodes, cap, max(p.goodput for p in mine)))
     return out
 
 
@@ -495,6 +532,9 @@ def advice_line(a: Advice) -> str:
     rests = [f"{kind} node {_interval(c)} ({_basis(c)})" for kind, c in a.capacities.items() if c.measured]
     if rests:
         parts.append("Rests on, per node: " + "; ".join(rests) + ".")
+    if a.split_per_request:
+        parts.append(f"Compared, not used for node capacities (the router chose each request's prefill): "
+                     f"{', '.join(a.split_per_request)}.")
     return " ".join(parts)
 
 

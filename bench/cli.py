@@ -284,8 +284,13 @@ def _bench_topology(plan: BenchPlan, base: ClusterConfig, topology: str, progres
         progress.update(task, description=f"{topology}: ready at {cluster.url}", total=1, completed=1)
         vocab, max_len = model_limits(cluster.model_dir, _max_model_len(cfg))
         nodes = [{"name": s.name, "role": s.role, "device": s.device} for s in cfg.node_specs()]
-        return _run_loads(plan, topology, cluster.url, cluster.api_key, vocab, max_len, progress,
-                          {"nodes": nodes, "logs": str(cluster.run_dir)})
+        extra = {"nodes": nodes, "logs": str(cluster.run_dir)}
+        # router.disaggregation.mode, where this version of the config has it: the advisor
+        # must not take a cluster that splits per request for a pure xPyD or colocated one.
+        mode = getattr(getattr(cfg.router, "disaggregation", None), "mode", None)
+        if mode is not None:
+            extra["disaggregation_mode"] = mode
+        return _run_loads(plan, topology, cluster.url, cluster.api_key, vocab, max_len, progress, extra)
     finally:
         progress.update(task, description=f"{topology}: stopping")
         cluster.stop()

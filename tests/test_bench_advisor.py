@@ -105,7 +105,7 @@ def test_a_decode_bound_workload_gets_more_decode_nodes():
     assert a.capacities["decode"].estimate == pytest.approx(1.1)          # 1 + 0.1/0.5 * 0.5 per node
     est = {s.split: s.capacity.estimate for s in a.splits}
     assert est["1P3D"] == pytest.approx(3.3) and est["2P2D"] == pytest.approx(2.2) and est["3P1D"] == pytest.approx(1.1)
-    assert [s.split for s in a.left_out] == ["colocated4"] and "colocated4 (no colocated run)" in a.line
+    assert [s.split for s in a.left_out] == ["colocated4"] and "colocated4 (no colocated run with one node per request)" in a.line
     # The same workload on two GPUs: the only split is 1P1D.
     assert _only(advisor.advise(runs, gpus=2)).suggestion.split == "1P1D"
 
@@ -125,6 +125,26 @@ def test_bounds_alone_can_decide_when_one_split_is_surely_ahead():
     a = _only(advisor.advise(runs))
     assert a.suggestion.split == "colocated2" and a.suggestion.capacity.estimate is None
     assert "**colocated2**, at least 8.00 req/s" in a.line and "1P1D <= 0.50x" in a.line
+
+
+def test_runs_that_split_per_request_are_compared_but_measure_no_node_kind():
+    runs = [_run("1P1D", 1.0), _run("1P1D", 2.0, tpot_met=0.5),
+            {**_run("1P1D", 1.5), "disaggregation_mode": "always"},
+            {**_run("colocated2", 1.0), "disaggregation_mode": "conditional"},
+            {**_run("colocated2", 4.0, ttft_met=0.5), "disaggregation_mode": "conditional"}]
+    runs[0]["per_request"][0].update(prefill="local", prefill_reason="single_token")   # even `always` does that
+    local = _run("1P1D", 3.0)
+    local["per_request"][0].update(prefill="local", prefill_reason="short_prompt")
+    runs.append(local)
+    a = _only(advisor.advise(runs))
+    assert not a.capacities["colocated"].measured and [s.split for s in a.left_out] == ["colocated2"]
+    assert [p.source for p in (a.capacities["decode"].lo_sample, a.capacities["decode"].hi_sample)] == \
+        ["1P1D at 1.5 req/s", "1P1D at 2 req/s"]               # the 3 req/s run split per request
+    measured = {m.topology: m for m in a.measured}
+    assert set(measured) == {"1P1D", "colocated2 (conditional)", "1P1D (per-request split)"}
+    assert a.suggestion.split == "1P1D" and measured["colocated2 (conditional)"].capacity.lo == 1.0
+    assert "colocated2 (conditional) " in a.line and "not used for node capacities" in a.line
+    assert a.to_json()["split_per_request"] == ["colocated2 (conditional)", "1P1D (per-request split)"]
 
 
 def test_workloads_are_advised_separately():
