@@ -501,7 +501,8 @@ def advice_line(a: Advice) -> str:
     slo = w["slo"]
     head = (f"**Advisor** (`{w['name']}`, prompt {_fmt(w['mean_prompt_tokens'], 0)} / output "
             f"{_fmt(w['mean_output_tokens'], 0)} tokens, {a.gpus} GPUs, {100 * a.attainment:.0f}% of requests within "
-            f"TTFT <= {slo['ttft_ms']:g} ms and TPOT <= {slo['tpot_ms']:g} ms)")
+            + (f"TTFT <= {slo['ttft_ms']:g} ms and TPOT <= {slo['tpot_ms']:g} ms)"
+               if None not in (slo["ttft_ms"], slo["tpot_ms"]) else "the SLO)"))
     parts = []
     s = a.suggestion
     if s is None:

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--advisor-gpus", type=int, default=None, metavar="N",
                         help="the P:D advisor splits this many GPUs (default: the most a measured topology used)")
     parser.add_argument("--slo-attainment", type=float, default=advisor.DEFAULT_ATTAINMENT, metavar="F",
-                        help=f"the advisor's share of requests within the SLO (default {advisor.DEFAULT_ATTAINMENT})")
+                        help=f"the advisor's share of requests within the SLO (default {advisor.DEFAULT_ATTAINMENT:g})")
     args = parser.parse_args(argv)
     try:
         print(compare(args.compare, args.out, advisor_gpus=args.advisor_gpus, slo_attainment=args.slo_attainment))

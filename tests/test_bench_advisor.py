@@ -105,7 +105,8 @@ def test_a_decode_bound_workload_gets_more_decode_nodes():
     assert a.capacities["decode"].estimate == pytest.approx(1.1)          # 1 + 0.1/0.5 * 0.5 per node
     est = {s.split: s.capacity.estimate for s in a.splits}
     assert est["1P3D"] == pytest.approx(3.3) and est["2P2D"] == pytest.approx(2.2) and est["3P1D"] == pytest.approx(1.1)
-    assert [s.split for s in a.left_out] == ["colocated4"] and "colocated4 (no colocated run with one node per request)" in a.line
+    assert [s.split for s in a.left_out] == ["colocated4"]
+    assert "colocated4 (no colocated run with one node per request)" in a.line
     # The same workload on two GPUs: the only split is 1P1D.
     assert _only(advisor.advise(runs, gpus=2)).suggestion.split == "1P1D"
 
