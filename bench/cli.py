@@ -9,7 +9,9 @@ of the workload's shape, run the workload at each load (every rate of the sweep,
 closed-loop concurrency), scrape the router's /metrics around each load and sample
 /cluster during it, stop it. With `--url`, drive that running router instead, as the
 single topology "external". Then write OUT/<topology>-<load>.json, OUT/summary.json,
-OUT/report.md and the plots (bench/report.py), and print the table.
+OUT/report.md and the plots (bench/report.py), and print the verdict, the P:D advisor's
+line per workload (bench/advisor.py; `--advisor-gpus N` for another GPU count) and the
+table.
 
 Every load point of a topology gets the same request lengths; each gets its own token
 ids (`salt`), so a later rate does not find an earlier rate's prompts in the prefix
@@ -37,7 +39,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import report
+from bench import advisor, report
 from bench.client import RequestResult, run_load
 from bench.metrics import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS, SLO, summarize
 from bench.workloads import WORKLOADS, BenchRequest, WorkloadOptions, make_workload, parse_rates, with_poisson_arrivals
@@ -72,6 +74,8 @@ BENCH_DEFAULTS: dict[str, Any] = {
     "start_timeout_s": None,     # None: the launcher's (PDCLUSTER_START_TIMEOUT_S, else 300 s)
     "vocab_size": None,          # --url only, when the router's model directory is not readable here
     "compare": None,             # [A.json, B.json, ...]: only rebuild the report from these
+    "advisor_gpus": None,        # the P:D advisor's GPU count (None: the most nodes a topology used)
+    "slo_attainment": advisor.DEFAULT_ATTAINMENT,   # the advisor's share of requests within the SLO
 }
 
 
@@ -96,6 +100,8 @@ class BenchPlan:
     request_timeout_s: float = 300.0
     start_timeout_s: float | None = None
     vocab_size: int | None = None
+    advisor_gpus: int | None = None
+    slo_attainment: float = advisor.DEFAULT_ATTAINMENT
 
     @classmethod
     def from_args(cls, args: Any) -> BenchPlan:
@@ -128,6 +134,7 @@ class BenchPlan:
         slo = SLO(float(_opt(args, "ttft_slo_ms")), float(_opt(args, "tpot_slo_ms")))
         if slo.ttft_ms <= 0 or slo.tpot_ms <= 0:
             raise ValueError(f"SLO targets must be positive: TTFT {slo.ttft_ms} ms, TPOT {slo.tpot_ms} ms")
+        advisor_gpus, attainment = advisor_options(args)
         url = getattr(args, "url", None)
         topologies = [EXTERNAL] if url else list(getattr(args, "topologies", None) or [])
         if not topologies:
@@ -138,7 +145,18 @@ class BenchPlan:
                    out_dir=Path(_opt(args, "out")), url=url, warmup_requests=int(_opt(args, "warmup_requests")),
                    max_duration_s=float(_opt(args, "max_duration_s")),
                    request_timeout_s=float(_opt(args, "request_timeout_s")),
-                   start_timeout_s=getattr(args, "start_timeout_s", None), vocab_size=getattr(args, "vocab_size", None))
+                   start_timeout_s=getattr(args, "start_timeout_s", None), vocab_size=getattr(args, "vocab_size", None),
+                   advisor_gpus=advisor_gpus, slo_attainment=attainment)
+
+
+def advisor_options(args: Any) -> tuple[int | None, float]:
+    """--advisor-gpus and --slo-attainment, checked (ValueError says what is wrong)."""
+    gpus, attainment = getattr(args, "advisor_gpus", None), float(_opt(args, "slo_attainment"))
+    if gpus is not None and int(gpus) < 1:
+        raise ValueError(f"--advisor-gpus {gpus}: give 1 or more")
+    if not 0 < attainment <= 1:
+        raise ValueError(f"--slo-attainment {attainment}: give a share in (0, 1], e.g. 0.9")
+    return (None if gpus is None else int(gpus)), attainment
 
 
 def run_bench(args: Any) -> int:
@@ -147,7 +165,8 @@ def run_bench(args: Any) -> int:
     if getattr(args, "compare", None):
         out = Path(_opt(args, "out")) / "compare"  # beside, never over, the runs it reads
         try:
-            print(report.compare(args.compare, out))
+            gpus, attainment = advisor_options(args)
+            print(report.compare(args.compare, out, advisor_gpus=gpus, slo_attainment=attainment))
         except ValueError as e:
             print(f"pdcluster bench: {e}", file=sys.stderr)
             return 2
@@ -179,9 +198,13 @@ def run_bench(args: Any) -> int:
     meta = {"workload": {"name": plan.workload, **asdict(plan.options)}, "slo": asdict(plan.slo),
             "cluster": str(getattr(args, "cluster_yaml", None) or plan.url), "topologies": plan.topologies,
             "failed_topologies": failed}
-    paths = report.write_report(plan.out_dir, runs, meta)
+    paths = report.write_report(plan.out_dir, runs, meta, advisor_gpus=plan.advisor_gpus,
+                                slo_attainment=plan.slo_attainment)
     print(report.verdict(runs))
     print()
+    for advice in advisor.advise(runs, plan.advisor_gpus, plan.slo_attainment):
+        print(advice.line)
+        print()
     print(report.markdown_table(runs))
     print(f"\nreport: {paths['report']}  summary: {paths['summary']}  plots: {paths['latency_plot'].name}, "
           f"{paths['goodput_plot'].name} in {plan.out_dir}/")
@@ -225,6 +248,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--start-timeout-s", type=float, default=None, metavar="S", help="wait this long for each cluster")
     g.add_argument("--vocab-size", type=int, default=None, metavar="N",
                    help="with --url, when the router's model directory is not readable here")
+    g.add_argument("--advisor-gpus", type=int, default=None, metavar="N",
+                   help="the P:D advisor suggests a split of N GPUs (default: the most a measured topology used)")
+    g.add_argument("--slo-attainment", type=float, default=None, metavar="F",
+                   help=f"the advisor's share of requests that must meet the SLO (default {d['slo_attainment']:g})")
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                         help="only rebuild the report, into OUT/compare/, from earlier summary.json or run files")
 
@@ -257,8 +284,13 @@ def _bench_topology(plan: BenchPlan, base: ClusterConfig, topology: str, progres
         progress.update(task, description=f"{topology}: ready at {cluster.url}", total=1, completed=1)
         vocab, max_len = model_limits(cluster.model_dir, _max_model_len(cfg))
         nodes = [{"name": s.name, "role": s.role, "device": s.device} for s in cfg.node_specs()]
-        return _run_loads(plan, topology, cluster.url, cluster.api_key, vocab, max_len, progress,
-                          {"nodes": nodes, "logs": str(cluster.run_dir)})
+        extra = {"nodes": nodes, "logs": str(cluster.run_dir)}
+        # router.disaggregation.mode, where this version of the config has it: the advisor
+        # must not take a cluster that splits per request for a pure xPyD or colocated one.
+        mode = getattr(getattr(cfg.router, "disaggregation", None), "mode", None)
+        if mode is not None:
+            extra["disaggregation_mode"] = mode
+        return _run_loads(plan, topology, cluster.url, cluster.api_key, vocab, max_len, progress, extra)
     finally:
         progress.update(task, description=f"{topology}: stopping")
         cluster.stop()

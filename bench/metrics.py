@@ -16,7 +16,8 @@
     it is not the link's total use; `bytes_loaded / duration_s` is that); the prefix
     cache hit rate (blocks) of the nodes that compute prompts (prefill and colocated);
   * from /cluster sampled during the run: peak and mean queue lengths (waiting) and
-    running requests, summed over nodes, and the peak per node.
+    running requests, summed over nodes, the peak per node, and per node the mean of the
+    running and waiting peaks (a node's batch under load, which bench/advisor.py reports).
 
 The default SLO targets (TTFT 1 s, TPOT 100 ms) are DistServe's chatbot-style targets
 relaxed for an 8B model (DistServe used TTFT 0.25 s / TPOT 0.1 s for OPT-13B chat); set
@@ -86,6 +87,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SL
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in results])) if results else None,
         "mean_output_tokens": float(np.mean([r.output_tokens for r in ok])) if ok else None,
+        "mean_max_tokens": float(np.mean([r.max_tokens for r in results])) if results else None,
         "ttft_ms": distribution(r.ttft_s for r in ok),
         "tpot_ms": distribution(r.tpot_s for r in ok),
         "itl_ms": distribution(g for r in ok for g in r.itl_s),
@@ -176,9 +178,12 @@ def cluster_delta(before: str, after: str) -> dict[str, Any]:
 def queue_peaks(samples: Sequence[QueueSample]) -> dict[str, Any] | None:
     if not samples:
         return None
+    nodes = sorted({n for s in samples for n in s.nodes})
     return {"samples": len(samples),
             "peak_waiting": max(s.waiting for s in samples),
             "mean_waiting": float(np.mean([s.waiting for s in samples])),
             "peak_running": max(s.running for s in samples),
-            "peak_waiting_per_node": {n: max(s.nodes.get(n, (0, 0))[1] for s in samples)
-                                      for n in sorted({n for s in samples for n in s.nodes})}}
+            "peak_waiting_per_node": {n: max(s.nodes.get(n, (0, 0))[1] for s in samples) for n in nodes},
+            # Each sample holds the peaks since the previous one: these means are of those peaks.
+            "mean_running_per_node": {n: float(np.mean([s.nodes.get(n, (0, 0))[0] for s in samples])) for n in nodes},
+            "mean_waiting_per_node": {n: float(np.mean([s.nodes.get(n, (0, 0))[1] for s in samples])) for n in nodes}}

@@ -2,7 +2,8 @@
 
     DIR/<topology>-<load>.json   one run: the topology, the load, the workload, summarize()'s numbers
     DIR/summary.json             {"runs": [...every run...], "best": ..., "slo": ...}
-    DIR/report.md                the table across topologies and loads, and a one-line verdict
+    DIR/report.md                the table across topologies and loads, a one-line verdict, and
+                                 per workload the P:D advisor's line (bench/advisor.py)
     DIR/latency.png              TTFT p50/p99 and TPOT p50/p99 against request rate, per topology
     DIR/goodput.png              goodput per topology (one bar per load)
 
@@ -12,6 +13,11 @@ its file. `--compare A.json B.json ...` (or `python -m bench.report --compare ..
 rebuilds the table, and with --out the whole report, from earlier summary.json or
 run files: a run whose topology and load appear in more than one file is labelled with
 its file's folder.
+
+summary.json's "advisor" holds, per workload, the split of `gpus` GPUs (default: the most
+nodes a measured topology used; `--advisor-gpus N` to ask for another N) that the
+measured per-node capacities say serves the most within the SLO, what that rests on, and
+each measured topology's distance from it (bench/advisor.py says how).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bench import advisor
 
 SUMMARY_VERSION = 1
 
@@ -61,19 +69,22 @@ def write_run(out_dir: Path, run: dict[str, Any]) -> Path:
     return path
 
 
-def write_report(out_dir: Path, runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Path]:
+def write_report(out_dir: Path, runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None, *,
+                 advisor_gpus: int | None = None,
+                 slo_attainment: float = advisor.DEFAULT_ATTAINMENT) -> dict[str, Path]:
     """summary.json, report.md and the plots for `runs`; returns their paths by name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     best = best_topology(runs)
+    advice = advisor.advise(runs, advisor_gpus, slo_attainment)
     summary = {"version": SUMMARY_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {}),
-               "best": best, "runs": list(runs)}
+               "best": best, "advisor": [a.to_json() for a in advice], "runs": list(runs)}
     paths = {"summary": out_dir / "summary.json", "report": out_dir / "report.md",
              "latency_plot": out_dir / "latency.png", "goodput_plot": out_dir / "goodput.png"}
     paths["summary"].write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     plot_latency(runs, paths["latency_plot"])
     plot_goodput(runs, paths["goodput_plot"])
-    paths["report"].write_text(markdown_report(runs, meta))
+    paths["report"].write_text(markdown_report(runs, meta, advice))
     return paths
 
 
@@ -146,8 +157,10 @@ def verdict(runs: Sequence[dict[str, Any]]) -> str:
     return line + f", {best['goodput'] / second['goodput']:.2f}x {second['topology']} ({second['goodput']:.2f} req/s)."
 
 
-def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
+def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None,
+                    advice: Sequence[advisor.Advice] | None = None) -> str:
     meta = meta or {}
+    advice = advisor.advise(runs) if advice is None else advice
     parts = ["# pdcluster benchmark", ""]
     if meta.get("workload"):
         w = meta["workload"]
@@ -156,12 +169,17 @@ def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None 
                      f"mean output {_num(_mean(runs, 'mean_output_tokens'), 0)} tokens.")
     if meta.get("cluster"):
         parts.append(f"Cluster: {meta['cluster']}.")
-    parts += ["", verdict(runs), "", markdown_table(runs), "",
+    parts += ["", verdict(runs), ""]
+    parts += [line for a in advice for line in (a.line, "")]
+    parts += [markdown_table(runs), "",
               "Goodput: completed requests per second that met both the TTFT and the TPOT target. "
               "KV GB/s: bytes the decode nodes loaded / time spent loading. Prefix hit: prompt blocks "
               "found in the prefix cache of the nodes that compute prompts. Evictions: cached blocks those "
               "nodes evicted for room, and their eviction policy (`workflow`: blocks of active agent "
-              "workflows go last; `lru`).", ""]
+              "workflows go last; `lru`). Advisor: the split of the GPUs that the measured per-node "
+              "capacities say serves the most requests/s with the attainment shown within both targets "
+              "(DistServe's goodput), and each measured topology's own such rate as a ratio to it; "
+              "see bench/advisor.py.", ""]
     failed = [r for r in runs if r.get("failed")]
     for r in failed:
         errs = "; ".join(f"{e['count']}x {e['message']}" for e in r.get("errors", []))
@@ -280,22 +298,29 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
-def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> str:
-    """The report's verdict and table for earlier runs; with `out_dir`, the whole report
-    written there too."""
+def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None, *, advisor_gpus: int | None = None,
+            slo_attainment: float = advisor.DEFAULT_ATTAINMENT) -> str:
+    """The report's verdict, advisor lines and table for earlier runs; with `out_dir`, the
+    whole report written there too."""
     runs = load_runs(paths)
+    advice = advisor.advise(runs, advisor_gpus, slo_attainment)   # ValueError before anything is written
     if out_dir is not None:
-        write_report(Path(out_dir), runs, {"compared": [str(p) for p in paths]})
-    return verdict(runs) + "\n\n" + markdown_table(runs)
+        write_report(Path(out_dir), runs, {"compared": [str(p) for p in paths]}, advisor_gpus=advisor_gpus,
+                     slo_attainment=slo_attainment)
+    return "\n\n".join([verdict(runs), *(a.line for a in advice), markdown_table(runs)])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description="compare earlier benchmark runs")
     parser.add_argument("--compare", nargs="+", required=True, metavar="JSON", help="summary.json or run files")
     parser.add_argument("--out", default=None, metavar="DIR", help="also write report.md, summary.json and plots here")
+    parser.add_argument("--advisor-gpus", type=int, default=None, metavar="N",
+                        help="the P:D advisor splits this many GPUs (default: the most a measured topology used)")
+    parser.add_argument("--slo-attainment", type=float, default=advisor.DEFAULT_ATTAINMENT, metavar="F",
+                        help=f"the advisor's share of requests within the SLO (default {advisor.DEFAULT_ATTAINMENT:g})")
     args = parser.parse_args(argv)
     try:
-        print(compare(args.compare, args.out))
+        print(compare(args.compare, args.out, advisor_gpus=args.advisor_gpus, slo_attainment=args.slo_attainment))
     except ValueError as e:
         print(f"bench.report: {e}", file=sys.stderr)
         return 2

@@ -301,6 +301,7 @@ def test_queue_peaks_over_samples():
     q = queue_peaks([QueueSample(0.0, {"a": (1, 0), "b": (2, 3)}), QueueSample(0.5, {"a": (4, 2), "b": (0, 0)})])
     assert q["peak_waiting"] == 3 and q["peak_running"] == 4 and q["mean_waiting"] == 2.5
     assert q["peak_waiting_per_node"] == {"a": 2, "b": 3}
+    assert q["mean_running_per_node"] == {"a": 2.5, "b": 1.0} and q["mean_waiting_per_node"] == {"a": 1.0, "b": 1.5}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -440,6 +441,15 @@ def test_bench_compares_1p1d_and_colocated_on_cpu(tmp_path, monkeypatch, capsys)
     for topo in ("1P1D", "colocated1"):
         assert f"| {topo} | 8 req/s |" in md and f"| {topo} | all at once |" in md
     assert "| 1P1D | 8 req/s |" in printed.out and str(out) in printed.out
+    assert set(runs[("1P1D", "8")]["queues"]["mean_running_per_node"]) == {"prefill-0", "decode-0"}
+    # The P:D advisor on this real run: every request met the loose SLO at 8 req/s (and a
+    # burst has no arrival rate), so no phase saturated and it must not name a split.
+    (advice,) = summary["advisor"]
+    assert advice["gpus"] == 2 and advice["suggestion"] is None and "cannot tell" in advice["line"]
+    assert "no run saturated" in advice["line"] and advice["line"] in md and advice["line"] in printed.out
+    assert sorted(advice["skipped_runs"]) == ["1P1D at all at once: no arrival rate (burst or closed loop)",
+                                              "colocated1 at all at once: no arrival rate (burst or closed loop)"]
+    assert advice["capacity_per_node"]["prefill"]["lo"] == 8.0 and advice["capacity_per_node"]["colocated"]["lo"] == 8.0
     for png in ("latency.png", "goodput.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
