@@ -93,9 +93,19 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SL
         "itl_ms": distribution(g for r in ok for g in r.itl_s),
         "e2e_ms": distribution(r.e2e_s for r in ok),
         "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
-        **cluster_delta(metrics_before, metrics_after),
+        **(delta := cluster_delta(metrics_before, metrics_after)),
+        "kv_transfer_share_of_ttft": _transfer_share(delta["kv_transfer"], ok),
         "queues": queue_peaks(queue_samples),
     }
+
+
+def _transfer_share(kv: dict[str, Any] | None, ok: Sequence[RequestResult]) -> float | None:
+    """The mean streamed-pull tail over the mean TTFT: how much the KV transfer adds to the
+    time before a split request's decode starts, relative to its first token."""
+    ttfts = [r.ttft_s for r in ok if not math.isnan(r.ttft_s)]
+    if not kv or kv.get("stream_tail_ms_mean") is None or not ttfts:
+        return None
+    return kv["stream_tail_ms_mean"] / (1e3 * float(np.mean(ttfts)))
 
 
 # --- the router's /metrics -------------------------------------------------------------------
@@ -157,8 +167,13 @@ def cluster_delta(before: str, after: str) -> dict[str, Any]:
         return sum(delta(n, get) for n in a if roles is None or a[n]["role"] in roles)
 
     kv = {k: total(lambda c, k=k: c["kv_transfer"].get(k, 0.0))
-          for k in ("loads", "bytes_loaded", "load_seconds", "blocks_loaded", "blocks_failed", "load_failures")}
+          for k in ("loads", "bytes_loaded", "load_seconds", "blocks_loaded", "blocks_failed", "load_failures",
+                    "streamed_loads", "stream_tail_seconds", "stream_blocks_early")}
     kv["gb_per_s"] = kv["bytes_loaded"] / kv["load_seconds"] / 1e9 if kv["load_seconds"] > 0 else None
+    # A streamed pull's tail: from the prefill's end (the producer lent the request) to the
+    # KV landed on the decode node — what the transfer adds before decoding starts.
+    kv["stream_tail_ms_mean"] = (1e3 * kv["stream_tail_seconds"] / kv["streamed_loads"]
+                                 if kv["streamed_loads"] > 0 else None)
     roles = PROMPT_ROLES if any(n["role"] in PROMPT_ROLES for n in a.values()) else None
     queries = total(lambda c: c.get("prefix_cache_queries", 0.0), roles)
     hits = total(lambda c: c.get("prefix_cache_hits", 0.0), roles)

@@ -90,7 +90,8 @@ def write_report(out_dir: Path, runs: Sequence[dict[str, Any]], meta: dict[str, 
 
 # --- the table ------------------------------------------------------------------------------
 COLUMNS = ("Topology", "Load", "Goodput (req/s)", "Throughput (req/s)", "Output (tok/s)", "TTFT p50 (ms)",
-           "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "KV GB/s", "Prefix hit", "Evictions", "OK/sent")
+           "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)", "KV GB/s", "KV tail / TTFT", "Prefix hit", "Evictions",
+           "OK/sent")
 
 
 def _num(v: float | None, digits: int = 2) -> str:
@@ -109,6 +110,7 @@ def table_row(run: dict[str, Any]) -> list[str]:
             _num(_pct(run.get("ttft_ms"), "median"), 1), _num(_pct(run.get("ttft_ms"), "p99"), 1),
             _num(_pct(run.get("tpot_ms"), "median"), 1), _num(_pct(run.get("tpot_ms"), "p99"), 1),
             _num(kv.get("gb_per_s"), 3) if kv.get("loads") else "-",
+            "-" if run.get("kv_transfer_share_of_ttft") is None else f"{100 * run['kv_transfer_share_of_ttft']:.1f}%",
             "-" if hit is None else f"{100 * hit:.0f}%", _evictions(prefix),
             f"{run.get('completed', 0)}/{run.get('requests', 0)}"]
 
@@ -173,7 +175,9 @@ def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None 
     parts += [line for a in advice for line in (a.line, "")]
     parts += [markdown_table(runs), "",
               "Goodput: completed requests per second that met both the TTFT and the TPOT target. "
-              "KV GB/s: bytes the decode nodes loaded / time spent loading. Prefix hit: prompt blocks "
+              "KV GB/s: bytes the decode nodes loaded / time spent loading. KV tail / TTFT: the mean time "
+              "from a prefill's end to its KV landed on the decode node (streamed pulls), over the mean TTFT. "
+              "Prefix hit: prompt blocks "
               "found in the prefix cache of the nodes that compute prompts. Evictions: cached blocks those "
               "nodes evicted for room, and their eviction policy (`workflow`: blocks of active agent "
               "workflows go last; `lru`). Advisor: the split of the GPUs that the measured per-node "

@@ -312,12 +312,13 @@ def _run(topology, rate, goodput, **extra) -> dict:
 
 
 def test_report_table_and_verdict():
-    runs = [_run("1P1D", 2.0, 1.8, kv_transfer={"loads": 4, "gb_per_s": 1.234}), _run("colocated2", 2.0, 0.9),
+    runs = [_run("1P1D", 2.0, 1.8, kv_transfer={"loads": 4, "gb_per_s": 1.234}, kv_transfer_share_of_ttft=0.026),
+            _run("colocated2", 2.0, 0.9),
             _run("1P1D", math.inf, 3.0), _run("colocated2", math.inf, 1.5)]
     table = report.markdown_table(runs)
     lines = table.splitlines()
     assert lines[0].startswith("| Topology | Load | Goodput (req/s) |") and len(lines) == 6
-    assert lines[2] == "| 1P1D | 2 req/s | 1.80 | 2.00 | 22.0 | 150.0 | 199.0 | 25.0 | 29.9 | 1.234 | - | - | 2/2 |"
+    assert lines[2] == "| 1P1D | 2 req/s | 1.80 | 2.00 | 22.0 | 150.0 | 199.0 | 25.0 | 29.9 | 1.234 | 2.6% | - | - | 2/2 |"
     row = report.table_row(_run("both", 1.0, 1.0, prefix_cache={"hit_rate": 0.5, "evictions": 12.0,
                                                                "eviction_policy": "workflow"}))
     assert row[-3:] == ["50%", "12 (workflow)", "2/2"]
