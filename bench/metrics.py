@@ -168,8 +168,9 @@ def cluster_delta(before: str, after: str) -> dict[str, Any]:
 
     kv = {k: total(lambda c, k=k: c["kv_transfer"].get(k, 0.0))
           for k in ("loads", "bytes_loaded", "load_seconds", "blocks_loaded", "blocks_failed", "load_failures",
-                    "streamed_loads", "stream_tail_seconds", "stream_blocks_early")}
-    kv["gb_per_s"] = kv["bytes_loaded"] / kv["load_seconds"] / 1e9 if kv["load_seconds"] > 0 else None
+                    "streamed_loads", "stream_tail_seconds", "stream_blocks_early", "load_follow_seconds")}
+    busy = kv["load_seconds"] - kv["load_follow_seconds"]  # a streamed pull's wait for the prefill is not transfer
+    kv["gb_per_s"] = kv["bytes_loaded"] / busy / 1e9 if busy > 0 else None
     # A streamed pull's tail: from the prefill's end (the producer lent the request) to the
     # KV landed on the decode node — what the transfer adds before decoding starts.
     kv["stream_tail_ms_mean"] = (1e3 * kv["stream_tail_seconds"] / kv["streamed_loads"]
