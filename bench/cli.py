@@ -327,7 +327,9 @@ def per_request(r: RequestResult) -> dict[str, Any]:
         return None if math.isnan(v) else round(v * 1e3, 3)
     return {"index": r.index, "ok": r.ok, "send_ms": ms(r.send_s), "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s),
             "e2e_ms": ms(r.e2e_s), "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
-            "cached_tokens": r.cached_tokens, **({"error": r.error} if r.error else {})}
+            "cached_tokens": r.cached_tokens, **({"prefill": r.prefill, "prefill_reason": r.prefill_reason}
+                                                 if r.prefill else {}),
+            **({"error": r.error} if r.error else {})}
 
 
 # --- the model's limits ---------------------------------------------------------------------------

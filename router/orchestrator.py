@@ -6,7 +6,9 @@ Disaggregated (xPyD):
   2. The decode node gets the prompt, that token and the KV handle; it pulls the blocks
      and continues. Sampling is stateless per (seed, step) (engine/sampler.py), so the
      split changes no token; the router draws the seed when the client gave none.
-Colocated: one node does both.
+Colocated: one node does both. Which of the two a request gets, and on which nodes, is
+router/disaggregation.py's plan (router.disaggregation.mode: always, conditional, never);
+`both` nodes that share KV are split like prefill and decode nodes.
 
 Failures (ARCHITECTURE §2). A prefill node that fails before answering: under
 `recompute` the request goes to a decode node, which prefills it itself; under `fail`
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 from engine import node_protocol as proto
 from engine.sampling_params import SamplingParams
+from router.disaggregation import DisaggregationPlanner, DisaggregationRule, PrefillPlan
 from router.node_client import NodeClient, NodeUnavailable
 from router.policy import NoHealthyNode, RoutingPolicy
 
@@ -47,6 +50,8 @@ class Delta:
     error_code: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prefill: str | None = None          # first delta only: the plan, "remote" or "local"
+    prefill_reason: str | None = None   # and why (router/disaggregation.py)
 
 
 class RequestFailed(Exception):
@@ -57,11 +62,15 @@ class RequestFailed(Exception):
 
 class Orchestrator:
     def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute",
-                 on_failover: Callable[[str], None] = lambda stage: None):
+                 on_failover: Callable[[str], None] = lambda stage: None,
+                 disaggregation: DisaggregationRule = DisaggregationRule(),
+                 on_prefill_decision: Callable[[PrefillPlan], None] = lambda plan: None):
         self.nodes = nodes  # the router's live list: nodes join and leave while serving
         self.policy = policy
         self.load_failure_policy = load_failure_policy
         self.on_failover = on_failover  # called with "prefill" or "decode" (metrics)
+        self.planner = DisaggregationPlanner(disaggregation, policy, load_failure_policy)
+        self.on_prefill_decision = on_prefill_decision  # every plan (metrics)
 
     # A draining node (router/membership.py) gets no new job; what it runs goes on.
     @property
@@ -76,10 +85,6 @@ class Orchestrator:
     def colocated_nodes(self) -> list[NodeClient]:
         return [n for n in self.nodes if n.role == "both" and not n.leaving]
 
-    @property
-    def disaggregated(self) -> bool:
-        return bool(self.prefill_nodes and self.decode_nodes)
-
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        affinity_key: str | None = None, *, workflow_id: str | None = None,
                        agent_id: str | None = None) -> AsyncIterator[Delta]:
@@ -90,38 +95,36 @@ class Orchestrator:
         if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         try:
-            if not self.disaggregated:
-                node = self.policy.pick_prefill(self.colocated_nodes, prompt_ids, affinity_key)
-                async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
-                    async for d in inner:
-                        yield d
-                return
-            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key, owner)) as inner:
+            plan = self.planner.plan(self.nodes, prompt_ids, params.max_tokens, affinity_key)
+        except NoHealthyNode as e:
+            raise RequestFailed(str(e), 503) from None
+        self.on_prefill_decision(plan)
+        if plan.failover:  # no prefill node is up: the decode node prefills the request itself
+            self.on_failover("prefill")
+        if plan.prefill is None:
+            stream = self._stream(plan.decode, request_id, prompt_ids, params, owner=owner)
+        else:
+            stream = self._disaggregated(request_id, prompt_ids, params, plan.prefill, plan.decode, owner)
+        prefilled = self.planner.queue.enter((plan.prefill or plan.decode).id)
+        try:
+            async with aclosing(stream) as inner:
                 async for d in inner:
+                    if prefilled is not None:  # the first delta: the prefill is done
+                        prefilled()
+                        prefilled = None
+                        d.prefill, d.prefill_reason = plan.decision, plan.reason
                     yield d
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
+        finally:
+            if prefilled is not None:
+                prefilled()
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                             affinity_key: str | None, owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
-        if params.max_tokens == 1:  # nothing to decode: the prefill node serves it whole
-            node = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
-                async for d in inner:
-                    yield d
-            return
-        try:
-            prefill = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
-        except NoHealthyNode:
-            if self.load_failure_policy == "fail":
-                raise
-            # No prefill node is up: a decode node prefills the request itself.
-            self.on_failover("prefill")
-            async with aclosing(self._stream(self.policy.pick_decode(self.decode_nodes), request_id, prompt_ids,
-                                             params, owner=owner)) as inner:
-                async for d in inner:
-                    yield d
-            return
+                             prefill: NodeClient, decode: NodeClient,
+                             owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
+        """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
+        `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan."""
         first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
         try:
@@ -142,8 +145,7 @@ class Orchestrator:
             self.on_failover("prefill")
             log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
                         prefill.id, first.error)
-            node = self.policy.pick_decode(self.decode_nodes)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
+            async with aclosing(self._stream(decode, request_id, prompt_ids, params, owner=owner)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -157,7 +159,6 @@ class Orchestrator:
         except BaseException:  # the client left before the decode job: free the lent KV now
             await prefill.release_kv(f"{request_id}-p")
             raise
-        decode = self.policy.pick_decode(self.decode_nodes)
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
                               kv=first.kv_transfer_params, lender=prefill, owner=owner)
         async with aclosing(stream) as inner:

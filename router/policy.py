@@ -112,6 +112,11 @@ class RoutingPolicy:
             matched.update((i, found[i]) for i in ids if i in found)
         return matched
 
+    def cached_blocks(self, nodes: Sequence[NodeClient], prompt_ids: Sequence[int]) -> dict[str, int]:
+        """Per node id, the leading blocks of the prompt it holds (router/disaggregation.py
+        credits them against a local prefill)."""
+        return self._match(nodes, prompt_ids)
+
     # --- KV events ----------------------------------------------------------------------
     def follow_kv_events(self, nodes: Sequence[NodeClient], ctx: zmq.asyncio.Context) -> None:
         """Subscribe to every node's KV events at the addresses its stats give (health loop)."""
