@@ -23,7 +23,8 @@ Picks. With decode nodes the decode node is the policy's decode pick (least load
 turn) and the prefill node its prefill pick, workflow affinity included, as before. With
 only `both` nodes the decode node is the policy's prefill pick (it holds the prompt's
 prefix and the workflow's affinity, since the next turn's prompt extends this one's
-output), and the lender is picked without affinity.
+output), and the lender the cheapest other node: longest cached prefix, fewest prefills
+waiting, least loaded.
 
 The queue. What waits on a prefill candidate is counted by this router (PrefillQueue):
 requests it sent there whose first token has not come back. That is fresher than the
@@ -37,6 +38,7 @@ prefill: the cluster still serves every request in full.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -113,6 +115,7 @@ class DisaggregationPlanner:
         self.policy = policy
         self.load_failure_policy = load_failure_policy
         self.queue = PrefillQueue()
+        self._turn = itertools.count()
 
     def plan(self, nodes: Sequence[NodeClient], prompt_ids: Sequence[int], max_tokens: int | None,
              affinity_key: str | None = None) -> PrefillPlan:
@@ -133,10 +136,8 @@ class DisaggregationPlanner:
             return PrefillPlan(node, None, "single_token", len(prompt_ids))
         if decode_nodes:
             decode = self.policy.pick_decode(decode_pool)
-            lender_affinity = affinity_key
         else:
             decode = self.policy.pick_prefill(decode_pool, prompt_ids, affinity_key)
-            lender_affinity = None
         uncached = len(prompt_ids) - self.cached_tokens(decode, prompt_ids)
         if mode == "never":
             return PrefillPlan(decode, None, "never", uncached)
@@ -155,8 +156,23 @@ class DisaggregationPlanner:
             candidates = [n for n in candidates if self.queue[n.id] < rule.max_prefill_queue]
             if not candidates:
                 return PrefillPlan(decode, None, "prefill_busy", uncached)
-        prefill = self.policy.pick_prefill(candidates, prompt_ids, lender_affinity)
+        if decode_nodes:
+            prefill = self.policy.pick_prefill(candidates, prompt_ids, affinity_key)
+        else:
+            prefill = self._pick_lender(candidates, prompt_ids)
         return PrefillPlan(decode, prefill, "always" if mode == "always" else "long_prompt", uncached)
+
+    def _pick_lender(self, candidates: Sequence[NodeClient], prompt_ids: Sequence[int]) -> NodeClient:
+        """Among `both` nodes: the one holding the longest prefix of the prompt (it computes
+        the least), then the fewest prefills waiting, then the least loaded; ties in turn.
+        Whatever the policy: the workflow's affinity stays with its decode node."""
+        matched = self.policy.cached_blocks(candidates, prompt_ids)
+
+        def cost(n: NodeClient) -> tuple[int, int, int]:
+            return -matched.get(n.id, 0), self.queue[n.id], n.load
+        best = min(map(cost, candidates))
+        tied = [n for n in candidates if cost(n) == best]
+        return tied[next(self._turn) % len(tied)]
 
     def cached_tokens(self, node: NodeClient, prompt_ids: Sequence[int]) -> int:
         """Leading prompt tokens `node` holds in its prefix cache, by its KV events. At

@@ -236,3 +236,22 @@ def test_the_shipped_cluster_yaml_keeps_today_s_split():
     from pathlib import Path
     config = load_cluster_config(Path(__file__).resolve().parent.parent / "cluster.yaml")
     assert config.router.disaggregation.mode is None and not config.colocated_share_kv
+
+
+def test_requests_take_every_prefill_and_decode_node_in_turn(ctx):
+    nodes = make_nodes(ctx, "prefill", "prefill", "decode", "decode")
+    for policy in ("round_robin", "least_loaded", "prefix_aware"):
+        p = planner("always", policy=policy, share=False)
+        pairs = {(plan.prefill.id, plan.decode.id) for plan in (p.plan(nodes, LONG, 16) for _ in range(4))}
+        assert {a for a, _ in pairs} == {"prefill-0", "prefill-1"} and {b for _, b in pairs} == {"decode-0", "decode-1"}
+
+
+def test_the_lender_among_both_nodes_is_the_cheapest_other_node(ctx):
+    a, b, c = make_nodes(ctx, "both", "both", "both")
+    p = planner("always", policy="round_robin")
+    p.queue.enter("both-1")
+    lenders = dict((plan.decode.id, plan.prefill.id) for plan in (p.plan([a, b, c], LONG, 16) for _ in range(3)))
+    # both-1 has a prefill waiting: the others lend to each other, and to it.
+    assert lenders["both-0"] == "both-2" and lenders["both-2"] == "both-0" and lenders["both-1"] != "both-1"
+    cache(p, b, LONG, 4)  # a longer cached prefix outweighs the queue
+    assert p.plan([a, b, c], LONG, 16).prefill.id == "both-1"
