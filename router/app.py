@@ -206,7 +206,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     @app.get("/cluster")
     async def cluster():
         """Every node's state. `peak_running`/`peak_waiting`: the most requests a node ran
-        or queued at any step since the previous GET /cluster (for samplers like the bench)."""
+        or queued at any step since the previous GET /cluster (for samplers like the bench).
+        `prefills_waiting`: prefills this router sent there whose first token is not back
+        (the queue router.disaggregation's `conditional` mode checks)."""
         nodes = []
         for n in router.nodes:
             e = n.last_stats.engine if n.last_stats else None
@@ -219,8 +221,12 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                           "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
                           "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
+                          "prefills_waiting": router.orchestrator.planner.queue[n.id],
                           "kv_transfer": e.kv_transfer if e else {}})
-        return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name}
+        return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name,
+                "disaggregation": {"mode": spec.disaggregation_mode, "colocated_share_kv": spec.colocated_share_kv,
+                                   "max_local_prefill_tokens": spec.max_local_prefill_tokens,
+                                   "max_prefill_queue": spec.max_prefill_queue}}
 
     @app.get("/metrics")
     async def metrics():

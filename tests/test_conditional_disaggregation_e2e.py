@@ -121,7 +121,10 @@ def test_both_nodes_lend_and_pull_kv_and_free_every_block(cluster, client, offli
         assert after[node]["loads"] - before[node]["loads"] >= 1, after
         assert after[node]["blocks_failed"] == before[node]["blocks_failed"]
     nodes = all_blocks_free(cluster.url)
-    assert all(n["kv_blocks_free"] == n["kv_blocks_total"] for n in nodes), nodes
+    assert all(n["kv_blocks_free"] == n["kv_blocks_total"] and n["prefills_waiting"] == 0 for n in nodes), nodes
+    assert httpx.get(cluster.url + "/cluster").json()["disaggregation"] == {
+        "mode": "conditional", "colocated_share_kv": True, "max_local_prefill_tokens": THRESHOLD,
+        "max_prefill_queue": 4}
 
 
 def test_a_long_prompt_the_decode_node_already_caches_is_prefilled_there(cluster, client, offline):
