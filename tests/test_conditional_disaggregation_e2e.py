@@ -7,6 +7,7 @@ second router on the same nodes shows `always` and `never`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -17,6 +18,10 @@ import msgspec
 import openai
 import pytest
 
+from bench.cli import per_request
+from bench.client import run_load
+from bench.metrics import summarize
+from bench.workloads import BenchRequest
 from cluster.config import ClusterConfig
 from cluster.launcher import LocalCluster, _free_ports
 from engine import LLM, SamplingParams
@@ -169,3 +174,13 @@ def test_always_and_never_on_the_same_nodes(cluster, offline, tmp_path, mode, pr
         for kw in (GREEDY, SEEDED):
             assert complete(client, prompt, kw, False) == (offline_text(offline, prompt, kw), *expected)
         assert decisions(url)[expected] == 2
+
+
+def test_the_bench_records_each_request_s_prefill_plan(cluster):
+    requests = [BenchRequest(0, SHORT, 4), BenchRequest(1, long_prompt(5000), 4)]
+    run = asyncio.run(run_load(cluster.url, requests, concurrency=1, metrics_settle_s=0.0))
+    assert [(r.ok, r.prefill, r.prefill_reason) for r in run.results] == [(True, "local", "short_prompt"),
+                                                                          (True, "remote", "long_prompt")]
+    assert per_request(run.results[1])["prefill"] == "remote"
+    assert summarize(run.results, run.duration_s)["prefill_decisions"] == {
+        "local": 1, "local:short_prompt": 1, "remote": 1, "remote:long_prompt": 1}
