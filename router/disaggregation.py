@@ -76,7 +76,7 @@ class PrefillPlan:
     decode: NodeClient
     prefill: NodeClient | None
     reason: str
-    uncached_tokens: int = 0   # prompt tokens the decode node would compute itself
+    uncached_tokens: int | None = None  # conditional: prompt tokens the decode node would compute itself
     failover: bool = False     # a prefill node was wanted and none is up: the decode node prefills
 
     @property
@@ -133,18 +133,20 @@ class DisaggregationPlanner:
         if max_tokens == 1 and mode != "never" and any(n.healthy for n in prefill_nodes):
             # Nothing to decode: a prefill node serves it whole (no KV to move).
             node = self.policy.pick_prefill(prefill_nodes, prompt_ids, affinity_key)
-            return PrefillPlan(node, None, "single_token", len(prompt_ids))
+            return PrefillPlan(node, None, "single_token")
         if decode_nodes:
             decode = self.policy.pick_decode(decode_pool)
         else:
             decode = self.policy.pick_prefill(decode_pool, prompt_ids, affinity_key)
-        uncached = len(prompt_ids) - self.cached_tokens(decode, prompt_ids)
         if mode == "never":
-            return PrefillPlan(decode, None, "never", uncached)
+            return PrefillPlan(decode, None, "never")
         if max_tokens == 1:
-            return PrefillPlan(decode, None, "single_token", uncached)
-        if mode == "conditional" and uncached <= rule.max_local_prefill_tokens:
-            return PrefillPlan(decode, None, "short_prompt", uncached)
+            return PrefillPlan(decode, None, "single_token")
+        uncached = None  # hashing a long prompt costs a millisecond or more: only when the rule needs it
+        if mode == "conditional":
+            uncached = len(prompt_ids) - self.cached_tokens(decode, prompt_ids)
+            if uncached <= rule.max_local_prefill_tokens:
+                return PrefillPlan(decode, None, "short_prompt", uncached)
         candidates = [n for n in prefill_pool if n.healthy and n is not decode]
         if not candidates:
             if prefill_nodes:  # the cluster has prefill nodes and none is up: a failure
@@ -166,6 +168,8 @@ class DisaggregationPlanner:
         """Among `both` nodes: the one holding the longest prefix of the prompt (it computes
         the least), then the fewest prefills waiting, then the least loaded; ties in turn.
         Whatever the policy: the workflow's affinity stays with its decode node."""
+        if len(candidates) == 1:
+            return candidates[0]
         matched = self.policy.cached_blocks(candidates, prompt_ids)
 
         def cost(n: NodeClient) -> tuple[int, int, int]:
