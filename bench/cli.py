@@ -41,7 +41,7 @@ from bench import report
 from bench.client import RequestResult, run_load
 from bench.metrics import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS, SLO, summarize
 from bench.workloads import WORKLOADS, BenchRequest, WorkloadOptions, make_workload, parse_rates, with_poisson_arrivals
-from cluster.config import ClusterConfig, parse_topology
+from cluster.config import ClusterConfig, parse_topology, topology_mode
 
 EXTERNAL = "external"
 WARMUP_SALT = 1_000_003      # token ids of warm-up requests: never the measured ones
@@ -241,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- one topology -------------------------------------------------------------------------------
 def topology_config(base: ClusterConfig, topology: str) -> ClusterConfig:
-    """`base` split as `topology`, its router on a free port (the launcher picks port 0)."""
+    """`base` split as `topology`, its router on a free port (the launcher picks port 0),
+    with the disaggregation mode the name gives after `@` (e.g. colocated2@conditional)."""
     cfg = base.with_topology(*parse_topology(topology))
-    return cfg.model_copy(update={"router": cfg.router.model_copy(update={"port": 0})})
+    router = {"port": 0}
+    mode = topology_mode(topology)
+    if mode is not None:
+        router["disaggregation"] = cfg.router.disaggregation.model_copy(update={"mode": mode})
+    return cfg.model_copy(update={"router": cfg.router.model_copy(update=router)})
 
 
 def _bench_topology(plan: BenchPlan, base: ClusterConfig, topology: str, progress: Progress) -> list[dict[str, Any]]:

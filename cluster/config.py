@@ -423,14 +423,27 @@ class ClusterConfig(_Section):
 
 def parse_topology(name: str) -> tuple[int, int, int]:
     """A benchmark topology name as (prefill, decode, colocated) replicas: `1P1D`, `2P1D`
-    (x prefill + y decode nodes), `colocated2` (2 role-`both` nodes). Case-insensitive."""
-    m = re.fullmatch(r"(\d+)p(\d+)d|colocated(\d+)", name.strip().lower())
+    (x prefill + y decode nodes), `colocated2` (2 role-`both` nodes). Case-insensitive.
+    A name may end in `@MODE`, its router.disaggregation.mode (topology_mode), e.g.
+    `colocated2@conditional`."""
+    topology_mode(name)
+    m = re.fullmatch(r"(\d+)p(\d+)d|colocated(\d+)", name.strip().lower().partition("@")[0])
     if not m:
         raise ValueError(f"topology {name!r}: write xPyD (e.g. 1P1D, 2P1D) or colocatedN (e.g. colocated2)")
     p, d, c = (int(g) if g else 0 for g in m.groups())
     if not (p and d) and not c:
         raise ValueError(f"topology {name!r} has no serving node: it needs x, y >= 1 or N >= 1")
     return p, d, c
+
+
+def topology_mode(name: str) -> str | None:
+    """The disaggregation mode a topology name asks for after `@` (None: the file's)."""
+    _, at, mode = name.strip().lower().partition("@")
+    modes = typing.get_args(typing.get_args(DisaggregationSettings.model_fields["mode"].annotation)[0])
+    if at and mode not in modes:
+        raise ValueError(f"topology {name!r}: {mode!r} after @ is not a disaggregation mode: use "
+                         f"{', '.join(modes)} (e.g. colocated2@conditional)")
+    return mode or None
 
 
 def _visible_gpu_count() -> int:

@@ -4,10 +4,13 @@ cluster.yaml settings that turn it on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import zmq.asyncio
 
-from cluster.config import ClusterConfig, ClusterConfigError, load_cluster_config
+from bench.cli import topology_config
+from cluster.config import ClusterConfig, ClusterConfigError, load_cluster_config, parse_topology, topology_mode
 from engine.hashing import prefix_block_hashes
 from engine.kv_events import BlockStored
 from router.disaggregation import DisaggregationPlanner, DisaggregationRule, PrefillQueue
@@ -233,7 +236,6 @@ def test_disaggregation_settings_are_checked(tmp_path):
 
 
 def test_the_shipped_cluster_yaml_keeps_today_s_split():
-    from pathlib import Path
     config = load_cluster_config(Path(__file__).resolve().parent.parent / "cluster.yaml")
     assert config.router.disaggregation.mode is None and not config.colocated_share_kv
 
@@ -255,3 +257,17 @@ def test_the_lender_among_both_nodes_is_the_cheapest_other_node(ctx):
     assert lenders["both-0"] == "both-2" and lenders["both-2"] == "both-0" and lenders["both-1"] != "both-1"
     cache(p, b, LONG, 4)  # a longer cached prefix outweighs the queue
     assert p.plan([a, b, c], LONG, 16).prefill.id == "both-1"
+
+
+def test_a_bench_topology_may_name_its_disaggregation_mode():
+    assert (parse_topology("colocated2@conditional"), topology_mode("colocated2@Conditional")) == ((0, 0, 2),
+                                                                                                  "conditional")
+    assert topology_mode("1P1D") is None
+    with pytest.raises(ValueError, match="'sometimes' after @ is not a disaggregation mode"):
+        parse_topology("colocated2@sometimes")
+    split = topology_config(ClusterConfig(), "colocated2@conditional")
+    assert split.router.disaggregation.mode == "conditional" and split.router.port == 0
+    assert [s.kv_role for s in split.node_specs(num_gpus=0)] == ["kv_both", "kv_both"]
+    static = topology_config(ClusterConfig(), "colocated2")
+    assert static.router.disaggregation.mode is None
+    assert [s.kv_role for s in static.node_specs(num_gpus=0)] == [None, None]
