@@ -43,7 +43,7 @@ from bench import advisor, report
 from bench.client import RequestResult, run_load
 from bench.metrics import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS, SLO, summarize
 from bench.workloads import WORKLOADS, BenchRequest, WorkloadOptions, make_workload, parse_rates, with_poisson_arrivals
-from cluster.config import ClusterConfig, parse_topology
+from cluster.config import ClusterConfig, parse_topology, topology_mode
 
 EXTERNAL = "external"
 WARMUP_SALT = 1_000_003      # token ids of warm-up requests: never the measured ones
@@ -268,9 +268,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- one topology -------------------------------------------------------------------------------
 def topology_config(base: ClusterConfig, topology: str) -> ClusterConfig:
-    """`base` split as `topology`, its router on a free port (the launcher picks port 0)."""
+    """`base` split as `topology`, its router on a free port (the launcher picks port 0),
+    with the disaggregation mode the name gives after `@` (e.g. colocated2@conditional)."""
     cfg = base.with_topology(*parse_topology(topology))
-    return cfg.model_copy(update={"router": cfg.router.model_copy(update={"port": 0})})
+    router = {"port": 0}
+    mode = topology_mode(topology)
+    if mode is not None:
+        router["disaggregation"] = cfg.router.disaggregation.model_copy(update={"mode": mode})
+    return cfg.model_copy(update={"router": cfg.router.model_copy(update=router)})
 
 
 def _bench_topology(plan: BenchPlan, base: ClusterConfig, topology: str, progress: Progress) -> list[dict[str, Any]]:
@@ -359,7 +364,9 @@ def per_request(r: RequestResult) -> dict[str, Any]:
         return None if math.isnan(v) else round(v * 1e3, 3)
     return {"index": r.index, "ok": r.ok, "send_ms": ms(r.send_s), "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s),
             "e2e_ms": ms(r.e2e_s), "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
-            "cached_tokens": r.cached_tokens, **({"error": r.error} if r.error else {})}
+            "cached_tokens": r.cached_tokens, **({"prefill": r.prefill, "prefill_reason": r.prefill_reason}
+                                                 if r.prefill else {}),
+            **({"error": r.error} if r.error else {})}
 
 
 # --- the model's limits ---------------------------------------------------------------------------

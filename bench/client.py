@@ -22,6 +22,9 @@ What is measured, per request (seconds, `time.perf_counter` in this process):
   * TPOT: (e2e - TTFT) / (output_tokens - 1); undefined (NaN) for one output token.
   * e2e: from sending to `data: [DONE]`.
   * output tokens: the usage chunk's `completion_tokens` (the chunk count without it).
+  * prefill: where the router planned the prompt's prefill, `remote` (another node, KV
+    pulled) or `local` (on the decode node), from its `x-pdcluster-prefill` header (""
+    from a router that does not send it).
 A request succeeds when the answer is HTTP 200 and the stream ends with [DONE] and no
 error event.
 
@@ -48,6 +51,8 @@ from bench.workloads import BenchRequest
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 CLUSTER_SAMPLE_INTERVAL_S = 0.5   # the router refreshes node stats every 0.5 s
 METRICS_SETTLE_S = 1.2            # wait after the run so /metrics shows its last stats
+PREFILL_HEADER = "x-pdcluster-prefill"   # router/app.py's
+PREFILL_REASON_HEADER = "x-pdcluster-prefill-reason"
 
 
 @dataclass(slots=True)
@@ -65,6 +70,8 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     num_chunks: int = 0
     cached_tokens: int = 0        # prompt tokens served from the prefix cache (usage)
+    prefill: str = ""             # remote | local: the router's x-pdcluster-prefill header
+    prefill_reason: str = ""
     error: str = ""
 
     @property
@@ -207,6 +214,8 @@ async def send_request(http: httpx.AsyncClient, url: str, req: BenchRequest, t0:
     result.send_s = start - t0
     try:
         async with http.stream("POST", f"{url}/v1/completions", json=request_body(req)) as resp:
+            result.prefill = resp.headers.get(PREFILL_HEADER, "")
+            result.prefill_reason = resp.headers.get(PREFILL_REASON_HEADER, "")
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {_error_message(await resp.aread())}"
                 return result

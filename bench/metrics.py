@@ -93,6 +93,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SL
         "itl_ms": distribution(g for r in ok for g in r.itl_s),
         "e2e_ms": distribution(r.e2e_s for r in ok),
         "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "prefill_decisions": prefill_decisions(results),
         **(delta := cluster_delta(metrics_before, metrics_after)),
         "kv_transfer_share_of_ttft": _transfer_share(delta["kv_transfer"], ok),
         "queues": queue_peaks(queue_samples),
@@ -106,6 +107,17 @@ def _transfer_share(kv: dict[str, Any] | None, ok: Sequence[RequestResult]) -> f
     if not kv or kv.get("stream_tail_ms_mean") is None or not ttfts:
         return None
     return kv["stream_tail_ms_mean"] / (1e3 * float(np.mean(ttfts)))
+
+
+def prefill_decisions(results: Sequence[RequestResult]) -> dict[str, int]:
+    """Requests per prefill plan (`remote`, `local`) and per `remote:reason` /
+    `local:reason`, from the router's response headers; {} when it sent none."""
+    counts: Counter[str] = Counter()
+    for r in results:
+        if r.prefill:
+            counts[r.prefill] += 1
+            counts[f"{r.prefill}:{r.prefill_reason}"] += 1
+    return dict(sorted(counts.items()))
 
 
 # --- the router's /metrics -------------------------------------------------------------------

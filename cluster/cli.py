@@ -62,7 +62,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     bench.add_argument("cluster_yaml", nargs="?", metavar="CLUSTER_YAML",
                        help="the cluster each topology is derived from")
     bench.add_argument("--topologies", default=None, type=_topologies, metavar="LIST",
-                       help="comma-separated, e.g. 1P1D,2P1D,colocated2")
+                       help="comma-separated, e.g. 1P1D,2P1D,colocated2; @MODE sets router.disaggregation.mode, "
+                            "e.g. colocated2@conditional")
     bench.add_argument("--workload", default=None, metavar="NAME",
                        help="fixed | random-uniform | random-lognormal | sharegpt | prefix-agents")
     bench.add_argument("--num-requests", type=int, default=None, metavar="N")

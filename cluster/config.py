@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 Role = Literal["prefill", "decode", "both"]
-KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": None}
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": None}  # `both`: see NodeSpec.kv_role
 PORTS_PER_NODE = 2  # a node's HTTP/control port, then its KV handshake port
 _DEVICE = re.compile(r"cpu|auto|cuda:\d+")
 
@@ -91,6 +91,26 @@ class EngineOverrides(EngineSettings):
     `engine:` values (so `num_blocks: null` here does mean "size it automatically")."""
 
 
+class DisaggregationSettings(_Section):
+    """Per request: prefill on another node and pull the KV, or prefill on the decode node
+    itself (router/disaggregation.py). In the spirit of Dynamo's conditional
+    disaggregation (max_local_prefill_length, prefill queue check)."""
+
+    mode: Literal["always", "conditional", "never"] | None = None
+    """`always`: every request's prefill runs on a prefill node (or another `both` node)
+    when one is up. `conditional`: only when the prompt tokens the decode node does not
+    already hold in its prefix cache exceed `max_local_prefill_tokens` and a prefill node
+    has fewer than `max_prefill_queue` prefills waiting. `never`: one node serves each
+    request whole. Not `never`: `both` (colocated) nodes lend KV to each other too.
+    null (default): `always` with prefill and decode nodes, `never` with only colocated
+    nodes; colocated nodes beside prefill/decode nodes then serve nothing (as before)."""
+    max_local_prefill_tokens: int = Field(default=512, ge=0)
+    """conditional: prompts with at most this many uncached tokens prefill on the decode node."""
+    max_prefill_queue: int = Field(default=4, ge=1)
+    """conditional: a prefill candidate with this many prefills waiting (sent by this router,
+    first token not yet back) takes no more remote prefills; the decode node prefills."""
+
+
 class RouterSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -116,6 +136,8 @@ class RouterSettings(_Section):
     tool_call_parser: str | None = None
     """hermes | llama3_json | module:Class: turns the model's text into `tool_calls`
     (needed for tool_choice auto; required and named choices work without it)."""
+    disaggregation: DisaggregationSettings = Field(default_factory=DisaggregationSettings)
+    """Per-request choice of remote or local prefill (see DisaggregationSettings)."""
 
     @field_validator("tool_call_parser")
     @classmethod
@@ -250,12 +272,13 @@ class NodeSpec:
     """One serving process to start. `port`/`kv_port` are 0 when the node should pick free
     ports (nodes_base_port: 0)."""
 
-    role: Role          # prefill (kv_producer) | decode (kv_consumer) | both (colocated, no transfer)
+    role: Role          # prefill (kv_producer) | decode (kv_consumer) | both (colocated)
     index: int          # position among the nodes of its role
     device: str         # cpu or cuda:N (auto already resolved)
     engine: EngineSettings
     port: int = 0
     kv_port: int = 0
+    shares_kv: bool = False  # role `both` only: lends and pulls KV (ClusterConfig.colocated_share_kv)
 
     @property
     def name(self) -> str:
@@ -263,6 +286,9 @@ class NodeSpec:
 
     @property
     def kv_role(self) -> str | None:
+        """`both` nodes transfer nothing, unless they lend KV to each other (kv_both)."""
+        if self.role == "both":
+            return "kv_both" if self.shares_kv else None
         return KV_ROLES[self.role]
 
 
@@ -316,6 +342,12 @@ class ClusterConfig(_Section):
             raise PydanticCustomError("cluster_topology", "\n".join(problems))
         return self
 
+    @property
+    def colocated_share_kv(self) -> bool:
+        """Whether `both` nodes lend KV to each other (and to decode nodes) and pull it: a
+        mode other than `never` given in the file. The default keeps colocated nodes whole."""
+        return self.router.disaggregation.mode in ("always", "conditional")
+
     @classmethod
     def default(cls) -> ClusterConfig:
         """The embedded default (the shipped cluster.yaml): builtin:tiny in float32, one
@@ -344,7 +376,8 @@ class ClusterConfig(_Section):
                     device = f"cuda:{autos % num_gpus}" if num_gpus else "cpu"
                     autos += 1
                 port = self.nodes_base_port + PORTS_PER_NODE * len(specs) if self.nodes_base_port else 0
-                specs.append(NodeSpec(role, i, device, engine, port, port + 1 if port else 0))
+                specs.append(NodeSpec(role, i, device, engine, port, port + 1 if port else 0,
+                                      shares_kv=role == "both" and self.colocated_share_kv))
         return specs
 
     def node_spec(self, role: Role, index: int, num_gpus: int | None = None) -> NodeSpec:
@@ -356,7 +389,7 @@ class ClusterConfig(_Section):
         if device == "auto":
             num_gpus = _visible_gpu_count() if num_gpus is None else num_gpus
             device = f"cuda:{index % num_gpus}" if num_gpus else "cpu"
-        return NodeSpec(role, index, device, engine)
+        return NodeSpec(role, index, device, engine, shares_kv=role == "both" and self.colocated_share_kv)
 
     def with_topology(self, prefill: int = 0, decode: int = 0, colocated: int = 0) -> ClusterConfig:
         """The same cluster on the same hardware, split differently (for the benchmark).
@@ -396,14 +429,27 @@ class ClusterConfig(_Section):
 
 def parse_topology(name: str) -> tuple[int, int, int]:
     """A benchmark topology name as (prefill, decode, colocated) replicas: `1P1D`, `2P1D`
-    (x prefill + y decode nodes), `colocated2` (2 role-`both` nodes). Case-insensitive."""
-    m = re.fullmatch(r"(\d+)p(\d+)d|colocated(\d+)", name.strip().lower())
+    (x prefill + y decode nodes), `colocated2` (2 role-`both` nodes). Case-insensitive.
+    A name may end in `@MODE`, its router.disaggregation.mode (topology_mode), e.g.
+    `colocated2@conditional`."""
+    topology_mode(name)
+    m = re.fullmatch(r"(\d+)p(\d+)d|colocated(\d+)", name.strip().lower().partition("@")[0])
     if not m:
         raise ValueError(f"topology {name!r}: write xPyD (e.g. 1P1D, 2P1D) or colocatedN (e.g. colocated2)")
     p, d, c = (int(g) if g else 0 for g in m.groups())
     if not (p and d) and not c:
         raise ValueError(f"topology {name!r} has no serving node: it needs x, y >= 1 or N >= 1")
     return p, d, c
+
+
+def topology_mode(name: str) -> str | None:
+    """The disaggregation mode a topology name asks for after `@` (None: the file's)."""
+    _, at, mode = name.strip().lower().partition("@")
+    modes = typing.get_args(typing.get_args(DisaggregationSettings.model_fields["mode"].annotation)[0])
+    if at and mode not in modes:
+        raise ValueError(f"topology {name!r}: {mode!r} after @ is not a disaggregation mode: use "
+                         f"{', '.join(modes)} (e.g. colocated2@conditional)")
+    return mode or None
 
 
 def _visible_gpu_count() -> int:

@@ -159,7 +159,10 @@ def router_launch_spec(cfg: ClusterConfig, port: int, model_dir: Path, nodes: li
         max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level, dispatch_to_both=cfg.router.dispatch_to_both,
         structured_outputs_backend=so.backend, disable_any_whitespace=so.disable_any_whitespace,
         disable_additional_properties=so.disable_additional_properties, reasoning_parser=so.reasoning_parser,
-        enable_in_reasoning=so.enable_in_reasoning, tool_call_parser=cfg.router.tool_call_parser)
+        enable_in_reasoning=so.enable_in_reasoning, tool_call_parser=cfg.router.tool_call_parser,
+        disaggregation_mode=cfg.router.disaggregation.mode, colocated_share_kv=cfg.colocated_share_kv,
+        max_local_prefill_tokens=cfg.router.disaggregation.max_local_prefill_tokens,
+        max_prefill_queue=cfg.router.disaggregation.max_prefill_queue)
 
 
 def router_secrets(cfg: ClusterConfig, base: dict[str, str] | None = None) -> dict[str, str]:

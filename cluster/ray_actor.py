@@ -82,8 +82,8 @@ def server_class(role: str):
     if role == "prefill":
         from prefill_node.service import PrefillNodeServer
         return PrefillNodeServer
-    from decode_node.service import DecodeNodeServer  # decode, and colocated (`both`)
-    return DecodeNodeServer
+    from decode_node.service import ColocatedNodeServer, DecodeNodeServer
+    return ColocatedNodeServer if role == "both" else DecodeNodeServer
 
 
 def _free_ports(ip: str, n: int) -> list[int]:

@@ -147,7 +147,8 @@ class RayCluster:
             _check_ports_free([("router.port", router_port)], host=cfg.router.host)
         self._router_port = router_port
         self._prefix = f"pdcluster-{router_port}"
-        specs = [NodeSpec(s.role, s.index, "auto", s.engine) for s in cfg.node_specs(num_gpus=0)]
+        specs = [NodeSpec(s.role, s.index, "auto", s.engine, shares_kv=s.shares_kv)
+                 for s in cfg.node_specs(num_gpus=0)]
         if cfg.ray.placement_strategy:
             self._place_group(specs, timeout_s)
         self.nodes = [self._create_actor(s, bundle=i if self._pg is not None else None) for i, s in enumerate(specs)]
@@ -218,7 +219,7 @@ class RayCluster:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, bundle)
             placement |= {"placement_group": self._pg.id.hex(), "bundle": bundle}
         handle = ray.remote(NodeActor).options(**options).remote(
-            msgspec.json.encode(launch).decode(), _kv_role(spec.role), placement)
+            msgspec.json.encode(launch).decode(), spec.kv_role, placement)
         return ActorNode(spec.name, spec.role, spec, handle)
 
     def _start_router(self) -> None:
@@ -325,7 +326,7 @@ class RayCluster:
         for role in changes.start:
             index = membership.next_index(role, self._names_used)
             spec = self.config.node_spec(role, index, num_gpus=0)
-            node = self._create_actor(NodeSpec(role, index, "auto", spec.engine))
+            node = self._create_actor(NodeSpec(role, index, "auto", spec.engine, shares_kv=spec.shares_kv))
             self._names_used.add(node.name)
             node.pending = node.handle.info.remote()
             self._starting.append(node)
@@ -422,11 +423,6 @@ def _bundle(resources: dict[str, float]) -> dict[str, float]:
     """A role's resources as a placement-group bundle, which Ray wants non-empty."""
     bundle = {k: v for k, v in resources.items() if v > 0}
     return bundle or {"CPU": 0.01}
-
-
-def _kv_role(role: str) -> str | None:
-    from cluster.config import KV_ROLES
-    return KV_ROLES[role]
 
 
 def _first_line(e: BaseException) -> str:

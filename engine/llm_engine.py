@@ -546,8 +546,11 @@ class LLMEngine:
     def _continues_elsewhere(req: Request, finish: tuple) -> bool:
         """A prefill that reached the length the router asked for goes on on a decode node,
         whose detokenizer picks up from the same state: text held back here (a possible
-        stop-string start) must stay held back, not be flushed."""
-        return finish[0] == "length" and bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
+        stop-string start) must stay held back, not be flushed. The connector may already
+        have lent the KV (finish_request runs first): its handle then names this request."""
+        p = req.kv_transfer_params or {}
+        lent = p.get("do_remote_prefill") and p.get("remote_request_id") == req.request_id
+        return finish[0] == "length" and bool(p.get("do_remote_decode") or lent)
 
     def release_lent_kv(self, request_id: str) -> None:
         if self.connector is not None:

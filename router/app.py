@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kv_connector.cluster_key import ClusterKey
 from engine.tokenizer import PromptTooLong, Tokenizer
 from router import responses as build
+from router.disaggregation import DisaggregationRule
 from router.membership import install_membership
 from router.metrics import RouterMetrics
 from router.node_client import NodeClient
@@ -51,6 +52,9 @@ HEALTH_INTERVAL_S = 0.5
 INLINE_TOKENIZE_BYTES = 32 << 10
 # Retry-After (seconds) on 429 (at the concurrency limit) and 503 (no healthy node).
 RETRY_AFTER_S = {429: 1, 503: 2}
+# Response headers: where the request's prompt was planned to prefill (remote|local), and why.
+PREFILL_HEADER = "x-pdcluster-prefill"
+PREFILL_REASON_HEADER = "x-pdcluster-prefill-reason"
 _ADMIN_PATHS = ("/cluster", "/metrics")
 # Per node in GET /cluster, from its last stats.
 _CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "running", "waiting",
@@ -107,9 +111,13 @@ class Router:
         self.tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.policy = RoutingPolicy(spec.policy, spec.block_size)
         self.metrics = RouterMetrics(self.nodes, self.policy.kv_stats)
-        self.orchestrator = Orchestrator(self.nodes, self.policy, spec.load_failure_policy,
-                                         on_failover=lambda stage: self.metrics.failovers.labels(stage).inc(),
-                                         dispatch_to_both=spec.dispatch_to_both)
+        rule = DisaggregationRule(spec.disaggregation_mode, spec.colocated_share_kv, spec.max_local_prefill_tokens,
+                                  spec.max_prefill_queue)
+        self.orchestrator = Orchestrator(
+            self.nodes, self.policy, spec.load_failure_policy,
+            on_failover=lambda stage: self.metrics.failovers.labels(stage).inc(), disaggregation=rule,
+            dispatch_to_both=spec.dispatch_to_both,
+            on_prefill_decision=lambda plan: self.metrics.prefill_decisions.labels(plan.decision, plan.reason).inc())
         self.features = ServerFeatures(spec)   # structured outputs, reasoning and tool parsers
         self.in_flight = 0
         self._health_task: asyncio.Task | None = None
@@ -199,7 +207,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     @app.get("/cluster")
     async def cluster():
         """Every node's state. `peak_running`/`peak_waiting`: the most requests a node ran
-        or queued at any step since the previous GET /cluster (for samplers like the bench)."""
+        or queued at any step since the previous GET /cluster (for samplers like the bench).
+        `prefills_waiting`: prefills this router sent there whose first token is not back
+        (the queue router.disaggregation's `conditional` mode checks)."""
         nodes = []
         for n in router.nodes:
             e = n.last_stats.engine if n.last_stats else None
@@ -212,8 +222,12 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                           "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
                           "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
+                          "prefills_waiting": router.orchestrator.planner.queue[n.id],
                           "kv_transfer": e.kv_transfer if e else {}})
-        return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name}
+        return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name,
+                "disaggregation": {"mode": spec.disaggregation_mode, "colocated_share_kv": spec.colocated_share_kv,
+                                   "max_local_prefill_tokens": spec.max_local_prefill_tokens,
+                                   "max_prefill_queue": spec.max_prefill_queue}}
 
     @app.get("/metrics")
     async def metrics():
@@ -281,11 +295,22 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         except RequestFailed as e:
             router.metrics.requests.labels(endpoint, e.code).inc()
             return error(str(e), e.code)
+        headers = _prefill_headers(head)
         if req.stream:
-            return StreamingResponse(run.sse(head), media_type="text/event-stream")
-        return await run.collect(head, request)
+            return StreamingResponse(run.sse(head), media_type="text/event-stream", headers=headers)
+        response = await run.collect(head, request)
+        response.headers.update(headers)
+        return response
 
     return app
+
+
+def _prefill_headers(head: Delta) -> dict[str, str]:
+    """Where choice 0 was planned to prefill (router/disaggregation.py), for clients and
+    the benchmark: `x-pdcluster-prefill: remote|local` and the reason."""
+    if head.prefill is None:
+        return {}
+    return {PREFILL_HEADER: head.prefill, PREFILL_REASON_HEADER: head.prefill_reason or ""}
 
 
 def _prompt_ids(router: Router, req, chat: bool) -> tuple[list[int], str]:

@@ -99,6 +99,10 @@ class RouterMetrics:
         self.cached_tokens = Histogram("pdcluster_request_cached_tokens",
                                        "Prompt tokens a request found in the prefix cache",
                                        buckets=_CACHED_TOKEN_BUCKETS, registry=r)
+        self.prefill_decisions = Counter("pdcluster_router_prefill_decisions",
+                                         "Requests by where their prompt was planned to prefill: remote (another "
+                                         "node, KV pulled) or local (on the decode node), and why",
+                                         ["decision", "reason"], registry=r)
         self.kv_stats = kv_stats or WorkflowKVStats()
         r.register(_NodeCollector(nodes))
         r.register(_WorkflowCollector(self.kv_stats))

@@ -6,7 +6,9 @@ Disaggregated (xPyD):
   2. The decode node gets the prompt, that token and the KV handle; it pulls the blocks
      and continues. Sampling is stateless per (seed, step) (engine/sampler.py), so the
      split changes no token; the router draws the seed when the client gave none.
-Colocated: one node does both.
+Colocated: one node does both. Which of the two a request gets, and on which nodes, is
+router/disaggregation.py's plan (router.disaggregation.mode: always, conditional, never);
+`both` nodes that share KV are split like prefill and decode nodes.
 
 Dispatch to both at once (when the prefill node advertises its KV service, as SGLang
 does): the decode job is sent with the prefill job, carrying `streamed` KV parameters.
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 
 from engine import node_protocol as proto
 from engine.sampling_params import SamplingParams
+from router.disaggregation import DisaggregationPlanner, DisaggregationRule, PrefillPlan
 from router.node_client import NodeClient, NodeUnavailable
 from router.policy import NoHealthyNode, RoutingPolicy
 
@@ -57,6 +60,8 @@ class Delta:
     error_code: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prefill: str | None = None          # first delta only: the plan, "remote" or "local"
+    prefill_reason: str | None = None   # and why (router/disaggregation.py)
 
 
 class RequestFailed(Exception):
@@ -67,11 +72,16 @@ class RequestFailed(Exception):
 
 class Orchestrator:
     def __init__(self, nodes: Sequence[NodeClient], policy: RoutingPolicy, load_failure_policy: str = "recompute",
-                 on_failover: Callable[[str], None] = lambda stage: None, dispatch_to_both: bool = True):
+                 on_failover: Callable[[str], None] = lambda stage: None,
+                 disaggregation: DisaggregationRule = DisaggregationRule(),
+                 on_prefill_decision: Callable[[PrefillPlan], None] = lambda plan: None,
+                 dispatch_to_both: bool = True):
         self.nodes = nodes  # the router's live list: nodes join and leave while serving
         self.policy = policy
         self.load_failure_policy = load_failure_policy
         self.on_failover = on_failover  # called with "prefill" or "decode" (metrics)
+        self.planner = DisaggregationPlanner(disaggregation, policy, load_failure_policy)
+        self.on_prefill_decision = on_prefill_decision  # every plan (metrics)
         self.dispatch_to_both = dispatch_to_both
 
     # A draining node (router/membership.py) gets no new job; what it runs goes on.
@@ -87,10 +97,6 @@ class Orchestrator:
     def colocated_nodes(self) -> list[NodeClient]:
         return [n for n in self.nodes if n.role == "both" and not n.leaving]
 
-    @property
-    def disaggregated(self) -> bool:
-        return bool(self.prefill_nodes and self.decode_nodes)
-
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        affinity_key: str | None = None, *, workflow_id: str | None = None,
                        agent_id: str | None = None) -> AsyncIterator[Delta]:
@@ -101,41 +107,39 @@ class Orchestrator:
         if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         try:
-            if not self.disaggregated:
-                node = self.policy.pick_prefill(self.colocated_nodes, prompt_ids, affinity_key)
-                async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
-                    async for d in inner:
-                        yield d
-                return
-            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key, owner)) as inner:
+            plan = self.planner.plan(self.nodes, prompt_ids, params.max_tokens, affinity_key)
+        except NoHealthyNode as e:
+            raise RequestFailed(str(e), 503) from None
+        self.on_prefill_decision(plan)
+        if plan.failover:  # no prefill node is up: the decode node prefills the request itself
+            self.on_failover("prefill")
+        if plan.prefill is None:
+            stream = self._stream(plan.decode, request_id, prompt_ids, params, owner=owner)
+        else:
+            stream = self._disaggregated(request_id, prompt_ids, params, plan.prefill, plan.decode, owner)
+        prefilled = self.planner.queue.enter((plan.prefill or plan.decode).id)
+        try:
+            async with aclosing(stream) as inner:
                 async for d in inner:
+                    if prefilled is not None:  # the first delta: the prefill is done
+                        prefilled()
+                        prefilled = None
+                        d.prefill, d.prefill_reason = plan.decision, plan.reason
                     yield d
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
+        finally:
+            if prefilled is not None:
+                prefilled()
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                             affinity_key: str | None, owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
-        if params.max_tokens == 1:  # nothing to decode: the prefill node serves it whole
-            node = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
-                async for d in inner:
-                    yield d
-            return
-        try:
-            prefill = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
-        except NoHealthyNode:
-            if self.load_failure_policy == "fail":
-                raise
-            # No prefill node is up: a decode node prefills the request itself.
-            self.on_failover("prefill")
-            async with aclosing(self._stream(self.policy.pick_decode(self.decode_nodes), request_id, prompt_ids,
-                                             params, owner=owner)) as inner:
-                async for d in inner:
-                    yield d
-            return
+                             prefill: NodeClient, decode: NodeClient,
+                             owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
+        """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
+        `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan."""
         first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
-        decode, streamed_kv, decode_q = None, None, None
+        streamed_kv, decode_q = None, None
         try:
             q = await _submit(prefill, proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
                                                            kv_transfer_params={"do_remote_decode": True},
@@ -143,7 +147,6 @@ class Orchestrator:
             try:
                 streamed_kv = self._streamed_kv(prefill, f"{request_id}-p", len(prompt_ids))
                 if streamed_kv is not None:  # the decode job goes out now, beside the prefill job
-                    decode = self.policy.pick_decode(self.decode_nodes)
                     decode_q = await _submit_quietly(decode, proto.SubmitRequest(
                         request_id, prompt_ids, params.to_dict(), [], streamed_kv, workflow_id=owner[0],
                         agent_id=owner[1]))
@@ -165,8 +168,7 @@ class Orchestrator:
             self.on_failover("prefill")
             log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
                         prefill.id, first.error)
-            node = self.policy.pick_decode(self.decode_nodes)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
+            async with aclosing(self._stream(decode, request_id, prompt_ids, params, owner=owner)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -182,8 +184,6 @@ class Orchestrator:
             if decode_q is not None:
                 await decode.abort(request_id)
             raise
-        if decode is None:
-            decode = self.policy.pick_decode(self.decode_nodes)
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
                               kv=streamed_kv or first.kv_transfer_params, lender=prefill, owner=owner,
                               submitted=decode_q)

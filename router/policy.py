@@ -48,7 +48,11 @@ class RoutingPolicy:
         self.index = PrefixIndex()
         self.listeners: dict[str, KVEventListener] = {}
         self.kv_stats = WorkflowKVStats()
+        # Prefill and decode picks take turns apart: on one shared counter a request's two
+        # picks advance it by two, and with two nodes of each kind every request would land
+        # on prefill-0 and decode-1.
         self._turn = itertools.count()
+        self._decode_turn = itertools.count()
         self._affinity: OrderedDict[str, str] = OrderedDict()  # workflow/agent key -> node id
 
     def pick_prefill(self, nodes: Sequence[NodeClient], prompt_ids: Sequence[int],
@@ -82,8 +86,8 @@ class RoutingPolicy:
     def pick_decode(self, nodes: Sequence[NodeClient], exclude: str | None = None) -> NodeClient:
         healthy = [n for n in _healthy(nodes) if n.id != exclude] or _healthy(nodes)
         if self.name == "round_robin":
-            return healthy[next(self._turn) % len(healthy)]
-        return self._least_loaded(healthy)
+            return healthy[next(self._decode_turn) % len(healthy)]
+        return self._least_loaded(healthy, self._decode_turn)
 
     def _sticky(self, healthy: Sequence[NodeClient], key: str | None) -> NodeClient | None:
         if not key or key not in self._affinity:
@@ -93,10 +97,10 @@ class RoutingPolicy:
             return None
         return node
 
-    def _least_loaded(self, nodes: Sequence[NodeClient]) -> NodeClient:
+    def _least_loaded(self, nodes: Sequence[NodeClient], turn: itertools.count | None = None) -> NodeClient:
         low = min(n.load for n in nodes)
         tied = [n for n in nodes if n.load == low]
-        return tied[next(self._turn) % len(tied)]
+        return tied[next(turn or self._turn) % len(tied)]
 
     def _match(self, nodes: Sequence[NodeClient], prompt_ids: Sequence[int]) -> dict[str, int]:
         """Leading blocks of the prompt each node holds, hashing the prompt the way each
@@ -111,6 +115,11 @@ class RoutingPolicy:
             found = self.index.match(prefix_block_hashes(prompt_ids, block_size, algo))
             matched.update((i, found[i]) for i in ids if i in found)
         return matched
+
+    def cached_blocks(self, nodes: Sequence[NodeClient], prompt_ids: Sequence[int]) -> dict[str, int]:
+        """Per node id, the leading blocks of the prompt it holds (router/disaggregation.py
+        credits them against a local prefill)."""
+        return self._match(nodes, prompt_ids)
 
     # --- KV events ----------------------------------------------------------------------
     def follow_kv_events(self, nodes: Sequence[NodeClient], ctx: zmq.asyncio.Context) -> None:

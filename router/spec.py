@@ -39,3 +39,8 @@ class RouterLaunchSpec(msgspec.Struct, kw_only=True):
     reasoning_parser: str | None = None
     enable_in_reasoning: bool = False
     tool_call_parser: str | None = None
+    # Per-request disaggregation (cluster.yaml `router.disaggregation`, router/disaggregation.py).
+    disaggregation_mode: str | None = None  # always | conditional | never; None: always with prefill nodes, else never
+    colocated_share_kv: bool = False        # `both` nodes lend and pull KV (kv_both)
+    max_local_prefill_tokens: int = 512
+    max_prefill_queue: int = 4

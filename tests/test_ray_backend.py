@@ -205,10 +205,12 @@ def _alive(pid: int) -> bool:
 
 
 def test_address_local_starts_a_private_ray_and_ctrl_c_stops_it(tmp_path, offline):
+    """Also: a colocated actor under a disaggregation mode gets a kv_both connector."""
     yaml = tmp_path / "cluster-ray-local.yaml"
     yaml.write_text(
         "model: {path: 'builtin:tiny', dtype: float32}\n"
-        "router: {host: 127.0.0.1, port: 0}\n"
+        "router: {host: 127.0.0.1, port: 0, disaggregation: {mode: conditional}}\n"
+        "kv_transfer: {connector: tcp}\n"
         "engine: {num_blocks: 64}\n"
         "prefill: {replicas: 0}\n"
         "decode: {replicas: 0}\n"
@@ -233,6 +235,9 @@ def test_address_local_starts_a_private_ray_and_ctrl_c_stops_it(tmp_path, offlin
                                                          "ignore_eos": True}, timeout=60, trust_env=False)
         want = offline.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
         assert text.json()["choices"][0]["text"] == want[0].outputs[0].text
+        assert text.headers["x-pdcluster-prefill"] == "local"  # no other node to lend it KV
+        (node,) = httpx.get(url + "/cluster", timeout=10, trust_env=False).json()["nodes"]
+        assert "requests_lent" in node["kv_transfer"], node  # the actor's engine has its kv_both connector
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0 and out.rstrip().endswith("stopped"), out

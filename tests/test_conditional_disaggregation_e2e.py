@@ -1,0 +1,186 @@
+"""Two colocated (`both`) nodes under `router.disaggregation.mode: conditional`, as
+`pdcluster up` runs them: a short prompt is prefilled on its decode node, a long one on
+the other node, which lends its KV (kv_both); a prompt the decode node already caches is
+local again. Every answer is the offline engine's, token for token, greedy and seeded;
+every decision is counted in /metrics and named in the x-pdcluster-prefill header. A
+second router on the same nodes shows `always` and `never`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+
+import httpx
+import msgspec
+import openai
+import pytest
+
+from bench.cli import per_request
+from bench.client import run_load
+from bench.metrics import summarize
+from bench.workloads import BenchRequest
+from cluster.config import ClusterConfig
+from cluster.launcher import LocalCluster, _free_ports
+from engine import LLM, SamplingParams
+from engine.builtin_models import resolve_builtin
+from tests.test_cluster_e2e import GREEDY, SEEDED, all_blocks_free
+from tests.test_kv_events_cluster import in_sync, metric, wait_for
+
+THRESHOLD = 48  # max_local_prefill_tokens
+SHORT = [1, 17, 99, 400, 23, 5, 77, 1024, 8, 8, 300, 42]   # 12 tokens
+
+
+def long_prompt(tag: int) -> list[int]:
+    """Six blocks of 16 no other prompt here shares."""
+    return [(tag * 131 + i * 7) % 1900 + 50 for i in range(96)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    config = ClusterConfig.model_validate({
+        "model": {"path": "builtin:tiny", "dtype": "float32"},
+        "router": {"port": 0, "policy": "prefix_aware",
+                   "disaggregation": {"mode": "conditional", "max_local_prefill_tokens": THRESHOLD}},
+        "kv_transfer": {"connector": "tcp", "abort_timeout_s": 30, "transfer_timeout_s": 10},
+        "engine": {"num_blocks": 256, "block_size": 16, "max_num_seqs": 16},
+        "prefill": {"replicas": 0}, "decode": {"replicas": 0},
+        "colocated": {"replicas": 2, "devices": ["cpu"]},
+    })
+    c = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
+    c.start(timeout_s=180)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM(str(resolve_builtin("tiny")), dtype="float32", device="cpu", num_blocks=256)
+
+
+def offline_text(offline, prompt: list[int], kw: dict) -> str:
+    params = SamplingParams(temperature=kw["temperature"], max_tokens=kw["max_tokens"], ignore_eos=True,
+                            seed=kw.get("seed"), top_p=kw.get("top_p", 1.0), top_k=kw["extra_body"].get("top_k", 0))
+    return offline.generate([prompt], params)[0].outputs[0].text
+
+
+def complete(client, prompt: list[int], kw: dict, stream: bool) -> tuple[str, str, str]:
+    """(text, x-pdcluster-prefill, x-pdcluster-prefill-reason) of one completion."""
+    raw = client.completions.with_raw_response.create(model="builtin:tiny", prompt=prompt, stream=stream, **kw)
+    answer = raw.parse()
+    text = "".join(c.choices[0].text for c in answer if c.choices) if stream else answer.choices[0].text
+    return text, raw.headers.get("x-pdcluster-prefill"), raw.headers.get("x-pdcluster-prefill-reason")
+
+
+def decisions(url: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(url + "/metrics").text
+    return {(d, r): _metric_or_zero(text, d, r) for d, r in (("local", "short_prompt"), ("remote", "long_prompt"),
+                                                              ("remote", "always"), ("local", "never"))}
+
+
+def _metric_or_zero(text: str, decision: str, reason: str) -> float:
+    try:
+        return metric(text, "pdcluster_router_prefill_decisions_total", decision=decision, reason=reason)
+    except AssertionError:
+        return 0.0
+
+
+def transfer(url: str) -> dict[str, dict[str, float]]:
+    text = httpx.get(url + "/metrics").text
+    return {node: {c: metric(text, "pdcluster_node_kv_transfer", counter=c, node=node, role="both")
+                   for c in ("requests_lent", "loads", "blocks_failed")} for node in ("both-0", "both-1")}
+
+
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_short_prompts_prefill_locally_and_long_ones_on_the_other_node_with_the_offline_engine_s_tokens(
+        cluster, client, offline, kind):
+    kw = GREEDY if kind == "greedy" else SEEDED
+    before = decisions(cluster.url)
+    for stream in (False, True):
+        assert complete(client, SHORT, kw, stream) == (offline_text(offline, SHORT, kw), "local", "short_prompt")
+        # Greedy: the first token the lender samples ends mid-character (its text is
+        # held back there, and sent whole by the decode node).
+        prompt = long_prompt({("greedy", False): 14, ("greedy", True): 4}.get((kind, stream), 2 + stream))
+        assert complete(client, prompt, kw, stream) == (offline_text(offline, prompt, kw), "remote", "long_prompt")
+    after = decisions(cluster.url)
+    assert after[("local", "short_prompt")] - before[("local", "short_prompt")] == 2
+    assert after[("remote", "long_prompt")] - before[("remote", "long_prompt")] == 2
+
+
+def test_both_nodes_lend_and_pull_kv_and_free_every_block(cluster, client, offline):
+    before = transfer(cluster.url)
+    prompts = [long_prompt(2000 + i) for i in range(4)]  # decode nodes taken in turn: each lends twice
+    for p in prompts:
+        assert complete(client, p, GREEDY, False) == (offline_text(offline, p, GREEDY), "remote", "long_prompt")
+    after = wait_for(lambda: (lambda t: t if all(t[n]["loads"] - before[n]["loads"] >= 1 for n in t) else None)(
+        transfer(cluster.url)), "node stats with the loads")
+    for node in ("both-0", "both-1"):
+        assert after[node]["requests_lent"] - before[node]["requests_lent"] >= 1, after
+        assert after[node]["loads"] - before[node]["loads"] >= 1, after
+        assert after[node]["blocks_failed"] == before[node]["blocks_failed"]
+    nodes = all_blocks_free(cluster.url)
+    assert all(n["kv_blocks_free"] == n["kv_blocks_total"] and n["prefills_waiting"] == 0 for n in nodes), nodes
+    assert httpx.get(cluster.url + "/cluster").json()["disaggregation"] == {
+        "mode": "conditional", "colocated_share_kv": True, "max_local_prefill_tokens": THRESHOLD,
+        "max_prefill_queue": 4}
+
+
+def test_a_long_prompt_the_decode_node_already_caches_is_prefilled_there(cluster, client, offline):
+    prompt = long_prompt(3000)
+    assert complete(client, prompt, GREEDY, False)[1:] == ("remote", "long_prompt")
+    wait_for(lambda: in_sync(cluster.url), "the router's prefix index to catch up")
+    # prefix_aware sends it to a node holding the prompt: only its last tokens are left.
+    follow_up = prompt + [5, 6, 7]
+    assert complete(client, follow_up, GREEDY, False) == (offline_text(offline, follow_up, GREEDY), "local",
+                                                          "short_prompt")
+
+
+@contextlib.contextmanager
+def second_router(cluster: LocalCluster, tmp_path, **changes):
+    """Another router process on the same nodes, its spec changed by `changes`."""
+    port = _free_ports(1)[0]
+    spec = msgspec.structs.replace(cluster._router_spec, port=port, **changes)
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "router2.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router", "--spec", msgspec.json.encode(spec).decode()],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **cluster._node_secrets})
+    try:
+        wait_for(lambda: _healthy(url), "the second router", timeout_s=60)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize("mode, prompt, expected", [("always", SHORT, ("remote", "always")),
+                                                    ("never", long_prompt(4000), ("local", "never"))])
+def test_always_and_never_on_the_same_nodes(cluster, offline, tmp_path, mode, prompt, expected):
+    with second_router(cluster, tmp_path, disaggregation_mode=mode, colocated_share_kv=True) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for kw in (GREEDY, SEEDED):
+            assert complete(client, prompt, kw, False) == (offline_text(offline, prompt, kw), *expected)
+        assert decisions(url)[expected] == 2
+
+
+def test_the_bench_records_each_request_s_prefill_plan(cluster):
+    requests = [BenchRequest(0, SHORT, 4), BenchRequest(1, long_prompt(5000), 4)]
+    run = asyncio.run(run_load(cluster.url, requests, concurrency=1, metrics_settle_s=0.0))
+    assert [(r.ok, r.prefill, r.prefill_reason) for r in run.results] == [(True, "local", "short_prompt"),
+                                                                          (True, "remote", "long_prompt")]
+    assert per_request(run.results[1])["prefill"] == "remote"
+    assert summarize(run.results, run.duration_s)["prefill_decisions"] == {
+        "local": 1, "local:short_prompt": 1, "remote": 1, "remote:long_prompt": 1}
