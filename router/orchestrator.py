@@ -15,6 +15,12 @@ the client gets a 5xx error at once. A decode node that fails mid-stream: under
 recomputes their KV); under `fail`, an error. Either way the prefill node is told at
 once to release the KV it lent for the request (nobody will pull it any more), rather
 than holding it until abort_timeout_s. Bad input (4xx) is never retried.
+
+`n` > 1 (a ForkGroup): choice 0 runs as above and records its nodes; the other choices
+go to the same nodes as forks of it (SubmitRequest.fork_of), so each node shares choice
+0's prompt blocks with them (engine/forking.py): the prompt is prefilled once and its KV
+moves once. A node that is gone or leaving is replaced by the policy's pick, and the
+fork then falls back to computing (or pulling) as any request.
 """
 
 from __future__ import annotations
@@ -47,6 +53,14 @@ class Delta:
     error_code: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ForkGroup:
+    """The choices of one `n` > 1 request: where choice 0 ran, per stage ("prompt": the
+    prefill or colocated node, "decode"), and its request id on that node."""
+    request_id: str                                                   # choice 0's
+    homes: dict[str, tuple[NodeClient, str]] = field(default_factory=dict)
 
 
 class RequestFailed(Exception):
@@ -82,36 +96,46 @@ class Orchestrator:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        affinity_key: str | None = None, *, workflow_id: str | None = None,
-                       agent_id: str | None = None) -> AsyncIterator[Delta]:
+                       agent_id: str | None = None, fork: ForkGroup | None = None) -> AsyncIterator[Delta]:
         """Deltas until one with finished=True. Raises RequestFailed before the first
         token when the request cannot start (no node, bad input). `workflow_id` and
-        `agent_id` go to the nodes (workflow-aware eviction)."""
+        `agent_id` go to the nodes (workflow-aware eviction). `fork`: the request is a
+        choice of an `n` > 1 request (choice 0 when `request_id` is the group's)."""
         owner = (workflow_id, agent_id)
         if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         try:
             if not self.disaggregated:
-                node = self.policy.pick_prefill(self.colocated_nodes, prompt_ids, affinity_key)
-                async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
+                node, fork_of = self._place(fork, "prompt", request_id, request_id, self.colocated_nodes,
+                                            lambda nodes: self.policy.pick_prefill(nodes, prompt_ids, affinity_key))
+                async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner,
+                                                 fork_of=fork_of)) as inner:
                     async for d in inner:
                         yield d
                 return
-            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key, owner)) as inner:
+            async with aclosing(self._disaggregated(request_id, prompt_ids, params, affinity_key, owner,
+                                                    fork)) as inner:
                 async for d in inner:
                     yield d
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                             affinity_key: str | None, owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
+                             affinity_key: str | None, owner: tuple[str | None, str | None],
+                             fork: ForkGroup | None = None) -> AsyncIterator[Delta]:
+        def pick_prefill(nodes: Sequence[NodeClient]) -> NodeClient:
+            return self.policy.pick_prefill(nodes, prompt_ids, affinity_key)
+
         if params.max_tokens == 1:  # nothing to decode: the prefill node serves it whole
-            node = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
-            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner)) as inner:
+            node, fork_of = self._place(fork, "prompt", request_id, request_id, self.prefill_nodes, pick_prefill)
+            async with aclosing(self._stream(node, request_id, prompt_ids, params, owner=owner,
+                                             fork_of=fork_of)) as inner:
                 async for d in inner:
                     yield d
             return
         try:
-            prefill = self.policy.pick_prefill(self.prefill_nodes, prompt_ids, affinity_key)
+            prefill, prefill_fork_of = self._place(fork, "prompt", request_id, f"{request_id}-p", self.prefill_nodes,
+                                                   pick_prefill)
         except NoHealthyNode:
             if self.load_failure_policy == "fail":
                 raise
@@ -127,7 +151,8 @@ class Orchestrator:
         try:
             q = await _submit(prefill, proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
                                                            kv_transfer_params={"do_remote_decode": True},
-                                                           workflow_id=owner[0], agent_id=owner[1]))
+                                                           workflow_id=owner[0], agent_id=owner[1],
+                                                           fork_of=prefill_fork_of))
             try:
                 first = await q.get()  # max_tokens=1: exactly one, final update
             except BaseException:
@@ -157,9 +182,10 @@ class Orchestrator:
         except BaseException:  # the client left before the decode job: free the lent KV now
             await prefill.release_kv(f"{request_id}-p")
             raise
-        decode = self.policy.pick_decode(self.decode_nodes)
+        decode, decode_fork_of = self._place(fork, "decode", request_id, request_id, self.decode_nodes,
+                                             self.policy.pick_decode)
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
-                              kv=first.kv_transfer_params, lender=prefill, owner=owner)
+                              kv=first.kv_transfer_params, lender=prefill, owner=owner, fork_of=decode_fork_of)
         async with aclosing(stream) as inner:
             async for d in inner:
                 yield d
@@ -167,16 +193,18 @@ class Orchestrator:
     async def _stream(self, node: NodeClient, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       output_ids: list[int] | None = None, kv: dict | None = None,
                       lender: NodeClient | None = None,
-                      owner: tuple[str | None, str | None] = (None, None)) -> AsyncIterator[Delta]:
+                      owner: tuple[str | None, str | None] = (None, None),
+                      fork_of: str | None = None) -> AsyncIterator[Delta]:
         """Run (or continue) a request on one node and relay its updates. A node that
-        fails mid-way hands the request to another of its kind under `recompute`."""
+        fails mid-way hands the request to another of its kind under `recompute`.
+        `fork_of`: the request on `node` whose prompt blocks this one shares."""
         output_ids = list(output_ids or [])
         tried: set[str] = set()
         while True:
             tried.add(node.id)
             try:
                 q = await _submit(node, proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids, kv,
-                                                            workflow_id=owner[0], agent_id=owner[1]))
+                                                            workflow_id=owner[0], agent_id=owner[1], fork_of=fork_of))
             except NodeUnavailable as e:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
@@ -210,7 +238,26 @@ class Orchestrator:
             self.on_failover("decode")
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
-            node, kv = self.policy.pick_decode(others), None  # the new node recomputes the KV
+            node, kv, fork_of = self.policy.pick_decode(others), None, None  # the new node recomputes the KV
+
+    @staticmethod
+    def _place(fork: ForkGroup | None, stage: str, request_id: str, node_request_id: str,
+               nodes: Sequence[NodeClient], pick: Callable[[Sequence[NodeClient]], NodeClient],
+               ) -> tuple[NodeClient, str | None]:
+        """The node among `nodes` for one stage of a request, and the request it forks
+        there: choice 0 takes the policy's pick and records it (with `node_request_id`,
+        its id on that node); the other choices follow it while that node is healthy and
+        among `nodes` (not leaving)."""
+        if fork is None:
+            return pick(nodes), None
+        if request_id == fork.request_id:
+            node = pick(nodes)
+            fork.homes[stage] = (node, node_request_id)
+            return node, None
+        home = fork.homes.get(stage)
+        if home is not None and home[0].healthy and home[0] in nodes:
+            return home
+        return pick(nodes), None
 
 
 async def _submit(node: NodeClient, msg: proto.SubmitRequest):
