@@ -2,7 +2,8 @@
 blocks in one engine — references on the full blocks, a copy of the block where they
 differ — and give exactly the tokens of single requests with seeds s, s+1, s+2, whether
 the parent runs, finished and lends its KV, finishes or is aborted first, or a fork is
-preempted."""
+preempted; and a decode engine forks choice 0's pulled KV instead of pulling each
+choice's own."""
 
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def test_forks_share_the_blocks_a_prefill_node_lends():
         assert engine.pool.num_free == engine.pool.num_blocks and not engine.scheduler._lent
         # The same first tokens as three single requests (seeds 40, 41, 42).
         reference = LLM("builtin:tiny", device="cpu", dtype="float32", block_size=BS, num_blocks=64)
-        want = [o.outputs[0].token_ids for o in reference.generate([PROMPT] * 3, [params(first, 40 + i) for i in range(3)])]
+        outs3 = reference.generate([PROMPT] * 3, [params(first, 40 + i) for i in range(3)])
+        want = [o.outputs[0].token_ids for o in outs3]
         assert [outs["lent-p"], outs["lent-1-p"], outs["lent-2-p"]] == want
         # Released before the forks arrive: they compute as any request.
         engine.add_request("late-p", PROMPT, params(first, 50), kv_transfer_params=dict(lend))
@@ -183,3 +185,46 @@ def test_forks_share_the_blocks_a_prefill_node_lends():
         assert engine.pool.num_free == engine.pool.num_blocks
     finally:
         engine.close()
+
+
+def test_a_decode_node_forks_choice_0s_pulled_kv_and_releases_the_forks_copies_unread():
+    """Prefill and decode engines in one process over TCP: the prefill engine forks the
+    choices (one first token each), the decode engine pulls choice 0's KV once and forks
+    it for the others, whose own lent copies the producer frees without a read."""
+    def engine(role: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(model="builtin:tiny", device="cpu", dtype="float32",
+                                      cache=CacheConfig(block_size=BS, num_blocks=96),
+                                      scheduler=SchedulerConfig(max_num_seqs=8),
+                                      kv_transfer=KVTransferConfig(kv_connector="tcp", kv_role=role)))
+
+    producer, consumer = engine("kv_producer"), engine("kv_consumer")
+    try:
+        first = dict(SEEDED, max_tokens=1)
+        heads = {}
+        for i in range(3):  # choice 0, then (once its first token is out) the forks
+            producer.add_request(f"d-{i}-p", PROMPT, params(first, 60 + i),
+                                 kv_transfer_params={"do_remote_decode": True}, fork_of="d-0-p" if i else None)
+            while i in (0, 2) and producer.has_unfinished_requests:
+                heads.update({o.request_id: o for o in producer.step() if o.finished})
+        assert producer.stats().forks == 2
+        for i in range(3):
+            head = heads[f"d-{i}-p"]
+            consumer.add_request(f"d-{i}", PROMPT, params(SEEDED, 60 + i), output_token_ids=head.outputs[0].token_ids,
+                                 kv_transfer_params=head.kv_transfer_params, fork_of="d-0" if i else None)
+        outs = {}
+        while consumer.has_unfinished_requests:
+            outs.update({o.request_id: o.outputs[0].token_ids for o in consumer.step() if o.finished})
+            producer.step()
+        c = consumer.stats()
+        assert c.forks == 2 and c.kv_transfer["loads"] == 1 and c.fork_tokens_saved == 2 * len(PROMPT)
+        run(producer, until=lambda: producer.connector.stats()["requests_held"] == 0)  # all three released
+        producer.step()
+        assert producer.pool.num_free == producer.pool.num_blocks
+        assert consumer.pool.num_free == consumer.pool.num_blocks
+        reference = LLM("builtin:tiny", device="cpu", dtype="float32", block_size=BS, num_blocks=64)
+        want = [o.outputs[0].token_ids for o in reference.generate([PROMPT] * 3, [params(SEEDED, 60 + i)
+                                                                                 for i in range(3)])]
+        assert [outs[f"d-{i}"] for i in range(3)] == want
+    finally:
+        producer.close()
+        consumer.close()
