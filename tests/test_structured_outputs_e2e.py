@@ -243,8 +243,8 @@ def test_n_choices_match_single_requests_with_consecutive_seeds(clusters, split,
     url = clusters[which].url
     roles = ("prefill", "decode") if which == "split" else ("both",)
     prompt = f"{which}: {PROMPT} {PROMPT}"  # not seen before: the cache starts cold for it
-    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
-    time.sleep(1.0)  # a snapshot taken after the earlier tests' last steps
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    time.sleep(2.0)  # a snapshot taken after the earlier tests' last steps, even on a loaded machine
     before = settled_stats(url)
     many = client.completions.create(n=3, seed=100, **kw)
     # Choices 1 and 2 were forks of choice 0 on every node: the prompt was computed once
@@ -260,7 +260,7 @@ def test_n_choices_match_single_requests_with_consecutive_seeds(clusters, split,
     first = roles[0]
     assert after[first]["fork_tokens_saved"] - before[first]["fork_tokens_saved"] == 2 * (p - 1)
     computed = after[first]["tokens_computed"] - before[first]["tokens_computed"]
-    assert computed == (p + 2 if which == "split" else p + 2 + 3 * 7)  # colocated: and 7 decode steps per choice
+    assert computed == (p + 2 if which == "split" else p + 2 + 3 * 15)  # colocated: and 15 decode steps per choice
     if which == "split":
         loads = after["decode"]["kv_transfer"]["loads"] - before["decode"]["kv_transfer"]["loads"]
         assert loads == 1 and after["decode"]["fork_tokens_saved"] - before["decode"]["fork_tokens_saved"] == 2 * p
@@ -270,7 +270,7 @@ def test_n_choices_match_single_requests_with_consecutive_seeds(clusters, split,
         singles = list(pool.map(lambda i: client.completions.create(seed=100 + i, **kw).choices[0].text, range(3)))
     assert [texts[i] for i in range(3)] == singles
     assert len(set(singles)) > 1
-    assert many.usage.completion_tokens == 24
+    assert many.usage.completion_tokens == 48
     streamed: dict[int, str] = {}
     for chunk in client.completions.create(n=3, seed=100, stream=True, **kw):
         for c in chunk.choices:
