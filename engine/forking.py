@@ -2,9 +2,9 @@
 
 The router sends choice 0 of an `n` > 1 request as any request, and choices 1..n-1 as
 forks of it (`Request.fork_of`, from the node protocol's `SubmitRequest.fork_of`). A fork
-admitted while its parent's KV is still in this engine — the parent waiting to run or
-running, or finished with its blocks lent to a decode node (a producer keeps them until
-they are pulled, kv_connector/producer_ledger.py) — does not compute the prompt:
+admitted while its parent's KV is in this engine — the parent running, or finished with
+its blocks lent to a decode node (a producer keeps them until they are pulled,
+kv_connector/producer_ledger.py) — does not compute the prompt:
 
 * it takes a reference on each of the parent's full blocks before the fork point (the
   block pool is reference-counted: the blocks stay while either holds them);
