@@ -60,3 +60,11 @@ def allocate_kv_cache(spec: KVCacheSpec, device: torch.device) -> torch.Tensor:
     # Zeroed, not empty: attention reads padded slots (masked out), and a NaN from stale
     # uninitialised memory would survive the mask as 0 * NaN.
     return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+
+
+def copy_blocks(kv_cache: torch.Tensor, src: list[int], dst: list[int]) -> None:
+    """kv_cache[dst[i]] = kv_cache[src[i]] for every layer, K and V: one contiguous copy
+    per block in this layout, queued on the current stream (a fork's copy-on-write block,
+    engine/forking.py)."""
+    for s, d in zip(src, dst, strict=True):
+        kv_cache[d].copy_(kv_cache[s])

@@ -16,7 +16,7 @@ from engine.builtin_models import resolve_builtin
 from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.hashing import safe_hash
-from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, num_blocks_for_budget
+from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, copy_blocks, num_blocks_for_budget
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
@@ -82,7 +82,8 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, cache.enable_prefix_caching, cache.eviction_policy, cache.workflow_ttl_s)
         self.kv_events = self._build_kv_event_publisher()
         self.connector = self._build_connector()
-        self.scheduler = Scheduler(cache, config.scheduler, self.pool, self.connector)
+        self.scheduler = Scheduler(cache, config.scheduler, self.pool, self.connector,
+                                   copy_blocks=lambda src, dst: copy_blocks(self.kv_cache, src, dst))
         sched = config.scheduler
         self.runner = ModelRunner(self.model, self.kv_cache, cache.block_size, self.device,
                                   max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
@@ -185,10 +186,13 @@ class LLMEngine:
     # --- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
                     output_token_ids: list[int] | None = None, kv_transfer_params: dict | None = None,
-                    workflow_id: str | None = None, agent_id: str | None = None) -> Request:
+                    workflow_id: str | None = None, agent_id: str | None = None,
+                    fork_of: str | None = None) -> Request:
         """Queue a request. `output_token_ids` continues a generation another engine began
         (a decode node receives the token the prefill node sampled); `kv_transfer_params`
-        tells the KV connector where this request's prompt KV can be pulled from."""
+        tells the KV connector where this request's prompt KV can be pulled from;
+        `fork_of` names a request with the same prompt whose blocks this one shares while
+        that one's KV is here (choices of an `n` > 1 request, engine/forking.py)."""
         params = params or SamplingParams()
         params.update_from_tokenizer(self.tokenizer)
         text = prompt if isinstance(prompt, str) else None
@@ -205,7 +209,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt_ids, params, seed, max_tokens, output_token_ids=outputs,
                       kv_transfer_params=kv_transfer_params, prompt_text=text, workflow_id=workflow_id,
-                      agent_id=agent_id)
+                      agent_id=agent_id, fork_of=fork_of)
         if params.structured_outputs is not None:  # compiles (cached); replays tokens made elsewhere
             self.structured.add_request(request_id, params.structured_outputs, outputs)
         if params.detokenize:
@@ -585,6 +589,9 @@ class LLMEngine:
                             prefix_cache_hit_tokens=self.pool.stats.hit_tokens,
                             kv_evictions=self.pool.stats.evictions,
                             kv_protected_evictions=self.pool.stats.protected_evictions,
-                            kv_cache_digest=self.pool.cached_digest, eviction_policy=self.pool.eviction_policy)
+                            kv_cache_digest=self.pool.cached_digest, eviction_policy=self.pool.eviction_policy,
+                            forks=s.fork_stats.forks, fork_blocks_shared=s.fork_stats.blocks_shared,
+                            fork_blocks_copied=s.fork_stats.blocks_copied, fork_tokens_saved=s.fork_stats.tokens_saved,
+                            fork_fallbacks=s.fork_stats.fallbacks, tokens_computed=self.num_tokens_computed)
         self._peak_running = self._peak_waiting = 0
         return stats

@@ -25,6 +25,7 @@ class SubmitRequest(msgspec.Struct, tag="submit"):
     kv_transfer_params: dict[str, Any] | None = None
     workflow_id: str | None = None          # for workflow-aware eviction
     agent_id: str | None = None
+    fork_of: str | None = None              # share this request's prompt blocks (n > 1, engine/forking.py)
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):

@@ -170,7 +170,7 @@ class NodeServer:
             params = SamplingParams.from_dict(msg.params)
             self.engine.add_request(msg.request_id, msg.prompt_token_ids, params,
                                     output_token_ids=msg.output_token_ids, kv_transfer_params=msg.kv_transfer_params,
-                                    workflow_id=msg.workflow_id, agent_id=msg.agent_id)
+                                    workflow_id=msg.workflow_id, agent_id=msg.agent_id, fork_of=msg.fork_of)
         except (ValueError, TypeError) as e:  # the request is bad, the node is fine
             return refuse(str(e), 400)
         except Exception as e:  # a fault while queueing it: undo, and say so

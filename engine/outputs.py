@@ -58,3 +58,14 @@ class EngineStats:
     kv_protected_evictions: int = 0
     kv_cache_digest: int = 0
     eviction_policy: str = ""
+    # Forks (engine/forking.py: the choices of an `n` > 1 request): requests admitted as
+    # forks, the parent blocks they shared by reference, the blocks they copied where the
+    # choices differ, the prompt tokens they did not compute, and the forks that shared
+    # nothing (the parent was gone: prefix cache and compute instead). `tokens_computed`:
+    # tokens whose KV this engine computed since it started (loaded KV not counted).
+    forks: int = 0
+    fork_blocks_shared: int = 0
+    fork_blocks_copied: int = 0
+    fork_tokens_saved: int = 0
+    fork_fallbacks: int = 0
+    tokens_computed: int = 0

@@ -55,6 +55,10 @@ class Request:
     num_external_tokens: int = 0             # prompt tokens whose KV arrives from another node
     prompt_text: str | None = None
     workflow_id: str | None = None           # the agent workflow it belongs to (eviction priority, metrics)
+    # Another request of this engine with the same prompt (choice 0 of an `n` > 1 request):
+    # admission shares its prompt blocks instead of computing them (engine/forking.py).
+    # Cleared once the fork is made or found impossible.
+    fork_of: str | None = None
     agent_id: str | None = None
     detokenizer: Any = None
     logprobs: list[Any] = field(default_factory=list)

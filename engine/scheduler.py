@@ -15,17 +15,23 @@ outside, gets blocks for them, and waits in `waiting_for_remote_kv` while they l
 without holding up the steps of others. `remote_kv_ready()` brings it back, told which
 blocks failed so that only those are computed again. On a producer, the connector may
 keep a finished request's blocks until the consumer has read them.
+
+Forks (engine/forking.py): a request with `fork_of` is admitted sharing that request's
+prompt blocks (a reference each, a copy of the block where they start to differ); it
+waits while that request's KV is still on its way, and falls back to the prefix cache
+when that request is gone.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.block_pool import BlockPool
 from engine.config import CacheConfig, SchedulerConfig
+from engine.forking import ForkStats, fork_point, parent_ready
 from engine.request import Request, RequestStatus
 
 
@@ -61,7 +67,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, cache: CacheConfig, config: SchedulerConfig, pool: BlockPool,
-                 connector: SchedulerConnector | None = None):
+                 connector: SchedulerConnector | None = None,
+                 copy_blocks: Callable[[list[int], list[int]], None] | None = None):
+        """`copy_blocks(src, dst)` copies KV blocks on the device (the engine's KV cache);
+        without it, forks fall back to the prefix cache."""
         self.cache = cache
         self.config = config
         self.pool = pool
@@ -72,6 +81,14 @@ class Scheduler:
         self.waiting_for_remote_kv: dict[str, Request] = {}
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.copy_blocks = copy_blocks
+        self.fork_stats = ForkStats()
+        # Finished requests whose blocks the connector keeps (lent to a consumer): forks
+        # may still share them. Keyed by id, and by last block id (unique to its request:
+        # the block of a request's last token is never shared), which is how
+        # release_blocks() recognises them when the blocks come back.
+        self._lent: dict[str, Request] = {}
+        self._lent_by_tail: dict[int, str] = {}
 
     # --- queue changes --------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -101,11 +118,18 @@ class Scheduler:
         held = self.connector is not None and self.connector.request_finished(request) and bool(request.block_ids)
         if not held:
             self.pool.free(request.block_ids)
+        elif status == RequestStatus.FINISHED_LENGTH and request.num_computed_tokens:
+            # Kept because it ran to its length and is lent (not a load still writing).
+            self._lent[request.request_id] = request
+            self._lent_by_tail[request.block_ids[-1]] = request.request_id
         request.block_ids = [] if not held else request.block_ids
         self.pool.workflow_finished(request.cache_owner)
 
     def release_blocks(self, block_ids: list[int]) -> None:
         """Return blocks a connector kept after their request finished."""
+        rid = self._lent_by_tail.pop(block_ids[-1], None) if block_ids else None
+        if rid is not None:
+            self._lent.pop(rid, None)
         self.pool.free(block_ids)
 
     def remote_kv_ready(self, request_id: str, failed_block_ids: Iterable[int] = ()) -> None:
@@ -151,12 +175,17 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # memory is short: admit nothing new this step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            admitted = self._admit(req, budget, out)
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[i]
+            parent = self._fork_parent(req) if req.fork_of else None
+            if parent is not None and not parent_ready(req, parent):
+                i += 1  # its parent's KV is on its way: let the requests behind it go first
+                continue
+            admitted = self._admit(req, budget, out, parent)
             if admitted is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             if admitted.num_tokens == 0:  # went to wait for remote KV
                 continue
             out.chunks.append(admitted)
@@ -197,14 +226,34 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(req)
 
-    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> ScheduledChunk | None:
-        """Blocks and a first chunk for a waiting request, or None if it must wait."""
+    def _fork_parent(self, req: Request) -> Request | None:
+        """The request `req` forks, while its KV is here (running, queued, or finished
+        and lent); None, and `req` becomes an ordinary request, once it is gone."""
+        parent = self.requests.get(req.fork_of) or self._lent.get(req.fork_of)
+        if parent is None or parent is req or self.copy_blocks is None:
+            req.fork_of = None
+            self.fork_stats.fallbacks += 1
+        return parent if req.fork_of else None
+
+    def _admit(self, req: Request, budget: int, out: SchedulerOutput,
+               parent: Request | None = None) -> ScheduledChunk | None:
+        """Blocks and a first chunk for a waiting request, or None if it must wait.
+        With a `parent` (ready, see engine/forking.py) it shares the parent's blocks."""
         req.update_block_hashes(self.block_size, self.cache.prefix_hash_algo)
         # At least one token must be computed to produce logits, so a prompt that is all
         # cached still recomputes its last token.
         max_hit_blocks = (req.num_tokens - 1) // self.block_size
         hits = self.pool.find_cached_prefix(req.block_hashes[:max_hit_blocks])
         num_computed = len(hits) * self.block_size
+        shared, copy_from = hits, None
+        forked = parent is not None and (f := fork_point(req, parent)) > 0 and f >= num_computed
+        if forked:
+            # The parent's full blocks before the fork point, by reference; the block it
+            # falls in, by copy (the fork writes there next).
+            num_computed = f
+            shared = parent.block_ids[:f // self.block_size]
+            if f % self.block_size:
+                copy_from = parent.block_ids[f // self.block_size]
         num_external = 0
         if self.connector is not None and req.kv_transfer_params and req.status == RequestStatus.WAITING:
             # The last known token is computed here, for its logits; a streamed pull brings
@@ -217,17 +266,31 @@ class Scheduler:
             n = min(req.num_tokens - num_computed, budget)
             if n < req.num_tokens - num_computed and not self.config.enable_chunked_prefill:
                 return None
-        new_blocks = self._blocks_for(num_computed + n) - len(hits)
+        new_blocks = self._blocks_for(num_computed + n) - len(shared)
         # Cache hits nobody holds sit in the free queue: touching them uses up free blocks too.
-        hits_in_free = sum(1 for b in hits if self.pool.ref_counts[b] == 0)
+        hits_in_free = sum(1 for b in shared if self.pool.ref_counts[b] == 0)
         if new_blocks + hits_in_free > self.pool.num_free:
             return None
-        self.pool.touch(hits, req.cache_owner)
-        req.block_ids = hits + self.pool.allocate(new_blocks, req.cache_owner)
-        self.pool.record_lookup(max_hit_blocks, len(hits), req.num_tokens, num_computed)
+        self.pool.touch(shared, req.cache_owner)
+        fresh = self.pool.allocate(new_blocks, req.cache_owner)
+        req.block_ids = shared + fresh
+        if forked:
+            if copy_from is not None:
+                self.copy_blocks([copy_from], fresh[:1])
+            s = self.fork_stats
+            s.forks += 1
+            s.blocks_shared += len(shared)
+            s.blocks_copied += copy_from is not None
+            s.tokens_saved += num_computed
+            req.fork_of = None  # from now on an ordinary request (preempted, it recomputes)
+        else:
+            self.pool.record_lookup(max_hit_blocks, len(hits), req.num_tokens, num_computed)
+            if parent is not None:  # the prefix cache held more than the parent could give
+                req.fork_of = None
+                self.fork_stats.fallbacks += 1
         req.num_computed_tokens = num_computed
         req.num_cached_tokens = num_computed
-        req.num_published_blocks = len(hits)
+        req.num_published_blocks = len(shared)
         if num_external > 0:
             req.status = RequestStatus.WAITING_FOR_REMOTE_KV
             req.num_external_tokens = num_external

@@ -36,7 +36,7 @@ from router.disaggregation import DisaggregationRule
 from router.membership import install_membership
 from router.metrics import RouterMetrics
 from router.node_client import NodeClient
-from router.orchestrator import Delta, Orchestrator, RequestFailed
+from router.orchestrator import Delta, ForkGroup, Orchestrator, RequestFailed
 from router.policy import RoutingPolicy
 from router.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, RequestError,
                              error_body, now, parse_request, random_id)
@@ -60,7 +60,8 @@ _ADMIN_PATHS = ("/cluster", "/metrics")
 _CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "running", "waiting",
                    "waiting_for_remote_kv", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
                    "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "kv_evictions", "kv_cache_digest",
-                   "eviction_policy")
+                   "eviction_policy", "forks", "fork_blocks_shared", "fork_blocks_copied", "fork_tokens_saved",
+                   "fork_fallbacks", "tokens_computed")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 503: "service_unavailable_error"}
 
@@ -412,9 +413,10 @@ class _Run:
         self.t0 = time.monotonic()
         self.cached_tokens = 0
         self.n = req.n or 1
-        # All choices go to the prefill node that ran choice 0: it prefills the prompt once,
-        # and the others find its blocks in the prefix cache (shared, reference-counted).
-        self.affinity = req.workflow_id or req.agent_id or (self.id if self.n > 1 else None)
+        self.affinity = req.workflow_id or req.agent_id
+        # Choices 1..n-1 follow choice 0 to its nodes as forks of it: each node shares
+        # choice 0's prompt blocks with them (router/orchestrator.py, engine/forking.py).
+        self.fork = ForkGroup(self.id) if self.n > 1 else None
         self.choices = [self._choice(0)]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
@@ -428,7 +430,7 @@ class _Run:
             params = dataclasses.replace(params, seed=params.seed + index)
         stream = self.router.orchestrator.generate(self.id if index == 0 else f"{self.id}-{index}", self.prompt_ids,
                                                    params, self.affinity, workflow_id=self.req.workflow_id,
-                                                   agent_id=self.req.agent_id)
+                                                   agent_id=self.req.agent_id, fork=self.fork)
         return _Choice(index, stream, self.plan)
 
     @property
@@ -454,11 +456,13 @@ class _Run:
         """Every choice's deltas, interleaved as they come, each choice's last one finished."""
         yield self.choices[0], head
         live = len(self.choices)
+        # The other choices first: their prompts reach choice 0's prefill node before choice
+        # 0's decode job is sent, so they fork its KV while that node still lends it.
+        self._pumps += [asyncio.create_task(self._pump(c)) for c in self.choices[1:]]
         if head.finished:
             live -= 1
         else:
             self._pumps.append(asyncio.create_task(self._pump(self.choices[0])))
-        self._pumps += [asyncio.create_task(self._pump(c)) for c in self.choices[1:]]
         while live:
             choice, d = await self._queue.get()
             if d.finished:

@@ -32,7 +32,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 _NODE_FIELDS = ("running", "waiting", "waiting_for_remote_kv", "kv_blocks_total", "kv_blocks_free",
                 "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
-                "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "kv_evictions", "kv_protected_evictions")
+                "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "kv_evictions", "kv_protected_evictions",
+                "forks", "fork_blocks_shared", "fork_blocks_copied", "fork_tokens_saved", "fork_fallbacks",
+                "tokens_computed")
 _CACHED_TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536)
 MAX_TRACKED = 1000
 

@@ -26,6 +26,12 @@ the client gets a 5xx error at once. A decode node that fails mid-stream: under
 recomputes their KV); under `fail`, an error. Either way the prefill node is told at
 once to release the KV it lent for the request (nobody will pull it any more), rather
 than holding it until abort_timeout_s. Bad input (4xx) is never retried.
+
+`n` > 1 (a ForkGroup): choice 0 runs as above and records its plan's nodes; the other
+choices go to the same nodes as forks of it (SubmitRequest.fork_of), so each node shares
+choice 0's prompt blocks with them (engine/forking.py): the prompt is prefilled once and
+its KV moves once. When a node of that plan is gone or leaving, the choice takes its own
+plan, and its nodes compute (or pull) as for any request.
 """
 
 from __future__ import annotations
@@ -64,6 +70,27 @@ class Delta:
     prefill_reason: str | None = None   # and why (router/disaggregation.py)
 
 
+@dataclass(slots=True)
+class ForkGroup:
+    """The choices of one `n` > 1 request: choice 0's request id and the nodes its plan
+    chose (prefill None: served whole on `decode`)."""
+    request_id: str
+    decode: NodeClient | None = None
+    prefill: NodeClient | None = None
+
+    def follow(self, plan: PrefillPlan, request_id: str) -> tuple[PrefillPlan, str | None, str | None]:
+        """The plan for one choice, and the requests it forks on its prefill and decode
+        nodes: choice 0 records its plan; the others take its nodes while they serve."""
+        if request_id == self.request_id:
+            self.decode, self.prefill = plan.decode, plan.prefill
+            return plan, None, None
+        nodes = [n for n in (self.decode, self.prefill) if n is not None]
+        if not nodes or not all(n.healthy and not n.leaving for n in nodes):
+            return plan, None, None
+        plan = dataclasses.replace(plan, decode=self.decode, prefill=self.prefill, failover=False)
+        return plan, (f"{self.request_id}-p" if self.prefill is not None else None), self.request_id
+
+
 class RequestFailed(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -99,10 +126,11 @@ class Orchestrator:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        affinity_key: str | None = None, *, workflow_id: str | None = None,
-                       agent_id: str | None = None) -> AsyncIterator[Delta]:
+                       agent_id: str | None = None, fork: ForkGroup | None = None) -> AsyncIterator[Delta]:
         """Deltas until one with finished=True. Raises RequestFailed before the first
         token when the request cannot start (no node, bad input). `workflow_id` and
-        `agent_id` go to the nodes (workflow-aware eviction)."""
+        `agent_id` go to the nodes (workflow-aware eviction). `fork`: the request is a
+        choice of an `n` > 1 request (choice 0 when `request_id` is the group's)."""
         owner = (workflow_id, agent_id)
         if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
             params = dataclasses.replace(params, seed=random.getrandbits(63))
@@ -110,13 +138,17 @@ class Orchestrator:
             plan = self.planner.plan(self.nodes, prompt_ids, params.max_tokens, affinity_key)
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
+        fork_p = fork_d = None
+        if fork is not None:
+            plan, fork_p, fork_d = fork.follow(plan, request_id)
         self.on_prefill_decision(plan)
         if plan.failover:  # no prefill node is up: the decode node prefills the request itself
             self.on_failover("prefill")
         if plan.prefill is None:
-            stream = self._stream(plan.decode, request_id, prompt_ids, params, owner=owner)
+            stream = self._stream(plan.decode, request_id, prompt_ids, params, owner=owner, fork_of=fork_d)
         else:
-            stream = self._disaggregated(request_id, prompt_ids, params, plan.prefill, plan.decode, owner)
+            stream = self._disaggregated(request_id, prompt_ids, params, plan.prefill, plan.decode, owner,
+                                         fork_of=(fork_p, fork_d))
         prefilled = self.planner.queue.enter((plan.prefill or plan.decode).id)
         try:
             async with aclosing(stream) as inner:
@@ -133,23 +165,25 @@ class Orchestrator:
                 prefilled()
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                             prefill: NodeClient, decode: NodeClient,
-                             owner: tuple[str | None, str | None]) -> AsyncIterator[Delta]:
+                             prefill: NodeClient, decode: NodeClient, owner: tuple[str | None, str | None],
+                             fork_of: tuple[str | None, str | None] = (None, None)) -> AsyncIterator[Delta]:
         """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
-        `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan."""
+        `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan.
+        `fork_of`: the requests on the prefill and the decode node whose blocks it shares."""
         first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
         streamed_kv, decode_q = None, None
         try:
             q = await _submit(prefill, proto.SubmitRequest(f"{request_id}-p", prompt_ids, first_params.to_dict(),
                                                            kv_transfer_params={"do_remote_decode": True},
-                                                           workflow_id=owner[0], agent_id=owner[1]))
+                                                           workflow_id=owner[0], agent_id=owner[1],
+                                                           fork_of=fork_of[0]))
             try:
                 streamed_kv = self._streamed_kv(prefill, f"{request_id}-p", len(prompt_ids))
                 if streamed_kv is not None:  # the decode job goes out now, beside the prefill job
                     decode_q = await _submit_quietly(decode, proto.SubmitRequest(
                         request_id, prompt_ids, params.to_dict(), [], streamed_kv, workflow_id=owner[0],
-                        agent_id=owner[1]))
+                        agent_id=owner[1], fork_of=fork_of[1]))
                 first = await q.get()  # max_tokens=1: exactly one, final update
             except BaseException:
                 await prefill.abort(f"{request_id}-p")
@@ -186,7 +220,7 @@ class Orchestrator:
             raise
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
                               kv=streamed_kv or first.kv_transfer_params, lender=prefill, owner=owner,
-                              submitted=decode_q)
+                              submitted=decode_q, fork_of=fork_of[1])
         async with aclosing(stream) as inner:
             async for d in inner:
                 yield d
@@ -207,11 +241,12 @@ class Orchestrator:
                       output_ids: list[int] | None = None, kv: dict | None = None,
                       lender: NodeClient | None = None,
                       owner: tuple[str | None, str | None] = (None, None),
-                      submitted: asyncio.Queue | None = None) -> AsyncIterator[Delta]:
+                      submitted: asyncio.Queue | None = None, fork_of: str | None = None) -> AsyncIterator[Delta]:
         """Run (or continue) a request on one node and relay its updates (`submitted`: the
         job was sent already, this is its queue). A node that fails mid-way hands the
         request to another of its kind under `recompute`. Tokens the client has already had
-        (a decode node sampling again the first token a prefill node sent) are not sent twice."""
+        (a decode node sampling again the first token a prefill node sent) are not sent twice.
+        `fork_of`: the request on `node` whose prompt blocks this one shares."""
         output_ids = list(output_ids or [])
         tried: set[str] = set()
         while True:
@@ -220,7 +255,8 @@ class Orchestrator:
             try:
                 if q is None:
                     q = await _submit(node, proto.SubmitRequest(request_id, prompt_ids, params.to_dict(), output_ids,
-                                                                kv, workflow_id=owner[0], agent_id=owner[1]))
+                                                                kv, workflow_id=owner[0], agent_id=owner[1],
+                                                                fork_of=fork_of))
             except NodeUnavailable as e:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
@@ -255,7 +291,7 @@ class Orchestrator:
             self.on_failover("decode")
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
-            node, kv = self.policy.pick_decode(others), None  # the new node recomputes the KV
+            node, kv, fork_of = self.policy.pick_decode(others), None, None  # the new node recomputes the KV
 
 
 async def _submit_quietly(node: NodeClient, msg: proto.SubmitRequest) -> asyncio.Queue | None:

@@ -285,3 +285,54 @@ def test_logprobs_come_back_for_completions_and_chat_streamed_or_not(client, off
     content = chat.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([lp.logprob for lp in chat_want.logprobs], abs=1e-4)
     assert all(len(c.top_logprobs) == 2 for c in content)
+
+
+def settled_nodes(url: str, done=lambda nodes: True, timeout_s: float = 10.0) -> list[dict]:
+    """/cluster's nodes once `done(nodes)` holds and no node runs or queues anything (the
+    router polls node stats every 0.5 s: such a snapshot was taken after the work ended)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = httpx.get(url + "/cluster").json()["nodes"]
+        if done(nodes) and all(n["running"] == 0 and n["waiting"] == 0 for n in nodes):
+            return nodes
+        assert time.monotonic() < deadline, nodes
+        time.sleep(0.2)
+
+
+def by_role(nodes: list[dict], field: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for n in nodes:
+        value = n["kv_transfer"].get(field, 0) if field == "loads" else n[field]
+        out[n["role"]] = out.get(n["role"], 0) + value
+    return out
+
+
+def test_n_choices_fork_choice_0_on_its_nodes_and_equal_single_requests(client, cluster, offline):
+    """n=3 with seed s: the choices of three requests seeded s, s+1, s+2, while every node
+    that served choice 0 forked it for the others (round robin would have spread them):
+    the prompt was computed once and, split, its KV pulled once."""
+    prompt = "Forked choices: " + "one two three four five six seven " * 6
+    p = len(offline.tokenizer.encode(prompt))
+    time.sleep(2.0)  # a stats snapshot after the earlier tests' last steps, even on a loaded machine
+    before = settled_nodes(cluster.url)
+    # 32 tokens: choice 0 still decodes when the others reach the decode node (a fork of a
+    # finished choice 0 falls back to pulling, correct but not what is measured here).
+    kw = dict(SEEDED, max_tokens=32)
+    many = client.completions.create(model="builtin:tiny", prompt=prompt, n=3, **kw)
+    forks_before = by_role(before, "forks")
+    # Every role's forks counted (the prefill node forks before choice 0's decode job is sent).
+    after = settled_nodes(cluster.url,
+                          lambda nodes: all(v > forks_before[r] for r, v in by_role(nodes, "forks").items()))
+    delta = {f: {r: by_role(after, f)[r] - by_role(before, f)[r] for r in by_role(after, f)}
+             for f in ("forks", "fork_fallbacks", "fork_tokens_saved", "tokens_computed", "loads")}
+    assert set(delta["forks"].values()) == {2} and set(delta["fork_fallbacks"].values()) == {0}, delta
+    if "prefill" in delta["forks"]:
+        assert delta["tokens_computed"]["prefill"] == p + 2 and delta["loads"]["decode"] == 1, delta
+        assert delta["fork_tokens_saved"] == {"prefill": 2 * (p - 1), "decode": 2 * p}, delta
+    else:
+        assert delta["tokens_computed"]["both"] == p + 2 + 3 * (32 - 1), delta
+    params = [SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234 + i, max_tokens=32, ignore_eos=True)
+              for i in range(3)]
+    want = [o.outputs[0].text for o in offline.generate([prompt] * 3, params)]
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == want
+    assert len(set(want)) > 1 and many.usage.completion_tokens == 96

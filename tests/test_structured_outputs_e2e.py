@@ -220,31 +220,57 @@ def test_tool_choice_required_and_named_are_enforced(split):
     assert none.message.tool_calls is None
 
 
-def prefix_hits(url: str, role: str) -> int:
-    return sum(n["prefix_cache_hits"] for n in httpx.get(url + "/cluster").json()["nodes"] if n["role"] == role)
+def node_stats(url: str) -> dict[str, dict]:
+    """role -> that role's (only) node in /cluster."""
+    return {n["role"]: n for n in httpx.get(url + "/cluster").json()["nodes"]}
+
+
+def settled_stats(url: str, done=lambda nodes: True) -> dict[str, dict]:
+    """/cluster's nodes once `done(nodes)` and no node runs or queues anything; the router
+    polls node stats every 0.5 s, so a snapshot taken after a request ended comes later."""
+    deadline = time.monotonic() + 10
+    while True:
+        nodes = node_stats(url)
+        if done(nodes) and all(n["running"] == 0 and n["waiting"] == 0 for n in nodes.values()):
+            return nodes
+        assert time.monotonic() < deadline, nodes
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("which", ["split", "colocated"])
 def test_n_choices_match_single_requests_with_consecutive_seeds(clusters, split, colocated, which):
     client = split if which == "split" else colocated
-    url, role = clusters[which].url, "prefill" if which == "split" else "both"
+    url = clusters[which].url
+    roles = ("prefill", "decode") if which == "split" else ("both",)
     prompt = f"{which}: {PROMPT} {PROMPT}"  # not seen before: the cache starts cold for it
-    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
-    hits = prefix_hits(url, role)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    time.sleep(2.0)  # a snapshot taken after the earlier tests' last steps, even on a loaded machine
+    before = settled_stats(url)
     many = client.completions.create(n=3, seed=100, **kw)
-    # Choices 1 and 2 found the prompt's full blocks that choice 0 prefilled.
-    full_blocks = many.usage.prompt_tokens // 16
-    deadline = time.monotonic() + 5
-    while prefix_hits(url, role) - hits < 2 * full_blocks:  # stats reach the router every 0.5 s
-        assert time.monotonic() < deadline, (prefix_hits(url, role) - hits, full_blocks)
-        time.sleep(0.2)
+    # Choices 1 and 2 were forks of choice 0 on every node: the prompt was computed once
+    # (on the prefill node: the prompt, then one token per fork) and, split, pulled once
+    # (the decode node forked choice 0's pulled KV; each fork's own lent copy was released
+    # unread).
+    p = many.usage.prompt_tokens
+    after = settled_stats(url, lambda nodes: all(nodes[r]["forks"] > before[r]["forks"] for r in roles))
+    for r in roles:
+        assert after[r]["forks"] - before[r]["forks"] == 2 and after[r]["fork_fallbacks"] == before[r]["fork_fallbacks"]
+        fork_point = p - 1 if r != "decode" else p  # a decode node's forks know their first token
+        assert after[r]["fork_blocks_shared"] - before[r]["fork_blocks_shared"] == 2 * (fork_point // 16)
+    first = roles[0]
+    assert after[first]["fork_tokens_saved"] - before[first]["fork_tokens_saved"] == 2 * (p - 1)
+    computed = after[first]["tokens_computed"] - before[first]["tokens_computed"]
+    assert computed == (p + 2 if which == "split" else p + 2 + 3 * 15)  # colocated: and 15 decode steps per choice
+    if which == "split":
+        loads = after["decode"]["kv_transfer"]["loads"] - before["decode"]["kv_transfer"]["loads"]
+        assert loads == 1 and after["decode"]["fork_tokens_saved"] - before["decode"]["fork_tokens_saved"] == 2 * p
     assert sorted(c.index for c in many.choices) == [0, 1, 2]
     texts = {c.index: c.text for c in many.choices}
     with ThreadPoolExecutor(3) as pool:
         singles = list(pool.map(lambda i: client.completions.create(seed=100 + i, **kw).choices[0].text, range(3)))
     assert [texts[i] for i in range(3)] == singles
     assert len(set(singles)) > 1
-    assert many.usage.completion_tokens == 24
+    assert many.usage.completion_tokens == 48
     streamed: dict[int, str] = {}
     for chunk in client.completions.create(n=3, seed=100, stream=True, **kw):
         for c in chunk.choices:
