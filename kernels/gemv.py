@@ -64,14 +64,13 @@ class GemvConfig:
 
 
 # Launch shapes ModelRunner tries at start, per row bucket (see row_bucket); the fastest that
-# beats the unfused path is kept. bench/gpu/gemv_tune.py prints the best per bucket at 8B
+# beats the unfused path is kept. Buckets not listed (rows 9-16) stay unfused. bench/gpu/gemv_tune.py prints the best per bucket at 8B
 # shapes: update these from its output.
 CANDIDATES: dict[int, tuple[GemvConfig, ...]] = {
     1: (GemvConfig(8, 1024, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
     2: (GemvConfig(8, 512, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
     4: (GemvConfig(8, 256, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
     8: (GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True), GemvConfig(32, 128, 4, 4, True)),
-    16: (GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True), GemvConfig(32, 128, 4, 4, True)),
 }
 
 
@@ -179,7 +178,7 @@ def _gemv_kernel(
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
             config: GemvConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cfg = config or CANDIDATES[row_bucket(x.shape[0])][0]
+    cfg = config or CANDIDATES.get(row_bucket(x.shape[0]), CANDIDATES[8])[0]
     m = x.shape[0]
     n, k = weight.shape
     if x.dim() != 2 or m > MAX_ROWS:
