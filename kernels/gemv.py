@@ -64,13 +64,14 @@ class GemvConfig:
 
 
 # Launch shapes ModelRunner tries at start, per row bucket (see row_bucket); the fastest that
-# beats the unfused path is kept. Buckets not listed (rows 9-16) stay unfused. bench/gpu/gemv_tune.py prints the best per bucket at 8B
-# shapes: update these from its output.
+# beats the unfused path is kept. Buckets not listed (rows 9-16) stay unfused. Each entry
+# costs one Triton compile per projection kind at start (36 in all): keep the lists short.
+# bench/gpu/gemv_tune.py prints the best per bucket at 8B shapes: update these from it.
 CANDIDATES: dict[int, tuple[GemvConfig, ...]] = {
     1: (GemvConfig(8, 1024, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
-    2: (GemvConfig(8, 512, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
-    4: (GemvConfig(8, 256, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
-    8: (GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True), GemvConfig(32, 128, 4, 4, True)),
+    2: (GemvConfig(8, 512, 4, 1, False), GemvConfig(16, 256, 4, 4, True)),
+    4: (GemvConfig(16, 256, 4, 4, True), GemvConfig(8, 256, 4, 1, False)),
+    8: (GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
 }
 
 
