@@ -137,3 +137,23 @@ def test_model_on_fused_decode_kernels_matches_model_on_unfused_path(checkpoints
         assert g_out.token_ids == w_out.token_ids
         for wl, gl in zip(w_out.logprobs, g_out.logprobs):
             assert abs(wl.logprob - gl.logprob) < 1e-4
+
+
+def test_decode_projections_run_both_paths_alike_and_plan_every_layer(checkpoints, monkeypatch):
+    """What ModelRunner.tune_fused_gemv times on a GPU: for each projection, the unfused and
+    the fused run take the same inputs and agree; set_plan reaches every layer."""
+    from engine.models.llama import fused_config
+
+    model = LLM(model=str(checkpoints["tiny-qwen3"]), dtype="float32", device="cpu", num_blocks=8).engine.model
+    monkeypatch.setattr(kernels.gemv, "use_triton", lambda x: True)
+    gen = torch.Generator().manual_seed(3)
+    cfg = GemvConfig(64, 128, 4, 1, True)
+    for name, proj in model.decode_projections().items():
+        x = torch.randn(3, proj.in_features, generator=gen)
+        r = torch.randn(3, proj.in_features, generator=gen) if proj.takes_residual else None
+        last = len(model.layers) - 1
+        assert_product_close(proj.run(last, x, r, cfg), proj.run(last, x, r, None))
+        proj.set_plan({4: cfg})
+    for layer in model.layers:
+        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            assert fused_config(lin, 3) == cfg and fused_config(lin, 2) is None and fused_config(lin, 9) is None

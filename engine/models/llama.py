@@ -2,7 +2,9 @@
 
 Tokens arrive flattened, (T,), from every sequence of the step; attention finds each
 sequence's keys in the paged cache through AttentionMetadata. Projections are fused
-(q|k|v and gate|up) at load time: fewer, larger matrix products.
+(q|k|v and gate|up) at load time: fewer, larger matrix products. For decode batches of up
+to 8 rows a projection can run as one Triton kernel with the norm or SiLU-and-mul before it
+(kernels/gemv.py): per projection and row count, where ModelRunner measured it faster.
 """
 
 from __future__ import annotations
