@@ -13,7 +13,8 @@ and compute what the small kernel before it would have written on the fly:
 Layout: one program per BLOCK_N rows of W, looping over K in BLOCK_K columns; every program
 reads the whole activation rows (a few KB to ~56 KB a row, from L2) and W's tile once from
 HBM. The norm needs the row's RMS before any product, so the norm prologue makes a first pass
-over the rows for the sum of squares and normalises in the second; the residual sum is
+over the rows for the sum of squares (a whole row per load, so the weight stream waits for one
+L2 round trip per row) and normalises tile by tile in the second; the residual sum is
 computed by every program (it needs it) and stored by program 0 only, into a new tensor (no
 program reads what another writes). Two product forms, a launch choice (GemvConfig.use_dot):
 a broadcast multiply-and-sum over BLOCK_M = next_pow2(rows) in registers, or tl.dot with the
@@ -111,8 +112,8 @@ def _gemv_kernel(
     x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_ptr,
     M, N, K, sxm, srm, swn, som, eps,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    EMULATE: tl.constexpr,
+    BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, EVEN: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -125,18 +126,23 @@ def _gemv_kernel(
     w_rows = w_ptr + n.to(tl.int64)[:, None] * swn
 
     if PROLOGUE == 1 or PROLOGUE == 2:  # pass 1: the rows' sums of squares (and the residual sum)
+        # Row by row in NORM_BLOCK-wide loads (the whole row at hidden sizes up to 8192): one
+        # L2 round trip per row before the weight stream starts, not one per BLOCK_K tile.
         ss = tl.zeros([BLOCK_M], tl.float32)
-        first = (rows * 0 + pid) == 0  # program 0 stores the residual sum
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kr
-            m2 = rmask[:, None] & (k < K)[None, :]
-            xf = tl.load(x_rows + k[None, :], mask=m2, other=0.0).to(tl.float32)
-            if PROLOGUE == 2:
-                rf = tl.load(r_ptr + rows[:, None] * srm + k[None, :], mask=m2, other=0.0).to(tl.float32)
-                s = cast(xf + rf, act_ty, EMULATE)  # rounded like torch's add
-                tl.store(res_ptr + rows[:, None] * K + k[None, :], s, mask=m2 & first[:, None])
-                xf = s.to(tl.float32)
-            ss += tl.sum(xf * xf, 1)
+        kn = tl.arange(0, NORM_BLOCK)
+        for m in range(M):
+            sq = tl.zeros([NORM_BLOCK], tl.float32)
+            for k0 in range(0, K, NORM_BLOCK):
+                k = k0 + kn
+                xf = tl.load(x_ptr + m * sxm + k, mask=k < K, other=0.0).to(tl.float32)
+                if PROLOGUE == 2:
+                    rf = tl.load(r_ptr + m * srm + k, mask=k < K, other=0.0).to(tl.float32)
+                    s = cast(xf + rf, act_ty, EMULATE)  # rounded like torch's add
+                    if pid == 0:  # program 0 stores the residual sum; every program uses it
+                        tl.store(res_ptr + m * K + k, s, mask=k < K)
+                    xf = s.to(tl.float32)
+                sq += xf * xf
+            ss = tl.where(rows == m, tl.sum(sq, 0), ss)
         # IEEE-rounded division and sqrt, as kernels/norm.py (torch's rsqrt is correctly rounded)
         inv = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32),
                              tl.math.sqrt_rn(tl.math.div_rn(ss, tl.zeros([BLOCK_M], tl.float32) + K) + eps))
@@ -210,7 +216,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         bias if bias is not None else weight, out, res_out if res_out is not None else out,
         m, n, k, x.stride(0), r.stride(0), weight.stride(0), out.stride(0), eps,
         PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_M=16 if cfg.use_dot else row_bucket(m),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0), USE_DOT=cfg.use_dot,
+        BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192), EVEN=(k % block_k == 0 and n % block_n == 0), USE_DOT=cfg.use_dot,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         EMULATE=emulate_bf16(x.dtype, weight.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
