@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/gpu/gemv_tune.py [--budget-s 90] [--layers 16] [--batches 1,2,4,8]
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/gpu/gemv_tune.py --dry-run   # CPU: tiny shapes, logic only
+    PYTHONPATH=. python bench/gpu/gemv_tune.py --compile-only   # CPU: every shape through ptxas for sm_90
 
 One H200, bf16, batch 1/2/4/8, the four projections of a decode step:
 
@@ -213,6 +214,59 @@ def run_config(case: Case, cfg: GemvConfig, want: tuple, plain: bool = False) ->
     return row
 
 
+def compile_only(arch: int = 90) -> None:
+    """Pre-flight without a GPU: every launch shape the engine or the sweep may take, at each
+    prologue and row bucket, compiled for sm_`arch` with Triton's bundled ptxas, specialised as
+    the JIT specialises the 8B shapes (16-byte aligned pointers, sizes and strides multiples of
+    16, one row a constant); prints registers, spill stack and shared memory per thread block."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.backends.nvidia
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.gemv import _gemv_kernel
+
+    cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    names = _gemv_kernel.arg_names
+    ints = ("M", "N", "K", "sxm", "srm", "swn", "som")
+    aligned = ("x_ptr", "r_ptr", "nw_ptr", "w_ptr", "b_ptr", "out_ptr", "res_ptr") + ints[1:]
+    jobs = {(p, b, cfg) for b, cfgs in CANDIDATES.items() for cfg in cfgs for p in (0, 1, 2, 3)}
+    jobs |= {(0, b, cfg) for b in BATCHES for cfg in SWEEP if fits(cfg, b)}
+    failed = 0
+    for prologue, rows, cfg in sorted(jobs, key=lambda j: (j[1], str(j[2]), j[0])):
+        k = KINDS["down" if prologue == 3 else "o"][0]
+        const = dict(PROLOGUE=prologue, HAS_BIAS=False, BLOCK_M=16 if cfg.use_dot else row_bucket(rows),
+                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192),
+                     EVEN=True, USE_DOT=cfg.use_dot, DOT_PREC="tf32", EMULATE=False)
+        if rows == 1:
+            const["M"] = 1
+        sig = {n: ("*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32") for n in names}
+        sig.update({n: "constexpr" for n in const})
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        label = f"prologue {prologue} rows {rows} {cfg}"
+        try:
+            t0 = time.perf_counter()
+            kernel = triton.compile(ASTSource(_gemv_kernel, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            took = time.perf_counter() - t0
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            regs, stack = m.groups() if m else ("?", "?")
+            print(f"{label:<44} {took:5.1f} s  regs {regs:>3}  spill stack {stack:>3} B  "
+                  f"shared {kernel.metadata.shared / 1024:5.1f} KiB", flush=True)
+        except Exception as e:
+            failed += 1
+            print(f"{label:<44} FAILED {repr(e)[:200]}", flush=True)
+    print(f"{len(jobs) - failed} of {len(jobs)} compiled")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget-s", type=float, default=90.0,
@@ -221,7 +275,11 @@ def main() -> None:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, Triton's interpreter, tiny shapes, two sweep shapes: checks this script's logic")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="no GPU needed: compile every launch shape for sm_90 and report registers and spills")
     args = ap.parse_args()
+    if args.compile_only:
+        return compile_only()
     budget = Budget(args.budget_s)
     torch.manual_seed(0)
     global SHAPES, SWEEP, CANDIDATES
