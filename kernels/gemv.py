@@ -61,7 +61,8 @@ class GemvConfig:
     use_dot: bool = True
 
     def __str__(self) -> str:
-        return f"{'dot' if self.use_dot else 'sum'}/n{self.block_n}/k{self.block_k}/w{self.num_warps}/s{self.num_stages}"
+        form = "dot" if self.use_dot else "sum"
+        return f"{form}/n{self.block_n}/k{self.block_k}/w{self.num_warps}/s{self.num_stages}"
 
 
 # Launch shapes ModelRunner tries at start, per row bucket (see row_bucket); the fastest that
@@ -216,7 +217,8 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         bias if bias is not None else weight, out, res_out if res_out is not None else out,
         m, n, k, x.stride(0), r.stride(0), weight.stride(0), out.stride(0), eps,
         PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_M=16 if cfg.use_dot else row_bucket(m),
-        BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192), EVEN=(k % block_k == 0 and n % block_n == 0), USE_DOT=cfg.use_dot,
+        BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192),
+        EVEN=k % block_k == 0 and n % block_n == 0, USE_DOT=cfg.use_dot,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         EMULATE=emulate_bf16(x.dtype, weight.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

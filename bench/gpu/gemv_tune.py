@@ -294,7 +294,8 @@ def main() -> None:
         dev = torch.device("cuda")
     copy_bps = copy_rate(dev)
     batches = [int(b) for b in args.batches.split(",")]
-    result = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)", "copy_GBps": copy_bps / 1e9, "layers": args.layers,
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
+    result = {"gpu": gpu, "copy_GBps": copy_bps / 1e9, "layers": args.layers,
               "phase1": {}, "phase2_plain": {}, "phase2": {}}
     out_dir = os.environ.get("OUT")
 
