@@ -438,8 +438,13 @@ class _Run:
         return sum(c.tokens for c in self.choices)
 
     async def start(self) -> Delta:
-        """Wait for choice 0's first delta (its first token, or an error before any), then
-        start the other choices."""
+        """Start every choice and wait for choice 0's first delta (its first token, or an
+        error before any: then the others are stopped). The other choices follow choice 0
+        to its nodes at once (router/orchestrator.py ForkGroup): their jobs arrive while
+        choice 0 prefills and fork it as soon as its prompt is computed, before a decode
+        node dispatched at the same time has pulled (and the prefill node freed) its KV."""
+        self.choices += [self._choice(i) for i in range(1, self.n)]
+        self._pumps += [asyncio.create_task(self._pump(c)) for c in self.choices[1:]]
         try:
             head = await self.choices[0].stream.__anext__()
         except BaseException:
@@ -449,16 +454,12 @@ class _Run:
         self.cached_tokens = head.num_cached_tokens
         self.router.metrics.observe_prompt_cache(self.req.workflow_id, self.req.agent_id, len(self.prompt_ids),
                                                  head.num_cached_tokens)
-        self.choices += [self._choice(i) for i in range(1, self.n)]
         return head
 
     async def deltas(self, head: Delta) -> AsyncIterator[tuple[_Choice, Delta]]:
         """Every choice's deltas, interleaved as they come, each choice's last one finished."""
         yield self.choices[0], head
-        live = len(self.choices)
-        # The other choices first: their prompts reach choice 0's prefill node before choice
-        # 0's decode job is sent, so they fork its KV while that node still lends it.
-        self._pumps += [asyncio.create_task(self._pump(c)) for c in self.choices[1:]]
+        live = len(self.choices)  # the other choices' pumps run since start()
         if head.finished:
             live -= 1
         else:

@@ -28,10 +28,11 @@ once to release the KV it lent for the request (nobody will pull it any more), r
 than holding it until abort_timeout_s. Bad input (4xx) is never retried.
 
 `n` > 1 (a ForkGroup): choice 0 runs as above and records its plan's nodes; the other
-choices go to the same nodes as forks of it (SubmitRequest.fork_of), so each node shares
-choice 0's prompt blocks with them (engine/forking.py): the prompt is prefilled once and
-its KV moves once. When a node of that plan is gone or leaving, the choice takes its own
-plan, and its nodes compute (or pull) as for any request.
+choices go to the node that decodes choice 0, as forks of it (SubmitRequest.fork_of):
+that node shares choice 0's prompt blocks with them (engine/forking.py) and computes one
+row per choice for its first token. The prompt is prefilled once and its KV moves once.
+When that node is gone or leaving, the choice takes its own plan, and its nodes compute
+(or pull) as for any request.
 """
 
 from __future__ import annotations
@@ -77,18 +78,22 @@ class ForkGroup:
     request_id: str
     decode: NodeClient | None = None
     prefill: NodeClient | None = None
+    placed: asyncio.Event = field(default_factory=asyncio.Event)  # choice 0 has its plan
 
     def follow(self, plan: PrefillPlan, request_id: str) -> tuple[PrefillPlan, str | None, str | None]:
         """The plan for one choice, and the requests it forks on its prefill and decode
-        nodes: choice 0 records its plan; the others take its nodes while they serve."""
+        nodes: choice 0 records its plan; the others go, whole, to the node that decodes
+        choice 0 while it serves: there they share choice 0's prompt blocks (its pulled KV,
+        on a split cluster) and compute one row each, so the prompt is computed once and
+        its KV moves once."""
         if request_id == self.request_id:
             self.decode, self.prefill = plan.decode, plan.prefill
+            self.placed.set()
             return plan, None, None
-        nodes = [n for n in (self.decode, self.prefill) if n is not None]
-        if not nodes or not all(n.healthy and not n.leaving for n in nodes):
+        if self.decode is None or not self.decode.healthy or self.decode.leaving:
             return plan, None, None
-        plan = dataclasses.replace(plan, decode=self.decode, prefill=self.prefill, failover=False)
-        return plan, (f"{self.request_id}-p" if self.prefill is not None else None), self.request_id
+        plan = dataclasses.replace(plan, decode=self.decode, prefill=None, reason="fork", failover=False)
+        return plan, None, self.request_id
 
 
 class RequestFailed(Exception):
@@ -134,6 +139,8 @@ class Orchestrator:
         owner = (workflow_id, agent_id)
         if params.seed is None:  # one seed for both halves: unseeded sampling splits cleanly too
             params = dataclasses.replace(params, seed=random.getrandbits(63))
+        if fork is not None and request_id != fork.request_id:
+            await fork.placed.wait()  # the other choices go where choice 0 goes, right behind it
         try:
             plan = self.planner.plan(self.nodes, prompt_ids, params.max_tokens, affinity_key)
         except NoHealthyNode as e:

@@ -279,7 +279,8 @@ def engine_8b(device: str, args) -> dict:
     cfg = eng.model_config
     out = {"load_and_capture_s": load_s, "kv_blocks": eng.kv_spec.num_blocks, "block_bytes": eng.kv_spec.block_bytes,
            "graph_pool_MiB": eng.runner.graph_pool_bytes / 2**20, "cuda_graphs": bool(eng.runner._graphs),
-           "single_row_matmul_speedups": eng.runner.single_row_speedups}
+           "single_row_matmul_speedups": eng.runner.single_row_speedups,
+           "fused_gemv_speedups": eng.runner.fused_gemv_speedups}
     # Random KV everywhere (timing on zeros flatters): written once, in slices.
     for i in range(0, eng.kv_cache.shape[0], 1024):
         eng.kv_cache[i:i + 1024].normal_()
@@ -404,6 +405,8 @@ def main() -> None:
     print(f"\n{result['gpu']}: copy {result['copy_GBps']:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s")
     if "tiny" in result:
         print(f"tiny greedy equal to CPU: {result['tiny']}")
+    print(f"engine start {eng['load_and_capture_s']:.1f} s; fused decode GEMV speed-ups (1.0: unfused kept): "
+          f"{eng['fused_gemv_speedups'] or 'off (PDCLUSTER_FUSED_GEMV=0)'}")
     hf = result.get("transformers", {})
     for plen, p in eng["prefill"].items():
         ref = hf.get("prefill", {}).get(plen)
