@@ -282,9 +282,11 @@ class ModelRunner:
         (launch overhead and L2-resident weights would otherwise mislead); flag the layers to
         use the fastest fused shape where it beats the unfused path by 1% (margin). A shape
         whose output strays from the unfused one (relative error > 1e-2) is not taken.
-        PDCLUSTER_FUSED_GEMV=0 skips this (unfused everywhere). Returns the speed-up per
-        projection and bucket (1.0: unfused kept)."""
-        if os.environ.get("PDCLUSTER_FUSED_GEMV", "1") == "0":
+        Off unless PDCLUSTER_FUSED_GEMV=1: measured on an H200 (bench/results/2026-12-01b-h200),
+        the shapes this picked made a whole batch-1 step 2.8% slower (4.70 against 4.57 ms)
+        although each won its own graphed comparison, and engine start took 14 s instead
+        of 8. Returns the speed-up per projection and bucket (1.0: unfused kept)."""
+        if os.environ.get("PDCLUSTER_FUSED_GEMV", "0") != "1":
             return {}
         buckets = [b for b in CANDIDATES if b <= MAX_ROWS and (b == 1 or b // 2 < self.max_num_seqs)]
         dtype, chosen, n = self.model.embed_tokens.weight.dtype, {}, len(self.model.layers)

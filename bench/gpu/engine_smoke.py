@@ -406,7 +406,7 @@ def main() -> None:
     if "tiny" in result:
         print(f"tiny greedy equal to CPU: {result['tiny']}")
     print(f"engine start {eng['load_and_capture_s']:.1f} s; fused decode GEMV speed-ups (1.0: unfused kept): "
-          f"{eng['fused_gemv_speedups'] or 'off (PDCLUSTER_FUSED_GEMV=0)'}")
+          f"{eng['fused_gemv_speedups'] or 'off (PDCLUSTER_FUSED_GEMV=1 turns them on)'}")
     hf = result.get("transformers", {})
     for plen, p in eng["prefill"].items():
         ref = hf.get("prefill", {}).get(plen)
