@@ -60,6 +60,18 @@ def check(name: str, model_path: str, dtype: str, load_format: str, max_tokens: 
                     print(f"  parts at token {i}: top-2 logprob gap there {top[0] - top[1]:.4f} "
                           f"(offline alone picks {'the same' if alone.token_ids[i] == want[PROMPTS.index(prompt)][i] else 'differently'})")
             ok &= same == len(PROMPTS)
+        # n=3 (seeded): choices 1 and 2 fork choice 0 on its decode node (a block copy on the
+        # device), each equal to one request seeded seed + i.
+        kw = CASES["seeded"]
+        body = {"prompt": PROMPTS[0], "max_tokens": max_tokens, "ignore_eos": True, "n": 3, **kw}
+        r = httpx.post(cluster.url + "/v1/completions", json=body, timeout=120).json()
+        got_n = [c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])]
+        want_n = [offline.generate([PROMPTS[0]], SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                 **{**kw, "seed": kw["seed"] + i}))[0].outputs[0].text
+                  for i in range(3)]
+        same_n = sum(g == w for g, w in zip(got_n, want_n))
+        print(f"{name} n=3 seeded: {same_n}/3 choices equal to single requests seeded s, s+1, s+2")
+        ok &= same_n == 3
         stats = httpx.get(cluster.url + "/cluster").json()["nodes"]
         decode = next(n for n in stats if n["role"] == "decode")
         print(f"{name}: decode node kv_transfer {json.dumps(decode['kv_transfer'])}")
