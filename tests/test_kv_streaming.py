@@ -15,7 +15,7 @@ from kv_connector import messages as m
 from kv_connector.producer_ledger import ProducerLedger
 from kv_connector.producer_service import ProducerService, call_struct
 from tests.engine_worker import EngineProcess
-from tests.test_kv_connector_e2e import CONNECTORS, fresh, reference, reqs
+from tests.test_kv_connector_e2e import CONNECTORS, fresh, reference, reqs, settle
 
 BLOCK = 4
 # Long enough for several chunks of the producer's 8-token budget.
@@ -70,18 +70,6 @@ def dispatch_to_both(producer, consumer, prompts, params, prefix, producer_param
                         step_delay_s=step_delay_s)["results"]
     got = consumer.recv(timeout_s=90)
     return [pre[f"{prefix}-p-{i}"] for i in range(len(ids))], [got["results"][f"{prefix}-d-{i}"] for i in range(len(ids))], got["stats"]
-
-
-def settle(producer, consumer):
-    for _ in range(50):
-        p = producer.call(op="tick", seconds=0.05)["stats"]
-        c = consumer.call(op="stats")["stats"]
-        if p["kv_blocks_free"] == p["kv_blocks_total"] and c["kv_blocks_free"] == c["kv_blocks_total"]:
-            break
-    assert p["kv_blocks_free"] == p["kv_blocks_total"] and p["ref_counts_zero"], p
-    assert c["kv_blocks_free"] == c["kv_blocks_total"] and c["ref_counts_zero"], c
-    assert p["kv_transfer"]["requests_held"] == 0
-    return p, c
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
