@@ -34,6 +34,7 @@ Fault injection for tests (kv_connector_extra_config on the consumer):
   fault_drop_blocks: [i, ...]     request-relative block indices never read
   fault_corrupt_blocks: [i, ...]  overwritten after the read (caught by checksums)
   fault_delay_s: float            sleep before reading (a slow transfer)
+  fault_read_delay_s: float       sleep before each read of a streamed pull (a slow link)
   fault_refuse_handshake: bool    act as if the producer refused the handshake
 On the producer:
   fault_release_delay_s: float    sleep before answering a release (a slow service)
@@ -469,6 +470,8 @@ class PullConnector(KVConnectorBase):
             if todo:
                 remote_ids = [prog.block_ids[i] for i in todo]
                 local_ids = [job.local_block_ids[i - first] for i in todo]
+                if self._faults.get("fault_read_delay_s"):
+                    time.sleep(float(self._faults["fault_read_delay_s"]))
                 try:
                     self._read(peer, job, remote_ids, local_ids, time.monotonic() + self.config.transfer_timeout_s)
                 except TransferError as e:  # these blocks are recomputed (or fail the request)

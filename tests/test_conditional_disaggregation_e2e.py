@@ -176,6 +176,26 @@ def test_always_and_never_on_the_same_nodes(cluster, offline, tmp_path, mode, pr
         assert decisions(url)[expected] == 2
 
 
+def test_a_decode_job_sent_after_the_prefill_answers_gives_the_same_tokens(cluster, offline, tmp_path):
+    """router.dispatch_to_both false: the decode job follows the prefill's answer and pulls
+    the lent KV whole (no streamed pull) — the tokens of the default dispatch, and the
+    offline engine's."""
+    def streamed_loads() -> float:
+        text = httpx.get(cluster.url + "/metrics").text
+        return sum(metric(text, "pdcluster_node_kv_transfer", counter="streamed_loads", node=n, role="both")
+                   for n in ("both-0", "both-1"))
+
+    with second_router(cluster, tmp_path, dispatch_to_both=False) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        before = (transfer(cluster.url), streamed_loads())
+        for i, kw in enumerate((GREEDY, SEEDED)):
+            prompt = long_prompt(6000 + i)
+            assert complete(client, prompt, kw, False) == (offline_text(offline, prompt, kw), "remote", "long_prompt")
+        loads = lambda: sum(t["loads"] for t in transfer(cluster.url).values())  # noqa: E731
+        wait_for(lambda: loads() - sum(t["loads"] for t in before[0].values()) >= 2, "the two whole pulls")
+        assert streamed_loads() == before[1]
+
+
 def test_the_bench_records_each_request_s_prefill_plan(cluster):
     requests = [BenchRequest(0, SHORT, 4), BenchRequest(1, long_prompt(5000), 4)]
     run = asyncio.run(run_load(cluster.url, requests, concurrency=1, metrics_settle_s=0.0))

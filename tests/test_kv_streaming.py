@@ -92,6 +92,23 @@ def test_streamed_pull_reads_blocks_during_the_prefill_and_equals_colocated(pair
     settle(producer, consumer)
 
 
+def test_a_slow_link_still_overlaps_the_prefill_and_gives_the_same_tokens(pair, colocated):
+    """Every streamed read delayed (a slow transfer): the reads still start while later
+    chunks compute, and the tokens are the colocated engine's."""
+    producer, consumer = pair
+    prompts = fresh(PROMPTS[:1], "stream-slow")
+    want = reference(colocated, prompts, SEEDED, "ref-slow")
+    consumer.call(op="set_faults", faults={"fault_read_delay_s": 0.03})
+    try:
+        before = consumer.call(op="stats")["stats"]["kv_transfer"]
+        _, got, stats = dispatch_to_both(producer, consumer, prompts, SEEDED, "slow", step_delay_s=0.02)
+    finally:
+        consumer.call(op="set_faults", faults={})
+    assert got[0]["error"] is None and got[0]["token_ids"] == want[0]
+    assert stats["kv_transfer"]["stream_blocks_early"] > before["stream_blocks_early"]
+    settle(producer, consumer)
+
+
 def test_a_prefill_that_stops_on_its_first_token_leaves_the_consumer_to_compute_it(pair, colocated):
     """The producer ends without lending (here a stop token on its first token): the consumer
     hears `gone` and, under recompute, prefills and samples by itself — the same tokens."""
