@@ -286,10 +286,7 @@ class ModelRunner:
         the shapes this picked made a whole batch-1 step 2.8% slower (4.70 against 4.57 ms)
         although each won its own graphed comparison, and engine start took 14 s instead
         of 8. Returns the speed-up per projection and bucket (1.0: unfused kept)."""
-        mode = os.environ.get("PDCLUSTER_FUSED_GEMV", "0")
-        if mode == "plain":
-            return self._plain_gemv()
-        if mode != "1":
+        if os.environ.get("PDCLUSTER_FUSED_GEMV", "0") != "1":
             return {}
         buckets = [b for b in CANDIDATES if b <= MAX_ROWS and (b == 1 or b // 2 < self.max_num_seqs)]
         dtype, chosen, n = self.model.embed_tokens.weight.dtype, {}, len(self.model.layers)
@@ -327,18 +324,6 @@ class ModelRunner:
         log.info("fused decode GEMV, speed-up per projection and row bucket where taken (%.1f s): %s",
                  time.perf_counter() - started, chosen)
         return chosen
-
-    def _plain_gemv(self) -> dict[str, dict[int, float]]:
-        """PDCLUSTER_FUSED_GEMV=plain (an experiment): the plain Triton GEMV, no prologue, for
-        o_proj and down_proj at up to 8 rows, in the launch shape bench/gpu/gemv_tune.py
-        measured fastest there (it skips cuBLAS's split-K reduce kernels)."""
-        cfg = GemvConfig(32, 256, 4, 5, True)
-        plan = {b: cfg for b in (1, 2, 4, 8)}
-        for layer in self.model.layers:
-            layer.self_attn.o_proj.gemv_plan = dict(plan)
-            layer.mlp.down_proj.gemv_plan = dict(plan)
-            layer.mlp.down_proj.gemv_after_silu = True
-        return {"o": {b: 0.0 for b in plan}, "down": {b: 0.0 for b in plan}}
 
     @torch.inference_mode()
     def capture_decode_graphs(self) -> None:

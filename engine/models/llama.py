@@ -61,11 +61,8 @@ def norm_linear(norm: "RMSNorm", layer: nn.Linear, h: torch.Tensor | None, resid
 
 
 def silu_linear(layer: nn.Linear, gate_up: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """layer(silu(gate) * up): one fused kernel with a config, else SiLU-and-mul + matmul
-    (the matmul a plain Triton GEMV where the layer is marked `gemv_after_silu`)."""
+    """layer(silu(gate) * up): one fused kernel with a config, else SiLU-and-mul + matmul."""
     if config is not None:
-        if getattr(layer, "gemv_after_silu", False):
-            return gemv(silu_and_mul(gate_up), layer.weight, layer.bias, config=config)
         return silu_mul_gemv(gate_up, layer.weight, layer.bias, config=config)
     return linear(layer, silu_and_mul(gate_up))
 
