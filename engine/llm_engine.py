@@ -515,9 +515,10 @@ class LLMEngine:
             self.scheduler.release_blocks(blocks)
         for request_id, failed in events.loads_done:
             if request_id in self.scheduler.waiting_for_remote_kv:
+                req = self.scheduler.waiting_for_remote_kv[request_id]
                 tokens = events.remote_outputs.get(request_id)
-                if tokens:
-                    self._continue_from(self.scheduler.waiting_for_remote_kv[request_id], tokens)
+                if tokens and req.awaits_remote_output:  # a job resent with those tokens has them already
+                    self._continue_from(req, tokens)
                 self.scheduler.remote_kv_ready(request_id, failed)
         for request_id, message in events.loads_failed:
             out = self.fail_request(request_id, message)

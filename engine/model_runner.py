@@ -23,8 +23,6 @@ Where the time goes on a GPU, and what this module does about it:
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +31,6 @@ import torch
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk
 from kernels.attention import AttentionMetadata, choose_num_kv_splits, num_sms
-from kernels.gemv import CANDIDATES, MAX_ROWS, GemvConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +105,6 @@ class ModelRunner:
         self._graph_table: torch.Tensor | None = None  # (max_num_seqs, max_blocks), rows read by the graphs
         self.graph_pool_bytes = 0
         self.single_row_speedups: dict[str, float] = {}
-        self.fused_gemv_speedups: dict[str, dict[int, float]] = {}
 
     # --- inputs -----------------------------------------------------------------------
     def prepare(self, chunks: list[ScheduledChunk], pad_to: int = 0) -> ModelInputs:
@@ -274,58 +270,6 @@ class ModelRunner:
         return chosen
 
     @torch.inference_mode()
-    def tune_fused_gemv(self, margin: float = 0.99) -> dict[str, dict[int, float]]:
-        """For each projection of a decode step and each graph row bucket up to 8: time the
-        unfused path (norm or SiLU kernel + cuBLAS, after tune_single_row_matmuls' choice)
-        against each candidate launch shape of the fused Triton kernel (kernels/gemv.py),
-        both captured in a CUDA graph over every layer's weights, as a decode step runs them
-        (launch overhead and L2-resident weights would otherwise mislead); flag the layers to
-        use the fastest fused shape where it beats the unfused path by 1% (margin). A shape
-        whose output strays from the unfused one (relative error > 1e-2) is not taken.
-        Off unless PDCLUSTER_FUSED_GEMV=1: measured on an H200 (bench/results/2026-12-01b-h200),
-        the shapes this picked made a whole batch-1 step 2.8% slower (4.70 against 4.57 ms)
-        although each won its own graphed comparison, and engine start took 14 s instead
-        of 8. Returns the speed-up per projection and bucket (1.0: unfused kept)."""
-        if os.environ.get("PDCLUSTER_FUSED_GEMV", "0") != "1":
-            return {}
-        buckets = [b for b in CANDIDATES if b <= MAX_ROWS and (b == 1 or b // 2 < self.max_num_seqs)]
-        dtype, chosen, n = self.model.embed_tokens.weight.dtype, {}, len(self.model.layers)
-        started = time.perf_counter()
-
-        def step_time(proj, x, r, cfg: GemvConfig | None) -> float:  # one call per layer, as a step
-            return _time_graphed(lambda: [proj.run(i, x, r, cfg) for i in range(n)]) / n
-
-        for name, proj in self.model.decode_projections().items():
-            plan: dict[int, GemvConfig] = {}
-            chosen[name] = {}
-            for rows in buckets:
-                x = torch.randn(rows, proj.in_features, device=self.device, dtype=dtype)
-                r = torch.randn(rows, proj.in_features, device=self.device, dtype=dtype) if proj.takes_residual \
-                    else None
-                want = proj.run(0, x, r, None).float()
-                unfused = step_time(proj, x, r, None)
-                best, best_t = None, unfused * margin
-                for cfg in CANDIDATES[rows]:
-                    try:
-                        err = float((proj.run(0, x, r, cfg).float() - want).norm() / want.norm().clamp_min(1e-30))
-                        if not err < 1e-2:
-                            log.warning("fused GEMV %s rows=%d %s: relative error %.3g, not used", name, rows, cfg, err)
-                            continue
-                        t = step_time(proj, x, r, cfg)
-                    except Exception as e:  # a shape that does not compile on this GPU is skipped
-                        log.warning("fused GEMV %s rows=%d %s failed: %s", name, rows, cfg, str(e)[:200])
-                        continue
-                    if t < best_t:
-                        best, best_t = cfg, t
-                if best is not None:
-                    plan[rows] = best
-                chosen[name][rows] = round(unfused / best_t, 3) if best is not None else 1.0
-            proj.set_plan(plan)
-        log.info("fused decode GEMV, speed-up per projection and row bucket where taken (%.1f s): %s",
-                 time.perf_counter() - started, chosen)
-        return chosen
-
-    @torch.inference_mode()
     def capture_decode_graphs(self) -> None:
         """Capture one decode graph per padded batch size, largest first, sharing one
         memory pool (a smaller graph's activations fit in the larger one's)."""
@@ -333,7 +277,6 @@ class ModelRunner:
             return
         self.model.prepare_rope_cache(self.max_model_len, self.device, self.kv_cache.dtype)
         self.single_row_speedups = self.tune_single_row_matmuls()
-        self.fused_gemv_speedups = self.tune_fused_gemv()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)
         # Static inputs: fixed regions of the device staging buffer, all padding for now.
@@ -370,31 +313,6 @@ class ModelRunner:
         self.graph_pool_bytes = torch.cuda.memory_allocated(self.device) - before
         log.info("captured %d decode CUDA graphs (batch sizes up to %d), %.0f MiB", len(self._graphs),
                  self.max_num_seqs, self.graph_pool_bytes / 2**20)
-
-
-def _time_graphed(fn, replays: int = 5) -> float:
-    """Median seconds of one fn() as a CUDA-graph replay (after a warm-up that compiles and
-    lets cuBLAS pick its kernels); the graph and its memory are freed on return."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def _time_calls(fn, reps: int) -> float:

@@ -26,10 +26,11 @@ to the activation dtype), so the product sees the same operand the unfused path 
 (the norm's float32 sum of squares aside: equal or 1 ulp apart, as kernels/norm.py). The
 product accumulates in float32 and rounds once, like cuBLAS, in another order.
 
-Which form and tile is fastest depends on the shape, the row count and the GPU; whether the
-fused kernel beats norm kernel + cuBLAS at all, too. ModelRunner measures at start
-(tune_fused_gemv) and the model uses a fused kernel only where it won; bench/gpu/gemv_tune.py
-sweeps tiles at Llama-3-8B shapes.
+Not used by the engine: measured on an H200 (bench/results/2026-12-01b-h200), the plain GEMV
+beats cuBLAS for o_proj but the prologue-fused gate_up and down kernels reach 0.3-0.9x of
+norm/SiLU kernel + cuBLAS, and with the start-up tuner's picks a whole batch-1 step got 2.8%
+slower, so the model's wiring was taken out again. bench/gpu/gemv_tune.py sweeps tiles at
+Llama-3-8B shapes against the unfused pair; what beats it there belongs in the model.
 """
 
 from __future__ import annotations
@@ -65,10 +66,8 @@ class GemvConfig:
         return f"{form}/n{self.block_n}/k{self.block_k}/w{self.num_warps}/s{self.num_stages}"
 
 
-# Launch shapes ModelRunner tries at start, per row bucket (see row_bucket); the fastest that
-# beats the unfused path is kept. Buckets not listed (rows 9-16) stay unfused. Each entry
-# costs one Triton compile per projection kind at start (36 in all): keep the lists short.
-# bench/gpu/gemv_tune.py prints the best per bucket at 8B shapes: update these from it.
+# A few launch shapes per row bucket (see row_bucket), each a Triton compile: gemv_tune.py's
+# phase 1 checks and times them; its phase 2 sweeps wider.
 CANDIDATES: dict[int, tuple[GemvConfig, ...]] = {
     1: (GemvConfig(8, 1024, 4, 1, False), GemvConfig(16, 256, 4, 4, True), GemvConfig(32, 256, 4, 3, True)),
     2: (GemvConfig(8, 512, 4, 1, False), GemvConfig(16, 256, 4, 4, True)),

@@ -59,10 +59,13 @@ def streamed_kv(producer, remote_id: str, num_tokens: int) -> dict:
             "num_tokens": num_tokens}
 
 
-def dispatch_to_both(producer, consumer, prompts, params, prefix, producer_params=None, step_delay_s=0.01):
-    """Send the decode jobs first (they wait for KV), then run the prefill jobs."""
+def dispatch_to_both(producer, consumer, prompts, params, prefix, producer_params=None, step_delay_s=0.01,
+                     outputs=None):
+    """Send the decode jobs first (they wait for KV), then run the prefill jobs. `outputs`:
+    tokens the decode jobs already carry (a job the router sent again)."""
     ids = producer.call(op="tokenize", texts=prompts)["token_ids"]
     decode = [{"id": f"{prefix}-d-{i}", "prompt": p, "params": params.to_dict(),
+               "output_token_ids": outputs[i] if outputs else None,
                "kv_transfer_params": streamed_kv(producer, f"{prefix}-p-{i}", len(p))} for i, p in enumerate(ids)]
     consumer.send(op="run", requests=decode, timeout_s=60)
     first = producer_params or SamplingParams.from_dict({**params.to_dict(), "max_tokens": 1})
@@ -106,6 +109,17 @@ def test_a_slow_link_still_overlaps_the_prefill_and_gives_the_same_tokens(pair, 
         consumer.call(op="set_faults", faults={})
     assert got[0]["error"] is None and got[0]["token_ids"] == want[0]
     assert stats["kv_transfer"]["stream_blocks_early"] > before["stream_blocks_early"]
+    settle(producer, consumer)
+
+
+def test_a_decode_job_that_already_carries_the_first_token_does_not_take_it_twice(pair, colocated):
+    """The router resends a decode job with the first token (and the streamed handle) when
+    its first submit failed: the producer's token, arriving with the KV, is not appended again."""
+    producer, consumer = pair
+    prompts = fresh(PROMPTS[:1], "stream-resent")
+    want = reference(colocated, prompts, GREEDY, "ref-resent")
+    _, got, _ = dispatch_to_both(producer, consumer, prompts, GREEDY, "resent", outputs=[want[0][:1]])
+    assert got[0]["error"] is None and got[0]["token_ids"] == want[0]
     settle(producer, consumer)
 
 

@@ -18,34 +18,10 @@ import os
 
 import torch
 
+from bench.gpu.timing import graph_time
 from kernels.attention import _decode_attention, paged_decode_attention_triton
 
 HQ, HKV, D, PAGE, LAYERS = 32, 8, 128, 16, 32
-
-
-def graph_time(fn, reps: int = 5) -> float:
-    """Median seconds of one fn() call, from replays of a graph of LAYERS calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(LAYERS):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / LAYERS)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -91,7 +67,7 @@ def main() -> None:
                     if not err < 2e-2:
                         rows.append({"block_n": bn, "warps": nw, "stages": ns, "splits": splits, "error": err})
                         continue
-                sec = graph_time(fn)
+                sec = graph_time(lambda i: fn(), LAYERS)
             except Exception as e:  # a config that does not compile (shared memory) is skipped
                 rows.append({"block_n": bn, "warps": nw, "stages": ns, "splits": splits, "failed": repr(e)[:120]})
                 continue

@@ -282,8 +282,7 @@ def engine_8b(device: str, args) -> dict:
     cfg = eng.model_config
     out = {"load_and_capture_s": load_s, "kv_blocks": eng.kv_spec.num_blocks, "block_bytes": eng.kv_spec.block_bytes,
            "graph_pool_MiB": eng.runner.graph_pool_bytes / 2**20, "cuda_graphs": bool(eng.runner._graphs),
-           "single_row_matmul_speedups": eng.runner.single_row_speedups,
-           "fused_gemv_speedups": eng.runner.fused_gemv_speedups}
+           "single_row_matmul_speedups": eng.runner.single_row_speedups}
     # Random KV everywhere (timing on zeros flatters): written once, in slices.
     for i in range(0, eng.kv_cache.shape[0], 1024):
         eng.kv_cache[i:i + 1024].normal_()
@@ -408,8 +407,7 @@ def main() -> None:
     print(f"\n{result['gpu']}: copy {result['copy_GBps']:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s")
     if "tiny" in result:
         print(f"tiny greedy equal to CPU: {result['tiny']}")
-    print(f"engine start {eng['load_and_capture_s']:.1f} s; fused decode GEMV speed-ups (1.0: unfused kept): "
-          f"{eng['fused_gemv_speedups'] or 'off (PDCLUSTER_FUSED_GEMV=1 turns them on)'}")
+    print(f"engine start {eng['load_and_capture_s']:.1f} s")
     hf = result.get("transformers", {})
     for plen, p in eng["prefill"].items():
         ref = hf.get("prefill", {}).get(plen)

@@ -17,9 +17,8 @@ before), divided by the layers. cuBLAS is timed both ways (x @ W^T and W @ x^T) 
 faster kept, as the engine does. Bandwidth = weight bytes / time, and its fraction of the
 device copy rate (torch copy of 2 GiB, bytes read + written, as engine_smoke.py counts it).
 
-Phase 1: each fused kernel in the launch shapes the engine tries at start
-(kernels.gemv.CANDIDATES) is checked against its torch reference and timed: what
-ModelRunner.tune_fused_gemv would choose. Phase 2, while the time budget lasts: a wider
+Phase 1: each fused kernel in the launch shapes of kernels.gemv.CANDIDATES is checked
+against its torch reference and timed against the unfused pair. Phase 2, while the time budget lasts: a wider
 sweep of launch shapes on the plain GEMV (all shapes), then its best few per row bucket
 with each kind's prologue. A shape that fails to compile or to check is reported and
 skipped. Prints a table per phase; writes $OUT/gemv_tune.json (also when the budget ends
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.gemv import (CANDIDATES, GemvConfig, gemv_ref, gemv_triton, rms_norm_gemv_ref,  # noqa: E402
                           rms_norm_gemv_triton, row_bucket, silu_mul_gemv_ref, silu_mul_gemv_triton)
+from bench.gpu.timing import graph_time  # noqa: E402
 from kernels.norm import fused_add_rms_norm  # noqa: E402
 
 
@@ -81,37 +81,6 @@ class Budget:
 
     def left(self) -> float:
         return self.end - time.perf_counter()
-
-
-def graph_time(fn, calls: int, replays: int = 5) -> float:
-    """Median seconds per call of fn(i) for i in range(calls), captured as one CUDA graph
-    (on a CPU, --dry-run: one timed loop)."""
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        for i in range(calls):
-            fn(i)
-        return (time.perf_counter() - t0) / calls
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(2, calls)):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 def copy_rate(dev: torch.device) -> float:

@@ -2,15 +2,12 @@
 
 Tokens arrive flattened, (T,), from every sequence of the step; attention finds each
 sequence's keys in the paged cache through AttentionMetadata. Projections are fused
-(q|k|v and gate|up) at load time: fewer, larger matrix products. For decode batches of up
-to 8 rows a projection can run as one Triton kernel with the norm or SiLU-and-mul before it
-(kernels/gemv.py): per projection and row count, where ModelRunner measured it faster.
+(q|k|v and gate|up) at load time: fewer, larger matrix products.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +16,6 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
-from kernels.gemv import MAX_ROWS, GemvConfig, gemv, rms_norm_gemv, row_bucket, silu_mul_gemv
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rope import rope_and_write_kv, rope_cos_sin, rope_inv_freq
 
@@ -33,56 +29,6 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         out = torch.mm(layer.weight, x.t()).view(1, -1)
         return out if layer.bias is None else out + layer.bias
     return F.linear(x, layer.weight, layer.bias)
-
-
-def fused_config(layer: nn.Linear, rows: int) -> GemvConfig | None:
-    """The launch shape of the fused decode kernel for `rows` rows of this projection, or
-    None where the unfused path was faster (or never measured: CPU, prefill, large batches).
-    `layer.gemv_plan` (row bucket -> config) is set by ModelRunner.tune_fused_gemv."""
-    plan = getattr(layer, "gemv_plan", None)
-    if not plan or rows > MAX_ROWS:
-        return None
-    return plan.get(row_bucket(rows))
-
-
-def norm_linear(norm: "RMSNorm", layer: nn.Linear, h: torch.Tensor | None, residual: torch.Tensor,
-                config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer(norm(h + residual)), h + residual); h None (the first layer): (layer(norm(residual)),
-    residual). With a config: one fused kernel (kernels/gemv.py), else norm kernel + matmul."""
-    if config is not None:
-        if h is None:
-            return rms_norm_gemv(residual, None, norm.weight, norm.eps, layer.weight, layer.bias,
-                                 config=config)[0], residual
-        return rms_norm_gemv(h, residual, norm.weight, norm.eps, layer.weight, layer.bias, config=config)
-    if h is None:
-        return linear(layer, norm(residual)), residual
-    x, residual = norm.add_and_norm(h, residual)
-    return linear(layer, x), residual
-
-
-def silu_linear(layer: nn.Linear, gate_up: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """layer(silu(gate) * up): one fused kernel with a config, else SiLU-and-mul + matmul."""
-    if config is not None:
-        return silu_mul_gemv(gate_up, layer.weight, layer.bias, config=config)
-    return linear(layer, silu_and_mul(gate_up))
-
-
-def plain_linear(layer: nn.Linear, x: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """layer(x): the Triton GEMV with a config, else `linear` (cuBLAS)."""
-    if config is not None:
-        return gemv(x, layer.weight, layer.bias, config=config)
-    return linear(layer, x)
-
-
-@dataclass(slots=True)
-class DecodeProjection:
-    """One projection of every layer with the small kernel before it that a fused decode kernel
-    absorbs: what ModelRunner.tune_fused_gemv times both ways (config None: unfused).
-    run(i, x, residual, config) runs layer i's; x is (rows, in_features), residual too or None."""
-    in_features: int
-    takes_residual: bool
-    run: Callable[[int, torch.Tensor, torch.Tensor | None, GemvConfig | None], torch.Tensor]
-    set_plan: Callable[[dict[int, GemvConfig]], None]
 
 
 class RMSNorm(nn.Module):
@@ -112,12 +58,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        # qkv: the fused projection's output (T, q_size + 2 kv_size), computed by the decoder
-        # layer with the input norm (fused into one kernel for small decode batches)
-        t = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = x.shape[0]
+        q, k, v = linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)      # (T, Hq, D)
         k = k.view(t, self.num_kv_heads, self.head_dim)   # (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -125,7 +69,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope_and_write_kv(q, k, v, cos, sin, kv_cache, self.layer, meta.slot_mapping)
         out = paged_attention(q, kv_cache, self.layer, meta, self.scale)  # (T, Hq, D)
-        return plain_linear(self.o_proj, out.reshape(t, self.q_size), fused_config(self.o_proj, t))
+        return linear(self.o_proj, out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -134,10 +78,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        # gate_up: the fused gate|up output (T, 2I), computed by the decoder layer with the
-        # post-attention norm
-        return silu_linear(self.down_proj, gate_up, fused_config(self.down_proj, gate_up.shape[0]))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.down_proj, silu_and_mul(linear(self.gate_up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -151,14 +93,13 @@ class DecoderLayer(nn.Module):
     def forward(self, h, residual, cos, sin, kv_cache, meta):
         # h: the previous layer's output, not yet added to the residual stream (None for the
         # first layer, whose input is the residual itself). Same sums as x + f(norm(x)).
-        t = residual.shape[0]
-        attn, mlp = self.self_attn, self.mlp
-        qkv, residual = norm_linear(self.input_layernorm, attn.qkv_proj, h, residual,
-                                    fused_config(attn.qkv_proj, t))
-        h = attn(qkv, cos, sin, kv_cache, meta)
-        gate_up, residual = norm_linear(self.post_attention_layernorm, mlp.gate_up_proj, h, residual,
-                                        fused_config(mlp.gate_up_proj, t))
-        return mlp(gate_up), residual
+        if h is None:
+            x = self.input_layernorm(residual)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(h, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -222,38 +163,6 @@ class LlamaForCausalLM(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         out["lm_head"] = (weight, lambda flag: setattr(self, "flip_single_row_logits", flag))
         return out
-
-    def decode_projections(self) -> dict[str, DecodeProjection]:
-        """The four projections of a decode step, each with what its fused kernel absorbs
-        (qkv and gate_up: the residual add + RMSNorm before them; down: SiLU-and-mul; o:
-        nothing, a plain GEMV against cuBLAS), for ModelRunner.tune_fused_gemv."""
-        layers, a0, m0 = self.layers, self.layers[0].self_attn, self.layers[0].mlp
-
-        def setter(pick):
-            def set_plan(plan: dict[int, GemvConfig]) -> None:
-                for layer in layers:
-                    pick(layer).gemv_plan = dict(plan)
-            return set_plan
-
-        return {
-            "qkv": DecodeProjection(
-                a0.qkv_proj.in_features, True,
-                lambda i, x, r, c: norm_linear(layers[i].input_layernorm, layers[i].self_attn.qkv_proj, x, r, c)[0],
-                setter(lambda l: l.self_attn.qkv_proj)),
-            "o": DecodeProjection(
-                a0.o_proj.in_features, False,
-                lambda i, x, r, c: plain_linear(layers[i].self_attn.o_proj, x, c),
-                setter(lambda l: l.self_attn.o_proj)),
-            "gate_up": DecodeProjection(
-                m0.gate_up_proj.in_features, True,
-                lambda i, x, r, c: norm_linear(layers[i].post_attention_layernorm, layers[i].mlp.gate_up_proj,
-                                               x, r, c)[0],
-                setter(lambda l: l.mlp.gate_up_proj)),
-            "down": DecodeProjection(
-                2 * m0.down_proj.in_features, False,
-                lambda i, x, r, c: silu_linear(layers[i].mlp.down_proj, x, c),
-                setter(lambda l: l.mlp.down_proj)),
-        }
 
     # --- weights --------------------------------------------------------------------
     _STACKED = {  # HF name piece -> (our name piece, shard index)
