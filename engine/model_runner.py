@@ -23,7 +23,6 @@ Where the time goes on a GPU, and what this module does about it:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,9 +276,6 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self.model.prepare_rope_cache(self.max_model_len, self.device, self.kv_cache.dtype)
-        prefetch_rows = int(os.environ.get("PDCLUSTER_L2_PREFETCH_MAX_ROWS", "0"))  # experiment, off by default
-        if prefetch_rows > 0:
-            self.model.enable_l2_prefetch(self.device, prefetch_rows)
         self.single_row_speedups = self.tune_single_row_matmuls()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 import kernels.attention
-import kernels.fused_decode
 from engine import LLM, SamplingParams
 from kernels.triton_utils import force_triton
 
@@ -28,16 +27,14 @@ def test_model_on_triton_kernels_matches_model_on_references(checkpoints, monkey
     path = str(checkpoints["tiny-qwen3"])  # GQA 4, q/k norm; float32
     ref = run(path)
     calls = {"decode": 0, "prefill": 0}
-    # Decode-only steps take the fused kernel (rope + cache write + attention), mixed ones
-    # the prefill/extend kernel.
-    for kind, module, name in (("decode", kernels.fused_decode, "fused_decode_attention_triton"),
-                               ("prefill", kernels.attention, "paged_prefill_attention_triton")):
-        kernel = getattr(module, name)
+    for kind in calls:
+        name = f"paged_{kind}_attention_triton"
+        kernel = getattr(kernels.attention, name)
 
         def counted(*args, _kernel=kernel, _kind=kind, **kwargs):
             calls[_kind] += 1
             return _kernel(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
+        monkeypatch.setattr(kernels.attention, name, counted)
     with force_triton():
         got = run(path)
     assert calls["decode"] > 0 and calls["prefill"] > 0

@@ -16,8 +16,6 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
-from kernels.fused_decode import rope_write_and_attend
-from kernels.l2_prefetch import SideStreamPrefetch
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rope import rope_and_write_kv, rope_cos_sin, rope_inv_freq
 
@@ -59,8 +57,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.o_prefetch: SideStreamPrefetch | None = None  # see LlamaForCausalLM.enable_l2_prefetch
-        self.o_prefetch_max_rows = 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -71,16 +67,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if meta.decode_only:  # one launch per layer on a GPU (kernels/fused_decode.py)
-            prefetch = self.o_prefetch is not None and t <= self.o_prefetch_max_rows
-            if prefetch:  # o_proj's weight into L2 while attention runs (kernels/l2_prefetch.py)
-                self.o_prefetch.start(self.o_proj.weight)
-            out = rope_write_and_attend(q, k, v, cos, sin, kv_cache, self.layer, meta, self.scale)
-            if prefetch:
-                self.o_prefetch.join()
-        else:
-            q, k = rope_and_write_kv(q, k, v, cos, sin, kv_cache, self.layer, meta.slot_mapping)
-            out = paged_attention(q, kv_cache, self.layer, meta, self.scale)  # (T, Hq, D)
+        q, k = rope_and_write_kv(q, k, v, cos, sin, kv_cache, self.layer, meta.slot_mapping)
+        out = paged_attention(q, kv_cache, self.layer, meta, self.scale)  # (T, Hq, D)
         return linear(self.o_proj, out.reshape(t, self.q_size))
 
 
@@ -135,16 +123,6 @@ class LlamaForCausalLM(nn.Module):
         model runner calls it on a GPU, where a decode step's small kernels add up."""
         inv = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling, device=device)
         self._rope_cache = rope_cos_sin(torch.arange(max_positions, device=device), inv, dtype)
-
-    def enable_l2_prefetch(self, device: torch.device, max_rows: int) -> bool:
-        """Decode steps of up to max_rows rows prefetch each layer's o_proj weight into L2
-        while its attention runs. False where the GPU cannot (kernels/l2_prefetch.py)."""
-        if not (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
-            return False
-        shared = SideStreamPrefetch(device)
-        for layer in self.layers:
-            layer.self_attn.o_prefetch, layer.self_attn.o_prefetch_max_rows = shared, max_rows
-        return True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
