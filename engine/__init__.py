@@ -8,10 +8,10 @@ def __getattr__(name: str):
     if name == "LLM":
         from engine.llm import LLM
         return LLM
-    if name == "LLMEngine":
-        from engine.llm_engine import LLMEngine
-        return LLMEngine
+    if name in ("LLMEngine", "EngineClosedError"):
+        import engine.llm_engine
+        return getattr(engine.llm_engine, name)
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams"]
+__all__ = ["EngineClosedError", "LLM", "LLMEngine", "SamplingParams"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from types import TracebackType
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
@@ -15,7 +16,11 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """`LLM(model="builtin:tiny").generate(["Hello"], SamplingParams(max_tokens=8))`."""
+    """`LLM(model="builtin:tiny").generate(["Hello"], SamplingParams(max_tokens=8))`.
+
+    Use it as a context manager, or call close(), when the process goes on after it:
+    a discarded engine is not reclaimed by the garbage collector (see LLMEngine.close),
+    so its KV cache and weights would stay in memory until the process ends."""
 
     def __init__(self, model: str = "builtin:tiny", dtype: str = "auto", device: str = "auto",
                  load_format: str = "auto", seed: int = 0, block_size: int = 16, num_blocks: int | None = None,
@@ -33,6 +38,18 @@ class LLM:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Free the engine's KV cache, decode graphs and weights now; generate() raises
+        afterwards. Safe to call more than once."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

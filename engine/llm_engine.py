@@ -41,6 +41,10 @@ class _InflightStep:
     plain_decode: bool = False  # one token per request, every request sampling
 
 
+class EngineClosedError(RuntimeError):
+    """Work asked of an engine after close(): it no longer holds a model or a KV cache."""
+
+
 def resolve_model_path(model: str) -> Path:
     if model.startswith("builtin:"):
         return resolve_builtin(model.removeprefix("builtin:"))
@@ -62,6 +66,7 @@ def resolve_device(device: str) -> torch.device:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        self._closed = False
         self.config = config
         self.model_path = resolve_model_path(config.model)
         self.model_config = ModelConfig.from_path(self.model_path)
@@ -160,11 +165,53 @@ class LLMEngine:
             self.kv_events.publish(self.pool.event_log.drain())
 
     def close(self) -> None:
-        if self.connector is not None:
-            self.connector.close()
-        if self.kv_events is not None:
-            self._publish_kv_events()
-            self.kv_events.close()
+        """Stop the KV connector and the KV-events publisher, then let go of the KV cache,
+        the decode graphs and the weights. Unfinished requests are dropped; later calls
+        that ask for work raise EngineClosedError. Safe to call more than once.
+
+        Why close() drops references instead of leaving the engine to the garbage
+        collector: __init__ ran gc.freeze(), and the engine sits in a reference cycle (the
+        scheduler's copy_blocks closure), so a discarded engine is never collected and its
+        memory stays taken for the life of the process. gc.unfreeze() would let the
+        collector reach it, but it acts on the whole process: every other live engine's
+        start-up objects would return to the full scans the freeze keeps out of their
+        decode loops. Reference counting, which the freeze does not touch, frees an object
+        once nothing points at it, so close() removes the references the engine's objects
+        hold to the big tensors and breaks that cycle: the tensors go now, the engine's
+        remains when its last user lets go of it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.connector is not None:
+                self.connector.close()
+            if self.kv_events is not None:
+                self._publish_kv_events()
+                self.kv_events.close()
+        finally:
+            self._release_memory()
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no queued kernel may still use what is freed below
+        self._inflight = self._unsampled = None  # they hold logits and sampled tokens on the device
+        self._pending_outputs, self._stopping = [], []
+        self.runner.release()
+        self.scheduler.copy_blocks = None  # a closure over self: the cycle that kept the engine alive
+        self.scheduler.connector = self.connector = None  # the connector registered the KV cache
+        self.model = self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back to the driver, for other processes too
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("this engine was closed (LLM.close(), the end of its `with` block, or "
+                                    "LLMEngine.close()) and holds no model or KV cache any more: build a new "
+                                    "LLM(...) or LLMEngine(...) to generate again")
 
     def _kv_budget_bytes(self) -> int:
         cache = self.config.cache
@@ -193,6 +240,7 @@ class LLMEngine:
         tells the KV connector where this request's prompt KV can be pulled from;
         `fork_of` names a request with the same prompt whose blocks this one shares while
         that one's KV is here (choices of an `n` > 1 request, engine/forking.py)."""
+        self._check_open()
         params = params or SamplingParams()
         params.update_from_tokenizer(self.tokenizer)
         text = prompt if isinstance(prompt, str) else None
@@ -230,6 +278,7 @@ class LLMEngine:
             raise ValueError(f"{what} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        self._check_open()
         self._settle_inflight()
         req = self.scheduler.requests.get(request_id)
         if req is None:
@@ -239,6 +288,7 @@ class LLMEngine:
 
     def fail_request(self, request_id: str, error: str) -> RequestOutput | None:
         """End a request with an error (a KV load that failed under the `fail` policy)."""
+        self._check_open()
         self._settle_inflight()
         req = self.scheduler.requests.get(request_id)
         if req is None:
@@ -249,6 +299,8 @@ class LLMEngine:
 
     @property
     def has_unfinished_requests(self) -> bool:
+        if self._closed:
+            return False  # close() dropped them
         return (self.scheduler.has_unfinished or self._inflight is not None or bool(self._pending_outputs)
                 or bool(self._stopping))
 
@@ -270,6 +322,7 @@ class LLMEngine:
         graphed, no sampling rule that needs the previous token on the host) the next step
         is queued BEFORE the one in flight is read: its input ids come from the device, so
         the device never waits for the host (see _run_ahead)."""
+        self._check_open()
         previous = self._run_ahead()
         if previous is not None:
             appended = self._collect(previous)

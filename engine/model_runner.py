@@ -84,8 +84,8 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int = 4096,
                  enforce_eager: bool = False):
-        self.model = model
-        self.kv_cache = kv_cache
+        self.model: LlamaForCausalLM | None = model  # None once released
+        self.kv_cache: torch.Tensor | None = kv_cache
         self.block_size = block_size
         self.device = device
         self.max_num_seqs = max_num_seqs
@@ -182,6 +182,8 @@ class ModelRunner:
         in chunk order. On a GPU the result is still being computed when this returns.
         `input_ids` (graphed decode steps only): the step's token ids already on the
         device, one per chunk (the previous step's samples, not yet read back)."""
+        if self.model is None:
+            raise RuntimeError("this model runner was released (its engine was closed): build a new engine")
         graph_bs = self.graph_size_for(chunks)
         if input_ids is not None and not self.takes_device_ids(len(chunks)):
             raise ValueError("device input ids are only taken by graphed decode steps (or on a CPU)")
@@ -251,6 +253,17 @@ class ModelRunner:
 
     def has_graph_for(self, num_seqs: int) -> bool:
         return bool(self._graphs) and 0 < num_seqs <= self.max_num_seqs
+
+    def release(self) -> None:
+        """Drop the decode graphs (their memory pool and the KV cache addresses baked into
+        them), the weights, the KV cache and the staging buffers, so that their memory is
+        freed even while something still points at this runner (the engine that owns it
+        outlives its close(): see LLMEngine.close). The runner runs nothing afterwards."""
+        self._graphs.clear()  # first: a graph replayed later would write into freed memory
+        self._graph_sizes = []
+        self._graph_table = None
+        self.model = self.kv_cache = None
+        self._host = self._host_np = self._dev = self._staging_copied = None
 
     # --- CUDA graphs ------------------------------------------------------------------
     @torch.inference_mode()

@@ -51,13 +51,20 @@ class NodeServer:
         self.drain_timeout_s = drain_timeout_s
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished router: drop, don't raise
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # larger: the peer is disconnected
-        key = ClusterKey.from_env()
-        if key is not None:
-            key.serve(self._sock)
-        self._sock.bind(f"tcp://{host}:{port}")
+        try:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished router: drop, don't raise
+            self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # larger: the peer is disconnected
+            key = ClusterKey.from_env()
+            if key is not None:
+                key.serve(self._sock)
+            self._sock.bind(f"tcp://{host}:{port}")
+        except BaseException:
+            # The garbage collector does not reclaim an engine (LLMEngine.close): free its
+            # memory here, for a host that goes on after a failed start.
+            self._sock.close(0)
+            self.engine.close()
+            raise
         self.address = f"tcp://{host}:{port}"
         self._owners: dict[str, bytes] = {}  # request id -> router identity
         self._draining = False

@@ -37,7 +37,8 @@ def check(name: str, model_path: str, dtype: str, load_format: str, max_tokens: 
     offline = LLM(model_path if not model_path.startswith("builtin:") else str(resolve_builtin(model_path[8:])),
                   dtype=dtype, device=DEVICES[0], load_format=load_format, num_blocks=2048, max_model_len=4096)
     ok = True
-    with LocalCluster(config) as cluster:
+    # Closed at the end, so the next check's engines find this one's GPU memory free.
+    with offline, LocalCluster(config) as cluster:
         for case, kw in CASES.items():
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw)
             want = [o.outputs[0].token_ids for o in offline.generate(PROMPTS, params)]
