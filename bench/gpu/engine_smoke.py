@@ -306,7 +306,11 @@ def engine_8b(device: str, args) -> dict:
                                             "kv_bytes": bs * (ctx + args.decode_steps // 2 + 3) * kv_token_bytes}
     if args.profile:
         out["profile"] = profile_top_kernels(eng, [b for b in (1, 64, 256) if b <= max_seqs], 1024, llm)
+    allocated = torch.cuda.memory_allocated if device.startswith("cuda") else (lambda _: 0)
+    held = allocated(device)
     llm.close()  # frees the KV cache, graphs and weights for the transformers baseline
+    out["close_freed_GiB"] = (held - allocated(device)) / 2**30
+    out["kv_cache_and_weights_GiB"] = (eng.kv_spec.num_blocks * eng.kv_spec.block_bytes + weight_bytes) / 2**30
     return out
 
 
@@ -407,7 +411,8 @@ def main() -> None:
     print(f"\n{result['gpu']}: copy {result['copy_GBps']:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s")
     if "tiny" in result:
         print(f"tiny greedy equal to CPU: {result['tiny']}")
-    print(f"engine start {eng['load_and_capture_s']:.1f} s")
+    print(f"engine start {eng['load_and_capture_s']:.1f} s; close() freed {eng['close_freed_GiB']:.1f} GiB "
+          f"(KV cache + weights {eng['kv_cache_and_weights_GiB']:.1f} GiB)")
     hf = result.get("transformers", {})
     for plen, p in eng["prefill"].items():
         ref = hf.get("prefill", {}).get(plen)

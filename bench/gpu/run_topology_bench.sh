@@ -7,7 +7,8 @@
 #
 # Environment knobs: TOPOLOGIES (default 1P1D,colocated2; one per call fits the device's
 # 10-minute limit better: then `python3 -m bench.cli --compare A/summary.json B/summary.json`),
-# RATES (Poisson sweep, default 2,4,8,16), NUM_REQUESTS per rate
+# WORKLOAD (default random-uniform; sharegpt ignores the lengths), RATES (Poisson sweep,
+# default 2,4,8,16), NUM_REQUESTS per rate
 # (default 120), INPUT_LEN / OUTPUT_LEN (default 2048 / 128), TTFT_SLO_MS / TPOT_SLO_MS
 # (default 1000 / 50), MODEL_DIR (must match bench/gpu/llama8b-2gpu.yaml's model.path).
 # Results: $OUT/topology-bench-<topologies, _ between>/ (report.md, summary.json, *.png, node logs in logs/).
@@ -16,7 +17,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
 MODEL_DIR=${MODEL_DIR:-/tmp/pdcluster-llama-3-8b}
 TOPOLOGIES=${TOPOLOGIES:-1P1D,colocated2}
-DEST=${OUT:-bench-out}/topology-bench-${TOPOLOGIES//,/_}
+NAME=${TOPOLOGIES//,/_}
+DEST=${OUT:-bench-out}/topology-bench-${NAME//@/-}${TAG:+-$TAG}  # no '@': such paths do not come back from the device
 nvidia-smi --query-gpu=index,name,memory.total --format=csv || true
 [ -f "$MODEL_DIR/config.json" ] || python3 -m cluster.cli make-model "$MODEL_DIR" --preset llama-3-8b --no-weights || exit
 # cluster/cli.py's bench takes the harness's extra options once it calls
@@ -27,7 +29,7 @@ else
   BENCH=(python3 -m bench.cli)
 fi
 PYTHONUNBUFFERED=1 "${BENCH[@]}" bench/gpu/llama8b-2gpu.yaml --topologies "$TOPOLOGIES" \
-  --workload random-uniform --input-len "${INPUT_LEN:-2048}" --output-len "${OUTPUT_LEN:-128}" \
+  --workload "${WORKLOAD:-random-uniform}" --input-len "${INPUT_LEN:-2048}" --output-len "${OUTPUT_LEN:-128}" \
   --num-requests "${NUM_REQUESTS:-120}" --request-rates "${RATES:-2,4,8,16}" \
   --ttft-slo-ms "${TTFT_SLO_MS:-1000}" --tpot-slo-ms "${TPOT_SLO_MS:-50}" \
   --warmup-requests 8 --max-duration-s 240 --start-timeout-s 300 --out "$DEST" "$@"

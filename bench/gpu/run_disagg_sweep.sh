@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 14's comparison on nvidia-h200-x2, one workload per device call (each fits the
+# 10-minute limit): 1P1D, colocated2 and colocated2 with conditional disaggregation, a rate
+# sweep from light load to past the weakest topology's saturation, the same SLOs
+# (TTFT <= 1 s, TPOT <= 30 ms) on every workload.
+#
+#   bash bench/gpu/run_disagg_sweep.sh prefill-heavy | decode-heavy | sharegpt
+#
+# Results: $OUT/topology-bench-1P1D_colocated2_colocated2-conditional-<workload>/
+# (report.md with the advisor's line, summary.json, plots). Then, on the way home:
+#   python3 -m bench.cli --compare OUT/*/summary.json
+set -uo pipefail
+case ${1:-} in
+  prefill-heavy) export WORKLOAD=random-uniform INPUT_LEN=4096 OUTPUT_LEN=128 RATES=${RATES:-4,8,12,16} ;;
+  decode-heavy)  export WORKLOAD=random-uniform INPUT_LEN=1024 OUTPUT_LEN=256 RATES=${RATES:-8,16,32,48} ;;
+  sharegpt)      export WORKLOAD=sharegpt RATES=${RATES:-8,16,32,64} ;;
+  *) echo "usage: $0 prefill-heavy | decode-heavy | sharegpt" >&2; exit 2 ;;
+esac
+export TOPOLOGIES=1P1D,colocated2,colocated2@conditional TAG=$1
+export NUM_REQUESTS=${NUM_REQUESTS:-160} TTFT_SLO_MS=1000 TPOT_SLO_MS=30
+exec bash "$(dirname "$0")/run_topology_bench.sh" --max-duration-s "${MAX_DURATION_S:-25}" --warmup-requests 4 \
+  --start-timeout-s 120 "${@:2}"
