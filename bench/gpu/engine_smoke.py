@@ -294,8 +294,9 @@ def engine_8b(device: str, args) -> dict:
         rate = prefill_rate(llm, plen, n)
         flops = flops_tok + attention_flops(cfg, plen) / plen
         out["prefill"][plen] = {"tokens_per_s": rate, "tflops": rate * flops / 1e12}
-    params = [p for name, p in eng.model.named_parameters() if "embed_tokens" not in name or cfg.tie_word_embeddings]
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    # (A generator: a list would keep the weights alive past llm.close() below.)
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in eng.model.named_parameters()
+                       if "embed_tokens" not in name or cfg.tie_word_embeddings)
     kv_token_bytes = eng.kv_spec.block_bytes // eng.kv_spec.block_size
     out["weight_bytes"] = weight_bytes
     out["decode"] = {}
