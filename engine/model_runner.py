@@ -23,7 +23,6 @@ Where the time goes on a GPU, and what this module does about it:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,6 @@ import torch
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk
 from kernels.attention import AttentionMetadata, choose_num_kv_splits, num_sms
-from kernels.gemv import GemvConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +78,6 @@ class _DecodeGraph:
     def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor):
         self.graph = graph
         self.logits = logits      # (bs, V) float32, rewritten by every replay
-
-
-# The launch shape of the decode GEMV (o_proj, down_proj, up to 16 rows): the fastest for
-# both at 1 and 16 rows in bench/gpu/small_matmuls.py on an H200 (bench/results/2026-12-01c-h200).
-DECODE_GEMV = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=5, use_dot=True)
-
-
-def triton_gemv_wanted(device: torch.device) -> bool:
-    """Graphed decode steps on Hopper GPUs (where it was measured) take the Triton GEMV for
-    o_proj and down_proj; PDCLUSTER_TRITON_GEMV=0 keeps cuBLAS (for A/B runs), =1 forces it."""
-    forced = os.environ.get("PDCLUSTER_TRITON_GEMV", "")
-    if forced in ("0", "1"):
-        return forced == "1" and device.type == "cuda"
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 class ModelRunner:
@@ -305,8 +289,6 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self.model.prepare_rope_cache(self.max_model_len, self.device, self.kv_cache.dtype)
-        if triton_gemv_wanted(self.device):
-            self.model.use_triton_gemv(DECODE_GEMV)
         self.single_row_speedups = self.tune_single_row_matmuls()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)

@@ -8,7 +8,6 @@ import pytest
 
 import kernels.attention
 from engine import LLM, SamplingParams
-from kernels.gemv import GemvConfig
 from kernels.triton_utils import force_triton
 
 NEAR_TIE = 1e-3
@@ -16,9 +15,8 @@ SYSTEM = "You are terse. Answer in one word. "
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2)
 
 
-def run(path: str, gemv: GemvConfig | None = None) -> list:
+def run(path: str) -> list:
     llm = LLM(model=path, dtype="float32", device="cpu", num_blocks=64, block_size=8, max_num_batched_tokens=13)
-    llm.engine.model.use_triton_gemv(gemv)
     first = llm.generate(SYSTEM + "Sky colour?", PARAMS)
     rest = llm.generate([SYSTEM + "Grass colour?", "1, 2, 3,", SYSTEM + "Snow colour?"], PARAMS)
     assert rest[0].num_cached_tokens > 0  # the shared prefix came from the cache
@@ -51,27 +49,3 @@ def test_model_on_triton_kernels_matches_model_on_references(checkpoints, monkey
             assert gt == rt, f"token {i}: triton {gt}, reference {rt}"
             checked += 1
         assert checked >= 3
-
-
-def test_decode_gemv_for_o_and_down_keeps_the_tokens(checkpoints, monkeypatch):
-    """What a GPU's decode graphs use at up to 16 rows (ModelRunner: use_triton_gemv): the
-    Triton GEMV for o_proj and down_proj, here under the interpreter, gives the tokens and
-    logprobs of the references."""
-    import kernels.gemv
-    path = str(checkpoints["tiny-llama3-rope"])
-    ref = run(path)
-    calls = []
-    kernel = kernels.gemv.gemv_triton
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return kernel(*args, **kwargs)
-    monkeypatch.setattr(kernels.gemv, "gemv_triton", counted)
-    with force_triton():
-        got = run(path, GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, use_dot=True))
-    assert calls, "the GEMV was not called"
-    for r, g in zip(ref, got):
-        r_out, g_out = r.outputs[0], g.outputs[0]
-        assert g_out.token_ids == r_out.token_ids
-        for rl, gl in zip(r_out.logprobs, g_out.logprobs):
-            assert abs(rl.logprob - gl.logprob) < 1e-4

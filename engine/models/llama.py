@@ -16,8 +16,6 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
-from kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
-from kernels.gemv import GemvConfig, gemv
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rope import rope_and_write_kv, rope_cos_sin, rope_inv_freq
 
@@ -26,12 +24,7 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """F.linear, or, for a single row when the layer is flagged, W @ x^T: for one token
     cuBLAS may pick a faster (GEMV-like) kernel for the transposed product, and (N, 1)
     and (1, N) share one layout, so no copy is needed. Which is faster depends on the
-    shape and the GPU: ModelRunner measures both at start (tune_single_row_matmuls).
-    A layer given a `triton_gemv` launch shape (see LlamaForCausalLM.use_triton_gemv)
-    takes kernels/gemv.py's Triton GEMV for up to GEMV_MAX_ROWS rows instead."""
-    gemv_config = getattr(layer, "triton_gemv", None)
-    if gemv_config is not None and x.shape[0] <= GEMV_MAX_ROWS:
-        return gemv(x, layer.weight, layer.bias, config=gemv_config)
+    shape and the GPU: ModelRunner measures both at start (tune_single_row_matmuls)."""
     if x.shape[0] == 1 and getattr(layer, "flip_single_row", False):
         out = torch.mm(layer.weight, x.t()).view(1, -1)
         return out if layer.bias is None else out + layer.bias
@@ -153,16 +146,6 @@ class LlamaForCausalLM(nn.Module):
         if hidden.shape[0] == 1 and self.flip_single_row_logits:
             return torch.mm(weight, hidden.t()).view(1, -1).float()
         return (hidden @ weight.t()).float()
-
-    def use_triton_gemv(self, config: GemvConfig | None) -> None:
-        """o_proj and down_proj take the Triton GEMV at up to GEMV_MAX_ROWS rows (None:
-        cuBLAS). Why those two: measured on an H200 with the weights out of L2
-        (bench/gpu/small_matmuls.py), the GEMV streams them at 2.9-3.9 TB/s against cuBLAS's
-        2.5-3.7 plus a split-K reduction kernel; for qkv_proj and gate_up_proj cuBLAS is as
-        fast or faster."""
-        for layer in self.layers:
-            layer.self_attn.o_proj.triton_gemv = config
-            layer.mlp.down_proj.triton_gemv = config
 
     def single_row_matmuls(self) -> dict[str, tuple[torch.Tensor, object]]:
         """Each distinct weight shape of a decode step, with a setter for its flip flag
