@@ -3,9 +3,10 @@
 # alternated ROUNDS times in one visit so that each sees the same machine (its copy rate and
 # step times drift by a few percent between machines and over minutes).
 #
-#   ROUNDS=3 bash bench/gpu/ab_engine.sh "gemv:PDCLUSTER_TRITON_GEMV=1" "cublas:PDCLUSTER_TRITON_GEMV=0"
+#   ROUNDS=3 bash bench/gpu/ab_engine.sh "new:MY_SWITCH=1" "old:MY_SWITCH=0"
 #
-# Each argument is LABEL:VAR=VALUE[,VAR=VALUE...]. BATCH_SIZES (default 1,16,64) picks the
+# Each argument is LABEL:VAR=VALUE[,VAR=VALUE...], environment variables an experiment reads
+# (e.g. PDCLUSTER_TRITON_GEMV in commit cd90ff0, bench/results/2026-12-01c-h200). BATCH_SIZES (default 1,16,64) picks the
 # decode batches; the first run also checks the kernels and the tiny model (GPU == CPU).
 # Results: $OUT/ab-<round>-<label>/engine_smoke.{json,log}; a summary table at the end.
 set -uo pipefail
