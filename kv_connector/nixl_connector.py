@@ -128,11 +128,13 @@ class NixlOwnerThread:
 
 
 class NixlConnector(PullConnector):
-    """Options (kv_connector_extra_config): nixl_num_threads, nixl_max_desc_bytes."""
+    """Options (kv_connector_extra_config): nixl_num_threads, nixl_max_desc_bytes,
+    nixl_progress_delay_us."""
 
     def _register(self, kv_cache: torch.Tensor) -> None:
         extra = self.config.kv_connector_extra_config
-        options = {k.removeprefix("nixl_"): v for k, v in extra.items() if k in ("nixl_num_threads", "nixl_max_desc_bytes")}
+        options = {k.removeprefix("nixl_"): v for k, v in extra.items()
+                   if k in ("nixl_num_threads", "nixl_max_desc_bytes", "nixl_progress_delay_us")}
         if not kv_cache.is_cuda:
             # UCX worker threads spread GPU copies over CUDA streams; for DRAM they only
             # busy-poll beside the engine. Measured on 2 CPU cores (bench/gpu/kv_load_latency.py

@@ -73,7 +73,9 @@ against torch's peer copy cuda:0 -> cuda:1 at 394 GB/s:
   `read_blocks` takes ~160-250 us of the ~1.5 ms.
 * Other options, kept for the bench: `reads_per_request` posts one `read_blocks` as K NIXL
   READs back to back; `progress_thread=False` drops NIXL's progress thread (neither beat
-  the defaults above).
+  the defaults above; without the thread, READs from DRAM over UCX's emulated transports
+  stall, as nobody progresses the producer). `progress_delay_us` lets that thread sleep
+  between polls instead of spinning (DEFAULT_PROGRESS_DELAY_US).
 
 Threading: NIXL agents are created unsynchronised (NIXL_THREAD_SYNC_NONE), so every method
 must be called from the thread that constructed the transport (checked; RuntimeError
@@ -111,6 +113,9 @@ DEFAULT_NUM_THREADS = 8  # UCX worker threads: each posts its share of a READ on
 DEFAULT_SPLIT_BATCH_SIZE = 1  # every READ is spread over all the threads (measured best, 0.88)
 DEFAULT_MAX_DESC_BYTES = 32 << 20  # longer contiguous runs are cut into descriptors of this size
 DEFAULT_READS_PER_REQUEST = 1  # NIXL READs one read_blocks call is posted as
+# Microseconds NIXL's progress thread sleeps between polls (NIXL's Python API uses 0: a busy
+# spin that takes a core per node for as long as it lives). See nixl_compat.make_agent.
+DEFAULT_PROGRESS_DELAY_US = 10
 
 
 class KVRegionLayout(msgspec.Struct, frozen=True):
@@ -250,8 +255,9 @@ class NixlTransport:
                  split_batch_size: int | None = DEFAULT_SPLIT_BATCH_SIZE,
                  max_desc_bytes: int | None = DEFAULT_MAX_DESC_BYTES,
                  reads_per_request: int = DEFAULT_READS_PER_REQUEST, progress_thread: bool = True,
+                 progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US,
                  backend_params: dict[str, str] | None = None, capture_telemetry: bool = False):
-        from kv_connector.nixl_compat import nixl_agent, nixl_agent_config  # ImportError says what to install
+        from kv_connector.nixl_compat import make_agent, nixl_agent_config  # ImportError says what to install
 
         if not agent_name:
             raise ValueError("agent_name must be a non-empty string, unique among the cluster's NIXL agents")
@@ -272,8 +278,9 @@ class NixlTransport:
         self._reads_per_request = reads_per_request
         self._telemetry = capture_telemetry
         # Backends are created explicitly so that every UCX option can be passed.
-        self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=progress_thread, backends=[],
-                                                               capture_telemetry=capture_telemetry))
+        self._agent = make_agent(agent_name, nixl_agent_config(enable_prog_thread=progress_thread, backends=[],
+                                                               capture_telemetry=capture_telemetry),
+                                 progress_delay_us)
         if "UCX" not in self._agent.get_plugin_list():
             raise RuntimeError(f"NIXL found no UCX plugin (has {self._agent.get_plugin_list()}): "
                                "reinstall the nixl wheel, which ships it")
@@ -286,8 +293,8 @@ class NixlTransport:
         self._peers: dict[str, _Peer] = {}
         self._in_flight: set[ReadHandle] = set()
         self._closed = False
-        logger.info("nixl agent=%s created backend=UCX params=%s reads_per_request=%d progress_thread=%s",
-                    agent_name, params, reads_per_request, progress_thread)
+        logger.info("nixl agent=%s created backend=UCX params=%s reads_per_request=%d progress_thread=%s "
+                    "progress_delay_us=%d", agent_name, params, reads_per_request, progress_thread, progress_delay_us)
 
     # ------------------------------------------------------------------ local side
     def register_kv_cache(self, tensor, block_bytes: int) -> KVRegionLayout:

@@ -276,3 +276,38 @@ def test_read_groups_deal_descriptors_evenly_and_cover_every_pair():
     assert _read_groups(starts, 12, 3) == [(0, 6), (6, 9), (9, 12)]  # 3 + 2 + 2 descriptors
     assert _read_groups(starts, 12, 20) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9), (9, 10), (10, 12)]
     assert _read_groups(np.array([0]), 5, 4) == [(0, 5)]
+
+
+def _cpu_share_of_idle_transport(**options) -> float:
+    """Share of one core a process with a fresh, idle transport uses over a second (run in
+    a spawned process, so nothing else of the test runner's counts)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_measure_idle, args=(child, options), daemon=True)
+    proc.start()
+    try:
+        assert parent.poll(60), "the measuring process did not answer"
+        return parent.recv()
+    finally:
+        proc.join(10)
+
+
+def _measure_idle(conn, options) -> None:
+    import resource
+
+    from kv_connector.nixl_transport import NixlTransport
+
+    transport = NixlTransport(f"idle-{os.getpid()}", num_threads=0, **options)
+    transport.register_kv_cache(torch.zeros(SHAPE, dtype=DTYPE), BLOCK_BYTES)
+    time.sleep(0.3)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    time.sleep(1.0)
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    conn.send((r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (t1 - t0))
+    transport.close()
+
+
+def test_an_idle_transport_does_not_spin_a_core():
+    """NIXL's progress thread polls without pause unless told to sleep between polls (its
+    Python API says nothing of it): every node would burn a core while nothing moves."""
+    assert _cpu_share_of_idle_transport() < 0.25

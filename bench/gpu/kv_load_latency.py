@@ -2,6 +2,8 @@
 (with the producer's checksums), verify. Warm loads only (after a few warm-up requests).
 
     DEVICES=cuda:0,cuda:1 PYTHONPATH=. python bench/gpu/kv_load_latency.py   # DEVICES=cpu,cpu on a CPU
+
+NIXL_NUM_THREADS and NIXL_PROGRESS_DELAY_US set the connector's options of those names.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main() -> None:
     config = ClusterConfig.model_validate({
         "model": {"path": "builtin:tiny", "dtype": "float32"}, "router": {"port": 0},
         "kv_transfer": {"connector": os.environ.get("CONNECTOR", "nixl"),
-                        "extra": {k.lower(): int(v) for k, v in os.environ.items() if k.startswith("NIXL_NUM_THREADS")}},
+                        "extra": {k.lower(): int(v) for k, v in os.environ.items() if k.startswith(("NIXL_NUM_THREADS", "NIXL_PROGRESS_DELAY_US"))}},
         "engine": {"num_blocks": 1024, "block_size": 16},
         "prefill": {"replicas": 1, "devices": [DEVICES[0]]}, "decode": {"replicas": 1, "devices": [DEVICES[1]]}})
     with LocalCluster(config) as cluster, httpx.Client(timeout=60) as http:
