@@ -6,6 +6,11 @@
 #
 #   bash bench/gpu/run_disagg_sweep.sh prefill-heavy | decode-heavy | sharegpt
 #
+# On four GPUs (issue 13), two calls per workload fit the limit, e.g.
+#   CLUSTER_YAML=bench/gpu/llama8b-4gpu.yaml TOPOLOGIES=1P3D,2P2D,3P1D bash bench/gpu/run_disagg_sweep.sh decode-heavy
+#   CLUSTER_YAML=bench/gpu/llama8b-4gpu.yaml TOPOLOGIES=colocated4,1P1D bash bench/gpu/run_disagg_sweep.sh decode-heavy
+# (1P1D takes the first two GPUs: the 2P2D/1P1D scaling ratio), then --compare the summaries.
+#
 # Results: $OUT/topology-bench-1P1D_colocated2_colocated2-conditional-<workload>/
 # (report.md with the advisor's line, summary.json, plots). Then, on the way home:
 #   python3 -m bench.cli --compare OUT/*/summary.json
@@ -16,7 +21,7 @@ case ${1:-} in
   sharegpt)      export WORKLOAD=sharegpt RATES=${RATES:-8,16,32,64} ;;
   *) echo "usage: $0 prefill-heavy | decode-heavy | sharegpt" >&2; exit 2 ;;
 esac
-export TOPOLOGIES=1P1D,colocated2,colocated2@conditional TAG=$1
+export TOPOLOGIES=${TOPOLOGIES:-1P1D,colocated2,colocated2@conditional} TAG=$1
 export NUM_REQUESTS=${NUM_REQUESTS:-160} TTFT_SLO_MS=1000 TPOT_SLO_MS=30
 exec bash "$(dirname "$0")/run_topology_bench.sh" --max-duration-s "${MAX_DURATION_S:-25}" --warmup-requests 4 \
   --start-timeout-s 120 "${@:2}"

@@ -10,7 +10,8 @@
 # WORKLOAD (default random-uniform; sharegpt ignores the lengths), RATES (Poisson sweep,
 # default 2,4,8,16), NUM_REQUESTS per rate
 # (default 120), INPUT_LEN / OUTPUT_LEN (default 2048 / 128), TTFT_SLO_MS / TPOT_SLO_MS
-# (default 1000 / 50), MODEL_DIR (must match bench/gpu/llama8b-2gpu.yaml's model.path).
+# (default 1000 / 50), CLUSTER_YAML (default bench/gpu/llama8b-2gpu.yaml; llama8b-4gpu.yaml on
+# four GPUs), MODEL_DIR (must match the yaml's model.path).
 # Results: $OUT/topology-bench-<topologies, _ between>/ (report.md, summary.json, *.png, node logs in logs/).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -28,7 +29,7 @@ if python3 -m cluster.cli bench --help 2>/dev/null | grep -q -- '--tpot-slo-ms';
 else
   BENCH=(python3 -m bench.cli)
 fi
-PYTHONUNBUFFERED=1 "${BENCH[@]}" bench/gpu/llama8b-2gpu.yaml --topologies "$TOPOLOGIES" \
+PYTHONUNBUFFERED=1 "${BENCH[@]}" "${CLUSTER_YAML:-bench/gpu/llama8b-2gpu.yaml}" --topologies "$TOPOLOGIES" \
   --workload "${WORKLOAD:-random-uniform}" --input-len "${INPUT_LEN:-2048}" --output-len "${OUTPUT_LEN:-128}" \
   --num-requests "${NUM_REQUESTS:-120}" --request-rates "${RATES:-2,4,8,16}" \
   --ttft-slo-ms "${TTFT_SLO_MS:-1000}" --tpot-slo-ms "${TPOT_SLO_MS:-50}" \
