@@ -17,6 +17,7 @@ the agent lives, moving nothing (100% of a core per idle node, measured; 2-3% wi
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from types import ModuleType
 
@@ -53,6 +54,10 @@ def make_agent(name: str, config, progress_delay_us: int = 0):
     that constructor gets NIXL's default."""
     bind = getattr(nixl_api, "nixlBind", None)
     original = getattr(bind, "nixlAgent", None)
+    if original is None and progress_delay_us > 0:
+        logging.getLogger(__name__).warning(
+            "%s has no nixlBind.nixlAgent to pass a progress delay to: NIXL's progress thread will "
+            "spin on a core while the agent lives", NIXL_MODULE_NAME)
     if progress_delay_us <= 0 or original is None:
         return nixl_agent(name, config)
 

@@ -26,7 +26,7 @@ from cluster.config import ClusterConfig
 from cluster.launcher import LocalCluster, _free_ports
 from engine import LLM, SamplingParams
 from engine.builtin_models import resolve_builtin
-from tests.test_cluster_e2e import GREEDY, SEEDED, all_blocks_free
+from tests.test_cluster_e2e import GREEDY, SEEDED, all_blocks_free, start
 from tests.test_kv_events_cluster import in_sync, metric, wait_for
 
 THRESHOLD = 48  # max_local_prefill_tokens
@@ -49,8 +49,7 @@ def cluster(tmp_path_factory):
         "prefill": {"replicas": 0}, "decode": {"replicas": 0},
         "colocated": {"replicas": 2, "devices": ["cpu"]},
     })
-    c = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
-    c.start(timeout_s=180)
+    c = start(config, tmp_path_factory)
     yield c
     c.stop()
 

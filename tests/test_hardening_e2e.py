@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from cluster.launcher import LocalCluster
 from engine import node_protocol as proto
 from kv_connector.cluster_key import ClusterKey
-from tests.test_cluster_e2e import cluster_config
+from tests.test_cluster_e2e import cluster_config, start
 
 KEY = "sesame"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -39,8 +39,7 @@ MAX_IN_FLIGHT = 4
 def cluster(tmp_path_factory):
     config = cluster_config("1P1D", "tcp", api_key=KEY, protect_admin_endpoints=True,
                             max_request_body_bytes=BODY_LIMIT, max_concurrent_requests=MAX_IN_FLIGHT)
-    c = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
-    c.start(timeout_s=180)
+    c = start(config, tmp_path_factory)
     yield c
     c.stop()
 

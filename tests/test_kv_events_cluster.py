@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.launcher import LocalCluster
+from tests.test_cluster_e2e import start
 
 PREFIX = list(range(200, 264))  # four blocks of 16
 
@@ -27,8 +27,7 @@ def cluster(request, tmp_path_factory):
         "prefill": {"replicas": p, "devices": ["cpu"]}, "decode": {"replicas": d, "devices": ["cpu"]},
         "colocated": {"replicas": c, "devices": ["cpu"]},
     })
-    c = LocalCluster(config, run_dir=tmp_path_factory.mktemp("run"))
-    c.start(timeout_s=180)
+    c = start(config, tmp_path_factory)
     yield c
     c.stop()
 

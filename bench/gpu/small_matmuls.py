@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from bench.gpu.engine_smoke import copy_bandwidth
 from bench.gpu.timing import graph_time
 from kernels.gemv import GemvConfig, gemv_triton
 
@@ -29,16 +30,10 @@ TRITON = [GemvConfig(32, 256, 4, 5, True), GemvConfig(32, 256, 4, 4, True), Gemv
           GemvConfig(16, 512, 4, 4, True), GemvConfig(8, 1024, 4, 1, False), GemvConfig(16, 512, 8, 3, True)]
 
 
-def copy_rate(dev) -> float:
-    a = torch.empty(1 << 31, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / graph_time(lambda i: b.copy_(a), 4)
-
-
 def main() -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    bw = copy_rate(dev)
+    bw = copy_bandwidth("cuda")
     print(f"copy {bw / 1e9:.0f} GB/s (read + written)")
     result: dict = {"copy_GBps": bw / 1e9, "cases": {}}
     for name, (n, k) in SHAPES.items():
