@@ -18,11 +18,18 @@ Where the time goes on a GPU, and what this module does about it:
   the block table rows). Padded rows have seq_len 0 and cache slot -1: attention reads
   nothing for them and the cache write skips them. Prefill and mixed steps run eagerly:
   their kernels are large enough that launches do not dominate.
+* In the graphs, on Hopper: the weight products of up to 16 rows are Triton GEMVs
+  (kernels/gemv.py) rather than cuBLAS, and every Triton kernel is launched with
+  programmatic dependent launch (kernels/triton_utils.py), so the next kernel's programs
+  are in place when one ends; the same logprobs bit for bit as without PDL
+  (bench/gpu/pdl_check.py), 3% off a batch-1 step. PDCLUSTER_PDL=0 and
+  PDCLUSTER_TRITON_GEMV="" turn them off (see decode_gemv_configs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +38,8 @@ import torch
 from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import ScheduledChunk
 from kernels.attention import AttentionMetadata, choose_num_kv_splits, num_sms
+from kernels.gemv import GemvConfig
+from kernels.triton_utils import pdl_supported, programmatic_launch
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,39 @@ class _DecodeGraph:
     def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor):
         self.graph = graph
         self.logits = logits      # (bs, V) float32, rewritten by every replay
+
+
+# The decode GEMV's launch shape (up to 16 rows): the fastest for o_proj and down_proj at 1
+# and 16 rows in bench/gpu/small_matmuls.py on an H200 (bench/results/2026-12-01c-h200).
+DECODE_GEMV = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=5, use_dot=True)
+GEMV_PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+def decode_gemv_configs(device: torch.device, spec: str | None = None) -> dict[str, GemvConfig]:
+    """Which weight products of a graphed decode step (at up to 16 rows) take the Triton GEMV
+    instead of cuBLAS: `spec` or PDCLUSTER_TRITON_GEMV, a comma list of GEMV_PROJECTIONS
+    ("" for none); by default all of them on Hopper, where it was measured, none elsewhere.
+    Why all: with every product a Triton kernel, the whole decoder layer is one chain of
+    programmatically launched kernels (kernels/triton_utils.py), and a batch-1 step on an
+    H200 is 3% faster than with cuBLAS, 1.5% at batch 16 (bench/results/2026-12-01d-h200);
+    alone, without PDL, the GEMV wins or loses 2% depending on the machine."""
+    if spec is None:
+        spec = os.environ.get("PDCLUSTER_TRITON_GEMV")
+    if spec is None:
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        spec = ",".join(GEMV_PROJECTIONS) if hopper else ""
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [n for n in names if n not in GEMV_PROJECTIONS]
+    if unknown:
+        raise ValueError(f"PDCLUSTER_TRITON_GEMV: unknown projection(s) {unknown}; "
+                         f"known: {', '.join(GEMV_PROJECTIONS)}")
+    return {name: DECODE_GEMV for name in names}
+
+
+def pdl_wanted(device: torch.device) -> bool:
+    """Decode graphs captured with programmatic dependent launch where the GPU and Triton
+    support it; PDCLUSTER_PDL=0 turns it off (A/B runs, or a driver that misbehaves)."""
+    return os.environ.get("PDCLUSTER_PDL", "1") != "0" and pdl_supported(device)
 
 
 class ModelRunner:
@@ -289,6 +331,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self.model.prepare_rope_cache(self.max_model_len, self.device, self.kv_cache.dtype)
+        self.model.use_triton_gemv(decode_gemv_configs(self.device))
         self.single_row_speedups = self.tune_single_row_matmuls()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)
@@ -299,6 +342,16 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         before = torch.cuda.memory_allocated(self.device)
         stream = torch.cuda.Stream(self.device)
+        with programmatic_launch(pdl_wanted(self.device)):
+            self._capture(pool, stream)
+        self._graph_sizes = sorted(self._graphs)
+        torch.cuda.synchronize(self.device)
+        self.graph_pool_bytes = torch.cuda.memory_allocated(self.device) - before
+        log.info("captured %d decode CUDA graphs (batch sizes up to %d), %.0f MiB", len(self._graphs),
+                 self.max_num_seqs, self.graph_pool_bytes / 2**20)
+
+    def _capture(self, pool, stream: torch.cuda.Stream) -> None:
+        L, d = self.layout, self._dev
         for bs in sorted(graph_batch_sizes(self.max_num_seqs), reverse=True):
             meta = AttentionMetadata(
                 query_start_loc=list(range(bs + 1)), seq_lens=[0] * bs,
@@ -321,11 +374,6 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = run()
             self._graphs[bs] = _DecodeGraph(graph, logits)
-        self._graph_sizes = sorted(self._graphs)
-        torch.cuda.synchronize(self.device)
-        self.graph_pool_bytes = torch.cuda.memory_allocated(self.device) - before
-        log.info("captured %d decode CUDA graphs (batch sizes up to %d), %.0f MiB", len(self._graphs),
-                 self.max_num_seqs, self.graph_pool_bytes / 2**20)
 
 
 def _time_calls(fn, reps: int) -> float:

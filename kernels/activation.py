@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cast, emulate_bf16, use_triton
+from kernels.triton_utils import cast, emulate_bf16, pdl_launch, pdl_release, pdl_wait, use_pdl, use_triton
 
 
 def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -24,12 +24,15 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, I, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, I, BLOCK: tl.constexpr, EMULATE: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < I
     gate = tl.load(x_ptr + t * stride_xt + j, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_xt + I + j, mask=mask, other=0.0).to(tl.float32)
+    pdl_release(PDL)
     dt = out_ptr.dtype.element_ty
     act = cast(gate / (1.0 + tl.exp(-gate)), dt, EMULATE).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + j, cast(act * up, dt, EMULATE), mask=mask)
@@ -47,7 +50,8 @@ def silu_and_mul_triton(gate_up: torch.Tensor, *, block: int = 1024, num_warps: 
     block = min(block, triton.next_power_of_2(i))
     _silu_and_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up, out, gate_up.stride(0), out.stride(0), i,
-        BLOCK=block, EMULATE=emulate_bf16(gate_up.dtype), num_warps=num_warps,
+        BLOCK=block, EMULATE=emulate_bf16(gate_up.dtype), PDL=use_pdl(gate_up), num_warps=num_warps,
+        **pdl_launch(use_pdl(gate_up)),
     )
     return out
 

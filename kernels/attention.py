@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cast, dot, emulate_bf16, use_triton
+from kernels.triton_utils import cast, dot, emulate_bf16, pdl_launch, pdl_release, pdl_wait, use_pdl, use_triton
 
 
 @dataclass(slots=True)
@@ -149,17 +149,23 @@ def _decode_split_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, MIN_PAGES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, EMULATE: tl.constexpr,
+    PDL: tl.constexpr, RELEASE_KEYS: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
+    pdl_wait(PDL)
     seq_len = tl.load(seq_lens_ptr + s).to(tl.int32)
     # Splits of at least MIN_PAGES blocks: a short context uses fewer of the grid's splits
     # (the rest exit at once) instead of many tiny ones that each pay the setup.
     pages_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, PAGE), num_splits), MIN_PAGES)
     start = split * pages_per_split * PAGE
     end = tl.minimum(start + pages_per_split * PAGE, seq_len)
+    # Under PDL, a short range lets the reduction be scheduled now (its programs are cheap
+    # to hold); a long one only after its loop.
+    if end - start <= RELEASE_KEYS:
+        pdl_release(PDL)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -191,6 +197,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, EMULATE), v, DOT_PREC, EMULATE)
         m_i = m_new
 
+    pdl_release(PDL)
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     omask = gmask[:, None] & dmask[None, :]
@@ -211,7 +218,9 @@ def _decode_reduce_kernel(
     stride_os, stride_oh, stride_od,
     num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     kk = tl.arange(0, BLOCK_K)
@@ -224,6 +233,7 @@ def _decode_reduce_kernel(
     w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m))
     den = tl.sum(w, 0)
     o = tl.load(mid_o_ptr + row[:, None] * BLOCK_D + d[None, :], mask=kmask[:, None], other=0.0)
+    pdl_release(PDL)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + h * stride_oh + d * stride_od,
              cast(out, out_ptr.dtype.element_ty, EMULATE), mask=d < HEAD_DIM)
@@ -263,6 +273,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # on an H200 at Llama-3-8B shapes (bench/gpu/attention_tune.py): long key tiles while few
 # programs run, short ones once the batch alone fills the GPU. Override per call to tune.
 DECODE_LAUNCH = ((16, (128, 4, 2)), (127, (64, 4, 3)), (1 << 62, (32, 2, 2)))
+# Under programmatic dependent launch, a split program with at most this many keys lets the
+# next kernels be scheduled before its loop (see _decode_split_kernel); 0 (always after the
+# loop) was 2% slower at batch 1, 4096 the same as 512 (bench/results/2026-12-01d-h200).
+DECODE_RELEASE_KEYS = 512
 
 
 def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
@@ -284,6 +298,7 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
     block_d = triton.next_power_of_2(d)
     sc = kv_cache.stride()
     direct = num_kv_splits == 1
+    pdl = use_pdl(q)
     tuned = next(shape for most, shape in DECODE_LAUNCH if s <= most)
     block_n, num_warps, num_stages = (v if v is not None else t for v, t in
                                       zip((block_n, num_warps, num_stages), tuned))
@@ -302,14 +317,15 @@ def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, layer
         G=g, HEAD_DIM=d, PAGE=page, MIN_PAGES=max(1, min_keys_per_split // page),
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
         DIRECT=direct, DOT_PREC=_dot_precision(q.dtype), EMULATE=emulate_bf16(q.dtype, kv_cache.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl, RELEASE_KEYS=DECODE_RELEASE_KEYS,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(pdl),
     )
     if not direct:
         _decode_reduce_kernel[(s, hq)](
             mid_o, mid_lse, out, *out.stride(), num_kv_splits,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(num_kv_splits),
-            EMULATE=emulate_bf16(out.dtype),
-            num_warps=4 if block_d >= 128 else 2,
+            EMULATE=emulate_bf16(out.dtype), PDL=pdl,
+            num_warps=4 if block_d >= 128 else 2, **pdl_launch(pdl),
         )
     return out
 

@@ -26,11 +26,14 @@ to the activation dtype), so the product sees the same operand the unfused path 
 (the norm's float32 sum of squares aside: equal or 1 ulp apart, as kernels/norm.py). The
 product accumulates in float32 and rounds once, like cuBLAS, in another order.
 
-Not used by the engine: measured on an H200 (bench/results/2026-12-01b-h200), the plain GEMV
-beats cuBLAS for o_proj but the prologue-fused gate_up and down kernels reach 0.3-0.9x of
-norm/SiLU kernel + cuBLAS, and with the start-up tuner's picks a whole batch-1 step got 2.8%
-slower, so the model's wiring was taken out again. bench/gpu/gemv_tune.py sweeps tiles at
-Llama-3-8B shapes against the unfused pair; what beats it there belongs in the model.
+What the engine uses: the plain `gemv` for every weight product of a graphed decode step at
+up to 16 rows on Hopper (engine/model_runner.py decode_gemv_configs), launched
+programmatically (kernels/triton_utils.py: pdl_wait before the loop, pdl_release after it),
+so that a decoder layer is one chain of overlapping launches; 3% off a batch-1 step on an
+H200 against cuBLAS (bench/results/2026-12-01d-h200). The prologue-fused forms are not used:
+they reach 0.3-0.9x of norm/SiLU kernel + cuBLAS (bench/results/2026-12-01b-h200); a weight
+prefetch into L2 before the wait was measured 8% slower and left out.
+bench/gpu/gemv_tune.py sweeps tiles at Llama-3-8B shapes against the unfused pair.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul_ref
 from kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
-from kernels.triton_utils import cast, dot, emulate_bf16, use_triton
+from kernels.triton_utils import cast, dot, emulate_bf16, pdl_launch, pdl_release, pdl_wait, use_pdl, use_triton
 
 MAX_ROWS = 16  # tl.dot pads the rows to 16; the broadcast form keeps BLOCK_M * BLOCK_N * BLOCK_K in registers
 
@@ -114,12 +117,14 @@ def _gemv_kernel(
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, EVEN: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, EMULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
+    pdl_wait(PDL)
     kr = tl.arange(0, BLOCK_K)
     act_ty = x_ptr.dtype.element_ty  # the activation dtype every prologue step rounds to
     x_rows = x_ptr + rows[:, None] * sxm
@@ -176,6 +181,7 @@ def _gemv_kernel(
         else:
             acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
 
+    pdl_release(PDL)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * som + n[None, :], cast(acc, out_ptr.dtype.element_ty, EMULATE),
@@ -211,6 +217,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     r = residual if residual is not None else x
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(k)))
     block_n = cfg.block_n if cfg.use_dot else min(cfg.block_n, triton.next_power_of_2(n))
+    pdl = use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, r, norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, out, res_out if res_out is not None else out,
@@ -219,7 +226,8 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=min(triton.next_power_of_2(k), 8192),
         EVEN=k % block_k == 0 and n % block_n == 0, USE_DOT=cfg.use_dot,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        EMULATE=emulate_bf16(x.dtype, weight.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EMULATE=emulate_bf16(x.dtype, weight.dtype), PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(pdl),
     )
     return out, res_out
 

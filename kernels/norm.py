@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cast, emulate_bf16, use_triton
+from kernels.triton_utils import cast, emulate_bf16, pdl_launch, pdl_release, pdl_wait, use_pdl, use_triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,8 +46,9 @@ def _rms_norm_kernel(
     n_rows, n1, eps,
     sx0, sx1, sxd, sr0, sr1, srd,
     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr,
-    EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
@@ -58,6 +59,8 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + (i0 * sr0 + i1 * sr1)[:, None] + d[None, :] * srd, mask=mask, other=0.0)
+    pdl_release(PDL)
+    if HAS_RES:
         res = cast(xf + r.to(tl.float32), res_out_ptr.dtype.element_ty, EMULATE)  # rounded like torch's add
         tl.store(res_out_ptr + rows64[:, None] * D + d[None, :], res, mask=mask)
         xf = res.to(tl.float32)
@@ -102,8 +105,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         n_rows, x3.shape[1], eps,
         *x3.stride(), *r3.stride(),
         D=d, BLOCK_R=block_r, BLOCK_D=block_d, HAS_RES=residual is not None,
-        EMULATE=emulate_bf16(x.dtype, res_dtype, out.dtype),
-        num_warps=num_warps or (8 if block_r * block_d >= 4096 else 4),
+        EMULATE=emulate_bf16(x.dtype, res_dtype, out.dtype), PDL=use_pdl(x),
+        num_warps=num_warps or (8 if block_r * block_d >= 4096 else 4), **pdl_launch(use_pdl(x)),
     )
     return out, res_out
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.cache_ops import write_kv_ref
-from kernels.triton_utils import cast, emulate_bf16, use_triton
+from kernels.triton_utils import cast, emulate_bf16, pdl_launch, pdl_release, pdl_wait, use_pdl, use_triton
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
@@ -111,8 +111,9 @@ def _rope_kernel(
     stride_cn, stride_ck, stride_cb, stride_ch, stride_cd, layer_off,
     HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    WRITE_KV: tl.constexpr, EMULATE: tl.constexpr,
+    WRITE_KV: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
     _rotate(q_ptr, q_out_ptr, t0, n_tokens, cos_ptr, sin_ptr, sct, scd, sst, ssd, sqt, sqh, sqd,
             HQ, HALF, BLOCK_T, BLOCK_HQ, BLOCK_HALF, EMULATE)
@@ -130,6 +131,7 @@ def _rope_kernel(
         v2 = tl.load(src + (j + HALF) * svd, mask=mask, other=0.0)
         tl.store(dst + stride_ck + j * stride_cd, v1, mask=mask)
         tl.store(dst + stride_ck + (j + HALF) * stride_cd, v2, mask=mask)
+    pdl_release(PDL)
 
 
 def _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, block_t, num_warps):
@@ -160,8 +162,8 @@ def _launch(q, k, v, cos, sin, kv_cache, layer, slot_mapping, block_t, num_warps
         HQ=hq, HKV=hkv, HALF=half, PAGE=page, BLOCK_T=block_t,
         BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HKV=triton.next_power_of_2(hkv),
         BLOCK_HALF=triton.next_power_of_2(half), WRITE_KV=write,
-        EMULATE=emulate_bf16(q.dtype, k.dtype, cos.dtype, dtype),
-        num_warps=num_warps or (4 if block_t * hq * d >= 2048 else 2),
+        EMULATE=emulate_bf16(q.dtype, k.dtype, cos.dtype, dtype), PDL=use_pdl(q),
+        num_warps=num_warps or (4 if block_t * hq * d >= 2048 else 2), **pdl_launch(use_pdl(q)),
     )
     return q_out, k_out
 

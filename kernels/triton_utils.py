@@ -13,6 +13,17 @@ truncate instead of rounding to nearest even, and tl.dot multiplies bfloat16 bit
 as integers. The kernels take an EMULATE flag, True only when interpreting, that routes
 those two operations through the helpers below; on the GPU the flag is False and the
 plain operations compile unchanged.
+
+Programmatic dependent launch (PDL, Hopper and later): inside `programmatic_launch()` the
+kernels that take a PDL flag are launched with the programmatic-serialization attribute,
+so the GPU may schedule a kernel's programs while the kernel before it still runs. Each
+such kernel calls `pdl_wait` first, before it reads or writes anything (every program,
+also those with nothing to do), and `pdl_release` after its loads, before its stores: its
+successor's programs are then placed while its last loads arrive and start the moment it
+ends, and they do not sit on the SMs, holding registers and shared memory, while it still
+streams. What this hides is the gap between two kernels of a decode step, ~1-2 us each
+(bench/results/2026-12-01d-h200). The wait covers all earlier kernels, not only the one
+before: a kernel completes only after its own wait returned, so completion is transitive.
 """
 
 from __future__ import annotations
@@ -24,6 +35,11 @@ from contextlib import contextmanager
 import torch
 import triton
 import triton.language as tl
+
+try:  # Triton >= 3.4 on NVIDIA; without it PDL stays off
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the Triton build
+    gdc_launch_dependents = gdc_wait = None
 
 
 def interpreting() -> bool:
@@ -52,6 +68,52 @@ def force_triton(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _force = before
+
+
+_pdl = False
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a compiled kernel (not the interpreter) on sm_90+."""
+    return (device.type == "cuda" and gdc_wait is not None and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def use_pdl(x: torch.Tensor) -> bool:
+    """Whether a kernel launched on `x` now takes programmatic dependent launch."""
+    return _pdl and x.is_cuda
+
+
+@contextmanager
+def programmatic_launch(on: bool = True) -> Iterator[None]:
+    """Within the block, kernels with a PDL flag launch programmatically (see the module
+    docstring). The model runner captures its decode graphs inside it where supported."""
+    global _pdl
+    before, _pdl = _pdl, on
+    try:
+        yield
+    finally:
+        _pdl = before
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch keyword for a kernel call: none unless PDL is on (the interpreter
+    knows no such option)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Block until every earlier kernel has finished and its writes are visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """Let the next kernel's programs be scheduled (they then wait in pdl_wait)."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 def emulate_bf16(*dtypes: torch.dtype) -> bool:

@@ -5,9 +5,10 @@
 #
 #   ROUNDS=3 bash bench/gpu/ab_engine.sh "new:MY_SWITCH=1" "old:MY_SWITCH=0"
 #
-# Each argument is LABEL:VAR=VALUE[,VAR=VALUE...], environment variables an experiment reads
+# Each argument is "LABEL:VAR=VALUE[ VAR=VALUE...]", environment variables an experiment reads
 # (e.g. PDCLUSTER_TRITON_GEMV in commit cd90ff0, bench/results/2026-12-01c-h200). BATCH_SIZES (default 1,16,64) picks the
 # decode batches; the first run also checks the kernels and the tiny model (GPU == CPU).
+# SMOKE_ARGS adds engine_smoke.py options to every run (e.g. --prefill= to time decode only).
 # Results: $OUT/ab-<round>-<label>/engine_smoke.{json,log}; a summary table at the end.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -17,11 +18,11 @@ OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 first=1
 for round in $(seq "${ROUNDS:-2}"); do
   for variant in "$@"; do
-    label=${variant%%:*}; IFS=, read -r -a envs <<< "${variant#*:}"
+    label=${variant%%:*}; read -r -a envs <<< "${variant#*:}"
     dir="$OUT/ab-$round-$label"; mkdir -p "$dir"
     extra=(--skip-checks); [ $first = 1 ] && extra=() && first=0
     env "${envs[@]}" OUT="$dir" timeout 170 python3 bench/gpu/engine_smoke.py --device cuda:0 --no-profile \
-      --hf-baseline "" --batch-sizes "${BATCH_SIZES:-1,16,64}" "${extra[@]}" 2>&1 | grep -v "NIXL INFO" > "$dir/engine_smoke.log"
+      --hf-baseline "" --batch-sizes "${BATCH_SIZES:-1,16,64}" "${extra[@]}" ${SMOKE_ARGS:-} 2>&1 | grep -v "NIXL INFO" > "$dir/engine_smoke.log"
     echo "== round $round $label"; grep -E "^(decode|tiny|kernel_rel|NVIDIA)" "$dir/engine_smoke.log"
   done
 done

@@ -290,7 +290,7 @@ def engine_8b(device: str, args) -> dict:
         eng.kv_cache[i:i + 1024].normal_()
     flops_tok = linear_flops_per_token(cfg)
     out["prefill"] = {}
-    for plen, n in ((2048, 4), (8192, 1)):
+    for plen, n in (tuple(int(v) for v in item.split(":")) for item in args.prefill.split(",") if item):
         rate = prefill_rate(llm, plen, n)
         flops = flops_tok + attention_flops(cfg, plen) / plen
         out["prefill"][plen] = {"tokens_per_s": rate, "tflops": rate * flops / 1e12}
@@ -371,6 +371,8 @@ def main() -> None:
     ap.add_argument("--hf-baseline", default="eager,compile", help="comma list of eager, compile; empty: none")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--prefill", default="2048:4,8192:1",
+                    help="prompt length:prompts per timed prefill, comma-separated; empty (--prefill=): none, for A/B runs")
     args = ap.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     dev = args.device

@@ -16,6 +16,8 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels.activation import silu_and_mul
 from kernels.attention import AttentionMetadata, paged_attention
+from kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
+from kernels.gemv import GemvConfig, gemv
 from kernels.norm import fused_add_rms_norm, rms_norm
 from kernels.rope import rope_and_write_kv, rope_cos_sin, rope_inv_freq
 
@@ -24,7 +26,12 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """F.linear, or, for a single row when the layer is flagged, W @ x^T: for one token
     cuBLAS may pick a faster (GEMV-like) kernel for the transposed product, and (N, 1)
     and (1, N) share one layout, so no copy is needed. Which is faster depends on the
-    shape and the GPU: ModelRunner measures both at start (tune_single_row_matmuls)."""
+    shape and the GPU: ModelRunner measures both at start (tune_single_row_matmuls).
+    A layer given a `triton_gemv` launch shape (LlamaForCausalLM.use_triton_gemv) takes
+    kernels/gemv.py's Triton GEMV for up to GEMV_MAX_ROWS rows instead."""
+    gemv_config = getattr(layer, "triton_gemv", None)
+    if gemv_config is not None and x.shape[0] <= GEMV_MAX_ROWS:
+        return gemv(x, layer.weight, layer.bias, config=gemv_config)
     if x.shape[0] == 1 and getattr(layer, "flip_single_row", False):
         out = torch.mm(layer.weight, x.t()).view(1, -1)
         return out if layer.bias is None else out + layer.bias
@@ -115,6 +122,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # computed on first use, on the right device
         self.flip_single_row_logits = False  # see `linear`
+        self.lm_head_gemv: GemvConfig | None = None  # see use_triton_gemv
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # see prepare_rope_cache
 
     def prepare_rope_cache(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -143,9 +151,26 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (S, hidden) -> float32 logits (S, V)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head_gemv is not None and hidden.shape[0] <= GEMV_MAX_ROWS:
+            return gemv(hidden, weight, config=self.lm_head_gemv).float()
         if hidden.shape[0] == 1 and self.flip_single_row_logits:
             return torch.mm(weight, hidden.t()).view(1, -1).float()
         return (hidden @ weight.t()).float()
+
+    def projections(self, layer: DecoderLayer) -> dict[str, nn.Linear]:
+        """A decoder layer's weight products by the names the runner's settings use."""
+        return {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj,
+                "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
+
+    def use_triton_gemv(self, configs: dict[str, GemvConfig | None]) -> None:
+        """The named projections (see `projections`) of every layer take the Triton GEMV with
+        the given launch shape at up to GEMV_MAX_ROWS rows, "lm_head" the logits' product;
+        None: cuBLAS."""
+        self.lm_head_gemv = configs.get("lm_head", self.lm_head_gemv)
+        for layer in self.layers:
+            for name, lin in self.projections(layer).items():
+                if name in configs:
+                    lin.triton_gemv = configs[name]
 
     def single_row_matmuls(self) -> dict[str, tuple[torch.Tensor, object]]:
         """Each distinct weight shape of a decode step, with a setter for its flip flag
