@@ -18,7 +18,7 @@ Where the time goes on a GPU, and what this module does about it:
   the block table rows). Padded rows have seq_len 0 and cache slot -1: attention reads
   nothing for them and the cache write skips them. Prefill and mixed steps run eagerly:
   their kernels are large enough that launches do not dominate.
-* In the graphs, on Hopper: the weight products of up to 16 rows are Triton GEMVs
+* In the graphs, on Hopper: the weight products (of up to 16 rows) are Triton GEMVs
   (kernels/gemv.py) rather than cuBLAS, and every Triton kernel is launched with
   programmatic dependent launch (kernels/triton_utils.py), so the next kernel's programs
   are in place when one ends; the same logprobs bit for bit as without PDL
@@ -285,6 +285,12 @@ class ModelRunner:
             return 0
         if not all(c.num_tokens == 1 and c.sample for c in chunks):
             return 0
+        # A fork's one-row step over the last prompt token (engine/forking.py) runs eagerly,
+        # on the kernels that compute that token in a single request's prefill: the graphs'
+        # GEMVs round differently from the prefill's cuBLAS products, and choice i of an n
+        # request must sample what a request seeded s + i samples.
+        if any(c.request.fork_of is not None and c.start < c.request.num_prompt_tokens for c in chunks):
+            return 0
         return next(b for b in self._graph_sizes if b >= len(chunks))
 
     def takes_device_ids(self, num_seqs: int) -> bool:
@@ -331,7 +337,6 @@ class ModelRunner:
         if not self.use_graphs:
             return
         self.model.prepare_rope_cache(self.max_model_len, self.device, self.kv_cache.dtype)
-        self.model.use_triton_gemv(decode_gemv_configs(self.device))
         self.single_row_speedups = self.tune_single_row_matmuls()
         L, d = self.layout, self._dev
         self._graph_table = torch.zeros(self.max_num_seqs, self.max_blocks, dtype=torch.int64, device=self.device)
@@ -342,8 +347,16 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         before = torch.cuda.memory_allocated(self.device)
         stream = torch.cuda.Stream(self.device)
-        with programmatic_launch(pdl_wanted(self.device)):
-            self._capture(pool, stream)
+        # The GEMVs only inside the graphs: eager steps (prefill, mixed) keep cuBLAS, so a
+        # prompt's KV does not depend on whether it was prefilled alone (<= 16 tokens) or
+        # in a batch, which keeps a 1P1D cluster's tokens equal to one engine's.
+        gemv = decode_gemv_configs(self.device)
+        self.model.use_triton_gemv(gemv)
+        try:
+            with programmatic_launch(pdl_wanted(self.device)):
+                self._capture(pool, stream)
+        finally:
+            self.model.use_triton_gemv(dict.fromkeys(gemv))
         self._graph_sizes = sorted(self._graphs)
         torch.cuda.synchronize(self.device)
         self.graph_pool_bytes = torch.cuda.memory_allocated(self.device) - before

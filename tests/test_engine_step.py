@@ -31,6 +31,27 @@ def test_graph_batch_sizes_cover_every_batch_up_to_max_num_seqs():
         assert sizes[-1] == n and all(any(s >= b for s in sizes) for b in range(1, n + 1))
 
 
+def test_decode_tokens_take_the_graphs_and_a_forks_prompt_token_does_not(llm, monkeypatch):
+    """Graphs run decode steps; a fork's one-row step over the last prompt token runs on
+    the eager (prefill) kernels, so that choice i equals a single request seeded s + i on a
+    GPU, where the graphs' products round differently (engine/model_runner.py)."""
+    runner, eng = llm.engine.runner, llm.engine
+    monkeypatch.setattr(runner, "_graphs", {1: None, 2: None, 4: None})  # as if captured
+    monkeypatch.setattr(runner, "_graph_sizes", [1, 2, 4])
+    plain = eng.add_request("graph-plain", [5, 6, 7], SamplingParams(max_tokens=4))
+    fork = eng.add_request("graph-fork", [5, 6, 7], SamplingParams(max_tokens=4), fork_of="graph-plain")
+    try:
+        decode = ScheduledChunk(plain, start=3, num_tokens=1, sample=True)
+        assert runner.graph_size_for([decode]) == 1
+        assert runner.graph_size_for([decode, ScheduledChunk(fork, start=3, num_tokens=1, sample=True)]) == 2
+        assert runner.graph_size_for([decode, ScheduledChunk(fork, start=2, num_tokens=1, sample=True)]) == 0
+        assert runner.graph_size_for([ScheduledChunk(plain, start=2, num_tokens=1, sample=True)]) == 1
+        assert runner.graph_size_for([ScheduledChunk(plain, start=0, num_tokens=3, sample=True)]) == 0
+    finally:
+        for rid in ("graph-fork", "graph-plain"):
+            eng.abort_request(rid)
+
+
 def test_kv_splits_fill_the_gpu_at_small_batches_and_vanish_at_large_ones():
     cpu = torch.device("cpu")  # counted as 132 SMs, an H100/H200
     assert kv_splits_for(1, 8, 128, 16, cpu) == 1            # nothing to split

@@ -46,8 +46,8 @@ def test_model_on_triton_kernels_matches_model_on_references(checkpoints, monkey
 
 
 def test_decode_steps_on_the_triton_gemv_match_cublas_steps(checkpoints, monkeypatch):
-    """What a Hopper GPU runs by default: every weight product of rows <= 16 (the decode
-    steps and the short last prefill chunks) through kernels/gemv.py."""
+    """What a Hopper GPU's decode graphs run: every weight product of <= 16 rows through
+    kernels/gemv.py (here every step's, the decode steps and the short prefill chunks)."""
     path = str(checkpoints["tiny-qwen3"])
     ref = run(path)
     gemv_calls = []
