@@ -23,7 +23,8 @@ Where the time goes on a GPU, and what this module does about it:
   programmatic dependent launch (kernels/triton_utils.py), so the next kernel's programs
   are in place when one ends; the same logprobs bit for bit as without PDL
   (bench/gpu/pdl_check.py), 3% off a batch-1 step. PDCLUSTER_PDL=0 and
-  PDCLUSTER_TRITON_GEMV="" turn them off (see decode_gemv_configs).
+  PDCLUSTER_TRITON_GEMV="" turn them off (see decode_gemv_configs). The graphs run
+  decode tokens only (graph_size_for): a prompt token is computed by prefill kernels.
 """
 
 from __future__ import annotations
@@ -283,13 +284,12 @@ class ModelRunner:
         """The padded batch size whose graph runs this step, or 0 when it runs eagerly."""
         if not self.has_graph_for(len(chunks)):
             return 0
-        if not all(c.num_tokens == 1 and c.sample for c in chunks):
-            return 0
-        # A fork's one-row step over the last prompt token (engine/forking.py) runs eagerly,
-        # on the kernels that compute that token in a single request's prefill: the graphs'
-        # GEMVs round differently from the prefill's cuBLAS products, and choice i of an n
-        # request must sample what a request seeded s + i samples.
-        if any(c.request.fork_of is not None and c.start < c.request.num_prompt_tokens for c in chunks):
+        # Decode tokens only. A prompt token computed alone (a fork's last prompt token, a
+        # prompt wholly in the prefix cache but its last token) runs eagerly, on the kernels
+        # every prefill uses: the graphs' GEMVs round differently from cuBLAS, and a prompt
+        # must give the same first token however its KV came to be (choice i of an n request
+        # samples what a request seeded s + i samples, a cache hit what a cold prefill does).
+        if not all(c.num_tokens == 1 and c.sample and c.start >= c.request.num_prompt_tokens for c in chunks):
             return 0
         return next(b for b in self._graph_sizes if b >= len(chunks))
 

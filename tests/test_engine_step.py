@@ -31,10 +31,11 @@ def test_graph_batch_sizes_cover_every_batch_up_to_max_num_seqs():
         assert sizes[-1] == n and all(any(s >= b for s in sizes) for b in range(1, n + 1))
 
 
-def test_decode_tokens_take_the_graphs_and_a_forks_prompt_token_does_not(llm, monkeypatch):
-    """Graphs run decode steps; a fork's one-row step over the last prompt token runs on
-    the eager (prefill) kernels, so that choice i equals a single request seeded s + i on a
-    GPU, where the graphs' products round differently (engine/model_runner.py)."""
+def test_decode_tokens_take_the_graphs_and_prompt_tokens_do_not(llm, monkeypatch):
+    """Graphs run decode tokens; a prompt token computed alone (a fork's last prompt token,
+    the last token of a prompt otherwise in the prefix cache) runs on the eager prefill
+    kernels, so it gives what a prefill gives on a GPU, where the graphs' products round
+    differently (engine/model_runner.py)."""
     runner, eng = llm.engine.runner, llm.engine
     monkeypatch.setattr(runner, "_graphs", {1: None, 2: None, 4: None})  # as if captured
     monkeypatch.setattr(runner, "_graph_sizes", [1, 2, 4])
@@ -45,7 +46,7 @@ def test_decode_tokens_take_the_graphs_and_a_forks_prompt_token_does_not(llm, mo
         assert runner.graph_size_for([decode]) == 1
         assert runner.graph_size_for([decode, ScheduledChunk(fork, start=3, num_tokens=1, sample=True)]) == 2
         assert runner.graph_size_for([decode, ScheduledChunk(fork, start=2, num_tokens=1, sample=True)]) == 0
-        assert runner.graph_size_for([ScheduledChunk(plain, start=2, num_tokens=1, sample=True)]) == 1
+        assert runner.graph_size_for([ScheduledChunk(plain, start=2, num_tokens=1, sample=True)]) == 0
         assert runner.graph_size_for([ScheduledChunk(plain, start=0, num_tokens=3, sample=True)]) == 0
     finally:
         for rid in ("graph-fork", "graph-plain"):

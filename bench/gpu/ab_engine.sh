@@ -11,9 +11,7 @@
 # SMOKE_ARGS adds engine_smoke.py options to every run (e.g. --prefill= to time decode only).
 # Results: $OUT/ab-<round>-<label>/engine_smoke.{json,log}; a summary table at the end.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export PYTHONUNBUFFERED=1 PDCLUSTER_CACHE=/tmp/pdcluster-cache
+source bench/gpu/wheels.sh
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 first=1
 for round in $(seq "${ROUNDS:-2}"); do

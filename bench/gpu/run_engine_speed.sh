@@ -4,9 +4,7 @@
 # roofline and the matmul rate, profiler top kernels, and the transformers baseline.
 # Extra arguments go to engine_smoke.py (e.g. --hf-baseline "" for a quicker look).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export PYTHONUNBUFFERED=1 PDCLUSTER_CACHE=/tmp/pdcluster-cache
+source bench/gpu/wheels.sh
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader || true
 timeout ${SMOKE_TIMEOUT:-480} python3 bench/gpu/engine_smoke.py --device cuda:0 "$@" 2>&1 | grep -v "NIXL INFO" \
   | tee ${OUT:-.}/engine_smoke.log | tail -n 60

@@ -3,8 +3,6 @@
 # test, and a 1P1D cluster over NIXL (VRAM) answering token for token what one offline
 # engine answers (bench/gpu/check_disagg_exact.py).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export PYTHONUNBUFFERED=1 PDCLUSTER_CACHE=/tmp/pdcluster-cache
+source bench/gpu/wheels.sh
 python3 -m pytest -q -p no:cacheprovider tests/test_sampler.py -k cuda 2>&1 | tail -n 3
 timeout 400 python3 bench/gpu/check_disagg_exact.py 2>&1 | grep -v "NIXL INFO" | tail -n 12

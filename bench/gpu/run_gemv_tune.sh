@@ -4,9 +4,8 @@
 # ~2 min), writing $OUT/gemv_tune.{json,log}. (The engine A/B of 2026-12-01, bench/results/
 # 2026-12-01b-h200/gemv, ran the model's fused wiring, since taken out.)
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export PYTHONUNBUFFERED=1 PDCLUSTER_CACHE=/tmp/pdcluster-cache TRITON_DEFAULT_FP_FUSION=1
+source bench/gpu/wheels.sh
+export TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader || true
 timeout ${TUNE_TIMEOUT:-200} python3 bench/gpu/gemv_tune.py "$@" 2>&1 | tee $OUT/gemv_tune.log | tail -n 70

@@ -5,7 +5,6 @@
 # ../shared/gpu/fetch-wheels.sh carried in .whl/. Extra arguments go to the bench, e.g.
 #   bash bench/gpu/run_kv_transfer.sh --variants default k4:threads=8,split=1,chunk=32,k=4
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+source bench/gpu/wheels.sh
 nvidia-smi topo -m || true
 PYTHONUNBUFFERED=1 python3 bench/gpu/kv_transfer_bench.py "$@"

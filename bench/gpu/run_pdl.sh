@@ -8,9 +8,7 @@
 # PDL_CHECK_GEMV picks the GEMV setting the bit-for-bit check runs with (default: the
 # engine's); PDL_CHECK=0 skips it.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export PYTHONUNBUFFERED=1 PDCLUSTER_CACHE=/tmp/pdcluster-cache
+source bench/gpu/wheels.sh
 export OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader
 if [ "${PDL_CHECK:-1}" = 1 ]; then

@@ -14,8 +14,7 @@
 # four GPUs), MODEL_DIR (must match the yaml's model.path).
 # Results: $OUT/topology-bench-<topologies, _ between>/ (report.md, summary.json, *.png, node logs in logs/).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+source bench/gpu/wheels.sh
 MODEL_DIR=${MODEL_DIR:-/tmp/pdcluster-llama-3-8b}
 TOPOLOGIES=${TOPOLOGIES:-1P1D,colocated2}
 NAME=${TOPOLOGIES//,/_}

@@ -175,15 +175,11 @@ class LlamaForCausalLM(nn.Module):
     def single_row_matmuls(self) -> dict[str, tuple[torch.Tensor, object]]:
         """Each distinct weight shape of a decode step, with a setter for its flip flag
         (see `linear`): what ModelRunner.tune_single_row_matmuls measures."""
-        layer = self.layers[0]
         out = {}
-        for name, lin in (("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
-                          ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj)):
+        for name, lin in self.projections(self.layers[0]).items():
             def setter(flag, attr=name):
-                for l in self.layers:
-                    mod = {"qkv": l.self_attn.qkv_proj, "o": l.self_attn.o_proj,
-                           "gate_up": l.mlp.gate_up_proj, "down": l.mlp.down_proj}[attr]
-                    mod.flip_single_row = flag
+                for layer in self.layers:
+                    self.projections(layer)[attr].flip_single_row = flag
             out[name] = (lin.weight, setter)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         out["lm_head"] = (weight, lambda flag: setattr(self, "flip_single_row_logits", flag))
