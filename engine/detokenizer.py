@@ -108,14 +108,14 @@ class IncrementalDetokenizer:
         if self.finished:
             return ""
         self.finished = True
+        delta_start = self._emitted  # a stop string the flush completes moves _emitted
         if self._read_offset < len(self._window):
             prefix_text = self._context_text()
             self._text += self.tokenizer.decode(self._window[self._prefix_offset:],
                                                 self.skip_special_tokens)[len(prefix_text):]
             self._check_stop_strings()
-        delta = self._text[self._emitted:]
         self._emitted = len(self._text)
-        return delta
+        return self._text[delta_start:]
 
     # --- decoding ------------------------------------------------------------------------
     def _context_text(self) -> str:

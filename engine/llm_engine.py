@@ -81,6 +81,12 @@ class LLMEngine:
         block_bytes = KVCacheSpec.bytes_per_block(self.model_config, cache.block_size, self.dtype)
         num_blocks = cache.num_blocks or num_blocks_for_budget(self._kv_budget_bytes(), block_bytes)
         self.max_model_len = self._fit_max_model_len(num_blocks * cache.block_size, block_bytes)
+        sched = config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            # A prompt longer than one step's budget could then never be scheduled.
+            raise ValueError(f"max_num_batched_tokens ({sched.max_num_batched_tokens}) is smaller than max_model_len "
+                             f"({self.max_model_len}) with chunked prefill off: raise max_num_batched_tokens to "
+                             "max_model_len, lower max_model_len, or turn enable_chunked_prefill on")
         self.kv_spec = KVCacheSpec(num_blocks, self.model_config.num_layers, cache.block_size,
                                    self.model_config.num_kv_heads, self.model_config.head_dim, self.dtype)
         self.kv_cache = allocate_kv_cache(self.kv_spec, self.device)
@@ -241,6 +247,10 @@ class LLMEngine:
         `fork_of` names a request with the same prompt whose blocks this one shares while
         that one's KV is here (choices of an `n` > 1 request, engine/forking.py)."""
         self._check_open()
+        if request_id in self.scheduler.requests:  # before any side effect (a grammar's state is per id)
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if kv_transfer_params and self.connector is not None:
+            self.connector.check_request(kv_transfer_params)
         params = params or SamplingParams()
         params.update_from_tokenizer(self.tokenizer)
         text = prompt if isinstance(prompt, str) else None
@@ -332,8 +342,10 @@ class LLMEngine:
                 self.structured.apply_bitmask(logits, [r.request_id for r in requests])
                 self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows), plain_decode=True)
             outputs, self._pending_outputs = self._pending_outputs, []
-            outputs += self._poll_connector()
+            # The text of the step just read before the connector's news: a failed load
+            # settles the step queued above (fail_request), whose tokens come after these.
             outputs += self._text_outputs(appended)
+            outputs += self._poll_connector()
             self.idle = False
             self._publish_kv_events()
             return outputs
@@ -410,7 +422,7 @@ class LLMEngine:
         chunks = []
         for req in running:
             if len(req.block_ids) * bs <= req.num_tokens:
-                req.block_ids += self.pool.allocate(1)
+                req.block_ids += self.pool.allocate(1, req.cache_owner)
             chunks.append(ScheduledChunk(req, req.num_tokens, 1, sample=True))  # the token in flight
         logits = self.runner.execute(chunks, input_ids=prev.sample.tokens)
         for c in chunks:
@@ -526,6 +538,10 @@ class LLMEngine:
                 req.status = RequestStatus.FINISHED_STOPPED
             if finish is not None and not self._continues_elsewhere(req, finish):
                 new_text += req.detokenizer.finish()
+                if update.stop_str is None and req.detokenizer.stop_str is not None:
+                    # The flushed tail (an unfinished character) completed a stop string.
+                    req.stop_reason = req.detokenizer.stop_str
+                    req.status = RequestStatus.FINISHED_STOPPED
         return self._output(req, [token], new_text)
 
     def _forward(self, chunks: list) -> tuple[list[Request], SamplerOutput]:

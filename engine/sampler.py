@@ -267,7 +267,7 @@ def apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tenso
             if n_prefix == 0 or list(output[-n_prefix:]) == word[:-1]:
                 ban_rows.append(i)
                 ban_tokens.append(word[-1])
-        if len(output) < params.min_tokens:
+        if row.num_output_tokens < params.min_tokens:  # the step, not the list: it lags in a run-ahead step
             for t in set(params.stop_token_ids) | params.eos_token_ids:
                 if t < vocab:  # an id the model cannot produce needs no ban
                     ban_rows.append(i)

@@ -164,7 +164,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
         i = 0
-        while i < len(self.running) and budget > 0:
+        # Loads that landed join `running` whatever its size (remote_kv_ready): a step takes
+        # the first max_num_seqs, and the rest wait for a slot in arrival order.
+        while i < len(self.running) and budget > 0 and len(out.chunks) < self.config.max_num_seqs:
             req = self.running[i]
             chunk = self._next_chunk(req, budget)
             if not self._ensure_blocks(req, chunk.start + chunk.num_tokens, out):

@@ -137,6 +137,23 @@ def test_a_stop_string_spanning_tokens_cuts_the_output_before_it():
     assert det.finish() == ""
 
 
+class ByteTokenizer:
+    """Tokens of raw bytes, so a token can end part-way through a character."""
+
+    VOCAB = {1: b"ab", 2: b"cd\xe4", 9: b"x"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.VOCAB[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_the_final_flush_completes_still_sends_the_text_before_it():
+    det = IncrementalDetokenizer(ByteTokenizer(), [9], Params(stop=["bq", "cd"]))
+    deltas = [det.append([1]).text, det.append([2]).text]  # "b" held back (it may start "bq"); "cd\xe4" unfinished
+    assert deltas == ["a", ""]
+    deltas.append(det.finish())  # the end flushes "cd\ufffd": "cd" is a stop string
+    assert "".join(deltas) == det.text == "ab" and det.stop_str == "cd"
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string():
     det = IncrementalDetokenizer(CharTokenizer(), [], Params(stop=["STOP"], include_stop_str_in_output=True))
     updates = stream(det, chars("Hello STOP and more"))

@@ -193,3 +193,135 @@ def test_decode_steps_queued_ahead_give_the_tokens_of_the_plain_loop(llm):
     eng.config.async_scheduling = True
     assert results[True] == results[False]
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_min_tokens_lifts_its_ban_at_the_same_token_whether_steps_are_queued_ahead_or_not(llm):
+    """A step queued ahead samples before the token in flight is appended: min_tokens is
+    counted by the step, not by the output list, or eos and stop ids stay banned a token
+    too long and async scheduling answers differently from sync."""
+    eng = llm.engine
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ref = llm.generate([PROMPTS[0]], free)[0].outputs[0].token_ids
+    m = next(m for m in range(2, 10) if ref[m] not in ref[:m])  # token m is new: a stop id at m only
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=m, stop_token_ids=[ref[m]])
+    got = {}
+    for async_scheduling in (False, True):
+        eng.config.async_scheduling = async_scheduling
+        got[async_scheduling] = llm.generate([PROMPTS[0]], params)[0].outputs[0]
+    eng.config.async_scheduling = True
+    for out in got.values():
+        assert (out.token_ids, out.finish_reason, out.stop_reason) == (ref[:m + 1], "stop", ref[m])
+
+
+def test_blocks_taken_by_steps_queued_ahead_belong_to_the_request_s_workflow():
+    """An agent's output is part of its next turn's prompt: every block of a workflow's
+    request is the workflow's (protected by the `workflow` eviction policy), including
+    those a decode step queued ahead takes."""
+    llm = LLM("builtin:tiny", device="cpu", dtype="float32", block_size=4, num_blocks=64, max_num_seqs=4)
+    eng = llm.engine
+    req = eng.add_request("turn", [5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                          workflow_id="wf-1")
+    blocks: list[int] = []
+    while eng.has_unfinished_requests:
+        blocks = list(req.block_ids) or blocks
+        eng.step()
+    assert eng.num_steps_run_ahead > 0 and len(blocks) == 6  # 24 tokens' KV: the last token's is never computed
+    assert [eng.pool.block_workflow[b] for b in blocks] == ["wf-1"] * 6
+
+
+def test_a_kv_load_failing_while_a_step_is_queued_ahead_leaves_the_other_requests_text_in_order(llm):
+    """Under `fail`, a failed load ends its request between two queued steps: the step read
+    first is detokenized first, so a request decoding beside it streams the plain text."""
+    import select
+
+    from engine.config import CacheConfig, EngineConfig
+    from engine.llm_engine import LLMEngine
+    from kv_connector.config import KVTransferConfig
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = llm.generate([PROMPTS[1]], params)[0].outputs[0]
+    kv = KVTransferConfig(kv_connector="tcp", kv_role="kv_consumer", load_failure_policy="fail",
+                          transfer_timeout_s=1, kv_connector_extra_config={"fault_refuse_handshake": True})
+    eng = LLMEngine(EngineConfig(model="builtin:tiny", dtype="float32", device="cpu",
+                                 cache=CacheConfig(num_blocks=128), kv_transfer=kv))
+    try:
+        eng.add_request("plain", PROMPTS[1], params)
+        text = ""
+        for _ in range(4):
+            text += "".join(o.new_text for o in eng.step())
+        eng.add_request("pulled", [3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=4), kv_transfer_params={
+            "do_remote_prefill": True, "remote_engine_id": "gone", "remote_host": "127.0.0.1", "remote_port": 9,
+            "remote_request_id": "gone-p", "remote_block_ids": [0], "num_tokens": 6})
+        text += "".join(o.new_text for o in eng.step())  # admits it: its load starts and fails
+        assert select.select([eng.wakeup_fd], [], [], 10)[0], "the failed load was never reported"
+        before, errors = eng.num_steps_run_ahead, []
+        while eng.has_unfinished_requests:
+            for o in eng.step():
+                if o.request_id == "pulled":
+                    errors.append(o.error)
+                else:
+                    text += o.new_text
+        assert eng.num_steps_run_ahead > before
+        assert len(errors) == 1 and "handshake refused" in errors[0]
+        assert text == want.text
+    finally:
+        eng.close()
+
+
+def test_loads_that_land_together_never_put_more_than_max_num_seqs_in_a_step():
+    """Requests waiting for remote KV hold no running slot; when their loads land beside a
+    full batch, each step still takes at most max_num_seqs of them, the rest in turn."""
+    from engine.block_pool import BlockPool
+    from engine.config import CacheConfig, SchedulerConfig
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    class RemotePrompts:  # the SchedulerConnector protocol: every prompt but its last token arrives
+        def get_num_new_matched_tokens(self, req, num_computed):
+            return req.num_tokens - 1 - num_computed
+
+        def start_load(self, req, num_computed, num_external):
+            pass
+
+        def request_finished(self, req):
+            return False
+
+    sched = Scheduler(CacheConfig(block_size=4), SchedulerConfig(max_num_seqs=2), BlockPool(64), RemotePrompts())
+
+    def request(rid, remote):
+        return Request(rid, list(range(1, 10)), SamplingParams(), 0, 8,
+                       kv_transfer_params={"do_remote_prefill": True} if remote else None)
+
+    for rid in ("r1", "r2"):
+        sched.add_request(request(rid, True))
+    assert sched.schedule().chunks == [] and len(sched.waiting_for_remote_kv) == 2
+    for rid in ("a", "b"):
+        sched.add_request(request(rid, False))
+    assert [c.request.request_id for c in sched.schedule().chunks] == ["a", "b"]
+    sched.remote_kv_ready("r1")
+    sched.remote_kv_ready("r2")
+    assert [c.request.request_id for c in sched.schedule().chunks] == ["a", "b"]
+    sched.finish_request(sched.requests["a"], RequestStatus.FINISHED_STOPPED)
+    assert [c.request.request_id for c in sched.schedule().chunks] == ["b", "r1"]
+
+
+def test_chunked_prefill_off_needs_a_step_budget_as_long_as_the_context():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) is smaller than max_model_len \(64\) with "
+                                         "chunked prefill off"):
+        LLM("builtin:tiny", device="cpu", dtype="float32", num_blocks=64, max_model_len=64,
+            max_num_batched_tokens=8, enable_chunked_prefill=False)
+    llm = LLM("builtin:tiny", device="cpu", dtype="float32", num_blocks=64, max_model_len=64,
+              max_num_batched_tokens=64, enable_chunked_prefill=False)
+    out = llm.generate([list(range(1, 61))], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 2
+
+
+def test_a_refused_duplicate_request_id_leaves_the_live_request_s_grammar_alone(llm):
+    eng = llm.engine
+    eng.add_request("dup", [5, 6, 7], SamplingParams(temperature=0, max_tokens=4))
+    try:
+        with pytest.raises(ValueError, match="request id 'dup' is already in use"):
+            eng.add_request("dup", [5, 6, 7], SamplingParams(max_tokens=4, structured_outputs={"regex": "[0-9]+"}))
+        assert "dup" not in eng.structured.states
+    finally:
+        eng.abort_request("dup")
