@@ -15,6 +15,9 @@ Lifecycle
      engine/kv_cache.py. Register it with the transport here.
 
 Scheduler side (a request's life)
+  * ``check_request(kv_transfer_params)`` — before a request is queued: raise ValueError
+    when its params are malformed (they came over a socket); the node answers 400 and
+    nothing else is touched.
   * ``on_request_added(request)`` — a request entered this engine. A consumer may
     announce itself to the producer now (so the producer keeps the blocks while the
     request waits in the queue). Must not block.
@@ -112,6 +115,9 @@ class KVConnectorBase(ABC):
 
     @abstractmethod
     def register_kv_cache(self, kv_cache: torch.Tensor) -> None: ...
+
+    def check_request(self, kv_transfer_params: dict) -> None:
+        return None
 
     def on_request_added(self, request) -> None:
         return None

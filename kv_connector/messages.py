@@ -3,9 +3,14 @@ decoded message is plain data — nothing on this wire is ever unpickled)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 
 from kv_connector.base import KVCacheInfo
+
+NonNegative = Annotated[int, Meta(ge=0)]
 
 
 class HandshakeRequest(msgspec.Struct, tag="handshake"):
@@ -50,9 +55,9 @@ class WaitKV(msgspec.Struct, tag="wait_kv"):
     producer knows more than the consumer has (`have_blocks` at `epoch`), else when it
     does, or after `wait_s` with no news (a long poll: the consumer asks again)."""
     request_id: str
-    have_blocks: int = 0
-    epoch: int = 0
-    wait_s: float = 0.5
+    have_blocks: NonNegative = 0
+    epoch: NonNegative = 0
+    wait_s: Annotated[float, Meta(ge=0, le=60)] = 0.5  # NaN fails too: a long poll always ends
 
 
 class KVProgress(msgspec.Struct, tag="kv_progress"):
@@ -66,6 +71,19 @@ class KVProgress(msgspec.Struct, tag="kv_progress"):
 
 class ErrorResponse(msgspec.Struct, tag="error"):
     message: str
+
+
+class PullHandle(msgspec.Struct):
+    """A decode job's `kv_transfer_params` when its prompt's KV is to be pulled (what the
+    producer's lending, or the router's dispatch to both nodes, put there). Checked when
+    the job arrives, so a malformed one is refused with a 400 before it is queued."""
+    remote_engine_id: str
+    remote_host: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_\-\[\]]+$")]
+    remote_port: Annotated[int, Meta(ge=1, le=65535)]
+    remote_request_id: Annotated[str, Meta(min_length=1)]
+    num_tokens: NonNegative
+    remote_block_ids: list[NonNegative] = []
+    streamed: bool = False
 
 
 Request = HandshakeRequest | ClaimRequest | ReleaseRequest | ReadRequest | WaitKV
@@ -86,3 +104,4 @@ def decode_request(data: bytes) -> Request:
 
 def decode_response(data: bytes) -> Response:
     return _response_decoder.decode(data)
+

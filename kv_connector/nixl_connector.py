@@ -9,6 +9,8 @@ once, polling them together. The engine thread never waits on it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import threading
 import time
@@ -23,6 +25,10 @@ from kv_connector.nixl_transport import KVRegionLayout, NixlTransport
 from kv_connector.pull_connector import LoadJob, Peer, PullConnector, TransferError
 
 _POLL_S = 0.0002  # between polls while READs are in flight
+# How long a load waits past its deadline for a READ NIXL cannot cancel at once to end.
+_ABANDON_WAIT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class NixlPeerInfo(msgspec.Struct):
@@ -59,12 +65,21 @@ class NixlOwnerThread:
 
     def read(self, peer: str, remote: list[int], local: list[int], deadline: float,
              give_up: threading.Event | None = None) -> None:
+        """Returns when the READ is done; raises TransferError when it failed, and then
+        NIXL no longer writes into `local` (the caller may recompute or free them)."""
         fut: Future = Future()
         self._orders.put(_Read(peer, remote, local, deadline, fut, give_up))
         try:
             fut.result(timeout=max(deadline - time.monotonic(), 0) + 1.0)
         except TimeoutError:
-            raise TransferError("NIXL read did not finish before the transfer deadline") from None
+            if fut.cancel():  # never posted: it never will be
+                raise TransferError("NIXL read did not start before the transfer deadline") from None
+            # Posted: the owner ends it at its deadline, and answers once NIXL let go of it.
+            try:
+                fut.result(timeout=_ABANDON_WAIT_S)
+            except TimeoutError:
+                raise TransferError(f"NIXL read still in flight {_ABANDON_WAIT_S:.0f}s after the transfer deadline: "
+                                    "NIXL could not cancel it") from None
 
     def close(self) -> None:
         self._stop.set()
@@ -86,10 +101,15 @@ class NixlOwnerThread:
                 except queue.Empty:
                     order = None
                 if isinstance(order, _Read):
-                    try:
-                        in_flight.append((transport.read_blocks(order.peer, order.remote, order.local), order))
-                    except Exception as e:
-                        order.future.set_exception(TransferError(f"NIXL refused the read: {e}"))
+                    if not order.future.set_running_or_notify_cancel():
+                        pass  # its caller gave up before it was posted: its blocks are no longer ours
+                    elif time.monotonic() >= order.deadline:
+                        order.future.set_exception(TransferError("NIXL read not posted: past its transfer deadline"))
+                    else:
+                        try:
+                            in_flight.append((transport.read_blocks(order.peer, order.remote, order.local), order))
+                        except Exception as e:
+                            order.future.set_exception(TransferError(f"NIXL refused the read: {e}"))
                 elif order is not None:
                     fn, fut = order
                     try:
@@ -99,31 +119,43 @@ class NixlOwnerThread:
                 in_flight = [item for item in in_flight if not self._progress(transport, *item)]
         finally:
             for handle, order in in_flight:
-                transport.release(handle)
-                order.future.set_exception(TransferError("the NIXL transport closed"))
+                with contextlib.suppress(Exception):
+                    transport.release(handle)
+                if not order.future.done():
+                    order.future.set_exception(TransferError("the NIXL transport closed"))
             transport.close()
 
     @staticmethod
     def _progress(transport: NixlTransport, handle, order: _Read) -> bool:
-        """Advance one READ; True once it is over (done, failed or past its deadline)."""
+        """Advance one READ; True once it is over (done, failed, or past its deadline or
+        its producer's death and released). The caller hears of a READ that failed only
+        once NIXL let go of it: a READ that cannot be cancelled yet (release refused) is
+        kept and polled until it ends, so no write lands in blocks given back meanwhile."""
         try:
             state = transport.poll(handle)
         except Exception as e:
-            order.future.set_exception(TransferError(f"NIXL read failed: {e}"))
+            state, error = "ERR", TransferError(f"NIXL read failed: {e}")
         else:
+            error = None
             if state == "PENDING":
                 if order.give_up is not None and order.give_up.is_set():
-                    order.future.set_exception(TransferError("NIXL read abandoned: the producer is down"))
-                elif time.monotonic() < order.deadline:
-                    return False
+                    error = TransferError("NIXL read abandoned: the producer is down")
+                elif time.monotonic() >= order.deadline:
+                    error = TransferError("NIXL read timed out (peer gone or stalled)")
                 else:
-                    order.future.set_exception(TransferError("NIXL read timed out (peer gone or stalled)"))
-            else:
-                order.future.set_result(None)
+                    return False
+            elif state != "DONE":
+                error = TransferError(f"NIXL read ended in state {state}")
         try:
             transport.release(handle)
-        except Exception:
-            pass
+        except Exception as e:
+            if state == "PENDING":  # still live: try again at the next poll
+                log.debug("NIXL read not cancelled yet (%s): polling it until it ends", e)
+                return False
+        if error is None:
+            order.future.set_result(None)
+        else:
+            order.future.set_exception(error)
         return True
 
 

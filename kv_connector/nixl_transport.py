@@ -509,21 +509,26 @@ class NixlTransport:
                                    f"in {timeout_s:.1f} s")
 
     def release(self, handle: ReadHandle) -> None:
-        """Free the READ's resources. Releasing one still in flight asks NIXL to cancel it."""
+        """Free the READ's resources. Releasing one still in flight asks NIXL to cancel it;
+        when NIXL cannot yet, TransferError, and the handle stays live with what is left:
+        poll it, and release it again (its local blocks may still be written until then)."""
         self._check_thread()
         if handle.released:
             return
-        errors = []
+        kept, errors = [], []
         for xfer in handle._xfers:
             try:
                 xfer.release()
             except Exception as e:
+                kept.append(xfer)
                 errors.append(e)
-        handle.released = True
-        self._in_flight.discard(handle)
+        handle._xfers = kept
+        handle._pending = [x for x in handle._pending if any(x is k for k in kept)]
         if errors:
             raise TransferError(f"NIXL could not release a READ from peer {handle.peer} (still in flight and not "
-                                f"cancellable?): {errors[0]}") from errors[0]
+                                f"cancellable yet): {errors[0]}") from errors[0]
+        handle.released = True
+        self._in_flight.discard(handle)
 
     def descs_sent(self, handle: ReadHandle) -> int:
         """Descriptors NIXL actually sent for a finished READ (needs capture_telemetry=True)."""

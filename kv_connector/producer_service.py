@@ -143,11 +143,15 @@ def _socket(host: str, port: int) -> zmq.Socket:
     sock = cache.get((host, port))
     if sock is None:
         sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        key = ClusterKey.from_env()
-        if key is not None:
-            key.connect(sock)
-        sock.connect(f"tcp://{host}:{port}")
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            key = ClusterKey.from_env()
+            if key is not None:
+                key.connect(sock)
+            sock.connect(f"tcp://{host}:{port}")
+        except BaseException:  # e.g. an address zmq cannot parse: no socket left behind
+            sock.close(0)
+            raise
         cache[(host, port)] = sock
     return sock
 

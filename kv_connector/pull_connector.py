@@ -51,6 +51,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 
 from kv_connector import messages as m
@@ -141,6 +142,7 @@ class PullConnector(KVConnectorBase):
         self._stream_pool = ThreadPoolExecutor(max_workers=int(extra.get("stream_workers", 64)),
                                                thread_name_prefix="kv-stream") if config.is_consumer else None
         self._wake_r, self._wake_w = os.pipe() if config.is_consumer else (None, None)
+        self._wake_lock = threading.Lock()  # a load thread's write against close(): a closed fd may be reused
         if self._wake_r is not None:
             os.set_blocking(self._wake_r, False)
             os.set_blocking(self._wake_w, False)
@@ -289,11 +291,20 @@ class PullConnector(KVConnectorBase):
 
     def _finished_load(self, result: LoadResult) -> None:
         self._done.put(result)
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"!")
-            except (BlockingIOError, OSError):  # full: the loop is awake anyway
-                pass
+        with self._wake_lock:
+            if self._wake_w is not None:
+                try:
+                    os.write(self._wake_w, b"!")
+                except (BlockingIOError, OSError):  # full: the loop is awake anyway
+                    pass
+
+    def check_request(self, kv_transfer_params: dict) -> None:
+        if not (self.config.is_consumer and kv_transfer_params.get("do_remote_prefill")):
+            return
+        try:
+            msgspec.convert(kv_transfer_params, m.PullHandle)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"kv_transfer_params: {e}") from None
 
     def on_request_added(self, request) -> None:
         if self.config.is_producer and self._lends(request):
@@ -344,12 +355,12 @@ class PullConnector(KVConnectorBase):
                                            f"the producer lent {len(p['remote_block_ids'])} blocks for "
                                            f"{p['num_tokens']} tokens; {last} were expected"))
             self._loads[job.request_id] = job
+            self._give_back_unread(job.request_id)  # nothing will be read: the producer frees its copy
             return
         self._loads[job.request_id] = job
         if job.remote_engine_id in self._dead_engines:
             job.producer_dead.set()
-        with self._claims_lock:
-            self._claims.pop(job.request_id, None)  # the load claims for itself now
+        # The claim stays (renewed) while the job waits for a worker: _load drops it.
         (self._stream_pool if streamed else self._pool).submit(self._load, job)
 
     def producer_down(self, engine_id: str) -> None:
@@ -359,6 +370,8 @@ class PullConnector(KVConnectorBase):
                 job.producer_dead.set()
 
     def _load(self, job: LoadJob) -> None:
+        with self._claims_lock:
+            self._claims.pop(job.request_id, None)  # held until now; the release below ends the lease
         t0 = time.monotonic()
         deadline = t0 + self.config.transfer_timeout_s
         result = LoadResult(job.request_id)
@@ -401,6 +414,7 @@ class PullConnector(KVConnectorBase):
                 want = release.checksums[job.first_block:job.first_block + len(job.local_block_ids)]
                 got = self._checksums(job.local_block_ids)
                 result.failed |= {b for b, w, g in zip(job.local_block_ids, want, got) if w != g}
+                result.failed |= set(job.local_block_ids[len(want):])  # no checksum: unverified, recomputed
             if result.failed:
                 result.error = (f"{len(result.failed)} of {len(job.local_block_ids)} KV blocks did not arrive intact "
                                 f"from {job.host}:{job.port}")
@@ -595,3 +609,8 @@ class PullConnector(KVConnectorBase):
             for job in self._loads.values():
                 job.cancelled = True
             self._stream_pool.shutdown(wait=False, cancel_futures=True)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd is not None:
+                    os.close(fd)
+            self._wake_r = self._wake_w = None

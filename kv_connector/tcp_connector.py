@@ -42,3 +42,5 @@ class TcpConnector(PullConnector):
         src = src.view(len(local_ids), *self.kv_cache.shape[1:])
         with self.side_stream():  # the consumer's checksums run on this stream after the copy
             self.kv_cache[torch.tensor(local_ids, device=self.kv_cache.device)] = src.to(self.kv_cache.device)
+            if self.kv_cache.is_cuda:  # landed before the load is reported done (checksums may be off)
+                torch.cuda.current_stream().synchronize()
