@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kv_connector.cluster_key import ClusterKey
 from engine.tokenizer import PromptTooLong, Tokenizer
 from router import responses as build
+from router.auth import ApiKeyMiddleware
 from router.disaggregation import DisaggregationRule
 from router.membership import install_membership
 from router.metrics import RouterMetrics
@@ -56,6 +56,7 @@ RETRY_AFTER_S = {429: 1, 503: 2}
 PREFILL_HEADER = "x-pdcluster-prefill"
 PREFILL_REASON_HEADER = "x-pdcluster-prefill-reason"
 _ADMIN_PATHS = ("/cluster", "/metrics")
+DISCONNECT_POLL_S = 0.5  # how often a request without a stream to write to asks whether its client is there
 # Per node in GET /cluster, from its last stats.
 _CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "running", "waiting",
                    "waiting_for_remote_kv", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
@@ -91,12 +92,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _bearer_token(header: str | None) -> str | None:
-    """`Authorization: Bearer KEY`, the scheme in any case (RFC 9110)."""
-    scheme, _, token = (header or "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
 
 
 class Router:
@@ -185,17 +180,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     app.state.router = router
     membership = install_membership(app, router)  # /cluster/scale, /cluster/nodes, /cluster/membership
 
-    expected_key = spec.api_key.encode() if spec.api_key else None
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        path = request.url.path
-        if expected_key is not None and (path.startswith("/v1/")
-                                         or (spec.protect_admin_endpoints and path in _ADMIN_PATHS)):
-            token = _bearer_token(request.headers.get("authorization"))
-            if token is None or not hmac.compare_digest(token.encode(), expected_key):
-                return error("missing or wrong API key: send 'Authorization: Bearer <key>'", 401)
-        return await call_next(request)
+    if spec.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=spec.api_key, protected=lambda path: path.startswith("/v1/") or (
+            spec.protect_admin_endpoints and path in _ADMIN_PATHS))
 
     @app.get("/health")
     async def health():
@@ -210,7 +197,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         """Every node's state. `peak_running`/`peak_waiting`: the most requests a node ran
         or queued at any step since the previous GET /cluster (for samplers like the bench).
         `prefills_waiting`: prefills this router sent there whose first token is not back
-        (the queue router.disaggregation's `conditional` mode checks)."""
+        (the queue router.disaggregation's `conditional` mode checks). `aborts_sent` and
+        `kv_releases_sent`: requests this router stopped there before their end (a client
+        gone, a failover) and lent KV it freed unread."""
         nodes = []
         for n in router.nodes:
             e = n.last_stats.engine if n.last_stats else None
@@ -224,6 +213,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
                           "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
                           "prefills_waiting": router.orchestrator.planner.queue[n.id],
+                          "aborts_sent": n.aborts_sent, "kv_releases_sent": n.kv_releases_sent,
                           "kv_transfer": e.kv_transfer if e else {}})
         return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name,
                 "disaggregation": {"mode": spec.disaggregation_mode, "colocated_share_kv": spec.colocated_share_kv,
@@ -292,10 +282,13 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             return error(f"the server is at its limit of {limit} concurrent requests: retry shortly", 429)
         run = _Run(router, req, prompt_ids, params, chat, plan, prompt_text)
         try:
-            head = await run.start()
+            head = await _start_unless_gone(run, request)
         except RequestFailed as e:
             router.metrics.requests.labels(endpoint, e.code).inc()
             return error(str(e), e.code)
+        if head is None:  # the client hung up while its prompt was prefilled: the work is stopped
+            router.metrics.requests.labels(endpoint, 499).inc()
+            return Response(status_code=499)
         headers = _prefill_headers(head)
         if req.stream:
             return StreamingResponse(run.sse(head), media_type="text/event-stream", headers=headers)
@@ -304,6 +297,28 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         return response
 
     return app
+
+
+async def _start_unless_gone(run: _Run, request: Request) -> Delta | None:
+    """`run.start()`, or None (and the run stopped on its nodes) if the client hangs up
+    before the first token: a long prompt's prefill is not computed for nobody."""
+    start = asyncio.ensure_future(run.start())
+    gone = False
+    try:
+        while not start.done():
+            await asyncio.wait({start}, timeout=DISCONNECT_POLL_S)
+            if not start.done() and await request.is_disconnected():
+                gone = True
+                start.cancel()
+                break
+        if gone:
+            with contextlib.suppress(asyncio.CancelledError):
+                await start  # run.start() stops the choices' jobs as it is cancelled
+            return None
+        return start.result()
+    finally:
+        if not start.done():
+            start.cancel()
 
 
 def _prefill_headers(head: Delta) -> dict[str, str]:
@@ -450,6 +465,9 @@ class _Run:
         except BaseException:
             await self._finish(None)
             raise
+        if head.error is not None and not head.token_ids:  # refused before any token: an HTTP error, not a 200
+            await self._finish(None)
+            raise RequestFailed(head.error, head.error_code or 500)
         self.router.metrics.ttft.observe(time.monotonic() - self.t0)
         self.cached_tokens = head.num_cached_tokens
         self.router.metrics.observe_prompt_cache(self.req.workflow_id, self.req.agent_id, len(self.prompt_ids),
@@ -586,7 +604,7 @@ class _Run:
         status = 500
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=0.5)
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
                 if not task.done() and await request.is_disconnected():
                     task.cancel()
                     status = 499

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 
+from router.auth import WRONG_KEY, key_matches
 from router.node_client import NodeClient
 from router.spec import NodeAddress
 
@@ -222,7 +223,7 @@ class Membership:
                               "kv_blocks_total": e.kv_blocks_total if e else None,
                               "kv_blocks_free": e.kv_blocks_free if e else None,
                               "kv_requests_held": int(e.kv_transfer.get("requests_held", 0)) if e else None})
-        self.router.policy.node_restarted(node.id)  # drop it from the prefix index
+        self.router.policy.node_left(node.id)
         await node.close()
 
     # --- draining -----------------------------------------------------------------------
@@ -302,8 +303,8 @@ def install_membership(app: FastAPI, router) -> Membership:
     api_key = router.spec.api_key
 
     async def authorized(request: Request) -> None:
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise MembershipError("missing or wrong API key: send 'Authorization: Bearer <key>'", 401)
+        if api_key and not key_matches(request.headers.get("authorization"), api_key):
+            raise MembershipError(WRONG_KEY, 401)
 
     routes = APIRouter(dependencies=[Depends(authorized)])
 

@@ -54,6 +54,9 @@ class NodeClient:
         self.last_stats: proto.NodeStats | None = None
         self.last_seen = 0.0
         self.in_flight = 0  # requests submitted by this router and not finished
+        # Requests stopped before their end (client gone, failover), and lent KV freed unread.
+        self.aborts_sent = 0
+        self.kv_releases_sent = 0
         self.peak_running = 0  # from the node's stats, since take_peaks() last ran
         self.peak_waiting = 0
         self.leaving = False  # draining out of the cluster: no new jobs (router/membership.py)
@@ -151,9 +154,11 @@ class NodeClient:
         """Stop a request on the node; no more updates are delivered for it here."""
         if self._queues.pop(request_id, None) is not None:
             self.in_flight -= 1
+        self.aborts_sent += 1
         await self._send_quietly(proto.AbortRequest(request_id))
 
     async def release_kv(self, request_id: str) -> None:
+        self.kv_releases_sent += 1
         await self._send_quietly(proto.ReleaseKV(request_id))
 
     async def producer_down(self, engine_id: str) -> None:

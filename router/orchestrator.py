@@ -268,6 +268,7 @@ class Orchestrator:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
                                              error_code=503)
+            ended = False  # the node finished it: a reader that stops at the last delta leaves nothing to stop
             try:
                 while q is not None:
                     update = await q.get()
@@ -275,14 +276,16 @@ class Orchestrator:
                         break
                     _drop_sent(update, len(output_ids))
                     output_ids += update.new_token_ids
+                    ended = update.finished
                     if update.new_token_ids or update.finished:
                         yield _delta(update)
                     if update.finished:
                         return
             except BaseException:  # the client went away (or we were cancelled): stop the work
-                await node.abort(request_id)
-                if lender is not None and kv is not None:
-                    await lender.release_kv(kv.get("remote_request_id", ""))
+                if not ended:
+                    await node.abort(request_id)
+                    if lender is not None and kv is not None:
+                        await lender.release_kv(kv.get("remote_request_id", ""))
                 raise
             # The node failed this request: whatever comes next, nobody pulls the lent KV.
             if lender is not None and kv is not None:

@@ -141,6 +141,14 @@ class RoutingPolicy:
         else:
             self.index.forget_node(node_id)
 
+    def node_left(self, node_id: str) -> None:
+        """The node left the cluster: stop following its KV events, forget what it held
+        (a later process on its port must not be indexed under its id)."""
+        listener = self.listeners.pop(node_id, None)
+        if listener is not None:
+            listener.stop()
+        self.index.forget_node(node_id)
+
     def close(self) -> None:
         for listener in self.listeners.values():
             listener.stop()

@@ -204,6 +204,8 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("echo=true with logprobs is not supported (no prompt logprobs): drop one of them")
         if self.suffix:
             raise ValueError("suffix is not supported (no fill-in-the-middle): remove it")
+        if self.best_of is not None and self.best_of < max(self.n or 1, 1):
+            raise ValueError(f"best_of={self.best_of} must be at least n={self.n or 1}")
         if self.best_of is not None and self.best_of > 1:
             raise ValueError(f"best_of={self.best_of} is not supported: only 1; send several requests "
                              "with logprobs and pick the best yourself")
@@ -271,6 +273,18 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None   # false: tool_choice "required" allows one call
     chat_template_kwargs: dict[str, Any] | None = None   # e.g. {"enable_thinking": false}
     include_reasoning: bool = True            # false: reasoning is not split out (vLLM)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The server renders with the model's own template: a client's template would be
+        # code run on the router (a loop in it stalls every stream; vLLM's CVE-2025-61620).
+        taken = sorted(set(v or ()) & {"chat_template", "messages", "tools", "add_generation_prompt", "tokenize"})
+        if taken:
+            raise ValueError(f"chat_template_kwargs may only set template variables, not {', '.join(taken)}: "
+                             "the server renders the model's own chat template; send messages and tools as "
+                             "the request's own fields")
+        return v
 
     @model_validator(mode="after")
     def _check_supported(self) -> ChatCompletionRequest:

@@ -141,7 +141,8 @@ def _tool_choice(req: Any) -> tuple[str, str | None]:
             raise RequestError(f"tool_choice {choice!r}: use none, auto, required or "
                                '{"type": "function", "function": {"name": ...}}')
         return choice, None
-    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise RequestError('tool_choice must be none, auto, required or {"type": "function", "function": {"name": ...}}')
     _function(req.tools, name)

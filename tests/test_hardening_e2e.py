@@ -340,6 +340,47 @@ def test_cluster_and_metrics_are_behind_the_key_when_asked_and_health_is_not(clu
         assert anon.get("/metrics", headers=AUTH).status_code == 200
 
 
+def test_the_membership_routes_take_the_key_as_every_other_route_does(cluster):
+    with httpx.Client(base_url=cluster.url, timeout=30, trust_env=False) as anon:
+        assert anon.get("/cluster/membership", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+        for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            assert anon.get("/cluster/membership", headers=header).status_code == 401, header
+
+
+def requests_ended(http, status: int) -> float:
+    text = http.get("/metrics").text
+    line = f'pdcluster_requests_total{{endpoint="completions",status="{status}"}} '
+    return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_a_client_that_hangs_up_on_a_non_streaming_request_stops_it(cluster, http):
+    """Behind the API key too: the decode job stops, the slot comes back, counted as 499."""
+    before = requests_ended(http, 499)
+    body = json.dumps({"prompt": "Keep talking for a long while", "max_tokens": 3000, "temperature": 0.0,
+                       "ignore_eos": True}).encode()
+    host, port = cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: pdcluster\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not any(n["role"] == "decode" and n["running"] for n in nodes(http).values()):
+            assert time.monotonic() < deadline, "the request never reached the decode node"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while requests_ended(http, 499) == before:
+        assert time.monotonic() < deadline, "the router never noticed the client was gone"
+        time.sleep(0.1)
+    assert_nodes_unharmed(cluster, http)
+
+
+def test_requests_that_end_on_their_own_stop_nothing_on_their_nodes(cluster, http):
+    sent = {i: (n["aborts_sent"], n["kv_releases_sent"]) for i, n in nodes(http).items()}
+    assert completion(http).status_code == 200
+    with http.stream("POST", "/v1/completions", json={"prompt": "Tell me", "max_tokens": 8, "stream": True}) as r:
+        assert r.status_code == 200 and list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
+    assert {i: (n["aborts_sent"], n["kv_releases_sent"]) for i, n in nodes(http).items()} == sent
+
+
 def test_a_body_over_the_limit_gets_413(cluster, http):
     r = http.post("/v1/completions", content=b'{"prompt": "' + b"x" * (BODY_LIMIT + 10) + b'"}',
                   headers={"content-type": "application/json"})

@@ -110,3 +110,30 @@ def test_workflow_affinity_is_scored_against_where_the_prefix_was(nodes):
     for _ in range(3):
         assert aware.pick_prefill(nodes, PROMPT, affinity_key="wf").id == "prefill-0"
     assert aware.kv_stats.workflows["wf"].landed_on_prefix == 3
+
+
+def test_a_node_that_left_is_no_longer_followed_or_indexed():
+    """A node that left the cluster: its KV-event subscription stops (a later process on
+    its ports must not be indexed under its id) and what it held is forgotten."""
+    import asyncio
+
+    from router.kv_event_listener import KVEventListener
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        policy = RoutingPolicy("prefix_aware", 16)
+        listener = policy.listeners["decode-1"] = KVEventListener("decode-1", policy.index, ctx)
+        listener.follow("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+        hashes = prefix_block_hashes(PROMPT, 16)
+        policy.index.apply("decode-1", [BlockStored(hashes, None, PROMPT, 16, None, "CPU", None)])
+        await asyncio.sleep(0)
+        task = listener._task
+        assert task is not None and not task.done()
+        policy.node_left("decode-1")
+        await asyncio.sleep(0)
+        following = task is not None and not task.done()
+        policy.close()
+        ctx.term()
+        return following, "decode-1" in policy.listeners, policy.index.num_blocks("decode-1")
+
+    assert asyncio.run(main()) == (False, False, 0)

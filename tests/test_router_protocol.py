@@ -118,6 +118,9 @@ def test_completion_bad_prompt_names_the_field(prompt):
     ({"echo": True, "logprobs": 1}, "echo=true with logprobs is not supported"),
     ({"suffix": "end"}, "suffix is not supported"),
     ({"best_of": 2}, "best_of=2 is not supported"),
+    ({"best_of": 0}, "best_of=0 must be at least n=1"),
+    ({"best_of": -3}, "best_of=-3 must be at least n=1"),
+    ({"best_of": 1, "n": 2}, "best_of=1 must be at least n=2"),
     ({"logit_bias": {"50256": -100}}, "logit_bias is not supported"),
     ({"n": 17}, "n: Input should be less than or equal to 16"),
     ({"logprobs": 6}, "logprobs: Input should be less than or equal to 5"),
@@ -223,6 +226,10 @@ def test_chat_max_tokens_and_logprobs_mapping(body, max_tokens, logprobs):
     ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
     ({"logit_bias": {"1": 5}}, "logit_bias is not supported"),
+    ({"chat_template_kwargs": {"chat_template": "{% for i in range(10**9) %}{% endfor %}"}},
+     "chat_template_kwargs may only set template variables, not chat_template"),
+    ({"chat_template_kwargs": {"enable_thinking": False, "tools": [], "messages": []}},
+     "not messages, tools: the server renders the model's own chat template"),
 ])
 def test_chat_unsupported_or_invalid_requests_are_explained(body, message):
     assert message in rejected(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **body})

@@ -218,6 +218,10 @@ def test_tool_choice_required_and_named_are_enforced(split):
     assert [(c["name"], c["arguments"]) for c in streamed] == [("add", call.function.arguments)]
     none = split.chat.completions.create(tool_choice="none", **{**base, "max_tokens": 5}).choices[0]
     assert none.message.tool_calls is None
+    for malformed in ({"type": "function", "function": "add"}, {"type": "function", "function": ["add"]},
+                      {"type": "function"}):
+        with pytest.raises(openai.BadRequestError, match="tool_choice must be none, auto, required or"):
+            split.chat.completions.create(tool_choice=malformed, **base)
 
 
 def node_stats(url: str) -> dict[str, dict]:
