@@ -225,10 +225,11 @@ class RoleSettings(_Section):
         if bad:
             raise ValueError(f"{bad[0]!r} is not a device: use cpu, auto or cuda:N (e.g. cuda:0)")
         replicas = info.data.get("replicas", 0)
-        if replicas and not devices:
-            raise ValueError(f"no devices for {replicas} replicas: give one device, or one per replica")
-        if len(devices) > 1 and len(devices) != replicas:
-            raise ValueError(f"{len(devices)} devices for {replicas} replicas: give one device, or one per replica")
+        if not devices:  # nodes added by `pdcluster scale` take theirs from this list too
+            raise ValueError("no devices: give one device (cpu, auto, cuda:N), or one per replica")
+        if 1 < len(devices) < replicas:
+            raise ValueError(f"{len(devices)} devices for {replicas} replicas: give one device, one per replica, "
+                             "or more (nodes added by `pdcluster scale` take the next ones)")
         return devices
 
     def device_of(self, index: int) -> str:
@@ -338,9 +339,34 @@ class ClusterConfig(_Section):
         elif base and self.router.port and base <= self.router.port < base + PORTS_PER_NODE * n:
             problems.append(f"router.port: {self.router.port} falls in the nodes' ports "
                             f"{base}..{base + PORTS_PER_NODE * n - 1}: move one of them")
+        problems += self._engine_problems()
         if problems:
             raise PydanticCustomError("cluster_topology", "\n".join(problems))
         return self
+
+    def _engine_problems(self) -> list[str]:
+        """What each role's engine (the top-level `engine:` with its overrides) would refuse
+        only once its nodes start, or what would make their KV useless to each other."""
+        problems, block_sizes = [], {}
+        for role, settings in self.roles():
+            where = f"{'colocated' if role == 'both' else role}.engine"
+            overrides = settings.engine.model_dump(exclude_unset=True)
+            engine = self.engine.model_copy(update=overrides)
+            if (not engine.enable_chunked_prefill and engine.max_model_len is not None
+                    and engine.max_num_batched_tokens < engine.max_model_len):
+                source = where if {"enable_chunked_prefill", "max_model_len", "max_num_batched_tokens"} & set(
+                    overrides) else "engine"
+                problem = (f"{source}.max_num_batched_tokens: {engine.max_num_batched_tokens} is below max_model_len "
+                           f"{engine.max_model_len} with enable_chunked_prefill false: a prompt that long could never "
+                           "be scheduled; raise it, or turn chunked prefill on")
+                if problem not in problems:
+                    problems.append(problem)
+            if settings.replicas and (role != "both" or self.colocated_share_kv):
+                block_sizes[where] = engine.block_size
+        if len(set(block_sizes.values())) > 1:
+            problems.append("engine.block_size: the nodes that move KV between them need one block size, got "
+                            + ", ".join(f"{k}.block_size {v}" for k, v in block_sizes.items()))
+        return problems
 
     @property
     def colocated_share_kv(self) -> bool:
@@ -404,7 +430,7 @@ class ClusterConfig(_Section):
         data = self.model_dump(exclude_unset=True)  # unset keys keep their defaults, overrides stay partial
         taken = 0
         for section, n in (("prefill", prefill), ("decode", decode), ("colocated", colocated)):
-            devices = [pool[(taken + i) % len(pool)] for i in range(n)]
+            devices = [pool[(taken + i) % len(pool)] for i in range(max(n, 1))]  # none: scale-ups' device
             data[section] = {**data.get(section, {}), "replicas": n, "devices": devices}
             taken += n
         try:

@@ -26,9 +26,11 @@ local user can read with `ps`.
 
 Restarts: a node that dies is restarted at once, up to MAX_RESTARTS times within
 RESTART_WINDOW_S; beyond that each further restart waits longer (RESTART_BACKOFF_S,
-doubling) while the rest of the cluster keeps serving. Only a node that dies again
-before it ever became healthy (it cannot start) or a dead router stops the cluster:
-nothing a client sends can take a healthy cluster down by crashing one node repeatedly.
+doubling) while the rest of the cluster keeps serving. A restarted or newly added node
+that dies again, or is not healthy within the start timeout, counts as one more restart:
+it backs off the same way. Only a node of the first start that never becomes healthy, or
+a dead router, stops the cluster: neither a client crashing one node repeatedly nor a
+scale-up that cannot start (no such GPU, out of memory) takes a serving cluster down.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from rich.console import Console
 
 from cluster import membership
 from cluster.config import ClusterConfig, ClusterConfigError, NodeSpec, load_cluster_config
+from engine.process import LAUNCHER_PID_ENV
 from kv_connector.cluster_key import ENV_VAR as CLUSTER_KEY_ENV
 from kv_connector.cluster_key import ClusterKey
 
@@ -66,6 +69,7 @@ MAX_RESTARTS = 3             # per node, within RESTART_WINDOW_S, at once; then 
 RESTART_WINDOW_S = 600.0
 RESTART_BACKOFF_S = 5.0      # the first delayed restart; doubles, up to RESTART_BACKOFF_MAX_S
 RESTART_BACKOFF_MAX_S = 300.0
+MAX_STARTS_PER_TICK = 4      # nodes a scale-up starts at once (each loads a model)
 POLL_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 20
 
@@ -104,8 +108,9 @@ class Child:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name} ===\n".encode())
             log.flush()
+            env = {**os.environ, **self.secrets, LAUNCHER_PID_ENV: str(os.getpid())}  # see die_with_parent
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, close_fds=True, env={**os.environ, **self.secrets})
+                                         start_new_session=True, close_fds=True, env=env)
 
     @property
     def pid(self) -> int:
@@ -213,7 +218,7 @@ class LocalCluster:
         """Resolve the model, pick ports, spawn every node and the router, and wait until
         the router reports every node healthy. Stops everything before raising."""
         if timeout_s is None:
-            timeout_s = float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
+            timeout_s = _start_timeout_s()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.model_dir = resolve_model(self.config.model.path)
@@ -251,13 +256,15 @@ class LocalCluster:
         """Keep the cluster up until `request_stop()`: restart a node that dies (same spec,
         same ports; the router's sockets reconnect), at once up to MAX_RESTARTS times per
         node within RESTART_WINDOW_S, then with a growing delay. Raises ClusterFailed when
-        the router dies, or a node dies again before it is healthy (it cannot start). Does not stop anything:
-        the caller does (run_up in its `finally`)."""
+        the router dies. Does not stop anything: the caller does (run_up in its `finally`)."""
         with self._http() as http:
             while not self._stop_requested.wait(POLL_INTERVAL_S):
                 assert self.router is not None
                 if self.router.exit_code() is not None:
                     raise ClusterFailed(_died_message(self.router, then="stopping the cluster"))
+                # Health first: a node that came up and died within one tick counts as up once.
+                if any(n.restarting for n in self.nodes):
+                    self._check_restarted(http)
                 changes = self._membership_changes(http)
                 for node in list(self.nodes):
                     if node.exit_code() is None:
@@ -273,8 +280,6 @@ class LocalCluster:
                 if changes is not None:
                     self._apply(changes, http)
                 self._reap_retired()
-                if any(n.restarting for n in self.nodes):
-                    self._check_restarted(http)
 
     def request_stop(self) -> None:
         """Ask start()/supervise() to return soon (safe from a signal handler)."""
@@ -408,13 +413,14 @@ class LocalCluster:
             node.signal(signal.SIGTERM)
             self.nodes.remove(node)
             self._retired.append((node, time.monotonic() + STOP_GRACE_S))
-        for role in changes.start:
+        for role in changes.start[:MAX_STARTS_PER_TICK]:  # the rest at the next ticks
             index = membership.next_index(role, self._names_used)
             spec = self.config.node_spec(role, index)
             port, kv_port = _free_ports(2)
             node = self._node_child(spec, port, kv_port if spec.kv_role is not None else 0)
             self._names_used.add(node.name)
             node.spawn()
+            self._expect_healthy(node, time.monotonic())
             self.nodes.append(node)
             try:
                 membership.register(http, self.url, node.name, role, node.address, node.pid)
@@ -448,8 +454,6 @@ class LocalCluster:
         now = time.monotonic()
         while node.restarts and now - node.restarts[0] > RESTART_WINDOW_S:
             node.restarts.popleft()
-        if node.restarting:
-            raise ClusterFailed(_died_message(node, "again before it became healthy", "stopping the cluster"))
         if len(node.restarts) >= MAX_RESTARTS:
             if node.restart_at == 0.0:
                 delay = min(RESTART_BACKOFF_S * 2 ** (len(node.restarts) - MAX_RESTARTS), RESTART_BACKOFF_MAX_S)
@@ -460,11 +464,10 @@ class LocalCluster:
             if now < node.restart_at:
                 return
         node.restart_at = 0.0
-        why = node.describe_exit()
+        why = node.describe_exit() + (" before it became healthy" if node.restarting else "")
         node.restarts.append(now)
         node.spawn()
-        node.restarting = True
-        node.restart_deadline = now + float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
+        self._expect_healthy(node, now)
         self.console.print(f"node {node.name} {why}: restarting it (pid {node.pid}, restart {len(node.restarts)} in "
                            f"the last {RESTART_WINDOW_S / 60:.0f} minutes; after {MAX_RESTARTS}, restarts back off; "
                            f"log {node.log_path})", markup=False)
@@ -480,10 +483,18 @@ class LocalCluster:
             if entry.get("healthy") and entry.get("pid") == node.pid:
                 node.restarting = False
                 self.console.print(f"node {node.name} is healthy again (pid {node.pid})", markup=False)
-            elif time.monotonic() > node.restart_deadline:
-                raise ClusterFailed(f"node {node.name} was restarted but is not healthy after "
-                                    f"{node.restart_deadline - node.restarts[-1]:.0f} s; log {node.log_path}\n"
-                                    "stopping the cluster")
+            elif time.monotonic() > node.restart_deadline and node.exit_code() is None:
+                self.console.print(f"node {node.name} is not healthy {_start_timeout_s():.0f} s after it started: "
+                                   f"killing it (it is restarted as if it had died); log {node.log_path}",
+                                   markup=False)
+                node.signal(signal.SIGKILL)
+                node.proc.wait()
+
+    @staticmethod
+    def _expect_healthy(node: Child, now: float) -> None:
+        """A node just (re)started: healthy within the start timeout, or it is restarted."""
+        node.restarting = True
+        node.restart_deadline = now + _start_timeout_s()
 
     def _http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -554,9 +565,14 @@ def resolve_model(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def _start_timeout_s() -> float:
+    return float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
+
+
 def _print_ready(out: Console, cluster) -> None:
     body = json.dumps({"model": cluster.config.model.path, "prompt": "Hello", "max_tokens": 16})
-    auth = f" -H 'Authorization: Bearer {cluster.api_key}'" if cluster.api_key else ""
+    # The key itself stays out of the output (a detached launcher's goes to a log file).
+    auth = ' -H "Authorization: Bearer $PDCLUSTER_API_KEY"' if cluster.api_key else ""
     lines = [f"{c.name:<12} pid {c.pid:<8} {c.address}" for c in cluster.children]
     out.print("\n".join([
         f"pdcluster is ready: {cluster.url}",

@@ -49,6 +49,7 @@ DRAIN_CHECK_INTERVAL_S = 0.25
 SUPERVISOR_STALE_S = 30.0   # a launcher that has not polled for this long is not attached
 IDLE_LEAK_GRACE_S = 10.0    # idle but holding blocks this long: depart anyway, reporting the leak
 MAX_DEPARTED = 64           # departed nodes remembered for GET /cluster/membership
+MAX_REPLICAS_PER_ROLE = 256  # a scale target beyond this is a typo, not a plan
 
 
 class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,6 +136,9 @@ class Membership:
                 continue
             if not isinstance(value, int) or value < 0:
                 raise MembershipError(f"{field}: {value!r} is not a replica count: give 0 or more")
+            if value > MAX_REPLICAS_PER_ROLE:
+                raise MembershipError(f"{field}: {value} nodes is more than this router manages per role "
+                                      f"({MAX_REPLICAS_PER_ROLE}): give a smaller count")
             want[role] = value
         p, d, c = want["prefill"], want["decode"], want["both"]
         if bool(p) != bool(d):

@@ -63,9 +63,17 @@ def test_api_key_comes_from_the_environment_unless_given(tmp_path, monkeypatch):
 BAD_FILES = [
     ("wrong_device", "prefill: {replicas: 1, devices: [gpu0]}",
      "prefill.devices: 'gpu0' is not a device: use cpu, auto or cuda:N"),
-    ("devices_count_mismatch", "decode: {replicas: 2, devices: [cpu, cpu, cpu]}",
-     "decode.devices: 3 devices for 2 replicas: give one device, or one per replica"),
-    ("no_devices", "decode: {replicas: 1, devices: []}", "decode.devices: no devices for 1 replicas"),
+    ("devices_count_mismatch", "decode: {replicas: 3, devices: [cpu, cpu]}",
+     "decode.devices: 2 devices for 3 replicas: give one device, one per replica, or more"),
+    ("no_devices", "decode: {replicas: 1, devices: []}", "decode.devices: no devices: give one device"),
+    ("no_devices_for_scale_ups", "colocated: {replicas: 0, devices: []}", "colocated.devices: no devices"),
+    ("kv_block_sizes_differ", "prefill: {engine: {block_size: 32}}",
+     "engine.block_size: the nodes that move KV between them need one block size, got prefill.engine.block_size "
+     "32, decode.engine.block_size 16"),
+    ("chunked_prefill_off_too_small", "engine: {max_model_len: 4096, enable_chunked_prefill: false}",
+     "engine.max_num_batched_tokens: 2048 is below max_model_len 4096 with enable_chunked_prefill false"),
+    ("chunked_prefill_off_in_one_role", "decode: {engine: {max_model_len: 4096, enable_chunked_prefill: false}}",
+     "decode.engine.max_num_batched_tokens: 2048 is below max_model_len 4096"),
     ("unknown_key_suggests", "router: {polcy: round_robin}",
      "router.polcy: unknown key (did you mean 'policy'?); allowed keys: host, port, policy"),
     ("unknown_top_level_key", "prefil: {replicas: 1}", "prefil: unknown key (did you mean 'prefill'?); allowed keys: model"),
@@ -114,7 +122,7 @@ def test_missing_file_is_named(tmp_path):
 def test_every_problem_gets_its_own_line(tmp_path):
     path = write(tmp_path, """
         router: {policy: random, port: -1}
-        decode: {replicas: 2, devices: [cpu, cuda:0, cuda:1]}
+        decode: {replicas: 3, devices: [cuda:0, cuda:1]}
     """)
     lines = problems_of(path)
     assert [line.split(": ")[1] for line in lines] == ["router.port", "router.policy", "decode.devices"]
@@ -189,10 +197,11 @@ def test_kv_transfer_config_per_role():
 
 # --- the command line ----------------------------------------------------------------
 def test_up_with_a_bad_file_exits_2_and_starts_nothing(tmp_path):
-    bad = write(tmp_path, "decode: {replicas: 2, devices: [cpu, cpu, cpu]}", name="bad.yaml")
+    bad = write(tmp_path, "decode: {replicas: 3, devices: [cpu, cpu]}", name="bad.yaml")
     result = pdcluster("up", str(bad))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"{bad}: decode.devices: 3 devices for 2 replicas: give one device, or one per replica"
+    assert result.stderr.strip() == (f"{bad}: decode.devices: 2 devices for 3 replicas: give one device, one per "
+                                     "replica, or more (nodes added by `pdcluster scale` take the next ones)")
     # Nothing was started: neither the launcher nor torch was even imported.
     probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import sys

@@ -7,6 +7,7 @@ every child on Ctrl-C / SIGTERM and when it gives up.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -253,3 +254,27 @@ def test_node_that_fails_to_start_is_named_with_its_log_and_nothing_is_left(tmp_
         assert all(c.proc is not None and not alive(c.pid) for c in cluster.children)
     finally:
         cluster.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_down_never_signals_a_process_that_took_over_a_dead_launchers_pid(tmp_path, monkeypatch):
+    """A launcher killed with SIGKILL leaves its state file; its pid may then belong to
+    anything, even a process whose command line says pdcluster. `down` checks the start
+    time the file recorded and leaves that process alone."""
+    from cluster import detach
+
+    monkeypatch.setenv("PDCLUSTER_STATE_DIR", str(tmp_path / "state"))
+    detach.write_state("http://127.0.0.1:1", "local", tmp_path)  # this test process as the launcher
+    assert [c["pid"] for c in detach.running_clusters()] == [os.getpid()]
+    assert (tmp_path / "state").stat().st_mode & 0o077 == 0  # the launcher logs in it may name the API key
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pdcluster", "up"])
+    try:
+        state = tmp_path / "state" / f"launcher-{stranger.pid}.json"
+        stale = {"pid": stranger.pid, "pid_started": detach.process_start_time(stranger.pid) - 1,
+                 "url": "http://127.0.0.1:2", "backend": "local", "run_dir": str(tmp_path)}
+        state.write_text(json.dumps(stale))
+        assert detach.run_down("http://127.0.0.1:2") == 1  # "no running cluster"
+        assert stranger.poll() is None and not state.exists()
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -1,16 +1,18 @@
 """The launcher's restart policy, on real (tiny) child processes: a node that keeps
-dying after it became healthy is restarted with a growing delay while the rest of the
-cluster serves; only a node that cannot start at all stops the cluster."""
+dying, or cannot come up again, is restarted with a growing delay while the rest of the
+cluster serves; only a node of the first start that never becomes healthy stops the
+cluster (tests/test_launcher.py)."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+import httpx
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.launcher import MAX_RESTARTS, RESTART_BACKOFF_S, Child, ClusterFailed, LocalCluster
+from cluster.launcher import MAX_RESTARTS, RESTART_BACKOFF_S, Child, LocalCluster
 
 
 def exited_child(tmp_path) -> Child:
@@ -43,10 +45,29 @@ def test_a_node_that_keeps_dying_backs_off_instead_of_stopping_the_cluster(tmp_p
     assert node.restart_at == pytest.approx(time.monotonic() + 2 * RESTART_BACKOFF_S, abs=1.0)
 
 
-def test_a_node_that_dies_again_before_it_was_ever_healthy_stops_the_cluster(tmp_path):
+def test_a_node_that_dies_again_before_it_became_healthy_backs_off_too(tmp_path):
+    """A restarted (or newly added) node that cannot come up is one more restart each time,
+    with the same backoff, while the other nodes serve: it never stops the cluster."""
     cluster = LocalCluster(ClusterConfig.default(), run_dir=tmp_path)
     node = exited_child(tmp_path)
-    cluster._restart(node)
-    node.proc.wait()
-    with pytest.raises(ClusterFailed, match="again before it became healthy"):
+    for _ in range(MAX_RESTARTS):
         cluster._restart(node)
+        assert node.restarting  # never reported healthy
+        node.proc.wait()
+    pid = node.pid
+    cluster._restart(node)
+    assert node.pid == pid and node.restart_at == pytest.approx(time.monotonic() + RESTART_BACKOFF_S, abs=1.0)
+
+
+def test_a_node_not_healthy_within_the_start_timeout_is_killed_and_so_restarted(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDCLUSTER_START_TIMEOUT_S", "0.1")
+    cluster = LocalCluster(ClusterConfig.default(), run_dir=tmp_path)
+    cluster.url = "http://127.0.0.1:9"  # no router answers: nobody says it is healthy
+    node = Child("decode-0", "decode", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "d.log")
+    node.spawn()
+    cluster._expect_healthy(node, time.monotonic())
+    cluster.nodes = [node]
+    time.sleep(0.2)
+    with httpx.Client(timeout=1.0) as http:
+        cluster._check_restarted(http)
+    assert node.exit_code() is not None and node.restarting  # supervise() restarts it next

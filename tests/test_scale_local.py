@@ -58,6 +58,7 @@ def test_membership_routes_need_the_api_key(supervised):
     ({"decode": 0}, "needs at least one node of each role"),
     ({"prefill": 0, "decode": 0}, "no serving node"),
     ({"decode": -1}, "0 or more"),
+    ({"decode": 100000}, "decode: 100000 nodes is more than this router manages per role (256)"),
     ({"decoders": 2}, "decoders"),
 ])
 def test_bad_scale_requests_are_refused_and_change_nothing(supervised, body, message):
