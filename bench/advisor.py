@@ -75,7 +75,7 @@ class RunPoint:
     decode_nodes: int
     colocated_nodes: int
     completed_rate: float          # completed requests / run duration
-    ttft_met: float                # share of all requests (failed ones miss) within TTFT
+    ttft_met: float                # share of the requests sent (failed ones miss) within TTFT
     tpot_met: float                # ... within TPOT (a one-token request has none: met)
     both_met: float
     goodput: float                 # the table's: requests/s that met both targets
@@ -117,6 +117,9 @@ def run_point(run: dict[str, Any]) -> RunPoint | str:
     per_request = run.get("per_request")
     if not per_request:
         return "no per-request results"
+    per_request = [r for r in per_request if not r.get("unsent")]  # the server never saw them
+    if not per_request:
+        return "no request sent"
     slo = run.get("slo") or {}
     ttft_slo, tpot_slo = slo.get("ttft_ms"), slo.get("tpot_ms")
     if ttft_slo is None or tpot_slo is None:

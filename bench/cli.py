@@ -242,7 +242,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-requests", type=int, default=None, metavar="N",
                    help=f"sent before measuring, per topology (default {d['warmup_requests']})")
     g.add_argument("--max-duration-s", type=float, default=None, metavar="S",
-                   help=f"per load point; what is unfinished then counts as failed (default {d['max_duration_s']:g})")
+                   help=f"per load point; requests in flight then count as failed, those not yet sent as unsent "
+                        f"(default {d['max_duration_s']:g})")
     g.add_argument("--request-timeout-s", type=float, default=None, metavar="S",
                    help=f"longest silence within one response (default {d['request_timeout_s']:g})")
     g.add_argument("--start-timeout-s", type=float, default=None, metavar="S", help="wait this long for each cluster")
@@ -331,9 +332,11 @@ def _run_loads(plan: BenchPlan, topology: str, url: str, api_key: str | None, vo
         warm = make_workload(plan.workload, opts, salt=WARMUP_SALT)[:plan.warmup_requests]
         warm = [BenchRequest(r.index, r.prompt_ids, min(r.max_tokens, 16)) for r in warm]  # no `after`
         task = progress.add_task(f"{topology}: warm-up", total=len(warm))
+        # The normal settle after it: the first measured load's "before" scrape must already
+        # hold the warm-up's KV loads and prefix-cache counters, or they land in its deltas.
         asyncio.run(run_load(url, warm, concurrency=len(warm), api_key=api_key,
                              request_timeout_s=plan.request_timeout_s, max_duration_s=plan.max_duration_s,
-                             on_result=lambda _: progress.advance(task), metrics_settle_s=0.0))
+                             on_result=lambda _: progress.advance(task)))
     runs = []
     for i, load in enumerate(plan.loads):
         requests = make_workload(plan.workload, opts, salt=i)
@@ -359,13 +362,16 @@ def _run_loads(plan: BenchPlan, topology: str, url: str, api_key: str | None, vo
 
 
 def per_request(r: RequestResult) -> dict[str, Any]:
-    """One request's numbers for the run file (ms; None where not measured)."""
+    """One request's numbers for the run file (ms; None where not measured). `cut_off` (in
+    flight at the run's time limit: not ok, its TTFT kept when a first token came) and
+    `unsent` (never sent: the server never saw it) appear only when true."""
     def ms(v: float) -> float | None:
         return None if math.isnan(v) else round(v * 1e3, 3)
     return {"index": r.index, "ok": r.ok, "send_ms": ms(r.send_s), "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s),
             "e2e_ms": ms(r.e2e_s), "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
             "cached_tokens": r.cached_tokens, **({"prefill": r.prefill, "prefill_reason": r.prefill_reason}
                                                  if r.prefill else {}),
+            **({"cut_off": True} if r.cut_off else {}), **({"unsent": True} if r.unsent else {}),
             **({"error": r.error} if r.error else {})}
 
 

@@ -31,7 +31,12 @@ error event.
 Open loop: request i is sent at `arrival_s` after the start (Poisson, see workloads).
 Closed loop (`concurrency` C): C senders, each sending its next request when the last
 one finished. Either way a request with `after` waits for that request to finish first.
-The run is bounded: `max_duration_s` cancels what is still in flight or unsent.
+The run is bounded: `max_duration_s` cancels what is still in flight or unsent. A request
+in flight then is `cut_off`: it keeps its send time and, when its first token had come,
+its TTFT (leaving it out would drop the slowest requests from the TTFT percentiles), but
+it did not complete. A request not sent by then is `unsent`: the server never saw it, so
+it is no failure of the server. The run's duration is its wall time from the start: to
+the cutoff when the limit fired, else to the end of the last request.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class RequestResult:
     prefill: str = ""             # remote | local: the router's x-pdcluster-prefill header
     prefill_reason: str = ""
     error: str = ""
+    cut_off: bool = False         # in flight when the run's time limit cancelled it
+    unsent: bool = False          # never sent: the run's time limit came first
 
     @property
     def tpot_s(self) -> float:
@@ -102,7 +109,7 @@ class QueueSample:
 @dataclass(slots=True)
 class LoadRun:
     results: list[RequestResult]
-    duration_s: float             # first send to last answer
+    duration_s: float             # the run's start to its cutoff, or to its last answer
     queue_samples: list[QueueSample]
     metrics_before: str           # Prometheus text ("" when the router had no /metrics)
     metrics_after: str
@@ -136,32 +143,47 @@ async def run_load(url: str, requests: list[BenchRequest], *, concurrency: int |
         t0 = time.perf_counter()
         sampler = asyncio.create_task(_sample_cluster(http, url, t0, sample_interval_s, samples, stop_sampling))
         try:
-            results = await _dispatch(http, url, requests, t0, concurrency, max_duration_s, on_result)
+            results, cut_at_s = await _dispatch(http, url, requests, t0, concurrency, max_duration_s, on_result)
         finally:
             stop_sampling.set()
             await sampler
-        ends = [r.send_s + r.e2e_s for r in results if not math.isnan(r.e2e_s)]
-        duration = max(ends) if ends else time.perf_counter() - t0
+        duration = run_duration(results, cut_at_s)
         await asyncio.sleep(metrics_settle_s)
         after = await scrape_metrics(http, url)
     return LoadRun(results, duration, samples, before, after)
 
 
+def run_duration(results: list[RequestResult], cut_at_s: float | None) -> float:
+    """The run's wall time (seconds from its start): `cut_at_s` when the time limit cut it,
+    else the end of its last request. Throughput divides by this, so a cut run must not
+    end at its last *finished* request: the ones cut off were being served until the cut."""
+    if cut_at_s is not None:
+        return cut_at_s
+    ends = [r.send_s + r.e2e_s for r in results if not math.isnan(r.send_s + r.e2e_s)]
+    return max(ends, default=0.0)
+
+
 async def _dispatch(http: httpx.AsyncClient, url: str, requests: list[BenchRequest], t0: float,
                     concurrency: int | None, max_duration_s: float | None,
-                    on_result: Callable[[RequestResult], None] | None) -> list[RequestResult]:
+                    on_result: Callable[[RequestResult], None] | None) -> tuple[list[RequestResult], float | None]:
+    """Every request's result, in request order, and when the time limit cut the run
+    (seconds after t0; None when everything ended before it)."""
     done: dict[int, asyncio.Event] = {r.index: asyncio.Event() for r in requests}
-    results: dict[int, RequestResult] = {}
+    results: dict[int, RequestResult] = {}   # a request has one from the moment it is sent
 
     async def one(req: BenchRequest) -> None:
         if req.after is not None and req.after in done:
             await done[req.after].wait()
+        result = results[req.index] = RequestResult(req.index, False, req.prompt_len, req.max_tokens)
         try:
-            results[req.index] = await send_request(http, url, req, t0)
+            await stream_completion(http, url, req, t0, result)
+        except asyncio.CancelledError:
+            mark_cut_off(result, max_duration_s)
+            raise
         finally:
             done[req.index].set()
         if on_result is not None:
-            on_result(results[req.index])
+            on_result(result)
 
     async def open_loop(req: BenchRequest) -> None:
         delay = t0 + req.arrival_s - time.perf_counter()
@@ -181,17 +203,32 @@ async def _dispatch(http: httpx.AsyncClient, url: str, requests: list[BenchReque
                 await one(queue.get_nowait())
 
         tasks = [asyncio.create_task(sender()) for _ in range(min(concurrency, len(requests)))]
+    cut_at_s = None
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=max_duration_s)
+        if pending:
+            cut_at_s = time.perf_counter() - t0
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     for t in tasks:  # a bug in the client itself must not pass as a slow server
         if not t.cancelled() and t.exception() is not None:
             raise t.exception()
-    late = f"not finished within the run's time limit of {max_duration_s} s"
-    return [results.get(r.index) or RequestResult(r.index, False, r.prompt_len, r.max_tokens, error=late)
-            for r in requests]
+    return [results.get(r.index) or unsent_result(r, max_duration_s) for r in requests], cut_at_s
+
+
+def mark_cut_off(result: RequestResult, max_duration_s: float | None) -> None:
+    """A request the time limit cancelled in flight: what was measured stays (send time,
+    TTFT when a first token came); it did not complete, so no e2e and no success."""
+    result.ok, result.cut_off, result.e2e_s, result.itl_s = False, True, math.nan, []
+    result.error = f"cut off in flight at the run's time limit of {max_duration_s} s"
+
+
+def unsent_result(req: BenchRequest, max_duration_s: float | None) -> RequestResult:
+    """A request the time limit came before (its arrival, its turn, or the one it waits
+    for): the server never saw it."""
+    return RequestResult(req.index, False, req.prompt_len, req.max_tokens, unsent=True,
+                         error=f"not sent within the run's time limit of {max_duration_s} s")
 
 
 def request_body(req: BenchRequest) -> dict[str, Any]:
@@ -207,6 +244,14 @@ def request_body(req: BenchRequest) -> dict[str, Any]:
 async def send_request(http: httpx.AsyncClient, url: str, req: BenchRequest, t0: float) -> RequestResult:
     """One streamed completion, timed (see the module docstring)."""
     result = RequestResult(req.index, False, req.prompt_len, req.max_tokens)
+    await stream_completion(http, url, req, t0, result)
+    return result
+
+
+async def stream_completion(http: httpx.AsyncClient, url: str, req: BenchRequest, t0: float,
+                            result: RequestResult) -> None:
+    """send_request's work, filling `result` as the answer streams in: a request cancelled
+    midway (the run's time limit) keeps its send time and TTFT."""
     chunk_times: list[float] = []
     usage: dict[str, Any] | None = None
     finished = False
@@ -218,7 +263,7 @@ async def send_request(http: httpx.AsyncClient, url: str, req: BenchRequest, t0:
             result.prefill_reason = resp.headers.get(PREFILL_REASON_HEADER, "")
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {_error_message(await resp.aread())}"
-                return result
+                return
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -230,34 +275,34 @@ async def send_request(http: httpx.AsyncClient, url: str, req: BenchRequest, t0:
                 event = msgspec.json.decode(data)
                 if "error" in event:
                     result.error = f"stream error: {_error_message(data.encode())}"
-                    return result
+                    return
                 if event.get("choices"):
+                    if not chunk_times:
+                        result.ttft_s = now - start
                     chunk_times.append(now)
                 if event.get("usage"):
                     usage = event["usage"]
     except httpx.HTTPError as e:
         result.error = f"{type(e).__name__}: {e}"
-        return result
+        return
     except msgspec.DecodeError as e:
         result.error = f"undecodable SSE event: {e}"
-        return result
+        return
     finally:
         result.e2e_s = time.perf_counter() - start
     if not finished:
         result.error = "the stream ended without data: [DONE]"
-        return result
+        return
     if not chunk_times:
         result.error = "the stream carried no tokens"
-        return result
+        return
     result.num_chunks = len(chunk_times)
     result.output_tokens = int(usage["completion_tokens"]) if usage else len(chunk_times)
     details = (usage or {}).get("prompt_tokens_details") or {}
     result.cached_tokens = int(details.get("cached_tokens") or 0)
-    result.ttft_s = chunk_times[0] - start
     gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
     result.itl_s = gaps[:max(0, result.output_tokens - 1)]  # drop a finish-only last chunk
     result.ok = True
-    return result
 
 
 def _error_message(body: bytes) -> str:

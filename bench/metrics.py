@@ -2,19 +2,25 @@
 
 `summarize(...)` gives a plain dict (JSON-ready: no NaN, None where nothing was measured):
 
+  * requests sent (`requests`), `completed`, `failed` (sent, not completed: errors and
+    requests `cut_off` in flight by the run's time limit) and `unsent` (the time limit
+    came before they were sent: the server never saw them, so they count nowhere else);
   * latency distributions in milliseconds (mean, median, p90, p99; numpy's linear
     interpolation, as vLLM's benchmark_serving): TTFT, TPOT, ITL, e2e, over the
-    successful requests (ITL over all their gaps);
-  * throughput over the run's duration (first send to last answer): requests/s and
-    input/output tokens/s of the successful requests;
+    successful requests (ITL over all their gaps); TTFT also over the requests cut off
+    after their first token, or the slowest requests would drop out of its percentiles;
+  * throughput over the run's duration (its start to its cutoff or its last answer):
+    requests/s and input/output tokens/s of the successful requests;
   * goodput: successful requests/s that met BOTH the TTFT and the TPOT target (a request
     with one output token has no TPOT and is judged on TTFT alone), and the fraction of
-    all requests that did (`slo_attainment`);
+    the requests sent that did (`slo_attainment`);
   * from the router's /metrics scraped before and after: KV bytes and seconds loaded by
     the decode nodes, loads and failed blocks, and `gb_per_s` = bytes / load seconds: the
     bandwidth *while* loading, per load (overlapping loads each count their own time, so
     it is not the link's total use; `bytes_loaded / duration_s` is that); the prefix
     cache hit rate (blocks) of the nodes that compute prompts (prefill and colocated);
+    `kv_transfer_share_of_ttft`: the mean streamed-pull tail over the mean TTFT of the
+    requests whose prefill was remote (see _transfer_share);
   * from /cluster sampled during the run: peak and mean queue lengths (waiting) and
     running requests, summed over nodes, the peak per node, and per node the mean of the
     running and waiting peaks (a node's batch under load, which bench/advisor.py reports).
@@ -68,14 +74,16 @@ def distribution(values_s: Iterable[float]) -> dict[str, float] | None:
 def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SLO(), *,
               metrics_before: str = "", metrics_after: str = "",
               queue_samples: Sequence[QueueSample] = ()) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
+    sent = [r for r in results if not r.unsent]
+    ok = [r for r in sent if r.ok]
     good = [r for r in ok if slo.met_by(r)]
     per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
-    errors = Counter(r.error for r in results if not r.ok)
+    errors = Counter(r.error for r in sent if not r.ok)
     return {
-        "requests": len(results),
+        "requests": len(sent),
         "completed": len(ok),
-        "failed": len(results) - len(ok),
+        "failed": len(sent) - len(ok),
+        "unsent": len(results) - len(sent),
         "errors": [{"message": m, "count": n} for m, n in errors.most_common(5)],
         "short_outputs": sum(r.output_tokens < r.max_tokens for r in ok),  # ignore_eos not honoured?
         "duration_s": duration_s,
@@ -83,12 +91,12 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SL
         "input_throughput": per_s(sum(r.prompt_tokens for r in ok)),
         "output_throughput": per_s(sum(r.output_tokens for r in ok)),
         "goodput": per_s(len(good)),
-        "slo_attainment": len(good) / len(results) if results else 0.0,
+        "slo_attainment": len(good) / len(sent) if sent else 0.0,
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
-        "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in results])) if results else None,
+        "mean_prompt_tokens": float(np.mean([r.prompt_tokens for r in sent])) if sent else None,
         "mean_output_tokens": float(np.mean([r.output_tokens for r in ok])) if ok else None,
-        "mean_max_tokens": float(np.mean([r.max_tokens for r in results])) if results else None,
-        "ttft_ms": distribution(r.ttft_s for r in ok),
+        "mean_max_tokens": float(np.mean([r.max_tokens for r in sent])) if sent else None,
+        "ttft_ms": distribution(r.ttft_s for r in sent if r.ok or r.cut_off),  # NaN (no first token) left out
         "tpot_ms": distribution(r.tpot_s for r in ok),
         "itl_ms": distribution(g for r in ok for g in r.itl_s),
         "e2e_ms": distribution(r.e2e_s for r in ok),
@@ -101,9 +109,15 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SL
 
 
 def _transfer_share(kv: dict[str, Any] | None, ok: Sequence[RequestResult]) -> float | None:
-    """The mean streamed-pull tail over the mean TTFT: how much the KV transfer adds to the
-    time before a split request's decode starts, relative to its first token."""
-    ttfts = [r.ttft_s for r in ok if not math.isnan(r.ttft_s)]
+    """The mean streamed-pull tail over the mean TTFT of the requests it applies to: how
+    much the KV transfer adds to the time before a split request's decode starts, relative
+    to its first token. Those are the requests the router's x-pdcluster-prefill header
+    called `remote` (a locally prefilled request pulls nothing, and its shorter TTFT would
+    shrink the mean); every successful request when none carries the header (a router
+    that does not send it)."""
+    remote = [r for r in ok if r.prefill == "remote"]
+    planned = remote if any(r.prefill for r in ok) else ok
+    ttfts = [r.ttft_s for r in planned if not math.isnan(r.ttft_s)]
     if not kv or kv.get("stream_tail_ms_mean") is None or not ttfts:
         return None
     return kv["stream_tail_ms_mean"] / (1e3 * float(np.mean(ttfts)))

@@ -12,9 +12,11 @@ How the figures are reckoned (the engine's own rules, engine/llm_engine.py):
 
 * block bytes = layers x 2 (K and V) x block_size x kv_heads x head_dim x dtype size;
 * blocks = `num_blocks` when set; on CPU `cpu_kv_cache_gib` / block bytes; on a GPU
-  (free memory after the weights x `memory_fraction` - 2 GiB headroom) / block bytes,
-  free memory asked of the GPU when this machine sees it, else `--gpu-memory-gib` minus
-  the weights (their size from the config's shapes);
+  (free memory after the weights x `memory_fraction` - headroom) / block bytes, the
+  headroom being 2 GiB plus, unless `enforce_eager`, the decode CUDA graphs' pool
+  (engine/kv_cache.py `gpu_kv_budget_bytes`, the engine's own function), free memory
+  asked of the GPU when this machine sees it, else `--gpu-memory-gib` minus the weights
+  (their size from the config's shapes);
 * a request of P prompt and O output tokens holds ceil((P + O) / block_size) blocks;
   without sharing, floor(blocks / that) requests fit (at most max_num_seqs);
 * with prefix sharing at hit rate R, the first floor(R x P / block_size) blocks of a
@@ -37,7 +39,6 @@ from typing import Any
 from cluster.config import ClusterConfig, NodeSpec
 
 GIB = 1 << 30
-GPU_HEADROOM_BYTES = 2 * GIB  # engine/llm_engine.py: activations and logits of the largest step
 
 
 @dataclass(slots=True)
@@ -79,7 +80,7 @@ def weight_bytes(model: Any, itemsize: int) -> int:
 
 def plan_node(spec: NodeSpec, model: Any, dtype: Any, workload: WorkloadShape, hit_rate: float,
               gpu_memory_gib: float | None = None) -> NodePlan:
-    from engine.kv_cache import KVCacheSpec
+    from engine.kv_cache import KVCacheSpec, gpu_kv_budget_bytes
 
     e = spec.engine
     block_bytes = KVCacheSpec.bytes_per_block(model, e.block_size, dtype)
@@ -96,7 +97,8 @@ def plan_node(spec: NodeSpec, model: Any, dtype: Any, workload: WorkloadShape, h
             num_blocks = 0
         else:
             free -= weight_bytes(model, dtype.itemsize)
-            num_blocks = max(int(free * e.memory_fraction) - GPU_HEADROOM_BYTES, 0) // block_bytes
+            budget = gpu_kv_budget_bytes(free, e.memory_fraction, model, e.max_num_seqs, e.enforce_eager)
+            num_blocks = budget // block_bytes
     if num_blocks < 2 and not problems:
         problems.append(f"the KV cache holds {num_blocks} blocks of {block_bytes / 2**20:.2f} MiB (at least 2 are "
                         "needed): give it more memory (cpu_kv_cache_gib, memory_fraction) or lower block_size")

@@ -176,7 +176,8 @@ def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None 
     parts += [markdown_table(runs), "",
               "Goodput: completed requests per second that met both the TTFT and the TPOT target. "
               "KV GB/s: bytes the decode nodes loaded / time spent loading. KV tail / TTFT: the mean time "
-              "from a prefill's end to its KV landed on the decode node (streamed pulls), over the mean TTFT. "
+              "from a prefill's end to its KV landed on the decode node (streamed pulls), over the mean TTFT "
+              "of the requests whose prefill was remote (of all, when the router does not say). "
               "Prefix hit: prompt blocks "
               "found in the prefix cache of the nodes that compute prompts. Evictions: cached blocks those "
               "nodes evicted for room, and their eviction policy (`workflow`: blocks of active agent "
@@ -184,14 +185,24 @@ def markdown_report(runs: Sequence[dict[str, Any]], meta: dict[str, Any] | None 
               "capacities say serves the most requests/s with the attainment shown within both targets "
               "(DistServe's goodput), and each measured topology's own such rate as a ratio to it; "
               "see bench/advisor.py.", ""]
-    failed = [r for r in runs if r.get("failed")]
-    for r in failed:
-        errs = "; ".join(f"{e['count']}x {e['message']}" for e in r.get("errors", []))
-        parts.append(f"- {r['topology']} at {describe_load(r['load'])}: {r['failed']} failed ({errs})")
-    if failed:
+    incomplete = [r for r in runs if r.get("failed") or r.get("unsent")]
+    parts += [f"- {r['topology']} at {describe_load(r['load'])}: {incomplete_line(r)}" for r in incomplete]
+    if incomplete:
         parts.append("")
     parts += ["![latency](latency.png)", "", "![goodput](goodput.png)", ""]
     return "\n".join(parts)
+
+
+def incomplete_line(run: dict[str, Any]) -> str:
+    """What a run did not complete: failed requests (with their errors) and, apart, those
+    the time limit left unsent, which the server never saw (the table's OK/sent omits them)."""
+    parts = []
+    if run.get("failed"):
+        errs = "; ".join(f"{e['count']}x {e['message']}" for e in run.get("errors", []))
+        parts.append(f"{run['failed']} failed ({errs})")
+    if run.get("unsent"):
+        parts.append(f"{run['unsent']} not sent before the run's time limit")
+    return "; ".join(parts)
 
 
 def _mean(runs: Sequence[dict[str, Any]], key: str) -> float | None:

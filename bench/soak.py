@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from bench.client import RequestResult, send_request
-from bench.workloads import BenchRequest
+from bench.workloads import TOKEN_ID_MARGIN, BenchRequest
 
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -71,6 +71,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # --- the soak ---------------------------------------------------------------------------------
+def prompt_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    """n random token ids in bench/workloads.py's safe range [TOKEN_ID_MARGIN, vocab -
+    TOKEN_ID_MARGIN): special tokens, at either end of most vocabularies, stay out."""
+    return [rng.randrange(TOKEN_ID_MARGIN, vocab - TOKEN_ID_MARGIN) for _ in range(n)]
+
+
 async def soak(url: str, headers: dict[str, str], router_pid: int | None, minutes: float, rate: float,
                prompt_tokens: int, max_tokens: int, vocab: int, sample_s: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
@@ -92,7 +98,7 @@ async def soak(url: str, headers: dict[str, str], router_pid: int | None, minute
         next_at, index = 0.0, 0
         while next_at < duration:
             await asyncio.sleep(max(0.0, next_at - (time.perf_counter() - t0)))
-            req = BenchRequest(index, [rng.randrange(vocab) for _ in range(prompt_tokens)], max_tokens)
+            req = BenchRequest(index, prompt_ids(rng, prompt_tokens, vocab), max_tokens)
             tasks.append(asyncio.create_task(send_request(http, url, req, t0)))
             index += 1
             next_at += rng.expovariate(rate)
@@ -156,7 +162,7 @@ async def router_overhead(url: str, headers: dict[str, str], node_address: str, 
     from engine.sampling_params import SamplingParams
 
     rng = random.Random(seed)
-    prompt = [rng.randrange(vocab) for _ in range(16)]
+    prompt = prompt_ids(rng, 16, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, seed=1).to_dict()
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -202,7 +208,7 @@ async def router_overhead(url: str, headers: dict[str, str], node_address: str, 
             while time.perf_counter() < stop_at:
                 try:
                     r = await http.post(f"{url}/v1/completions",
-                                        json=_one_token_body([rng.randrange(vocab) for _ in range(16)]))
+                                        json=_one_token_body(prompt_ids(rng, 16, vocab)))
                     done += r.status_code == 200
                     failed += r.status_code != 200
                 except httpx.HTTPError:
@@ -300,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             headers = {"Authorization": f"Bearer {cluster.api_key}"}
     try:
         vocab = _vocab(cluster) if cluster is not None else args.vocab_size
+        if vocab <= 2 * TOKEN_ID_MARGIN:
+            raise SystemExit(f"vocab_size {vocab} leaves no token ids in [{TOKEN_ID_MARGIN}, vocab_size - "
+                             f"{TOKEN_ID_MARGIN}): give the model's vocabulary with --vocab-size")
         print(f"soak: {args.minutes:g} min at {args.rate:g} req/s against {url}", file=sys.stderr)
         report: dict[str, Any] = {"url": url, "argv": sys.argv[1:], "soak": asyncio.run(soak(
             url, headers, router_pid, args.minutes, args.rate, args.prompt_tokens, args.max_tokens, vocab,
@@ -325,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _vocab(cluster) -> int:
-    from engine.config import ModelConfig
+    """The ids the router accepts: config.json's vocab_size can exceed the tokenizer's (the
+    llama-3-8b preset: 128256 against 2048), and the router refuses ids beyond it."""
+    from bench.cli import model_limits
 
-    return ModelConfig.from_path(cluster.model_dir).vocab_size
+    return model_limits(cluster.model_dir, None)[0]
 
 
 if __name__ == "__main__":

@@ -48,6 +48,28 @@ class KVCacheSpec:
         return cls(1, model.num_layers, block_size, model.num_kv_heads, model.head_dim, dtype).block_bytes
 
 
+GIB = 1 << 30
+
+
+def gpu_kv_budget_bytes(free_bytes: int, memory_fraction: float, model: ModelConfig, max_num_seqs: int,
+                        enforce_eager: bool) -> int:
+    """The bytes a GPU node gives its KV cache, out of `free_bytes` free once the weights are
+    loaded. The engine sizes its cache with this and `pdcluster plan` (bench/plan.py)
+    predicts it, so the two cannot drift apart.
+
+    Held back: 2 GiB for the activations and logits of the largest step and, unless
+    `enforce_eager`, the pool of the decode CUDA graphs, which keep their activations
+    sized by the largest captured batch (max_num_seqs rows; its float32 logits and their
+    temporaries dominate), counted before the cache is sized. Per row: 6 logits-sized
+    float32 buffers, the MLP's and the residual stream's activations; measured 1,107 MiB
+    at 256 rows of an 8B-shape model (bench/results/2026-12-01-h200), this gives 1,096 MiB."""
+    headroom = 2 * GIB
+    if not enforce_eager:
+        headroom += max_num_seqs * (model.vocab_size * 4 * 6 + model.intermediate_size * 2 * 8
+                                    + model.hidden_size * 2 * 16) + 256 * 2**20
+    return max(int(free_bytes * memory_fraction) - headroom, 0)
+
+
 def num_blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:
     n = budget_bytes // block_bytes
     if n < 2:

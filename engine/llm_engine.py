@@ -16,11 +16,12 @@ from engine.builtin_models import resolve_builtin
 from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.detokenizer import IncrementalDetokenizer, check_stop
 from engine.hashing import safe_hash
-from engine.kv_cache import KV_LAYOUT, KVCacheSpec, allocate_kv_cache, copy_blocks, num_blocks_for_budget
+from engine.kv_cache import (KV_LAYOUT, KVCacheSpec, allocate_kv_cache, copy_blocks, gpu_kv_budget_bytes,
+                             num_blocks_for_budget)
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import PendingSample, Sampler, SamplerOutput, SamplingRow
+from engine.sampler import NO_TOKEN, PendingSample, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.structured_output.manager import StructuredOutputManager
@@ -224,17 +225,8 @@ class LLMEngine:
         if self.device.type != "cuda":
             return int(cache.cpu_kv_cache_gib * GIB)
         free, _ = torch.cuda.mem_get_info(self.device)
-        headroom = 2 * GIB  # activations and logits of the largest step
-        if not self.config.enforce_eager:
-            # Decode CUDA graphs keep their activations in one pool, sized by the largest
-            # captured batch (its float32 logits and their temporaries dominate); counted
-            # before the cache is sized. Per row: 6 logits-sized float32 buffers, the MLP's
-            # and the residual stream's activations; measured 1,107 MiB at 256 rows of an
-            # 8B-shape model (bench/results/2026-12-01-h200), this gives 1,096 MiB.
-            m, sched = self.model_config, self.config.scheduler
-            headroom += sched.max_num_seqs * (m.vocab_size * 4 * 6 + m.intermediate_size * 2 * 8
-                                              + m.hidden_size * 2 * 16) + 256 * 2**20
-        return max(int(free * cache.memory_fraction) - headroom, 0)
+        return gpu_kv_budget_bytes(free, cache.memory_fraction, self.model_config, self.config.scheduler.max_num_seqs,
+                                   self.config.enforce_eager)
 
     # --- requests -------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -474,6 +466,11 @@ class LLMEngine:
         for req, token, lp in zip(requests, sampled.token_ids, sampled.logprobs):
             if req.status.finished or req.pending_stop is not None:
                 continue  # ended (aborted, or a stop string) while this step ran
+            if token == NO_TOKEN:  # its grammar, with its bans, allows no token here
+                self._fail_impossible(req, "the request's structured output allows no token here (the grammar "
+                                           "cannot be satisfied, or min_tokens/bad_words ban every token it "
+                                           "allows): relax the constraint")
+                continue
             req.output_token_ids.append(token)
             if lp is not None:
                 req.logprobs.append(lp)
@@ -487,12 +484,16 @@ class LLMEngine:
         broken = self.structured.accept_tokens([r.request_id for r, _, _ in appended], [t for _, t, _ in appended])
         for rid in broken:
             req = self.scheduler.requests.get(rid)
-            if req is not None and not req.status.finished:  # not fail_request: a step may be in flight
-                req.error = ("the sampler picked a token the request's grammar forbids (a ban such as min_tokens "
-                             "left no allowed token): relax min_tokens or bad_words")
-                self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
-                self._pending_outputs.append(self._output(req, [], ""))
+            if req is not None and not req.status.finished:
+                self._fail_impossible(req, "the sampler picked a token the request's grammar forbids: relax the "
+                                           "constraint, min_tokens or bad_words")
         return appended
+
+    def _fail_impossible(self, req: Request, message: str) -> None:
+        """End a request whose constraints cannot be met (not fail_request: a step may be in flight)."""
+        req.error, req.error_is_client_side = message, True
+        self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
+        self._pending_outputs.append(self._output(req, [], ""))
 
     def _text_outputs(self, appended: list[tuple[Request, int, tuple | None]]) -> list[RequestOutput]:
         """The text work of appended tokens; a failure there (detokenizing, say) is that
@@ -645,6 +646,7 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt_token_ids, [completion], req.status.finished,
                              prompt=req.prompt_text, new_token_ids=new_tokens,
                              new_text=new_text, num_cached_tokens=req.num_cached_tokens, error=req.error,
+                             error_is_client_side=req.error_is_client_side,
                              kv_transfer_params=req.kv_transfer_params if req.status.finished else None)
 
     def stats(self) -> EngineStats:

@@ -28,6 +28,7 @@ class RequestOutput:
     num_cached_tokens: int = 0                              # prompt tokens served by the prefix cache
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None        # a producer's handle for the consumer
+    error_is_client_side: bool = False                      # error: the request's own fault (HTTP 400)
 
 
 @dataclass(slots=True)

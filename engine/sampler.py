@@ -2,9 +2,11 @@
 
 The pipeline follows vLLM v1's order:
 
-1. logprobs, when a row asks for them, are taken from the RAW logits (log_softmax before
-   any ban, penalty or temperature; vLLM's default `raw_logprobs` mode), so they describe
-   what the model thinks, not what the sampler was allowed to pick;
+1. logprobs, when a row asks for them, are taken from the logits as they come (log_softmax
+   before any ban, penalty or temperature; vLLM's default `raw_logprobs` mode), so they
+   describe what the model thinks, not what the sampler was allowed to pick; a structured
+   output's grammar mask is already in them (the engine applies it to the logits first,
+   as vLLM does), so tokens it forbids read -inf;
 2. bad words, then min_tokens (eos and stop ids banned until enough tokens exist);
 3. penalties: repetition (HF-style, over prompt + output), frequency and presence
    (over output tokens only);
@@ -120,9 +122,12 @@ class TokenLogprobs:
     top: dict[int, float]                # the params.logprobs most likely tokens -> logprob
 
 
+NO_TOKEN = -1  # a row whose constraints left no token allowed (sampler output only, never an input id)
+
+
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]              # NO_TOKEN for a row with no allowed token
     logprobs: list[TokenLogprobs | None]  # None for rows that did not ask (params.logprobs None)
 
 
@@ -174,7 +179,14 @@ class Sampler:
             r = _index(random, device)
             tokens[r] = _sample(logits[r], [rows[i] for i in random])
 
-        pending = PendingSample(tokens, len(rows))
+        reported = tokens
+        constrained = [i for i, r in enumerate(rows) if r.params.structured_outputs is not None]
+        if constrained:  # a grammar (with a ban) may allow no token at all: say so, pick nothing
+            c = _index(constrained, device)
+            dead = ~torch.isfinite(logits[c]).any(dim=-1)
+            reported = tokens.clone()
+            reported[c] = torch.where(dead, torch.full_like(tokens[c], NO_TOKEN), tokens[c])
+        pending = PendingSample(tokens, len(rows), reported=reported)
         if raw_logprobs is not None:
             picked = tokens[_index(want_logprobs, device)]
             pending.logprobs = _LogprobTensors.compute(raw_logprobs, picked,
@@ -183,7 +195,7 @@ class Sampler:
         if self._host_tokens is not None and len(rows) <= self._host_tokens[0].numel():
             self._turn ^= 1
             host = self._host_tokens[self._turn][:len(rows)]
-            host.copy_(tokens, non_blocking=True)
+            host.copy_(reported, non_blocking=True)
             pending.host_tokens = host
             pending.ready = torch.cuda.Event()
             pending.ready.record()
@@ -226,8 +238,9 @@ class _LogprobTensors:
 class PendingSample:
     """A step's sampled tokens, still on the device (or landing in pinned memory)."""
 
-    tokens: torch.Tensor                 # (B,) on the logits' device
+    tokens: torch.Tensor                 # (B,) on the logits' device: the next step's input ids
     num_rows: int
+    reported: torch.Tensor | None = None  # what the host reads: NO_TOKEN where nothing was allowed
     host_tokens: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     logprobs: _LogprobTensors | None = None
@@ -239,7 +252,7 @@ class PendingSample:
             self.ready.synchronize()
             token_ids = self.host_tokens.tolist()
         else:
-            token_ids = self.tokens.tolist()
+            token_ids = (self.tokens if self.reported is None else self.reported).tolist()
         logprobs: list[TokenLogprobs | None] = [None] * self.num_rows
         if self.logprobs is not None:
             for i, lp in zip(self.logprob_rows, self.logprobs.to_host()):

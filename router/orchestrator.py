@@ -177,7 +177,8 @@ class Orchestrator:
         """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
         `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan.
         `fork_of`: the requests on the prefill and the decode node whose blocks it shares."""
-        first_params = dataclasses.replace(params, max_tokens=1)
+        # The prefill node samples the first token only (min_tokens still bans eos there).
+        first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         first: proto.RequestUpdate | None = None
         streamed_kv, decode_q = None, None
         try:

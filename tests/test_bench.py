@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,10 +21,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from rich.progress import Progress
 
 from bench import report
-from bench.cli import BenchPlan, model_limits, run_bench
-from bench.client import QueueSample, RequestResult, run_load
+from bench import cli as bench_cli
+from bench import soak
+from bench.cli import BenchPlan, model_limits, per_request, run_bench
+from bench.client import METRICS_SETTLE_S, LoadRun, QueueSample, RequestResult, run_duration, run_load
 from bench.metrics import SLO, cluster_delta, distribution, parse_prometheus, queue_peaks, summarize
 from bench.workloads import (TOKEN_ID_MARGIN, BenchRequest, WorkloadOptions, make_workload, parse_rates,
                              with_poisson_arrivals)
@@ -233,6 +237,25 @@ def test_a_run_is_bounded_in_time():
     assert all(not r.ok and "time limit" in r.error for r in res)
 
 
+def test_the_time_limit_cuts_off_requests_in_flight_and_leaves_later_ones_unsent():
+    reqs = [BenchRequest(0, [11], 10, arrival_s=0.0), BenchRequest(1, [11], 2, arrival_s=30.0)]
+    run = _load(FakeRouter(ttft_s=0.01, gap_s=1.0), reqs, max_duration_s=0.3)
+    in_flight, later = run.results
+    assert in_flight.cut_off and not in_flight.unsent and not in_flight.ok
+    assert 0.0 <= in_flight.send_s < 0.3 and 0.01 <= in_flight.ttft_s < 0.3   # its first token came: kept
+    assert math.isnan(in_flight.e2e_s) and "cut off" in in_flight.error        # it never completed
+    assert later.unsent and not later.cut_off and math.isnan(later.send_s) and "not sent" in later.error
+    assert run.duration_s >= 0.3                                               # the run lasted until the cut
+
+
+def test_a_cut_run_lasts_until_its_cutoff_not_its_last_finished_request():
+    finished = RequestResult(0, True, 1, 2, output_tokens=2, send_s=0.0, ttft_s=0.01, e2e_s=0.11)
+    cut = RequestResult(1, False, 1, 100, send_s=0.0, ttft_s=0.01, cut_off=True)
+    assert run_duration([finished, cut], cut_at_s=1.0) == 1.0
+    later = RequestResult(2, True, 1, 2, output_tokens=2, send_s=0.5, ttft_s=0.01, e2e_s=0.2)
+    assert run_duration([finished, later], cut_at_s=None) == pytest.approx(0.7)   # uncut: the last answer
+
+
 # --- metrics ----------------------------------------------------------------------------------------
 def _result(i, ttft_ms, tpot_ms, out=11, ok=True) -> RequestResult:
     ttft = ttft_ms / 1e3
@@ -263,6 +286,55 @@ def test_goodput_counts_requests_meeting_both_targets():
     assert s["tpot_ms"]["median"] == pytest.approx(55) and s["itl_ms"]["count"] == 40
     assert s["kv_transfer"] is None and s["queues"] is None
     json.dumps(s, allow_nan=False)
+
+
+def test_unsent_requests_are_neither_sent_nor_failed_nor_in_the_slo_attainment():
+    unsent = RequestResult(3, False, 100, 11, unsent=True, error="not sent within the run's time limit of 1.0 s")
+    results = [_result(0, 100, 20), _result(1, 2000, 20), _result(2, 100, 20, ok=False), unsent]
+    s = summarize(results, duration_s=1.0, slo=SLO(ttft_ms=1000, tpot_ms=100))
+    assert s["requests"] == 3 and s["completed"] == 2 and s["failed"] == 1 and s["unsent"] == 1
+    assert s["errors"] == [{"message": "HTTP 503: down", "count": 1}]
+    assert s["slo_attainment"] == pytest.approx(1 / 3)                 # of the 3 sent, not of all 4
+    run = {"topology": "1P1D", "load": {"mode": "rate", "request_rate": 1.0}, **s}
+    assert report.table_row(run)[-1] == "2/3"                          # OK/sent
+    assert "- 1P1D at 1 req/s: 1 failed (1x HTTP 503: down); 1 not sent before the run's time limit" \
+        in report.markdown_report([run], advice=[])
+
+
+def test_ttft_counts_requests_cut_off_after_their_first_token():
+    def cut(i, ttft_s):
+        return RequestResult(i, False, 100, 50, send_s=0.0, ttft_s=ttft_s, cut_off=True, error="cut off")
+    results = [_result(0, 10, 20, out=2), cut(1, 0.5), cut(2, 0.5), cut(3, math.nan)]   # 3: no token yet
+    s = summarize(results, duration_s=1.0, slo=SLO(ttft_ms=1000, tpot_ms=100))
+    assert s["ttft_ms"]["count"] == 3 and s["ttft_ms"]["max"] == pytest.approx(500)
+    assert s["completed"] == 1 and s["failed"] == 3 and s["goodput"] == pytest.approx(1.0)  # not completed
+    assert s["e2e_ms"]["count"] == 1 and s["tpot_ms"]["count"] == 1
+
+
+def test_the_run_file_flags_requests_cut_off_and_unsent():
+    cut = per_request(RequestResult(1, False, 100, 50, send_s=0.2, ttft_s=0.5, cut_off=True, error="cut off"))
+    assert cut["cut_off"] is True and cut["ttft_ms"] == 500.0 and cut["e2e_ms"] is None and "unsent" not in cut
+    unsent = per_request(RequestResult(2, False, 100, 50, unsent=True, error="not sent"))
+    assert unsent["unsent"] is True and unsent["send_ms"] is None and "cut_off" not in unsent
+    assert "cut_off" not in per_request(_result(0, 100, 20)) and "unsent" not in per_request(_result(0, 100, 20))
+
+
+def _kv_tail_metrics(loads: int, tail_s: float) -> str:
+    return (f'pdcluster_node_kv_transfer{{node="d0",role="both",counter="streamed_loads"}} {loads}\n'
+            f'pdcluster_node_kv_transfer{{node="d0",role="both",counter="stream_tail_seconds"}} {tail_s}\n')
+
+
+def test_kv_share_of_ttft_is_over_the_requests_whose_prefill_was_remote():
+    def timed(i, ttft_s, prefill):
+        return RequestResult(i, True, 4096, 8, output_tokens=8, send_s=0.0, ttft_s=ttft_s, e2e_s=ttft_s + 0.07,
+                             prefill=prefill)
+    # Two requests pulled their KV (TTFT 400 ms, 20 ms tail each), two were prefilled locally.
+    mixed = [timed(0, 0.4, "remote"), timed(1, 0.4, "remote"), timed(2, 0.1, "local"), timed(3, 0.1, "local")]
+    s = summarize(mixed, 1.0, metrics_before=_kv_tail_metrics(0, 0.0), metrics_after=_kv_tail_metrics(2, 0.04))
+    assert s["kv_transfer_share_of_ttft"] == pytest.approx(0.02 / 0.4)
+    no_header = [timed(0, 0.4, ""), timed(1, 0.2, "")]                # a router that does not say: all of them
+    s = summarize(no_header, 1.0, metrics_before=_kv_tail_metrics(0, 0.0), metrics_after=_kv_tail_metrics(2, 0.06))
+    assert s["kv_transfer_share_of_ttft"] == pytest.approx(0.03 / 0.3)
 
 
 _BEFORE = """# HELP x
@@ -372,6 +444,34 @@ def test_model_limits_take_the_smaller_of_model_and_tokenizer_vocab(tmp_path):
                                                          "added_tokens": [{"id": 2047, "content": "<eos>"}]}))
     assert model_limits(tmp_path, None) == (2048, 8192)
     assert model_limits(tmp_path, 1024) == (2048, 1024)
+
+
+def test_the_warm_up_settles_before_the_first_measured_load_scrapes(tmp_path, monkeypatch):
+    """The warm-up's KV loads and prefix-cache counters must reach /metrics before the first
+    load's "before" scrape, or they land in that load's deltas."""
+    calls = []
+
+    async def fake_run_load(url, requests, **kw):
+        calls.append(kw)
+        return LoadRun([], 1.0, [], "", "")
+
+    monkeypatch.setattr(bench_cli, "run_load", fake_run_load)
+    plan = BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], workload="fixed", num_requests=2,
+                                                  warmup_requests=2, out=str(tmp_path)))
+    with Progress(disable=True) as progress:
+        bench_cli._run_loads(plan, "1P1D", "http://fake", None, 1000, 4096, progress, {})
+    warm_up, measured = calls
+    assert warm_up.get("metrics_settle_s", METRICS_SETTLE_S) == measured.get("metrics_settle_s", METRICS_SETTLE_S) > 0
+
+
+def test_soak_draws_token_ids_the_router_accepts(tmp_path):
+    """The llama-3-8b preset's shape: config.json says 128256, its tokenizer has 2048 ids."""
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 128256, "max_position_embeddings": 8192}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 2047}}}))
+    vocab = soak._vocab(argparse.Namespace(model_dir=tmp_path))
+    assert vocab == 2048
+    ids = soak.prompt_ids(random.Random(0), 5000, vocab)
+    assert min(ids) >= TOKEN_ID_MARGIN and max(ids) < vocab - TOKEN_ID_MARGIN   # workloads.py's safe range
 
 
 # --- a short CPU run through real clusters -----------------------------------------------------------

@@ -73,6 +73,16 @@ def test_run_point_counts_failed_requests_as_misses_and_skips_runs_without_an_ar
     assert advisor.node_counts({"topology": "1P1D (2026-11-23)"}) == (1, 1, 0)   # report.load_runs' label
 
 
+def test_run_point_leaves_requests_never_sent_out_of_the_shares():
+    run = _run("1P1D", 4.0, ttft_met=0.9, tpot_met=0.8, n=10)
+    run["per_request"] += [{"index": 10 + i, "ok": False, "unsent": True, "ttft_ms": None, "tpot_ms": None,
+                            "prompt_tokens": 1000, "output_tokens": 0, "cached_tokens": 0} for i in range(10)]
+    p = advisor.run_point(run)            # the server never saw the 10 unsent: they are no misses
+    assert p.ttft_met == pytest.approx(0.9) and p.tpot_met == pytest.approx(0.8) and p.both_met == pytest.approx(0.8)
+    none_sent = {**run, "per_request": [r for r in run["per_request"] if r.get("unsent")]}
+    assert advisor.run_point(none_sent) == "no request sent"
+
+
 def test_a_prefill_bound_workload_gets_more_prefill_nodes():
     # One prefill node keeps 90% of TTFTs in target up to ~1.2 req/s; one decode node takes
     # at least 4 (3P1D passed it everything its prefill nodes let through); a colocated node ~0.58.

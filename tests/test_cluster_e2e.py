@@ -96,6 +96,16 @@ def test_completions_equal_the_offline_engine(client, offline, kind):
     assert_completions_equal_the_offline_engine(client, offline, kind)
 
 
+def test_min_tokens_holds_across_the_split(client, offline):
+    """The prefill node samples one token (min_tokens 1 there), the decode node the rest."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=6)
+    want = offline.generate(PROMPTS, params)
+    for p, w in zip(PROMPTS, want):
+        got = client.completions.create(model="builtin:tiny", prompt=p, max_tokens=8, temperature=0.0,
+                                        extra_body={"min_tokens": 6})
+        assert got.choices[0].text == w.outputs[0].text and got.usage.completion_tokens >= 6
+
+
 def test_token_id_prompt_and_usage(client, offline):
     want = offline.generate([TOKEN_PROMPT], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     resp = client.completions.create(model="builtin:tiny", prompt=TOKEN_PROMPT, **GREEDY)

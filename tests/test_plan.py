@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from cluster.config import ClusterConfig
-from bench.plan import WorkloadShape, plan_node
+from bench.plan import GIB, WorkloadShape, plan_node, weight_bytes
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
 from engine.llm_engine import LLMEngine
 
@@ -37,6 +38,38 @@ def test_plan_gives_the_engines_own_block_count_on_cpu(checkpoints):
         assert plan.concurrent_without_sharing == plan.num_blocks // 8  # 120 tokens: 8 blocks a request
     finally:
         engine.close()
+
+
+def _gpu_config(checkpoint, **engine) -> ClusterConfig:
+    return ClusterConfig.model_validate({
+        "model": {"path": str(checkpoint), "dtype": "float32"}, "engine": {"block_size": 16, **engine},
+        "prefill": {"replicas": 0}, "decode": {"replicas": 0}, "colocated": {"replicas": 1, "devices": ["cuda:0"]}})
+
+
+def _engine_budget(model: ModelConfig, free_bytes: int, monkeypatch, **engine) -> int:
+    """What LLMEngine._kv_budget_bytes gives a GPU with `free_bytes` free after its weights."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_bytes, free_bytes))
+    config = EngineConfig(model="unused", device="cuda:0", cache=CacheConfig(memory_fraction=0.85),
+                          scheduler=SchedulerConfig(max_num_seqs=engine["max_num_seqs"]),
+                          enforce_eager=engine["enforce_eager"])
+    fake = type("Engine", (), {"config": config, "device": torch.device("cuda:0"), "model_config": model})()
+    return LLMEngine._kv_budget_bytes(fake)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_plan_holds_back_what_the_engine_does_on_a_gpu_cuda_graphs_included(checkpoints, monkeypatch,
+                                                                             enforce_eager):
+    model = ModelConfig.from_path(checkpoints["tiny"])
+    dtype = parse_dtype("float32")
+    engine = {"max_num_seqs": 256, "enforce_eager": enforce_eager}
+    spec = _gpu_config(checkpoints["tiny"], memory_fraction=0.85, **engine).node_specs()[0]
+    plan = plan_node(spec, model, dtype, WorkloadShape("fixed", 100, 20, 0.0, 1), 0.0, gpu_memory_gib=80)
+    budget = _engine_budget(model, 80 * GIB - weight_bytes(model, dtype.itemsize), monkeypatch, **engine)
+    assert plan.num_blocks == budget // plan.block_bytes
+    graphs = 256 * (model.vocab_size * 4 * 6 + model.intermediate_size * 2 * 8 + model.hidden_size * 2 * 16) \
+        + 256 * 2**20                     # engine/kv_cache.py: the decode CUDA graphs' pool
+    eager = int((80 * GIB - weight_bytes(model, dtype.itemsize)) * 0.85) - 2 * GIB
+    assert budget == eager - (0 if enforce_eager else graphs)
 
 
 def test_prefix_sharing_holds_each_shared_prefix_once(checkpoints):

@@ -89,6 +89,30 @@ def test_a_constraint_that_does_not_compile_is_a_value_error(llm, backend, spec)
         llm.engine.add_request("x", "Hi", SamplingParams(structured_outputs={"backend": backend, **spec}))
 
 
+@pytest.mark.parametrize("extra", [
+    dict(min_tokens=6, structured_outputs={"backend": "xgrammar", "choice": ["yes"]}),  # eos needed, eos banned
+    dict(structured_outputs={"backend": "xgrammar", "regex": "[^\\s\\S]"}),           # matches nothing
+], ids=["min_tokens_against_the_grammar", "unsatisfiable"])
+def test_a_constraint_that_allows_no_token_ends_the_request_without_a_forbidden_token(llm, extra):
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=10, temperature=0.0, **extra))[0]
+    completion = out.outputs[0]
+    assert completion.finish_reason == "error" and "allows no token here" in out.error
+    assert all(0 <= t for t in completion.token_ids)
+    allowed = "yes" if "choice" in extra["structured_outputs"] else ""
+    assert allowed.startswith(completion.text)  # only what the grammar allowed, nothing after
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"choice": "yes"}, "choice must be a non-empty list of strings"),  # not split into y|e|s
+    ({"choice": ["x" * 40] * 2000}, "characters long: at most 65536"),
+    ({"regex": "a" * 70000}, "characters long: at most 65536"),
+])
+def test_constraints_that_are_not_a_list_or_too_big_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams.from_dict(spec)
+
+
 def test_the_grammar_waits_for_the_reasoning_to_end(llm):
     tok = llm.engine.tokenizer
     end = tok.token_to_id("</think>")

@@ -22,6 +22,7 @@ BACKEND_NAMES = ("auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer
 # vLLM accepts "llguidance" as a synonym for "guidance".
 BACKEND_ALIASES = {"llguidance": "guidance"}
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+MAX_CONSTRAINT_CHARS = 64 * 1024  # a JSON schema, regex, grammar or choice list, as text
 # What each backend needs installed: the module to look for, and what to tell the user.
 REQUIREMENTS = {"xgrammar": ("xgrammar", "pip install 'pdcluster[structured]' (or pip install xgrammar)"),
                 "guidance": ("llguidance", "pip install 'pdcluster[structured]' (or pip install llguidance)"),
@@ -86,8 +87,14 @@ class StructuredOutputsParams:
                              f"json_object); got {', '.join(set_kinds) or 'none'}")
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             raise ValueError("the json schema must be a JSON object")
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
             raise ValueError("choice must be a non-empty list of strings")
+        size = self._size()
+        if size > MAX_CONSTRAINT_CHARS:
+            # Compiling runs in the node's loop: a huge constraint would stall every request there.
+            raise ValueError(f"the structured output constraint is {size} characters long: at most "
+                             f"{MAX_CONSTRAINT_CHARS}")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -98,6 +105,13 @@ class StructuredOutputsParams:
         if self.whitespace_pattern is not None:
             raise ValueError("whitespace_pattern is not supported: use disable_any_whitespace=true for compact "
                              "JSON, or leave it out")
+
+    def _size(self) -> int:
+        if self.choice is not None:
+            return sum(len(c) + 1 for c in self.choice)
+        if isinstance(self.json, dict):
+            return len(json.dumps(self.json))
+        return max((len(v) for v in (self.regex, self.grammar) if isinstance(v, str)), default=0)
 
     @property
     def kind(self) -> str:
