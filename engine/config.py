@@ -191,6 +191,9 @@ class EngineConfig:
     enforce_eager: bool = False
     # Queue a plain decode step before the previous one is read back (LLMEngine._run_ahead).
     async_scheduling: bool = True
+    # Compile structured-output grammars on a worker thread (nodes: a big schema must not
+    # stall the other requests); False compiles in add_request, which raises on a bad one.
+    background_grammar_compile: bool = False
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     # KV transfer (kv_connector.config.KVTransferConfig); None: a plain engine.
     kv_transfer: Any = None

@@ -110,7 +110,9 @@ class LLMEngine:
         self._unsampled: tuple[list[Request], torch.Tensor, list[SamplingRow]] | None = None
         self._pending_outputs: list[RequestOutput] = []  # produced outside step(), returned by it
         self._stopping: list[Request] = []  # a stop string ended them; they end at the next step()
-        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device)
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device,
+                                                  background=config.background_grammar_compile)
+        self.scheduler.ready = lambda req: self.structured.ready(req.request_id)
         self._rng = random.Random()
         self.idle = True  # the last step ran no model
         self._peak_running = self._peak_waiting = 0  # since the last stats()
@@ -190,6 +192,7 @@ class LLMEngine:
             return
         self._closed = True
         try:
+            self.structured.close()
             if self.connector is not None:
                 self.connector.close()
             if self.kv_events is not None:
@@ -325,6 +328,11 @@ class LLMEngine:
         is queued BEFORE the one in flight is read: its input ids come from the device, so
         the device never waits for the host (see _run_ahead)."""
         self._check_open()
+        if self.structured.compiling:
+            for request_id, why in self.structured.finish_compiles():
+                req = self.scheduler.requests.get(request_id)
+                if req is not None:
+                    self._fail_impossible(req, why)
         previous = self._run_ahead()
         if previous is not None:
             appended = self._collect(previous)

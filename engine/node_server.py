@@ -279,7 +279,7 @@ def engine_config_from_spec(spec: NodeLaunchSpec, kv_role: str | None) -> Engine
         model=spec.model, dtype=spec.dtype, device=spec.device, load_format=spec.load_format,
         cache=CacheConfig(**{k: v for k, v in spec.engine.items() if k in _CACHE_KEYS}),
         scheduler=SchedulerConfig(**{k: v for k, v in spec.engine.items() if k in _SCHED_KEYS}),
-        enforce_eager=bool(spec.engine.get("enforce_eager", False)),
+        enforce_eager=bool(spec.engine.get("enforce_eager", False)), background_grammar_compile=True,
         kv_transfer=kv, kv_events=KVEventsConfig(enable=spec.kv_events, host=spec.host))
 
 

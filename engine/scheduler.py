@@ -89,6 +89,8 @@ class Scheduler:
         # release_blocks() recognises them when the blocks come back.
         self._lent: dict[str, Request] = {}
         self._lent_by_tail: dict[int, str] = {}
+        # Whether a waiting request may be admitted (its grammar may still be compiling).
+        self.ready: Callable[[Request], bool] = lambda req: True
 
     # --- queue changes --------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -180,6 +182,9 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
+            if not self.ready(req):
+                i += 1  # its grammar compiles: the requests behind it go first
+                continue
             parent = self._fork_parent(req) if req.fork_of else None
             if parent is not None and not parent_ready(req, parent):
                 i += 1  # its parent's KV is on its way: let the requests behind it go first

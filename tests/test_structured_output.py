@@ -113,6 +113,37 @@ def test_constraints_that_are_not_a_list_or_too_big_are_refused(spec, message):
         StructuredOutputsParams.from_dict(spec)
 
 
+def test_a_node_compiles_a_new_grammar_off_its_loop_while_the_other_requests_run():
+    """Nodes compile grammars on a worker thread: a big schema (about a second to compile)
+    waits in the queue while a plain request runs to its end; then it runs, and a
+    constraint that does not compile ends its request with the compiler's message."""
+    from engine.config import CacheConfig, EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(EngineConfig(model="builtin:tiny-chat", dtype="float32", device="cpu",
+                                 cache=CacheConfig(num_blocks=64), background_grammar_compile=True))
+    try:
+        props = {f"p{i}": {"type": "object", "properties": {f"q{j}": {"type": "string"} for j in range(20)}}
+                 for i in range(60)}
+        big = SamplingParams(max_tokens=4, temperature=0.0, structured_outputs=constrained(
+            "xgrammar", json={"type": "object", "properties": props}))
+        eng.add_request("big", "Hi", big)
+        eng.add_request("bad", "Hi", SamplingParams(max_tokens=4, structured_outputs={"backend": "xgrammar",
+                                                                                      "regex": "[a-"}))
+        eng.add_request("plain", "Hello", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        done = {}
+        while "plain" not in done:
+            done.update((o.request_id, o) for o in eng.step() if o.finished)
+        assert not eng.structured.ready("big"), "the compile finished before a 4-token request: no overlap shown"
+        while eng.has_unfinished_requests:
+            done.update((o.request_id, o) for o in eng.step() if o.finished)
+        assert done["plain"].error is None and len(done["plain"].outputs[0].token_ids) == 4
+        assert done["big"].error is None and done["big"].outputs[0].text.startswith("{")
+        assert "does not compile with xgrammar" in done["bad"].error and done["bad"].error_is_client_side
+    finally:
+        eng.close()
+
+
 def test_the_grammar_waits_for_the_reasoning_to_end(llm):
     tok = llm.engine.tokenizer
     end = tok.token_to_id("</think>")

@@ -15,6 +15,13 @@ The pinned host bitmask is reused every step: that is safe while each step syncs
 the next one fills it (the sampler's `.tolist()` does today); a step loop that stops
 syncing must double-buffer it.
 
+Compiling off the loop (`background=True`, what nodes use). A grammar not in the cache is
+compiled on a worker thread (xgrammar and llguidance release the GIL while they compile),
+so a big schema (seconds to compile) no longer stalls every other request of the node: its
+request waits in the queue (`ready()` is False, the scheduler skips it) until
+`finish_compiles()`, which the engine calls each step, builds its matcher, or reports the
+error that ends it. Without it (the offline LLM), add_request compiles at once and raises.
+
 Grammar state survives the prefill/decode split by construction: a request that arrives
 with `output_token_ids` (the prefill node's first token, or everything streamed before a
 decode failover or KV recompute) has its fresh matcher advanced over those tokens at
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +60,11 @@ class GrammarState:
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: Any, vocab_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, tokenizer: Any, vocab_size: int, device: torch.device | str = "cpu", background: bool = False):
         self._tokenizer = tokenizer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile") if background else None
+        self._compiling: dict[tuple, Future] = {}        # cache key -> its compile, while it runs
+        self._waiting: dict[str, tuple[StructuredOutputsParams, list[int]]] = {}  # request id -> what add_request got
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._view: TokenizerView | None = None
@@ -89,19 +100,28 @@ class StructuredOutputManager:
             self._compiled.move_to_end(key)
             self.compile_hits += 1
             return hit
+        return self._cache(key, self._compile_with(self._backends_for(params), params))
+
+    def _backends_for(self, params: StructuredOutputsParams) -> list[GrammarBackend]:
+        """The backends to try, in order (made here, on the engine thread)."""
         if params.backend == "auto":
             names = [n for n in AUTO_ORDER if backend_unavailable(n) is None] or [resolve_backend("auto")]
         else:
             names = [params.backend]
+        return [self.backend(name) for name in names]
+
+    @staticmethod
+    def _compile_with(backends: list[GrammarBackend], params: StructuredOutputsParams) -> tuple[str, Any]:
+        """Touches nothing of the manager: runs on the compile thread too."""
         errors = []
-        for name in names:
+        for backend in backends:
             try:
-                hit = (name, self.backend(name).compile(params))
-                break
+                return backend.name, backend.compile(params)
             except ValueError as e:
                 errors.append(str(e))
-        else:
-            raise ValueError("; ".join(errors))
+        raise ValueError("; ".join(errors))
+
+    def _cache(self, key: tuple, hit: tuple[str, Any]) -> tuple[str, Any]:
         self.compile_misses += 1
         self._compiled[key] = hit
         if len(self._compiled) > GRAMMAR_CACHE_SIZE:
@@ -111,8 +131,57 @@ class StructuredOutputManager:
     # --- requests ---------------------------------------------------------------------
     def add_request(self, request_id: str, params: StructuredOutputsParams, output_token_ids: Sequence[int]) -> None:
         """Compile (or reuse) the grammar and replay the tokens already produced. Raises
-        ValueError for a constraint that does not compile or tokens it does not allow."""
-        backend, compiled = self.compile(params)
+        ValueError for a constraint that does not compile or tokens it does not allow; in
+        the background mode a grammar not in the cache is compiled on the worker thread
+        instead, and finish_compiles() reports those errors."""
+        key = params.cache_key()
+        if self._pool is None or key in self._compiled:
+            self._start(request_id, params, self.compile(params), output_token_ids)
+            return
+        if key not in self._compiling:  # the choices of one n > 1 request share one compile
+            self._compiling[key] = self._pool.submit(self._compile_with, self._backends_for(params), params)
+        self._waiting[request_id] = (params, list(output_token_ids))
+
+    def ready(self, request_id: str) -> bool:
+        """False while the request's grammar compiles (it must not be scheduled yet)."""
+        return request_id not in self._waiting
+
+    @property
+    def compiling(self) -> bool:
+        return bool(self._waiting)
+
+    def finish_compiles(self) -> list[tuple[str, str]]:
+        """Give the requests whose grammar finished compiling their matchers; returns
+        (request id, why) for those whose grammar failed to compile or to take their tokens."""
+        errors: dict[tuple, str] = {}
+        for key, future in list(self._compiling.items()):
+            if future.done():
+                del self._compiling[key]
+                if future.exception() is None:
+                    self._cache(key, future.result())
+                else:
+                    errors[key] = str(future.exception())
+        failed = []
+        for request_id, (params, outputs) in list(self._waiting.items()):
+            key = params.cache_key()
+            if key in self._compiling:
+                continue
+            del self._waiting[request_id]
+            try:
+                if key in errors:
+                    raise ValueError(errors[key])
+                self._start(request_id, params, self.compile(params), outputs)
+            except ValueError as e:
+                failed.append((request_id, str(e)))
+        return failed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, request_id: str, params: StructuredOutputsParams, compiled_by: tuple[str, Any],
+               output_token_ids: Sequence[int]) -> None:
+        backend, compiled = compiled_by
         state = GrammarState(self.backend(backend).matcher(compiled), params, backend,
                              active=params.reasoning_end_token_id is None)
         for i, token in enumerate(output_token_ids):
@@ -123,6 +192,7 @@ class StructuredOutputManager:
 
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+        self._waiting.pop(request_id, None)
 
     def _advance(self, state: GrammarState, token: int) -> bool:
         if not state.active:
