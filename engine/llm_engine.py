@@ -112,7 +112,7 @@ class LLMEngine:
         self._stopping: list[Request] = []  # a stop string ended them; they end at the next step()
         self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device,
                                                   background=config.background_grammar_compile)
-        self.scheduler.ready = lambda req: self.structured.ready(req.request_id)
+        self.scheduler.ready = self.structured.ready  # not a closure over the engine: no cycle (see close())
         self._rng = random.Random()
         self.idle = True  # the last step ran no model
         self._peak_running = self._peak_waiting = 0  # since the last stats()

@@ -89,8 +89,8 @@ class Scheduler:
         # release_blocks() recognises them when the blocks come back.
         self._lent: dict[str, Request] = {}
         self._lent_by_tail: dict[int, str] = {}
-        # Whether a waiting request may be admitted (its grammar may still be compiling).
-        self.ready: Callable[[Request], bool] = lambda req: True
+        # Whether a waiting request (by id) may be admitted (its grammar may still be compiling).
+        self.ready: Callable[[str], bool] = lambda request_id: True
 
     # --- queue changes --------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -182,7 +182,7 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
-            if not self.ready(req):
+            if not self.ready(req.request_id):
                 i += 1  # its grammar compiles: the requests behind it go first
                 continue
             parent = self._fork_parent(req) if req.fork_of else None
