@@ -73,6 +73,9 @@ class _Workflow:
     last_active: float = 0.0
 
 
+_MIN_WORKFLOW_PRUNE = 1024  # workflows tracked before the first pruning pass
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool = True, eviction_policy: EvictionPolicy = "workflow",
                  workflow_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
@@ -95,6 +98,7 @@ class BlockPool:
         self._free_protected: dict[str, OrderedDict[int, None]] = {}
         self._num_free_protected = 0
         self._workflows: dict[str, _Workflow] = {}
+        self._prune_workflows_at = _MIN_WORKFLOW_PRUNE  # client-chosen ids: keep the table bounded
         self.stats = PrefixCacheStats()
         self.event_log: CacheEventLog | None = None
         self._digest = 0  # sum of cached keys mod 2**64: a cheap fingerprint of the cached set
@@ -117,8 +121,11 @@ class BlockPool:
     # --- workflows ------------------------------------------------------------------
     def workflow_started(self, workflow: str | None) -> None:
         """A request of `workflow` entered the engine."""
-        if workflow:
+        if workflow and self.eviction_policy == "workflow":  # lru: nothing looks at workflows
             self._workflows.setdefault(workflow, _Workflow()).in_flight += 1
+            if len(self._workflows) > self._prune_workflows_at:
+                self._forget_idle_workflows(self.clock())
+                self._prune_workflows_at = max(_MIN_WORKFLOW_PRUNE, 2 * len(self._workflows))
 
     def workflow_finished(self, workflow: str | None) -> None:
         """A request of `workflow` left the engine: its TTL starts now."""
@@ -183,6 +190,11 @@ class BlockPool:
             for b in reversed(queue):
                 self._free_cached[b] = None
                 self._free_cached.move_to_end(b, last=False)
+        self._forget_idle_workflows(now)
+
+    def _forget_idle_workflows(self, now: float) -> None:
+        """Drop workflows past their TTL that protect nothing (amortised: the table grows to
+        twice its live size between calls from workflow_started)."""
         for wf in [wf for wf, w in self._workflows.items()
                    if w.in_flight == 0 and now - w.last_active >= self.workflow_ttl_s and wf not in self._free_protected]:
             del self._workflows[wf]

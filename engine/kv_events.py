@@ -309,7 +309,9 @@ class KVEventPublisher:
             return
         start_seq = int.from_bytes(start, "big")
         oldest = self._buffer[0][0] if self._buffer else self._seq + 1
-        if start_seq < oldest:
+        # Before the buffer, or past this publisher's batches (a subscriber of a previous
+        # process on the same address): a snapshot of the cache now.
+        if start_seq < oldest or start_seq > self._seq + 1:
             snapshot = KVEventBatch(time.time(), self._mirror.snapshot(self.medium))
             replay.send_multipart(envelope + [seq_bytes(self._seq), encode_batch(snapshot)])
         else:

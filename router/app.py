@@ -142,9 +142,12 @@ class Router:
 
     async def _health_tick(self) -> None:
         was_down = {n.id for n in self.nodes if not n.healthy}
+        pids = {n.id: n.last_stats.pid for n in self.nodes if n.last_stats is not None}
         await asyncio.gather(*(n.check_health() for n in self.nodes))
         for n in self.nodes:
-            if n.id in was_down and n.healthy:
+            # A new pid: restarted between two ticks, perhaps behind the same ports.
+            new_process = n.last_stats is not None and pids.get(n.id, n.last_stats.pid) != n.last_stats.pid
+            if n.healthy and (n.id in was_down or new_process):
                 self.policy.node_restarted(n.id)  # its prefix cache starts empty
             elif (n.id not in was_down and not n.healthy and n.role in ("prefill", "both") and n.last_stats
                   and n.last_stats.kv_engine_id):

@@ -7,7 +7,9 @@ ports). A fresh subscription first asks the replay socket for everything from ba
 which is either the node's whole history or a snapshot (engine/kv_events.py), so the
 index is exact from the start. Afterwards, a gap in the sequence numbers is filled by
 replay, and a sequence that starts again at 0 means the node restarted on the same
-address: its entry is emptied and rebuilt.
+address: its entry is emptied and rebuilt. (A restarted node's batch 0 is often gone before
+the subscription reconnects; the router's health loop also notices the new pid in the
+node's stats and resubscribes from a snapshot, router/app.py.)
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class KVEventListener:
         self.gaps_healed = 0
         self._task: asyncio.Task | None = None
         self._sockets: set[zmq.asyncio.Socket] = set()
+        # Which subscription may write the index: a cancelled one can still be handed a batch
+        # in the loop turn it is cancelled in (asyncio.wait_for returns a finished result).
+        self._generation = 0
 
     def follow(self, address: str, replay_address: str) -> None:
         """Subscribe to these addresses (no-op when already subscribed to them)."""
@@ -47,7 +52,8 @@ class KVEventListener:
         self.address, self.replay_address = address, replay_address
         self.index.forget_node(self.node_id)
         self.last_seq = -1
-        self._task = asyncio.get_running_loop().create_task(self._run(address))
+        self._generation += 1
+        self._task = asyncio.get_running_loop().create_task(self._run(address, self._generation))
 
     def resync(self) -> None:
         """Rebuild from a snapshot (the node was unreachable for a while)."""
@@ -75,35 +81,40 @@ class KVEventListener:
         self._sockets.discard(sock)
         sock.close(0)
 
-    async def _run(self, address: str) -> None:
+    async def _run(self, address: str, generation: int) -> None:
         sub = self._socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.connect(address)
         try:
-            await self._replay(0)
+            await self._replay(0, generation)
             while True:
                 _, seq_b, payload = await sub.recv_multipart()
                 seq = int.from_bytes(seq_b, "big")
+                if generation != self._generation:
+                    return
                 if seq == 0 and self.last_seq >= 0:  # the node restarted behind the same address
                     self.index.forget_node(self.node_id)
                     self.last_seq = -1
                 elif seq <= self.last_seq:
                     continue  # a replay already brought it
                 elif seq > self.last_seq + 1:
-                    await self._replay(self.last_seq + 1)
+                    await self._replay(self.last_seq + 1, generation)
                     self.gaps_healed += 1
                     if seq <= self.last_seq:
                         continue
-                self._apply(seq, decode_batch(payload))
+                self._apply(seq, decode_batch(payload), generation)
         except asyncio.CancelledError:
             pass
         except Exception:
-            log.exception("node %s: KV event subscription failed; prefix routing falls back to load for it",
-                          self.node_id)
+            log.exception("node %s: KV event subscription failed; prefix routing falls back to load for it "
+                          "until the next health check subscribes again", self.node_id)
+            if generation == self._generation:  # what it held is unknown now; follow() starts afresh
+                self.index.forget_node(self.node_id)
+                self.address = self.replay_address = ""
         finally:
             self._close(sub)
 
-    async def _replay(self, start_seq: int) -> None:
+    async def _replay(self, start_seq: int, generation: int) -> None:
         sock = self._socket(zmq.DEALER)
         sock.connect(self.replay_address)
         try:
@@ -120,11 +131,13 @@ class KVEventListener:
                 seq = int.from_bytes(seq_b, "big")
                 batch = decode_batch(payload)
                 if seq > self.last_seq or (start_seq == 0 and self.last_seq < 0):
-                    self._apply(seq, batch)
+                    self._apply(seq, batch, generation)
         finally:
             self._close(sock)
 
-    def _apply(self, seq: int, batch: KVEventBatch) -> None:
+    def _apply(self, seq: int, batch: KVEventBatch, generation: int) -> None:
+        if generation != self._generation:  # a subscription replaced while this batch came in
+            return
         self.index.apply(self.node_id, batch.events)
         self.last_seq = seq
         self.batches += 1

@@ -162,3 +162,16 @@ def test_a_hit_takes_a_protected_block_out_of_its_queue():
     pool.free(blocks)
     pool.uncache(blocks)
     assert pool.num_free == 3 and pool.num_cached == 0 and pool.cached_digest == 0
+
+
+@pytest.mark.parametrize("policy", ["workflow", "lru"])
+def test_the_workflow_table_stays_bounded_however_many_ids_clients_send(policy):
+    now = [0.0]
+    pool = BlockPool(100_000, eviction_policy=policy, workflow_ttl_s=1.0, clock=lambda: now[0])
+    for i in range(10_000):  # a cache that never has to evict: expiry alone never runs
+        pool.workflow_started(f"wf-{i}")
+        blocks = pool.allocate(2, f"wf-{i}")
+        pool.free(blocks)
+        pool.workflow_finished(f"wf-{i}")
+        now[0] += 10.0  # each one long past its TTL
+    assert len(pool._workflows) <= (1025 if policy == "workflow" else 0)

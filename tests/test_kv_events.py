@@ -13,8 +13,8 @@ import zmq
 from engine import SamplingParams
 from engine.config import CacheConfig, EngineConfig, KVEventsConfig, SchedulerConfig
 from engine.hashing import internal_block_hash
-from engine.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored, KVEventPublisher, KVEventSubscriber,
-                              decode_batch)
+from engine.kv_events import (END_OF_REPLAY, AllBlocksCleared, BlockRemoved, BlockStored, KVEventPublisher,
+                              KVEventSubscriber, decode_batch)
 from engine.llm_engine import LLMEngine
 
 
@@ -200,3 +200,70 @@ def test_the_standalone_subscriber_example_follows_a_publisher(publisher):
     assert lines[0] == "node: batch 0 (replayed): +0 -0 blocks, 0 cached"
     assert lines[1] == "node: batch 1 (replayed): +1 -0 blocks, 1 cached"
     assert lines[-1] == "node: batch 3: +0 -1 blocks, 1 cached"
+
+
+def test_a_replay_asked_past_the_publishers_batches_gets_a_snapshot(publisher):
+    """A subscriber of a previous process on the same address asks from its own last batch:
+    the new publisher answers with a snapshot of what it holds now."""
+    publisher.publish([_stored(1)])
+    publisher.publish([_stored(2, 1)])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(publisher.replay_address)
+        sock.send_multipart([b"", (500).to_bytes(8, "big")])
+        frames = []
+        while sock.poll(5000):
+            frames.append(sock.recv_multipart())
+            if frames[-1][1] == END_OF_REPLAY:
+                break
+        stored = [e for e in decode_batch(frames[0][2]).events if isinstance(e, BlockStored)]
+        assert len(frames) == 2 and sorted(h for e in stored for h in e.block_hashes) == [1, 2]
+    finally:
+        sock.close(0)
+
+
+def test_a_subscription_a_bad_batch_ends_is_forgotten_and_taken_up_again():
+    """The router's listener: after a batch it cannot decode, the node's entry is emptied
+    (prefix routing falls back to load for it) and the next follow() subscribes afresh."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from engine.kv_events import KVEventBatch, encode_batch, seq_bytes
+    from router.kv_event_listener import KVEventListener
+    from router.prefix_index import PrefixIndex
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+        index, publisher = PrefixIndex(), KVEventPublisher(buffer_steps=4)  # a real replay socket
+        listener = KVEventListener("n", index, ctx)
+        try:
+            async def until(cond, what):
+                deadline = time.monotonic() + 10
+                while not cond():
+                    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                    await asyncio.sleep(0.02)
+
+            listener.follow(address, publisher.replay_address)
+            batch = encode_batch(KVEventBatch(0.0, [_stored(1)]))
+            seq = 0
+            while index.match([1]) != {"n": 1}:  # a PUB socket drops what it sends before the SUB joined
+                await pub.send_multipart([b"kv-events", seq_bytes(seq), batch])
+                seq += 1
+                await asyncio.sleep(0.05)
+            await pub.send_multipart([b"kv-events", seq_bytes(listener.last_seq + 1), b"\xc1 not msgpack"])
+            await until(lambda: listener.address == "", "the failed subscription to let go")
+            assert index.match([1]) == {}
+            listener.follow(address, publisher.replay_address)  # the next health tick
+            assert listener._task is not None and not listener._task.done()
+        finally:
+            listener.stop()
+            publisher.close()
+            pub.close(0)
+            ctx.term()
+
+    asyncio.run(main())
