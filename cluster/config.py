@@ -406,6 +406,20 @@ class ClusterConfig(_Section):
                                       shares_kv=role == "both" and self.colocated_share_kv))
         return specs
 
+    def kv_nodes_sharing_a_gpu(self, specs: list[NodeSpec]) -> str | None:
+        """'prefill-0 and decode-0 share cuda:0' when nodes that move KV between them over
+        NIXL sit on one GPU (UCX has no fast path between processes of one device), else None."""
+        if self.kv_transfer.connector != "nixl":
+            return None
+        by_device: dict[str, list[str]] = {}
+        for s in specs:
+            if s.device.startswith("cuda") and s.kv_role is not None:
+                by_device.setdefault(s.device, []).append(s.name)
+        for device, names in by_device.items():
+            if len(names) > 1:
+                return f"{' and '.join(names)} share {device}"
+        return None
+
     def node_spec(self, role: Role, index: int, num_gpus: int | None = None) -> NodeSpec:
         """A node added while serving (`pdcluster scale`): the role's settings, free ports,
         and its device by index (`devices` cycled; `auto`: GPUs round-robin)."""

@@ -345,6 +345,11 @@ class LocalCluster:
             self.console.print("warning: this libzmq has no CURVE support: the nodes' sockets are not "
                                "authenticated (any local process can send them requests)", markup=False)
         self._node_secrets = secrets
+        shared = cfg.kv_nodes_sharing_a_gpu(specs)
+        if shared:
+            self.console.print(f"warning: {shared}: NIXL (UCX) moves KV between processes of one GPU at about 0.5 "
+                               "GB/s (a 4k-token 8B prompt: over a second); set kv_transfer.connector: cuda_ipc "
+                               "for nodes that share a GPU", markup=False)
         # CPU nodes share the cores: without a limit each torch would start one thread per
         # core and they would thrash each other.
         cpu_threads = max(1, (os.cpu_count() or 1) // max(sum(s.device == "cpu" for s in specs), 1))

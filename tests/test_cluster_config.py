@@ -252,3 +252,13 @@ def test_generate_prints_a_completion():
     assert [o["prompt"] for o in outputs] == ["Hello", "Numbers:"]
     assert all(1 <= len(o["token_ids"]) <= 4 for o in outputs)
     assert result.stdout == outputs[0]["prompt"] + outputs[0]["text"] + "\n"
+
+
+def test_nixl_nodes_sharing_a_gpu_are_named_for_the_launchers_warning(tmp_path):
+    shared = "prefill: {devices: [cuda:0]}\ndecode: {devices: [cuda:0]}\n"
+    config = load_cluster_config(write(tmp_path, shared))
+    assert config.kv_nodes_sharing_a_gpu(config.node_specs()) == "prefill-0 and decode-0 share cuda:0"
+    for other in ("kv_transfer: {connector: cuda_ipc}\n" + shared, "prefill: {devices: [cuda:0]}\ndecode: {devices: [cuda:1]}\n",
+                  "prefill: {devices: [cpu]}\ndecode: {devices: [cpu]}\n"):
+        config = load_cluster_config(write(tmp_path, other))
+        assert config.kv_nodes_sharing_a_gpu(config.node_specs()) is None, other
