@@ -70,17 +70,25 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        # The window is checked against the context the engine serves (LLMEngine): a window
+        # at least that long is full attention, which is what pdcluster computes.
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
-        if window is not None and window < cfg.get("max_position_embeddings", 0):
-            raise ValueError(f"model {name or '?'} uses sliding-window attention ({window} tokens), which "
-                             "pdcluster does not implement yet: use a checkpoint without it")
-        rope_scaling = cfg.get("rope_scaling") or None
-        rope_theta = cfg.get("rope_theta")
-        if rope_theta is None:  # transformers 5 nests rope settings under rope_parameters
-            params = cfg.get("rope_parameters") or {}
-            rope_theta = params.get("rope_theta", 10000.0)
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = params
+        unsupported = []
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            unsupported.append(f"hidden_act {cfg['hidden_act']!r} (only silu)")
+        if cfg.get("mlp_bias"):
+            unsupported.append("mlp_bias (biases on the MLP projections)")
+        if cfg.get("attention_bias") and arch != "Qwen2ForCausalLM":
+            unsupported.append(f"attention_bias on {arch} (it biases o_proj too)")
+        if unsupported:
+            raise ValueError(f"model {name or '?'}: {'; '.join(unsupported)} is not supported by pdcluster")
+        params = cfg.get("rope_parameters") or None
+        if params is not None:  # transformers 5's form: it wins over the legacy keys, as there
+            rope_theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            rope_scaling = params if params.get("rope_type", "default") != "default" else None
+        else:
+            rope_theta = cfg.get("rope_theta", 10000.0)
+            rope_scaling = cfg.get("rope_scaling") or None
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind == "default":
@@ -103,7 +111,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=None,
+            sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),

@@ -82,6 +82,11 @@ class LLMEngine:
         block_bytes = KVCacheSpec.bytes_per_block(self.model_config, cache.block_size, self.dtype)
         num_blocks = cache.num_blocks or num_blocks_for_budget(self._kv_budget_bytes(), block_bytes)
         self.max_model_len = self._fit_max_model_len(num_blocks * cache.block_size, block_bytes)
+        window = self.model_config.sliding_window
+        if window is not None and window < self.max_model_len:
+            raise ValueError(f"model {self.model_config.name or '?'} uses sliding-window attention ({window} tokens) "
+                             f"and would serve {self.max_model_len}: pdcluster computes full attention, so set "
+                             f"max_model_len to {window} or less, or use a checkpoint without a window")
         sched = config.scheduler
         if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
             # A prompt longer than one step's budget could then never be scheduled.

@@ -266,7 +266,9 @@ def _template_messages(messages: list[dict]) -> list[dict[str, Any]]:
         elif content is not None and not isinstance(content, str):
             raise ValueError(f"messages[{i}].content is {type(content).__name__}: give a string or a list of "
                              '{"type": "text", "text": ...} parts')
-        out.append({**message, "content": content})
+        # None-valued keys go, as transformers drops them: an OpenAI tool-call turn's
+        # `"content": null` must not render as "None".
+        out.append({k: v for k, v in {**message, "content": content}.items() if v is not None})
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -262,3 +263,56 @@ def test_make_model_command_line(tmp_path, capsys):
         warnings.simplefilter("error")
         assert builtin_models.main([str(tmp_path / "t"), "--no-weights"]) == 0
     assert not (tmp_path / "t" / "model.safetensors").exists()
+
+
+def _config(tiny_checkpoints, preset: str, **changes) -> dict:
+    cfg = json.loads((tiny_checkpoints[preset] / "config.json").read_text())
+    cfg.update(changes)
+    return cfg
+
+
+def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers(tiny_checkpoints):
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    ours = ModelConfig.from_dict(_config(tiny_checkpoints, "tiny", rope_theta=10000.0, rope_parameters=llama3))
+    assert ours.rope_theta == 500000.0 and ours.rope_scaling["rope_type"] == "llama3"
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported"):
+        ModelConfig.from_dict(_config(tiny_checkpoints, "tiny", rope_theta=10000.0,
+                                      rope_parameters={"rope_type": "yarn", "factor": 4.0}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' (only silu)"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"attention_bias": True}, "attention_bias on LlamaForCausalLM (it biases o_proj too)"),
+])
+def test_config_fields_that_would_change_the_computation_are_refused_by_name(tiny_checkpoints, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig.from_dict(_config(tiny_checkpoints, "tiny", **changes))
+
+
+def test_a_sliding_window_shorter_than_the_served_context_is_refused(tiny_checkpoints, tmp_path):
+    from engine import LLM
+
+    path = tmp_path / "mistral-window"
+    shutil.copytree(tiny_checkpoints["tiny-mistral"], path)
+    (path / "config.json").write_text(json.dumps(_config(tiny_checkpoints, "tiny-mistral", sliding_window=64,
+                                                         max_position_embeddings=64)))
+    with pytest.raises(ValueError, match=r"sliding-window attention \(64 tokens\) and would serve 256"):
+        LLM(str(path), dtype="float32", device="cpu", num_blocks=32, max_model_len=256)
+    llm = LLM(str(path), dtype="float32", device="cpu", num_blocks=32, max_model_len=64)  # full attention == window
+    assert llm.engine.max_model_len == 64
+
+
+def test_a_fused_projection_of_the_wrong_shape_is_refused_by_its_checkpoint_name(tiny_checkpoints):
+    from safetensors.torch import load_file
+
+    from engine.models.llama import LlamaForCausalLM
+
+    cfg = ModelConfig.from_path(tiny_checkpoints["tiny"])
+    model = LlamaForCausalLM(cfg)
+    weights = load_file(str(next(tiny_checkpoints["tiny"].glob("*.safetensors"))))
+    name = next(n for n in weights if n.endswith("layers.0.self_attn.k_proj.weight"))
+    weights[name] = weights[name][:1]  # broadcastable: a copy_ would have filled the slice silently
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint tensor {name} has shape")):
+        model.load_weights(weights.items())

@@ -142,6 +142,13 @@ def test_a_tool_calling_style_template_renders_like_transformers(tmp_path):
     assert "<b>Weather</b> & more" in ours.apply_chat_template(messages, tools=tools)  # tojson does not escape HTML
     with pytest.raises(ValueError, match="system must come first"):
         ours.apply_chat_template([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+    # An OpenAI tool-call turn has "content": null: dropped, as transformers drops None values.
+    call_turn = [{"role": "user", "content": "Weather?"},
+                 {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                     "name": "get_weather", "arguments": {}}}]}]
+    rendered = ours.apply_chat_template(call_turn, tools=tools)
+    assert rendered == ref.apply_chat_template(call_turn, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert "None" not in rendered
 
 
 def test_chat_template_file_overrides_tokenizer_config(tmp_path):

@@ -208,7 +208,11 @@ class LlamaForCausalLM(nn.Module):
                     param = params.get(name)
                     if param is None:
                         raise ValueError(f"checkpoint tensor {hf_name} has no place in {self.cfg.architecture}")
-                    self._shard_view(param, name, shard).copy_(tensor)
+                    view = self._shard_view(param, name, shard)
+                    if view.shape != tensor.shape:
+                        raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, the model "
+                                         f"expects {tuple(view.shape)}: is config.json from this checkpoint?")
+                    view.copy_(tensor)
                     loaded.add(f"{name}#{shard}")
                     break
             else:
