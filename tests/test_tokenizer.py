@@ -219,10 +219,15 @@ def test_malformed_messages_are_rejected_with_advice(tiny_dir, messages, match):
         Tokenizer.from_pretrained(tiny_dir).apply_chat_template(messages)
 
 
-def test_assistant_tool_call_messages_may_omit_content(tiny_dir):
-    tok = Tokenizer.from_pretrained(tiny_dir)
-    messages = [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]
-    assert tok.apply_chat_template(messages, chat_template="{{ messages[0].content is none }}") == "True"
+def test_assistant_tool_call_messages_may_omit_content_or_send_null(tiny_dir):
+    """Either way the template sees no content, as transformers renders it."""
+    ours, ref = Tokenizer.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    template = "{{ messages[0].content is defined }}|{{ messages[0].content }}|{{ messages[0].tool_calls[0] }}"
+    for message in ({"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]},
+                    {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}):
+        rendered = ours.apply_chat_template([message], chat_template=template)
+        assert rendered == ref.apply_chat_template([message], chat_template=template, tokenize=False)
+        assert rendered.startswith("False||")
 
 
 def test_model_without_chat_template_points_to_completions(spm_dir):
