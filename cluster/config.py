@@ -344,18 +344,21 @@ class ClusterConfig(_Section):
             raise PydanticCustomError("cluster_topology", "\n".join(problems))
         return self
 
+    def role_engine(self, settings: RoleSettings) -> EngineSettings:
+        """The top-level `engine:` with the role's overrides (only the keys written there)."""
+        return self.engine.model_copy(update=settings.engine.model_dump(exclude_unset=True))
+
     def _engine_problems(self) -> list[str]:
         """What each role's engine (the top-level `engine:` with its overrides) would refuse
         only once its nodes start, or what would make their KV useless to each other."""
         problems, block_sizes = [], {}
         for role, settings in self.roles():
             where = f"{'colocated' if role == 'both' else role}.engine"
-            overrides = settings.engine.model_dump(exclude_unset=True)
-            engine = self.engine.model_copy(update=overrides)
+            engine = self.role_engine(settings)
             if (not engine.enable_chunked_prefill and engine.max_model_len is not None
                     and engine.max_num_batched_tokens < engine.max_model_len):
-                source = where if {"enable_chunked_prefill", "max_model_len", "max_num_batched_tokens"} & set(
-                    overrides) else "engine"
+                source = where if {"enable_chunked_prefill", "max_model_len", "max_num_batched_tokens"} & (
+                    settings.engine.model_fields_set) else "engine"
                 problem = (f"{source}.max_num_batched_tokens: {engine.max_num_batched_tokens} is below max_model_len "
                            f"{engine.max_model_len} with enable_chunked_prefill false: a prompt that long could never "
                            "be scheduled; raise it, or turn chunked prefill on")
@@ -393,7 +396,7 @@ class ClusterConfig(_Section):
         specs = []
         autos = 0
         for role, settings in self.roles():
-            engine = self.engine.model_copy(update=settings.engine.model_dump(exclude_unset=True))
+            engine = self.role_engine(settings)
             for i in range(settings.replicas):
                 device = settings.device_of(i)
                 if device == "auto":
@@ -424,7 +427,7 @@ class ClusterConfig(_Section):
         """A node added while serving (`pdcluster scale`): the role's settings, free ports,
         and its device by index (`devices` cycled; `auto`: GPUs round-robin)."""
         settings = dict(self.roles())[role]
-        engine = self.engine.model_copy(update=settings.engine.model_dump(exclude_unset=True))
+        engine = self.role_engine(settings)
         device = settings.devices[index % len(settings.devices)]
         if device == "auto":
             num_gpus = _visible_gpu_count() if num_gpus is None else num_gpus

@@ -186,7 +186,7 @@ class Sampler:
             dead = ~torch.isfinite(logits[c]).any(dim=-1)
             reported = tokens.clone()
             reported[c] = torch.where(dead, torch.full_like(tokens[c], NO_TOKEN), tokens[c])
-        pending = PendingSample(tokens, len(rows), reported=reported)
+        pending = PendingSample(tokens, len(rows), reported)
         if raw_logprobs is not None:
             picked = tokens[_index(want_logprobs, device)]
             pending.logprobs = _LogprobTensors.compute(raw_logprobs, picked,
@@ -240,7 +240,7 @@ class PendingSample:
 
     tokens: torch.Tensor                 # (B,) on the logits' device: the next step's input ids
     num_rows: int
-    reported: torch.Tensor | None = None  # what the host reads: NO_TOKEN where nothing was allowed
+    reported: torch.Tensor                # what the host reads: `tokens`, NO_TOKEN where nothing was allowed
     host_tokens: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
     logprobs: _LogprobTensors | None = None
@@ -252,7 +252,7 @@ class PendingSample:
             self.ready.synchronize()
             token_ids = self.host_tokens.tolist()
         else:
-            token_ids = (self.tokens if self.reported is None else self.reported).tolist()
+            token_ids = self.reported.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * self.num_rows
         if self.logprobs is not None:
             for i, lp in zip(self.logprob_rows, self.logprobs.to_host()):

@@ -302,26 +302,29 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     return app
 
 
+async def _unless_gone(task: asyncio.Future, request: Request) -> bool:
+    """Wait for `task`, asking every DISCONNECT_POLL_S whether the client is still there
+    (a request with no stream to write to learns of a hang-up no other way). False: it
+    left, and `task` was cancelled (and awaited: its cleanup stops the work on the nodes)."""
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return False
+        return True
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 async def _start_unless_gone(run: _Run, request: Request) -> Delta | None:
     """`run.start()`, or None (and the run stopped on its nodes) if the client hangs up
     before the first token: a long prompt's prefill is not computed for nobody."""
     start = asyncio.ensure_future(run.start())
-    gone = False
-    try:
-        while not start.done():
-            await asyncio.wait({start}, timeout=DISCONNECT_POLL_S)
-            if not start.done() and await request.is_disconnected():
-                gone = True
-                start.cancel()
-                break
-        if gone:
-            with contextlib.suppress(asyncio.CancelledError):
-                await start  # run.start() stops the choices' jobs as it is cancelled
-            return None
-        return start.result()
-    finally:
-        if not start.done():
-            start.cancel()
+    return start.result() if await _unless_gone(start, request) else None
 
 
 def _prefill_headers(head: Delta) -> dict[str, str]:
@@ -606,14 +609,9 @@ class _Run:
         task = asyncio.create_task(gather())
         status = 500
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    status = 499
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    return Response(status_code=499)
+            if not await _unless_gone(task, request):
+                status = 499
+                return Response(status_code=499)
             failed = task.result()
             if failed is not None:
                 status = failed.error_code or 500
@@ -622,8 +620,6 @@ class _Run:
             status = 200
             return Response(json_bytes(body), media_type="application/json")
         finally:
-            if not task.done():
-                task.cancel()
             await self._finish(status)
 
     def _response(self):
