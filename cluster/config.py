@@ -100,7 +100,8 @@ class DisaggregationSettings(_Section):
     """`always`: every request's prefill runs on a prefill node (or another `both` node)
     when one is up. `conditional`: only when the prompt tokens the decode node does not
     already hold in its prefix cache exceed `max_local_prefill_tokens` and a prefill node
-    has fewer than `max_prefill_queue` prefills waiting. `never`: one node serves each
+    has fewer than `max_prefill_queue` prefills waiting; a colocated decode node lends only
+    to a node cheaper on prefill tokens ahead and requests in flight. `never`: one node serves each
     request whole. Not `never`: `both` (colocated) nodes lend KV to each other too.
     null (default): `always` with prefill and decode nodes, `never` with only colocated
     nodes; colocated nodes beside prefill/decode nodes then serve nothing (as before)."""

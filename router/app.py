@@ -199,8 +199,10 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     async def cluster():
         """Every node's state. `peak_running`/`peak_waiting`: the most requests a node ran
         or queued at any step since the previous GET /cluster (for samplers like the bench).
-        `prefills_waiting`: prefills this router sent there whose first token is not back
-        (the queue router.disaggregation's `conditional` mode checks). `aborts_sent` and
+        `prefills_waiting` / `prefill_tokens_waiting`: prefills this router sent there whose
+        first token is not back, and the prompt tokens they compute; with `in_flight` (this
+        router's requests on the node) what router.disaggregation's `conditional` mode
+        weighs. `aborts_sent` and
         `kv_releases_sent`: requests this router stopped there before their end (a client
         gone, a failover) and lent KV it freed unread."""
         nodes = []
@@ -215,7 +217,9 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                           "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
                           "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
+                          "in_flight": n.in_flight,
                           "prefills_waiting": router.orchestrator.planner.queue[n.id],
+                          "prefill_tokens_waiting": router.orchestrator.planner.queue.tokens(n.id),
                           "aborts_sent": n.aborts_sent, "kv_releases_sent": n.kv_releases_sent,
                           "kv_transfer": e.kv_transfer if e else {}})
         return {"nodes": nodes, "policy": spec.policy, "model": spec.served_model_name,

@@ -12,6 +12,14 @@ Modes (cluster.yaml `router.disaggregation.mode`):
   fewer than `max_prefill_queue` prefills waiting: remote. Otherwise local: a short or
   mostly cached prompt costs the decode node's running streams one short step, less than
   a transfer; and a queued prefill node would only add its queue to the first token.
+  A colocated (`both`) decode node can prefill as well as any lender, so for it a long
+  prompt is lent only to a node that is cheaper on both counts and strictly on one: the
+  prefill tokens ahead of this prompt's first token there (its queued prefills' plus what
+  it would compute of this prompt, its own prefix cache credited) and the requests in
+  flight there (the streams a prefill stalls). Two colocated nodes at even load then serve
+  like two colocated replicas (a split would only move the same prefill elsewhere and add
+  a transfer); a decode node picked for its cached prefix or workflow while busier than
+  the other, or one with prefills queued while the other has none, lends.
 * `never` — one node serves each request whole (the default with only `both` nodes).
 
 Pools. Decode candidates: decode nodes, plus `both` nodes when they share KV (a mode
@@ -50,7 +58,7 @@ MODES = ("always", "conditional", "never")
 # Why a plan is what it is: the `reason` label of pdcluster_router_prefill_decisions (a
 # fixed set, so the metric stays bounded).
 REMOTE_REASONS = ("always", "long_prompt")
-LOCAL_REASONS = ("never", "short_prompt", "prefill_busy", "no_prefill_node", "single_token")
+LOCAL_REASONS = ("never", "short_prompt", "prefill_busy", "local_cheaper", "no_prefill_node", "single_token")
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,6 +86,14 @@ class PrefillPlan:
     reason: str
     uncached_tokens: int | None = None  # conditional: prompt tokens the decode node would compute itself
     failover: bool = False     # a prefill node was wanted and none is up: the decode node prefills
+    prefill_tokens: int | None = None   # what the prefilling node computes, where the plan counted it
+
+    def tokens_to_prefill(self, prompt_len: int) -> int:
+        """Tokens the prefilling node computes (the whole prompt where the plan did not
+        count its cache): what this request adds to that node's prefill queue."""
+        if self.prefill_tokens is not None:
+            return self.prefill_tokens
+        return self.uncached_tokens if self.prefill is None and self.uncached_tokens is not None else prompt_len
 
     @property
     def decision(self) -> str:
@@ -85,27 +101,34 @@ class PrefillPlan:
 
 
 class PrefillQueue:
-    """Per node: prefills this router sent there whose first token is not back yet."""
+    """Per node: prefills this router sent there whose first token is not back yet, and the
+    prompt tokens they compute."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, int] = {}
+        self._waiting: dict[str, list[int]] = {}   # node id -> [prefills, tokens]
 
     def __getitem__(self, node_id: str) -> int:
-        return self._waiting.get(node_id, 0)
+        return self._waiting.get(node_id, (0, 0))[0]
 
-    def enter(self, node_id: str) -> Callable[[], None]:
-        """Count one prefill on the node; call the returned function (once or more) when its
-        first token came back, or it ended without one."""
-        self._waiting[node_id] = self._waiting.get(node_id, 0) + 1
+    def tokens(self, node_id: str) -> int:
+        return self._waiting.get(node_id, (0, 0))[1]
+
+    def enter(self, node_id: str, tokens: int = 0) -> Callable[[], None]:
+        """Count one prefill of `tokens` on the node; call the returned function (once or
+        more) when its first token came back, or it ended without one."""
+        entry = self._waiting.setdefault(node_id, [0, 0])
+        entry[0] += 1
+        entry[1] += tokens
         left = False
 
         def leave() -> None:
             nonlocal left
             if not left:
                 left = True
-                self._waiting[node_id] -= 1
-                if not self._waiting[node_id]:
-                    del self._waiting[node_id]
+                entry[0] -= 1
+                entry[1] -= tokens
+                if not entry[0]:
+                    self._waiting.pop(node_id, None)
         return leave
 
 
@@ -158,6 +181,8 @@ class DisaggregationPlanner:
             candidates = [n for n in candidates if self.queue[n.id] < rule.max_prefill_queue]
             if not candidates:
                 return PrefillPlan(decode, None, "prefill_busy", uncached)
+            if decode.role == "both":
+                return self._lend_if_cheaper(decode, candidates, prompt_ids, uncached)
         if decode_nodes:
             prefill = self.policy.pick_prefill(candidates, prompt_ids, affinity_key)
         else:
@@ -178,11 +203,37 @@ class DisaggregationPlanner:
         tied = [n for n in candidates if cost(n) == best]
         return tied[next(self._turn) % len(tied)]
 
+    def _lend_if_cheaper(self, decode: NodeClient, candidates: Sequence[NodeClient], prompt_ids: Sequence[int],
+                         uncached: int) -> PrefillPlan:
+        """A `both` decode node's long prompt: lent to the cheapest candidate that is no
+        dearer than the decode node on (prefill tokens ahead of the first token, requests
+        in flight) and cheaper on one of them; else prefilled where it decodes."""
+        matched = self.policy.cached_blocks(candidates, prompt_ids)
+
+        def cost(n: NodeClient, computed: int) -> tuple[int, int]:
+            return self.queue.tokens(n.id) + computed, n.load
+        local = cost(decode, uncached)
+        costs = {n.id: cost(n, len(prompt_ids) - self._credit(n, matched.get(n.id, 0), len(prompt_ids)))
+                 for n in candidates}
+        cheaper = [n for n in candidates
+                   if costs[n.id] != local and all(c <= l for c, l in zip(costs[n.id], local))]
+        if not cheaper:
+            return PrefillPlan(decode, None, "local_cheaper", uncached)
+        best = min(costs[n.id] for n in cheaper)
+        tied = [n for n in cheaper if costs[n.id] == best]
+        lender = tied[next(self._turn) % len(tied)]
+        computed = costs[lender.id][0] - self.queue.tokens(lender.id)
+        return PrefillPlan(decode, lender, "long_prompt", uncached, prefill_tokens=computed)
+
     def cached_tokens(self, node: NodeClient, prompt_ids: Sequence[int]) -> int:
         """Leading prompt tokens `node` holds in its prefix cache, by its KV events. At
         least one token is always computed (the one whose logits give the first token)."""
-        if not prompt_ids:
+        blocks = self.policy.cached_blocks([node], prompt_ids).get(node.id, 0) if prompt_ids else 0
+        return self._credit(node, blocks, len(prompt_ids))
+
+    def _credit(self, node: NodeClient, blocks: int, prompt_len: int) -> int:
+        """Prompt tokens `blocks` cached blocks on `node` spare it (never the last one)."""
+        if not prompt_len:
             return 0
-        blocks = self.policy.cached_blocks([node], prompt_ids).get(node.id, 0)
         block_size = node.last_stats.block_size if node.last_stats is not None else self.policy.block_size
-        return min(blocks * block_size, len(prompt_ids) - 1)
+        return min(blocks * block_size, prompt_len - 1)

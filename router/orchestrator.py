@@ -92,7 +92,8 @@ class ForkGroup:
             return plan, None, None
         if self.decode is None or not self.decode.healthy or self.decode.leaving:
             return plan, None, None
-        plan = dataclasses.replace(plan, decode=self.decode, prefill=None, reason="fork", failover=False)
+        plan = dataclasses.replace(plan, decode=self.decode, prefill=None, reason="fork", failover=False,
+                                   prefill_tokens=0)  # its prompt is choice 0's, computed once
         return plan, None, self.request_id
 
 
@@ -156,7 +157,7 @@ class Orchestrator:
         else:
             stream = self._disaggregated(request_id, prompt_ids, params, plan.prefill, plan.decode, owner,
                                          fork_of=(fork_p, fork_d))
-        prefilled = self.planner.queue.enter((plan.prefill or plan.decode).id)
+        prefilled = self.planner.queue.enter((plan.prefill or plan.decode).id, plan.tokens_to_prefill(len(prompt_ids)))
         try:
             async with aclosing(stream) as inner:
                 async for d in inner:

@@ -52,20 +52,56 @@ def cache(p: DisaggregationPlanner, node: NodeClient, prompt: list[int], blocks:
     p.policy.index.apply(node.id, [BlockStored(hashes, None, prompt[:blocks * BLOCK], BLOCK, None, "CPU", None)])
 
 
-def test_conditional_prefills_a_short_prompt_locally_and_a_long_one_on_the_other_node(ctx):
+def test_conditional_prefills_a_short_prompt_locally_and_a_long_one_where_it_is_cheaper(ctx):
     a, b = make_nodes(ctx, "both", "both")
     p = planner()
     short = p.plan([a, b], SHORT, 16)
     assert (short.decision, short.reason, short.prefill, short.uncached_tokens) == ("local", "short_prompt", None, 32)
+    # Two idle colocated nodes: lending would move the same prefill and add a transfer.
     long = p.plan([a, b], LONG, 16)
-    assert (long.decision, long.reason, long.uncached_tokens) == ("remote", "long_prompt", 160)
-    assert {long.decode.id, long.prefill.id} == {"both-0", "both-1"}
+    assert (long.decision, long.reason, long.uncached_tokens) == ("local", "local_cheaper", 160)
+    p.queue.enter("both-0", 500)  # a has a prefill ahead of this prompt; b has none
+    plans = {plan.decode.id: plan for plan in (p.plan([a, b], LONG, 16) for _ in range(2))}
+    assert (plans["both-0"].decision, plans["both-0"].prefill.id, plans["both-0"].reason) == ("remote", "both-1",
+                                                                                                "long_prompt")
+    assert plans["both-0"].prefill_tokens == 160
+    assert (plans["both-1"].decision, plans["both-1"].reason) == ("local", "local_cheaper")
+
+
+def test_a_decode_node_busier_than_the_other_lends_it_the_prefill(ctx):
+    a, b = make_nodes(ctx, "both", "both")
+    a.in_flight, b.in_flight = 6, 2   # round_robin: a decodes every other request, busy or not
+    p = planner(policy="round_robin")
+    plans = {plan.decode.id: plan for plan in (p.plan([a, b], LONG, 16) for _ in range(2))}
+    assert (plans["both-0"].decision, plans["both-0"].prefill.id) == ("remote", "both-1")
+    assert (plans["both-1"].decision, plans["both-1"].reason) == ("local", "local_cheaper")
+
+
+def test_a_lender_must_be_no_dearer_on_either_count(ctx):
+    a, b = make_nodes(ctx, "both", "both")
+    p = planner(policy="round_robin")
+    p.queue.enter("both-0", 500)
+    b.in_flight = 3   # fewer prefill tokens ahead on b, but more streams to stall
+    plans = {plan.decode.id: plan for plan in (p.plan([a, b], LONG, 16) for _ in range(2))}
+    assert [(plans[n].decision, plans[n].reason) for n in ("both-0", "both-1")] == [("local", "local_cheaper")] * 2
+
+
+def test_a_lender_holding_the_prompt_computes_less_and_lends(ctx):
+    a, b = make_nodes(ctx, "both", "both")
+    p = planner(policy="round_robin")
+    cache(p, b, LONG, 8)  # b holds 128 of the 160 tokens; round_robin sends the decode to a first
+    plan = p.plan([a, b], LONG, 16)
+    assert (plan.decode.id, plan.decision, plan.prefill.id, plan.prefill_tokens) == ("both-0", "remote", "both-1", 32)
+    assert plan.tokens_to_prefill(len(LONG)) == 32
 
 
 def test_threshold_is_inclusive_of_max_local_prefill_tokens(ctx):
     a, b = make_nodes(ctx, "both", "both")
-    assert planner(max_local_prefill_tokens=160).plan([a, b], LONG, 16).decision == "local"
-    assert planner(max_local_prefill_tokens=159).plan([a, b], LONG, 16).decision == "remote"
+    assert planner(max_local_prefill_tokens=160).plan([a, b], LONG, 16).reason == "short_prompt"
+    assert planner(max_local_prefill_tokens=159).plan([a, b], LONG, 16).reason == "local_cheaper"
+    xpyd = make_nodes(ctx, "prefill", "decode")
+    assert planner(share=False, max_local_prefill_tokens=160).plan(xpyd, LONG, 16).decision == "local"
+    assert planner(share=False, max_local_prefill_tokens=159).plan(xpyd, LONG, 16).decision == "remote"
 
 
 def test_prefix_cached_on_the_decode_node_is_credited(ctx):
@@ -82,8 +118,11 @@ def test_prefix_cached_elsewhere_earns_the_decode_node_no_credit(ctx):
     cache(p, b, LONG, 10)
     b.in_flight = 3  # a is less loaded: it decodes, and holds nothing of the prompt
     plan = p.plan([a, b], LONG, 16)
-    assert (plan.decode.id, plan.decision, plan.uncached_tokens) == ("both-0", "remote", 160)
-    assert plan.prefill.id == "both-1"
+    assert (plan.decode.id, plan.uncached_tokens) == ("both-0", 160)
+    b.in_flight = 0   # b computes one token where a computes 160: b lends
+    plans = [p.plan([a, b], LONG, 16) for _ in range(2)]
+    assert [(q.decode.id, q.uncached_tokens, q.prefill and q.prefill.id) for q in plans if q.decode is a] == [
+        ("both-0", 160, "both-1")]
 
 
 def test_a_whole_prompt_in_cache_still_computes_its_last_token(ctx):
@@ -94,17 +133,16 @@ def test_a_whole_prompt_in_cache_still_computes_its_last_token(ctx):
 
 
 def test_a_busy_prefill_candidate_means_local_prefill_until_its_queue_drains(ctx):
-    a, b = make_nodes(ctx, "both", "both")
-    b.in_flight = 5  # a decodes
-    p = planner(max_prefill_queue=2)
-    left = [p.queue.enter("both-1") for _ in range(2)]
-    plan = p.plan([a, b], LONG, 16)
-    assert (plan.decode.id, plan.decision, plan.reason) == ("both-0", "local", "prefill_busy")
+    nodes = make_nodes(ctx, "prefill", "decode")
+    p = planner(share=False, max_prefill_queue=2)
+    left = [p.queue.enter("prefill-0") for _ in range(2)]
+    plan = p.plan(nodes, LONG, 16)
+    assert (plan.decode.id, plan.decision, plan.reason) == ("decode-0", "local", "prefill_busy")
     left[0]()
     left[0]()  # leaving twice counts once
-    assert p.queue["both-1"] == 1
-    plan = p.plan([a, b], LONG, 16)
-    assert (plan.decision, plan.prefill.id) == ("remote", "both-1")
+    assert p.queue["prefill-0"] == 1
+    plan = p.plan(nodes, LONG, 16)
+    assert (plan.decision, plan.prefill.id) == ("remote", "prefill-0")
 
 
 def test_the_least_busy_prefill_node_below_the_queue_limit_lends(ctx):
@@ -189,12 +227,15 @@ def test_draining_nodes_get_no_part(ctx):
 
 def test_prefill_queue_counts_per_node():
     q = PrefillQueue()
-    leave_a = q.enter("a")
-    q.enter("a")
+    leave_a = q.enter("a", 100)
+    leave_a2 = q.enter("a", 30)
     q.enter("b")
-    assert (q["a"], q["b"], q["c"]) == (2, 1, 0)
+    assert (q["a"], q["b"], q["c"], q.tokens("a"), q.tokens("c")) == (2, 1, 0, 130, 0)
     leave_a()
-    assert q["a"] == 1
+    leave_a()
+    assert (q["a"], q.tokens("a")) == (1, 30)
+    leave_a2()
+    assert (q["a"], q.tokens("a")) == (0, 0)
 
 
 def test_rule_refuses_an_unknown_mode():
