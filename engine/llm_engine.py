@@ -250,7 +250,7 @@ class LLMEngine:
         if request_id in self.scheduler.requests:  # before any side effect (a grammar's state is per id)
             raise ValueError(f"request id {request_id!r} is already in use")
         if kv_transfer_params and self.connector is not None:
-            self.connector.check_request(kv_transfer_params)
+            self.connector.check_request(request_id, kv_transfer_params)
         params = params or SamplingParams()
         params.update_from_tokenizer(self.tokenizer)
         text = prompt if isinstance(prompt, str) else None

@@ -15,9 +15,9 @@ Lifecycle
      engine/kv_cache.py. Register it with the transport here.
 
 Scheduler side (a request's life)
-  * ``check_request(kv_transfer_params)`` — before a request is queued: raise ValueError
-    when its params are malformed (they came over a socket); the node answers 400 and
-    nothing else is touched.
+  * ``check_request(request_id, kv_transfer_params)`` — before a request is queued: raise
+    ValueError when its params are malformed (they came over a socket) or its id is still
+    lent; the node answers 400 and nothing else is touched.
   * ``on_request_added(request)`` — a request entered this engine. A consumer may
     announce itself to the producer now (so the producer keeps the blocks while the
     request waits in the queue). Must not block.
@@ -116,7 +116,7 @@ class KVConnectorBase(ABC):
     @abstractmethod
     def register_kv_cache(self, kv_cache: torch.Tensor) -> None: ...
 
-    def check_request(self, kv_transfer_params: dict) -> None:
+    def check_request(self, request_id: str, kv_transfer_params: dict) -> None:
         return None
 
     def on_request_added(self, request) -> None:

@@ -179,6 +179,11 @@ class ProducerLedger:
             return f"blocks {block_ids} are not readable blocks of request {request_id}"
         return None
 
+    def holds(self, request_id: str) -> bool:
+        """Whether a finished request of this id is lent (its blocks held for a consumer)."""
+        with self._lock:
+            return request_id in self._held
+
     @property
     def num_computing(self) -> int:
         with self._lock:

@@ -298,7 +298,12 @@ class PullConnector(KVConnectorBase):
                 except (BlockingIOError, OSError):  # full: the loop is awake anyway
                     pass
 
-    def check_request(self, kv_transfer_params: dict) -> None:
+    def check_request(self, request_id: str, kv_transfer_params: dict) -> None:
+        if self.config.is_producer and kv_transfer_params.get("do_remote_decode") and self.ledger.holds(request_id):
+            # Its record would be replaced: the held blocks never freed, and a consumer of
+            # the first request reading the second's.
+            raise ValueError(f"request id {request_id!r} is in use: this node still lends its KV (until a "
+                             f"consumer reads it or abort_timeout_s passes); use a new id")
         if not (self.config.is_consumer and kv_transfer_params.get("do_remote_prefill")):
             return
         try:

@@ -72,6 +72,42 @@ def test_a_malformed_decode_job_is_refused_before_it_is_queued_and_others_run_on
         consumer.close()
 
 
+def test_a_prefill_job_reusing_the_id_of_kv_still_lent_is_refused_and_the_lent_kv_stays_intact(checkpoints):
+    producer = engine(checkpoints["tiny"], "kv_producer")
+    consumer = engine(checkpoints["tiny"], "kv_consumer")
+    try:
+        first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        lend = {"do_remote_decode": True}
+        producer.add_request("p", [5, 6, 7, 8, 9, 10, 11, 12, 13], first, kv_transfer_params=lend)
+        out = run([producer], {"p"})["p"]
+        free = producer.scheduler.pool.num_free
+        with pytest.raises(ValueError, match="request id 'p' is in use: this node still lends its KV"):
+            producer.add_request("p", [40, 41, 42, 43, 44, 45, 46, 47, 48], first, kv_transfer_params=lend)
+        assert producer.scheduler.pool.num_free == free  # nothing was taken
+        # The consumer still reads the first request's KV: the offline engine's tokens.
+        consumer.add_request("d", out.prompt_token_ids, GREEDY, output_token_ids=list(out.outputs[0].token_ids),
+                             kv_transfer_params=out.kv_transfer_params)
+        decoded = run([consumer, producer], {"d"})["d"]
+        assert decoded.error is None
+        whole = engine(checkpoints["tiny"])
+        try:
+            whole.add_request("w", out.prompt_token_ids, GREEDY)
+            assert decoded.outputs[0].token_ids == run([whole], {"w"})["w"].outputs[0].token_ids
+        finally:
+            whole.close()
+        # Once read and released, the id is free again.
+        deadline = time.monotonic() + 10
+        while producer.connector.ledger.holds("p"):
+            assert time.monotonic() < deadline, "the lent KV was never released"
+            producer.step()
+            time.sleep(0.01)
+        producer.add_request("p", [40, 41, 42, 43, 44, 45, 46, 47, 48], first, kv_transfer_params=lend)
+        assert run([producer], {"p"})["p"].error is None
+    finally:
+        producer.close()
+        consumer.close()
+
+
 def test_a_long_poll_with_a_wait_that_never_ends_is_answered_with_an_error_at_once():
     ledger = ProducerLedger(abort_timeout_s=30)
     service = ProducerService("127.0.0.1", 0, {}, long_poll={
