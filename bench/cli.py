@@ -166,7 +166,9 @@ def run_bench(args: Any) -> int:
         out = Path(_opt(args, "out")) / "compare"  # beside, never over, the runs it reads
         try:
             gpus, attainment = advisor_options(args)
-            print(report.compare(args.compare, out, advisor_gpus=gpus, slo_attainment=attainment))
+            print(report.compare(args.compare, out, advisor_gpus=gpus, slo_attainment=attainment,
+                                 ttft_slo_ms=getattr(args, "ttft_slo_ms", None),
+                                 tpot_slo_ms=getattr(args, "tpot_slo_ms", None)))
         except ValueError as e:
             print(f"pdcluster bench: {e}", file=sys.stderr)
             return 2
@@ -254,7 +256,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-attainment", type=float, default=None, metavar="F",
                    help=f"the advisor's share of requests that must meet the SLO (default {d['slo_attainment']:g})")
     parser.add_argument("--compare", nargs="+", default=None, metavar="JSON",
-                        help="only rebuild the report, into OUT/compare/, from earlier summary.json or run files")
+                        help="only rebuild the report, into OUT/compare/, from earlier summary.json or run files "
+                             "(with --ttft-slo-ms / --tpot-slo-ms: judged against those targets)")
 
 
 def main(argv: list[str] | None = None) -> int:

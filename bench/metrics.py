@@ -54,10 +54,35 @@ class SLO:
     tpot_ms: float = DEFAULT_TPOT_SLO_MS
 
     def met_by(self, r: RequestResult) -> bool:
-        if not r.ok or not r.ttft_s * 1e3 <= self.ttft_ms:
+        return self.met(r.ok, r.ttft_s * 1e3, None if math.isnan(r.tpot_s) else r.tpot_s * 1e3)
+
+    def met(self, ok: bool, ttft_ms: float | None, tpot_ms: float | None) -> bool:
+        """Served, its first token within TTFT, and within TPOT (a one-token answer has no
+        TPOT: met). None or NaN for TTFT: no first token, missed."""
+        if not ok or ttft_ms is None or not ttft_ms <= self.ttft_ms:
             return False
-        tpot = r.tpot_s
-        return math.isnan(tpot) or tpot * 1e3 <= self.tpot_ms
+        return tpot_ms is None or tpot_ms <= self.tpot_ms
+
+
+def rescore(run: dict[str, Any], ttft_ms: float | None = None, tpot_ms: float | None = None) -> dict[str, Any]:
+    """`run` judged against another SLO (a target left None keeps the run's own): its
+    goodput, slo_attainment and slo recomputed from its per-request numbers, the rest
+    as measured. Whether a split pays depends on the TPOT target above all (a colocated
+    node's steps carry prefill chunks), so one sweep can be read at several targets.
+    ValueError when the run kept no per-request numbers."""
+    per_request = run.get("per_request")
+    if not per_request:
+        raise ValueError(f"{run.get('topology')} at {run.get('load')}: the run file has no per_request numbers, "
+                         f"so it cannot be judged against another SLO")
+    own = run.get("slo") or {}
+    slo = SLO(own.get("ttft_ms", DEFAULT_TTFT_SLO_MS) if ttft_ms is None else ttft_ms,
+              own.get("tpot_ms", DEFAULT_TPOT_SLO_MS) if tpot_ms is None else tpot_ms)
+    sent = [r for r in per_request if not r.get("unsent")]
+    good = sum(slo.met(bool(r.get("ok")), r.get("ttft_ms"), r.get("tpot_ms")) for r in sent)
+    duration_s = float(run.get("duration_s") or 0.0)
+    return {**run, "goodput": good / duration_s if duration_s > 0 else 0.0,
+            "slo_attainment": good / len(sent) if sent else 0.0,
+            "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}}
 
 
 def distribution(values_s: Iterable[float]) -> dict[str, float] | None:

@@ -12,7 +12,9 @@ once) or `{"mode": "concurrency", "concurrency": 8}`; its label (`4`, `inf`, `c8
 its file. `--compare A.json B.json ...` (or `python -m bench.report --compare ...`)
 rebuilds the table, and with --out the whole report, from earlier summary.json or
 run files: a run whose topology and load appear in more than one file is labelled with
-its file's folder.
+its file's folder. With `--ttft-slo-ms` / `--tpot-slo-ms` it judges them against those
+targets instead, from each request's measured TTFT and TPOT (which topology wins
+depends on the TPOT target most of all: one sweep read at several).
 
 summary.json's "advisor" holds, per workload, the split of `gpus` GPUs (default: the most
 nodes a measured topology used; `--advisor-gpus N` to ask for another N) that the
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import advisor
+from bench.metrics import rescore
 
 SUMMARY_VERSION = 1
 
@@ -314,10 +317,17 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None, *, advisor_gpus: int | None = None,
-            slo_attainment: float = advisor.DEFAULT_ATTAINMENT) -> str:
+            slo_attainment: float = advisor.DEFAULT_ATTAINMENT, ttft_slo_ms: float | None = None,
+            tpot_slo_ms: float | None = None) -> str:
     """The report's verdict, advisor lines and table for earlier runs; with `out_dir`, the
-    whole report written there too."""
+    whole report written there too. With an SLO target, every run is judged against it
+    from its per-request numbers (bench/metrics.py rescore) instead of the run's own."""
+    for name, target in (("--ttft-slo-ms", ttft_slo_ms), ("--tpot-slo-ms", tpot_slo_ms)):
+        if target is not None and not target > 0:
+            raise ValueError(f"{name} {target}: give a target in milliseconds above 0")
     runs = load_runs(paths)
+    if ttft_slo_ms is not None or tpot_slo_ms is not None:
+        runs = [rescore(r, ttft_slo_ms, tpot_slo_ms) for r in runs]
     advice = advisor.advise(runs, advisor_gpus, slo_attainment)   # ValueError before anything is written
     if out_dir is not None:
         write_report(Path(out_dir), runs, {"compared": [str(p) for p in paths]}, advisor_gpus=advisor_gpus,
@@ -333,9 +343,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the P:D advisor splits this many GPUs (default: the most a measured topology used)")
     parser.add_argument("--slo-attainment", type=float, default=advisor.DEFAULT_ATTAINMENT, metavar="F",
                         help=f"the advisor's share of requests within the SLO (default {advisor.DEFAULT_ATTAINMENT:g})")
+    parser.add_argument("--ttft-slo-ms", type=float, default=None, metavar="MS",
+                        help="judge the runs against this TTFT target instead of their own")
+    parser.add_argument("--tpot-slo-ms", type=float, default=None, metavar="MS",
+                        help="judge the runs against this TPOT target instead of their own")
     args = parser.parse_args(argv)
     try:
-        print(compare(args.compare, args.out, advisor_gpus=args.advisor_gpus, slo_attainment=args.slo_attainment))
+        print(compare(args.compare, args.out, advisor_gpus=args.advisor_gpus, slo_attainment=args.slo_attainment,
+                      ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms))
     except ValueError as e:
         print(f"bench.report: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from bench import cli as bench_cli
 from bench import soak
 from bench.cli import BenchPlan, model_limits, per_request, run_bench
 from bench.client import METRICS_SETTLE_S, LoadRun, QueueSample, RequestResult, run_duration, run_load
-from bench.metrics import SLO, cluster_delta, distribution, parse_prometheus, queue_peaks, summarize
+from bench.metrics import SLO, cluster_delta, distribution, parse_prometheus, queue_peaks, rescore, summarize
 from bench.workloads import (TOKEN_ID_MARGIN, BenchRequest, WorkloadOptions, make_workload, parse_rates,
                              with_poisson_arrivals)
 
@@ -421,6 +421,29 @@ def test_report_files_and_compare(tmp_path):
     with pytest.raises(ValueError, match="neither a summary.json"):
         (tmp_path / "x.json").write_text("{}")
         report.load_runs([tmp_path / "x.json"])
+
+
+def test_compare_judges_earlier_runs_against_another_slo_from_their_requests(tmp_path):
+    """One sweep read at several TPOT targets: the per-request numbers decide, not the
+    goodput the run printed."""
+    def run(topology: str, tpots: list[float | None]) -> dict:
+        results = [_result(i, 100, t) if t is not None else _result(i, 100, 0, out=1) for i, t in enumerate(tpots)]
+        s = summarize(results, 2.0, SLO(1000, 30))
+        return {"topology": topology, "load": {"mode": "rate", "request_rate": 4.0}, **s,
+                "per_request": [per_request(r) for r in results]}
+    split, colocated = run("1P1D", [6, 6, 6, 6]), run("colocated2", [9, 12, 20, None])
+    assert (split["goodput"], colocated["goodput"]) == (2.0, 2.0)
+    paths = [report.write_run(tmp_path / "runs", r) for r in (split, colocated)]
+    text = report.compare(paths, tmp_path / "tight", tpot_slo_ms=10)
+    assert "| 1P1D | 4 req/s | 2.00 |" in text and "| colocated2 | 4 req/s | 1.00 |" in text  # 9 ms and one token
+    assert "TTFT <= 1000 ms and TPOT <= 10 ms" in text
+    tight = json.loads((tmp_path / "tight" / "summary.json").read_text())
+    assert [r["slo_attainment"] for r in tight["runs"]] == [1.0, 0.5]
+    assert rescore(colocated, ttft_ms=50)["goodput"] == 0.0 and rescore(colocated)["goodput"] == 2.0
+    with pytest.raises(ValueError, match="no per_request numbers"):
+        rescore({k: v for k, v in colocated.items() if k != "per_request"}, tpot_ms=10)
+    with pytest.raises(ValueError, match="--tpot-slo-ms 0"):
+        report.compare(paths, tpot_slo_ms=0)
 
 
 def test_bench_plan_reads_optional_flags_and_refuses_bad_ones(tmp_path):

@@ -14,6 +14,9 @@
 # Results: $OUT/topology-bench-1P1D_colocated2_colocated2-conditional-<workload>/
 # (report.md with the advisor's line, summary.json, plots). Then, on the way home:
 #   python3 -m bench.cli --compare OUT/*/summary.json
+#   python3 -m bench.cli --compare OUT/*/summary.json --tpot-slo-ms 10   # the same runs at a tighter TPOT
+# Tar the results before the call ends (tar czf $OUT/results.tgz -C $OUT topology-bench-*):
+# only a few files come back from a device call, and none whose path has '@'.
 set -uo pipefail
 case ${1:-} in
   prefill-heavy) export WORKLOAD=random-uniform INPUT_LEN=4096 OUTPUT_LEN=128 RATES=${RATES:-4,8,12,16} ;;
