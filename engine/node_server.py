@@ -153,9 +153,10 @@ class NodeServer:
         if isinstance(msg, proto.SubmitRequest):
             self._submit(ident, msg)
         elif isinstance(msg, proto.AbortRequest):
-            out = self.engine.abort_request(msg.request_id)
-            if out is not None:
-                self._send(out)
+            # Unanswered: the router stopped listening when it sent this (NodeClient.abort),
+            # and an answer could land on a later job it sends under the same id.
+            self._owners.pop(msg.request_id, None)
+            self.engine.abort_request(msg.request_id)
         elif isinstance(msg, proto.StatsRequest):
             self._sock.send_multipart([ident, proto.encode(self.stats())])
         elif isinstance(msg, proto.ProducerDown):

@@ -207,11 +207,13 @@ class Orchestrator:
         if first.error is not None:
             if first.error_code < 500 or self.load_failure_policy == "fail":
                 raise RequestFailed(first.error, first.error_code or 500)
-            # The prefill node failed before answering: a decode node prefills it itself.
+            # The prefill node failed before answering: a decode node prefills it itself,
+            # as a job of its own id (what the aborted decode job sent last may still be
+            # on its way).
             self.on_failover("prefill")
             log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
                         prefill.id, first.error)
-            async with aclosing(self._stream(decode, request_id, prompt_ids, params, owner=owner)) as inner:
+            async with aclosing(self._stream(decode, f"{request_id}-f", prompt_ids, params, owner=owner)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -274,6 +276,10 @@ class Orchestrator:
             try:
                 while q is not None:
                     update = await q.get()
+                    if update.finished and update.finish_reason == "abort" and update.error is None:
+                        # Stopped on the node without this router asking (it shut down):
+                        # lost like a node that went away.
+                        update.error, update.error_code = f"node {node.id} aborted the request", 503
                     if update.error is not None:
                         break
                     _drop_sent(update, len(output_ids))

@@ -6,6 +6,8 @@ disconnects and bad input behave as the HTTP contract says."""
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 import time
 
 import httpx
@@ -239,6 +241,43 @@ def test_a_dead_prefill_node_is_recomputed_on_the_decode_node_or_fails_clearly(t
             with pytest.raises(openai.APIStatusError) as err:
                 client.completions.create(model="builtin:tiny", prompt=PROMPTS[0], **GREEDY)
             assert err.value.status_code == 503 and "prefill" in err.value.message
+    finally:
+        cluster.stop()
+
+
+def test_a_prefill_node_dying_while_it_prefills_requests_hands_every_one_to_the_decode_node(tmp_path_factory,
+                                                                                          offline):
+    """Killed while it still owes first tokens: the decode jobs sent beside the prefill jobs
+    are aborted and the decode node prefills each request itself, as a job of its own id
+    (an answer to the abort must not end the new job)."""
+    config = cluster_config("1P1D")
+    config = config.model_copy(update={"engine": config.engine.model_copy(update={"max_num_batched_tokens": 32})})
+    cluster = start(config, tmp_path_factory)  # 32 tokens a step: the prefills take ~170 steps
+    try:
+        prompts = [[(7 * i + 13 * j) % 1500 + 40 for j in range(900)] for i in range(6)]
+        want = [o.outputs[0].text for o in offline.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4,
+                                                                                     ignore_eos=True))]
+        answers: list = [None] * len(prompts)
+
+        def ask(i: int) -> None:
+            answers[i] = httpx.post(cluster.url + "/v1/completions", timeout=120, json={
+                "prompt": prompts[i], "max_tokens": 4, "temperature": 0.0, "ignore_eos": True})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while sum(n["prefills_waiting"] for n in httpx.get(cluster.url + "/cluster").json()["nodes"]) < 3:
+            assert time.monotonic() < deadline, "the requests never reached the prefill node"
+            time.sleep(0.01)
+        prefill = next(c for c in cluster.nodes if c.name.startswith("prefill"))
+        prefill.proc.kill()
+        for t in threads:
+            t.join(120)
+        assert [(a.status_code, a.json()["choices"][0]["text"]) for a in answers] == [(200, w) for w in want]
+        text = httpx.get(cluster.url + "/metrics").text
+        failovers = re.search(r'^pdcluster_failovers_total\{stage="prefill"\} (\S+)$', text, re.M)
+        assert failovers and float(failovers.group(1)) >= 1  # some were still prefilling when it died
     finally:
         cluster.stop()
 
