@@ -10,7 +10,10 @@ Ray actor run.
 
 Shutdown: SIGTERM or SIGINT stops intake (new requests get a 503 update), lets running
 requests finish (and, on a prefill node, lent KV be pulled) for up to `drain_timeout_s`,
-aborts what is left, closes the connector (deregistering KV memory) and exits 0.
+aborts what is left, closes the connector (deregistering KV memory) and exits 0. The
+router keeps relaying a draining node's streams while it sends it nothing new
+(router/node_client.py). DRAIN_TIMEOUT_S stays below the launcher's grace before SIGKILL
+(cluster/launcher.py STOP_GRACE_S), so a drain always ends with the connector closed.
 
 Hostile input: the socket is CURVE-authenticated when the cluster has a key
 (kv_connector/cluster_key.py), so strangers never get a message through; whatever does arrive
@@ -38,13 +41,15 @@ from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT_S = 10.0   # below cluster/launcher.py STOP_GRACE_S (15 s)
+
 # Largest message a node accepts: a SubmitRequest of a million-token prompt is ~5 MB.
 MAX_MESSAGE_BYTES = 256 << 20
 
 
 class NodeServer:
     def __init__(self, node_id: str, role: str, engine_config: EngineConfig, host: str, port: int,
-                 drain_timeout_s: float = 30.0):
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S):
         self.node_id = node_id
         self.role = role
         self.engine = LLMEngine(engine_config)

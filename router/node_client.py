@@ -60,6 +60,7 @@ class NodeClient:
         self.peak_running = 0  # from the node's stats, since take_peaks() last ran
         self.peak_waiting = 0
         self.leaving = False  # draining out of the cluster: no new jobs (router/membership.py)
+        self.draining = False  # the node itself said it is stopping (SIGTERM): unhealthy, its streams go on
 
     # --- connection -----------------------------------------------------------------
     def connect(self) -> None:
@@ -202,7 +203,16 @@ class NodeClient:
             self.mark_down("process exited")
             return
         stats = await self.poll_stats(timeout_s=min(1.0, self.down_after_s / 2))
-        if stats is not None and not stats.draining:
+        if stats is not None and stats.draining:
+            # Stopping (SIGTERM): no new jobs, but what runs there finishes there and its
+            # updates still come here; if it exits first, the rest fail over below.
+            if not self.draining:
+                log.warning("node %s is draining: no new jobs; its %d requests in flight finish there", self.id,
+                            len(self._queues))
+            self.healthy, self.draining = False, True
+            return
+        if stats is not None:
+            self.draining = False
             if not self.healthy:
                 log.info("node %s is healthy (pid %d)", self.id, stats.pid)
             self.healthy = True
@@ -214,8 +224,8 @@ class NodeClient:
                     await self._send_quietly(proto.ReleaseKV(rid))
             return
         silent = time.monotonic() - self.last_seen > self.down_after_s
-        if self.healthy and (self._process_gone() or silent or (stats is not None and stats.draining)):
-            self.mark_down("stopped answering" if silent else "process exited" if stats is None else "is draining")
+        if (self.healthy or self._queues) and (self._process_gone() or silent):
+            self.mark_down("stopped answering" if silent else "process exited")
 
     def mark_down(self, why: str) -> None:
         log.warning("node %s %s: failing its %d requests in flight", self.id, why, len(self._queues))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import threading
 import time
 
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.launcher import LocalCluster
+from cluster.launcher import STOP_GRACE_S, LocalCluster
 from engine import LLM, SamplingParams
 from engine.builtin_models import resolve_builtin
 from tests.test_kv_connector_e2e import CONNECTORS
@@ -278,6 +279,38 @@ def test_a_prefill_node_dying_while_it_prefills_requests_hands_every_one_to_the_
         text = httpx.get(cluster.url + "/metrics").text
         failovers = re.search(r'^pdcluster_failovers_total\{stage="prefill"\} (\S+)$', text, re.M)
         assert failovers and float(failovers.group(1)) >= 1  # some were still prefilling when it died
+    finally:
+        cluster.stop()
+
+
+def test_a_decode_node_stopped_with_sigterm_finishes_its_streams_then_exits(tmp_path_factory, offline):
+    """SIGTERM drains a node: the router sends it nothing new but keeps relaying what runs
+    there (not failed over: nobody would read its answers), and it exits well inside the
+    launcher's grace before SIGKILL."""
+    cluster = start(cluster_config("1P1D"), tmp_path_factory)
+    try:
+        n_tokens = 300
+        want = offline.generate(PROMPTS[2:3], SamplingParams(temperature=0.0, max_tokens=n_tokens,
+                                                             ignore_eos=True))[0].outputs[0].text
+        body = {"prompt": PROMPTS[2], "max_tokens": n_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True}
+        decode = next(c for c in cluster.nodes if c.name.startswith("decode"))
+        text, stopped_at = "", None
+        with httpx.Client(timeout=60) as http, http.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = httpx.Response(200, content=line[6:]).json()
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["text"] if chunk["choices"] else ""
+                if stopped_at is None and len(text) > 20:
+                    decode.proc.send_signal(signal.SIGTERM)
+                    stopped_at = time.monotonic()
+        assert stopped_at is not None and text == want
+        assert decode.proc.wait(20) == 0 and time.monotonic() - stopped_at < STOP_GRACE_S
+        metrics = httpx.get(cluster.url + "/metrics").text
+        assert 'pdcluster_failovers_total{stage="decode"} 1.0' not in metrics
+        refused = httpx.post(cluster.url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503  # its only decode node is gone
     finally:
         cluster.stop()
 
