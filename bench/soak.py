@@ -120,8 +120,14 @@ async def soak(url: str, headers: dict[str, str], router_pid: int | None, minute
                    "p99": 1e3 * percentile([r.e2e_s for r in ok], 99)},
         "samples": samples,
         "blocks_free_at_end": {n["id"]: [n["kv_blocks_free"], n["kv_blocks_total"]] for n in end["nodes"]},
-        "all_blocks_free_at_end": all(n["kv_blocks_free"] == n["kv_blocks_total"] for n in end["nodes"]),
+        "all_blocks_free_at_end": all_blocks_free(end["nodes"]),
     }
+
+
+def all_blocks_free(nodes: list[dict[str, Any]]) -> bool:
+    """Every node up and holding no KV block. False without nodes (the router did not
+    answer) or with a node down (its last stats are not current): never vacuously true."""
+    return bool(nodes) and all(n["healthy"] and n["kv_blocks_free"] == n["kv_blocks_total"] for n in nodes)
 
 
 async def _sample(http: httpx.AsyncClient, url: str, router_pid: int | None, t: float) -> dict[str, Any]:
@@ -130,7 +136,8 @@ async def _sample(http: httpx.AsyncClient, url: str, router_pid: int | None, t: 
     except (httpx.HTTPError, ValueError, KeyError):
         nodes = []
     return {"t_s": round(t, 1), "router_rss_mib": rss_mib(router_pid) if router_pid else None,
-            "nodes": [{"id": n["id"], "rss_mib": rss_mib(n["pid"]), "running": n["running"], "waiting": n["waiting"],
+            "nodes": [{"id": n["id"], "healthy": n["healthy"], "rss_mib": rss_mib(n["pid"]), "running": n["running"],
+                       "waiting": n["waiting"],
                        "kv_blocks_free": n["kv_blocks_free"], "kv_blocks_total": n["kv_blocks_total"]}
                       for n in nodes]}
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of the router, and of every node as the router last saw it.
 
 Node gauges come from the stats the health loop already polls, so one scrape of the
-router's /metrics covers the cluster (label `node`).
+router's /metrics covers the cluster (label `node`); a node that is down shows only
+`pdcluster_node_healthy 0` until it answers again.
 
 KV-cache metrics for agent workloads (README: KV-cache metrics):
 * per node: prefix-cache queries and hits in blocks and tokens, the hit rate, cached
@@ -28,7 +29,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from router.node_client import NodeClient
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# vLLM's buckets (vllm:time_to_first_token_seconds, vllm:e2e_request_latency_seconds): a long
+# generation takes minutes, and one past the last bucket says only "+Inf".
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0)
 
 _NODE_FIELDS = ("running", "waiting", "waiting_for_remote_kv", "kv_blocks_total", "kv_blocks_free",
                 "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
@@ -91,9 +97,9 @@ class RouterMetrics:
                                 ["endpoint", "status"], registry=r)
         self.in_flight = Gauge("pdcluster_requests_in_flight", "Requests being served", registry=r)
         self.ttft = Histogram("pdcluster_time_to_first_token_seconds", "Time to first token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
+                              buckets=_TTFT_BUCKETS, registry=r)
         self.e2e = Histogram("pdcluster_request_latency_seconds", "End-to-end request latency",
-                             buckets=_LATENCY_BUCKETS, registry=r)
+                             buckets=_E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("pdcluster_prompt_tokens", "Prompt tokens served", registry=r)
         self.generation_tokens = Counter("pdcluster_generation_tokens", "Tokens generated", registry=r)
         self.failovers = Counter("pdcluster_failovers", "Requests moved to another node after a node failure",
@@ -140,8 +146,8 @@ class _NodeCollector:
                                    labels=["node", "role", "policy"])
         for n in self.nodes:
             healthy.add_metric([n.id, n.role], 1.0 if n.healthy else 0.0)
-            if n.last_stats is None:
-                continue
+            if n.last_stats is None or not (n.healthy or n.draining):
+                continue  # a node that is down has no current stats: its last ones would show phantom load
             e = n.last_stats.engine
             for f, fam in families.items():
                 fam.add_metric([n.id, n.role], float(getattr(e, f)))

@@ -79,6 +79,14 @@ class ForkGroup:
     decode: NodeClient | None = None
     prefill: NodeClient | None = None
     placed: asyncio.Event = field(default_factory=asyncio.Event)  # choice 0 has its plan
+    counted: set[str] = field(default_factory=set)  # what the metrics counted once for the request
+
+    def first(self, event: str) -> bool:
+        """True the first time a choice reports `event`: metrics count requests, not choices."""
+        if event in self.counted:
+            return False
+        self.counted.add(event)
+        return True
 
     def follow(self, plan: PrefillPlan, request_id: str) -> tuple[PrefillPlan, str | None, str | None]:
         """The plan for one choice, and the requests it forks on its prefill and decode
@@ -147,16 +155,23 @@ class Orchestrator:
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
         fork_p = fork_d = None
+        failover = self.on_failover
         if fork is not None:
             plan, fork_p, fork_d = fork.follow(plan, request_id)
-        self.on_prefill_decision(plan)
+
+            def failover(stage: str) -> None:
+                if fork.first(f"failover:{stage}"):
+                    self.on_failover(stage)
+        if fork is None or fork.first("plan"):  # choice 0's (the others wait for it)
+            self.on_prefill_decision(plan)
         if plan.failover:  # no prefill node is up: the decode node prefills the request itself
-            self.on_failover("prefill")
+            failover("prefill")
         if plan.prefill is None:
-            stream = self._stream(plan.decode, request_id, prompt_ids, params, owner=owner, fork_of=fork_d)
+            stream = self._stream(plan.decode, request_id, prompt_ids, params, owner=owner, fork_of=fork_d,
+                                  failover=failover)
         else:
             stream = self._disaggregated(request_id, prompt_ids, params, plan.prefill, plan.decode, owner,
-                                         fork_of=(fork_p, fork_d))
+                                         fork_of=(fork_p, fork_d), failover=failover)
         prefilled = self.planner.queue.enter((plan.prefill or plan.decode).id, plan.tokens_to_prefill(len(prompt_ids)))
         try:
             async with aclosing(stream) as inner:
@@ -174,10 +189,13 @@ class Orchestrator:
 
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                              prefill: NodeClient, decode: NodeClient, owner: tuple[str | None, str | None],
-                             fork_of: tuple[str | None, str | None] = (None, None)) -> AsyncIterator[Delta]:
+                             fork_of: tuple[str | None, str | None] = (None, None),
+                             failover: Callable[[str], None] | None = None) -> AsyncIterator[Delta]:
         """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
         `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan.
-        `fork_of`: the requests on the prefill and the decode node whose blocks it shares."""
+        `fork_of`: the requests on the prefill and the decode node whose blocks it shares.
+        `failover(stage)` counts a failover (default: on_failover)."""
+        failover = failover or self.on_failover
         # The prefill node samples the first token only (min_tokens still bans eos there).
         first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         first: proto.RequestUpdate | None = None
@@ -210,10 +228,11 @@ class Orchestrator:
             # The prefill node failed before answering: a decode node prefills it itself,
             # as a job of its own id (what the aborted decode job sent last may still be
             # on its way).
-            self.on_failover("prefill")
+            failover("prefill")
             log.warning("request_id=%s prefill on %s failed (%s): prefilling on a decode node", request_id,
                         prefill.id, first.error)
-            async with aclosing(self._stream(decode, f"{request_id}-f", prompt_ids, params, owner=owner)) as inner:
+            async with aclosing(self._stream(decode, f"{request_id}-f", prompt_ids, params, owner=owner,
+                                             failover=failover)) as inner:
                 async for d in inner:
                     yield d
             return
@@ -231,7 +250,7 @@ class Orchestrator:
             raise
         stream = self._stream(decode, request_id, prompt_ids, params, output_ids=list(first.new_token_ids),
                               kv=streamed_kv or first.kv_transfer_params, lender=prefill, owner=owner,
-                              submitted=decode_q, fork_of=fork_of[1])
+                              submitted=decode_q, fork_of=fork_of[1], failover=failover)
         async with aclosing(stream) as inner:
             async for d in inner:
                 yield d
@@ -252,12 +271,15 @@ class Orchestrator:
                       output_ids: list[int] | None = None, kv: dict | None = None,
                       lender: NodeClient | None = None,
                       owner: tuple[str | None, str | None] = (None, None),
-                      submitted: asyncio.Queue | None = None, fork_of: str | None = None) -> AsyncIterator[Delta]:
+                      submitted: asyncio.Queue | None = None, fork_of: str | None = None,
+                      failover: Callable[[str], None] | None = None) -> AsyncIterator[Delta]:
         """Run (or continue) a request on one node and relay its updates (`submitted`: the
         job was sent already, this is its queue). A node that fails mid-way hands the
         request to another of its kind under `recompute`. Tokens the client has already had
         (a decode node sampling again the first token a prefill node sent) are not sent twice.
-        `fork_of`: the request on `node` whose prompt blocks this one shares."""
+        `fork_of`: the request on `node` whose prompt blocks this one shares. `failover(stage)`
+        counts a failover (default: on_failover)."""
+        failover = failover or self.on_failover
         output_ids = list(output_ids or [])
         tried: set[str] = set()
         while True:
@@ -306,7 +328,7 @@ class Orchestrator:
             if not others:
                 yield _delta(update)
                 return
-            self.on_failover("decode")
+            failover("decode")
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
             node, kv, fork_of = self.policy.pick_decode(others), None, None  # the new node recomputes the KV

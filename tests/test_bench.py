@@ -487,6 +487,14 @@ def test_the_warm_up_settles_before_the_first_measured_load_scrapes(tmp_path, mo
     assert warm_up.get("metrics_settle_s", METRICS_SETTLE_S) == measured.get("metrics_settle_s", METRICS_SETTLE_S) > 0
 
 
+def test_soak_finds_blocks_free_only_on_nodes_it_saw_up():
+    up = {"id": "d0", "healthy": True, "kv_blocks_free": 8, "kv_blocks_total": 8}
+    assert soak.all_blocks_free([up])
+    assert not soak.all_blocks_free([])  # the router did not answer
+    assert not soak.all_blocks_free([up, {**up, "id": "d1", "healthy": False}])
+    assert not soak.all_blocks_free([{**up, "kv_blocks_free": 7}])
+
+
 def test_soak_draws_token_ids_the_router_accepts(tmp_path):
     """The llama-3-8b preset's shape: config.json says 128256, its tokenizer has 2048 ids."""
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 128256, "max_position_embeddings": 8192}))

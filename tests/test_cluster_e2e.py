@@ -234,6 +234,9 @@ def test_a_dead_prefill_node_is_recomputed_on_the_decode_node_or_fails_clearly(t
         while any(n["healthy"] for n in httpx.get(cluster.url + "/cluster").json()["nodes"] if n["role"] == "prefill"):
             assert time.monotonic() < deadline, "the router did not notice the dead prefill node"
             time.sleep(0.2)
+        metrics = httpx.get(cluster.url + "/metrics").text  # a dead node's last stats are not its state
+        assert 'pdcluster_node_healthy{node="prefill-0",role="prefill"} 0.0' in metrics
+        assert 'pdcluster_node_running{node="prefill-0"' not in metrics
         want = offline.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
         if policy == "recompute":
             got = client.completions.create(model="builtin:tiny", prompt=PROMPTS[0], **GREEDY)
@@ -389,6 +392,12 @@ def by_role(nodes: list[dict], field: str) -> dict[str, float]:
     return out
 
 
+def decisions_counted(url: str) -> float:
+    """Every request's prefill plan, counted in pdcluster_router_prefill_decisions_total."""
+    text = httpx.get(url + "/metrics").text
+    return sum(float(v) for v in re.findall(r"^pdcluster_router_prefill_decisions_total\{[^}]*\} (\S+)$", text, re.M))
+
+
 def test_n_choices_fork_choice_0_on_its_nodes_and_equal_single_requests(client, cluster, offline):
     """n=3 with seed s: the choices of three requests seeded s, s+1, s+2, while the node
     that decoded choice 0 forked it for the others (round robin would have spread them):
@@ -400,7 +409,9 @@ def test_n_choices_fork_choice_0_on_its_nodes_and_equal_single_requests(client, 
     # 32 tokens: choice 0 still decodes when the others reach the decode node (a fork of a
     # finished choice 0 falls back to pulling, correct but not what is measured here).
     kw = dict(SEEDED, max_tokens=32)
+    decisions = decisions_counted(cluster.url)
     many = client.completions.create(model="builtin:tiny", prompt=prompt, n=3, **kw)
+    assert decisions_counted(cluster.url) == decisions + 1  # one request, however many choices
     forks_before = by_role(before, "forks")
     split = "prefill" in forks_before
     forking = "decode" if split else "both"  # the choices go whole to choice 0's decoding node
