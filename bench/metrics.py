@@ -181,22 +181,23 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-_NODE_COUNTERS = {f"pdcluster_node_{c}" for c in ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens",
-                                                   "prefix_cache_hit_tokens", "kv_evictions")}
+_NODE_COUNTERS = {f"pdcluster_node_{c}_total" for c in ("prefix_cache_queries", "prefix_cache_hits",
+                                                         "prefix_cache_query_tokens", "prefix_cache_hit_tokens",
+                                                         "kv_evictions")}
 
 
 def node_counters(text: str) -> dict[str, dict[str, Any]]:
     """Per node: role, prefix_cache_queries/hits, and kv_transfer counters, from the
-    router's pdcluster_node_* gauges (which are the nodes' cumulative counters)."""
+    router's pdcluster_node_*_total counters (the nodes' cumulative counts)."""
     nodes: dict[str, dict[str, Any]] = {}
     for name, labels, value in parse_prometheus(text):
         if not name.startswith("pdcluster_node_") or "node" not in labels:
             continue
         node = nodes.setdefault(labels["node"], {"role": labels.get("role", ""), "kv_transfer": {}})
-        if name == "pdcluster_node_kv_transfer" and "counter" in labels:
+        if name == "pdcluster_node_kv_transfer_total" and "counter" in labels:
             node["kv_transfer"][labels["counter"]] = value
         elif name in _NODE_COUNTERS:
-            node[name.removeprefix("pdcluster_node_")] = value
+            node[name.removeprefix("pdcluster_node_").removesuffix("_total")] = value
         elif name == "pdcluster_node_eviction_policy" and "policy" in labels:
             node["eviction_policy"] = labels["policy"]
     return nodes

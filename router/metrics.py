@@ -36,11 +36,14 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                 480.0, 960.0, 1920.0, 7680.0)
 
-_NODE_FIELDS = ("running", "waiting", "waiting_for_remote_kv", "kv_blocks_total", "kv_blocks_free",
-                "kv_blocks_cached", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions",
-                "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "kv_evictions", "kv_protected_evictions",
-                "forks", "fork_blocks_shared", "fork_blocks_copied", "fork_tokens_saved", "fork_fallbacks",
-                "tokens_computed")
+_NODE_GAUGES = ("running", "waiting", "waiting_for_remote_kv", "kv_blocks_total", "kv_blocks_free",
+                "kv_blocks_cached")
+# Cumulative since the node started: Prometheus counters (`_total`), as vLLM's
+# vllm:prefix_cache_queries / vllm:num_preemptions; a restart shows as a counter reset.
+_NODE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prefix_cache_query_tokens",
+                  "prefix_cache_hit_tokens", "kv_evictions", "kv_protected_evictions", "forks", "fork_blocks_shared",
+                  "fork_blocks_copied", "fork_tokens_saved", "fork_fallbacks", "tokens_computed")
+_KV_TRANSFER_GAUGES = ("requests_held",)   # the rest of a connector's stats count up
 _CACHED_TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536)
 MAX_TRACKED = 1000
 
@@ -133,9 +136,13 @@ class _NodeCollector:
         healthy = GaugeMetricFamily("pdcluster_node_healthy", "1 when the node answers its health checks",
                                     labels=["node", "role"])
         families = {f: GaugeMetricFamily(f"pdcluster_node_{f}", f"Node stat {f}", labels=["node", "role"])
-                    for f in _NODE_FIELDS}
-        transfer = GaugeMetricFamily("pdcluster_node_kv_transfer", "KV transfer counters of the node's connector",
-                                     labels=["node", "role", "counter"])
+                    for f in _NODE_GAUGES}
+        families |= {f: CounterMetricFamily(f"pdcluster_node_{f}", f"Node counter {f}", labels=["node", "role"])
+                     for f in _NODE_COUNTERS}
+        transfer = CounterMetricFamily("pdcluster_node_kv_transfer", "KV transfer counters of the node's connector",
+                                       labels=["node", "role", "counter"])
+        held = GaugeMetricFamily("pdcluster_node_kv_requests_held",
+                                 "Finished requests whose KV the node holds for a consumer", labels=["node", "role"])
         hit_rate = GaugeMetricFamily("pdcluster_node_prefix_cache_hit_rate",
                                      "Prompt tokens served from the prefix cache / prompt tokens looked up",
                                      labels=["node", "role"])
@@ -152,14 +159,17 @@ class _NodeCollector:
             for f, fam in families.items():
                 fam.add_metric([n.id, n.role], float(getattr(e, f)))
             for k, v in e.kv_transfer.items():
-                transfer.add_metric([n.id, n.role, k], float(v))
+                if k not in _KV_TRANSFER_GAUGES:
+                    transfer.add_metric([n.id, n.role, k], float(v))
+            if "requests_held" in e.kv_transfer:
+                held.add_metric([n.id, n.role], float(e.kv_transfer["requests_held"]))
             hit_rate.add_metric([n.id, n.role], e.prefix_cache_hit_tokens / max(e.prefix_cache_query_tokens, 1))
             eviction_rate.add_metric([n.id, n.role], self._eviction_rate(n.id, e.kv_evictions))
             if e.eviction_policy:
                 policy.add_metric([n.id, n.role, e.eviction_policy], 1.0)
         yield healthy
         yield from families.values()
-        yield from (transfer, hit_rate, eviction_rate, policy)
+        yield from (transfer, held, hit_rate, eviction_rate, policy)
 
     def _eviction_rate(self, node: str, count: int) -> float:
         now = time.monotonic()

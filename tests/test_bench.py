@@ -138,7 +138,7 @@ class FakeRouter:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/metrics":
             self.scrapes += 1
-            return httpx.Response(200, text=f"pdcluster_node_prefix_cache_hits{{node=\"both-0\",role=\"both\"}} {self.scrapes}\n")
+            return httpx.Response(200, text=f"pdcluster_node_prefix_cache_hits_total{{node=\"both-0\",role=\"both\"}} {self.scrapes}\n")
         if request.url.path == "/cluster":
             return httpx.Response(200, json={"nodes": [{"id": "both-0", "running": self.in_flight, "waiting": 1}]})
         body = json.loads(request.content)
@@ -320,8 +320,8 @@ def test_the_run_file_flags_requests_cut_off_and_unsent():
 
 
 def _kv_tail_metrics(loads: int, tail_s: float) -> str:
-    return (f'pdcluster_node_kv_transfer{{node="d0",role="both",counter="streamed_loads"}} {loads}\n'
-            f'pdcluster_node_kv_transfer{{node="d0",role="both",counter="stream_tail_seconds"}} {tail_s}\n')
+    return (f'pdcluster_node_kv_transfer_total{{node="d0",role="both",counter="streamed_loads"}} {loads}\n'
+            f'pdcluster_node_kv_transfer_total{{node="d0",role="both",counter="stream_tail_seconds"}} {tail_s}\n')
 
 
 def test_kv_share_of_ttft_is_over_the_requests_whose_prefill_was_remote():
@@ -338,13 +338,13 @@ def test_kv_share_of_ttft_is_over_the_requests_whose_prefill_was_remote():
 
 
 _BEFORE = """# HELP x
-pdcluster_node_kv_transfer{counter="bytes_loaded",node="decode-0",role="decode"} 1000.0
-pdcluster_node_kv_transfer{counter="load_seconds",node="decode-0",role="decode"} 0.5
-pdcluster_node_kv_transfer{counter="loads",node="decode-0",role="decode"} 2.0
-pdcluster_node_prefix_cache_queries{node="prefill-0",role="prefill"} 10.0
-pdcluster_node_prefix_cache_hits{node="prefill-0",role="prefill"} 1.0
-pdcluster_node_prefix_cache_queries{node="decode-0",role="decode"} 50.0
-pdcluster_node_prefix_cache_hits{node="decode-0",role="decode"} 0.0
+pdcluster_node_kv_transfer_total{counter="bytes_loaded",node="decode-0",role="decode"} 1000.0
+pdcluster_node_kv_transfer_total{counter="load_seconds",node="decode-0",role="decode"} 0.5
+pdcluster_node_kv_transfer_total{counter="loads",node="decode-0",role="decode"} 2.0
+pdcluster_node_prefix_cache_queries_total{node="prefill-0",role="prefill"} 10.0
+pdcluster_node_prefix_cache_hits_total{node="prefill-0",role="prefill"} 1.0
+pdcluster_node_prefix_cache_queries_total{node="decode-0",role="decode"} 50.0
+pdcluster_node_prefix_cache_hits_total{node="decode-0",role="decode"} 0.0
 """
 _AFTER = _BEFORE.replace("} 1000.0", "} 2000001000.0").replace("} 0.5", "} 2.5").replace("} 2.0", "} 12.0") \
     .replace('prefill"} 10.0', 'prefill"} 110.0').replace('prefill"} 1.0', 'prefill"} 26.0') \
@@ -352,7 +352,7 @@ _AFTER = _BEFORE.replace("} 1000.0", "} 2000001000.0").replace("} 0.5", "} 2.5")
 
 
 def test_cluster_delta_gives_kv_bandwidth_and_prompt_side_hit_rate():
-    assert ("pdcluster_node_kv_transfer", {"counter": "bytes_loaded", "node": "decode-0", "role": "decode"},
+    assert ("pdcluster_node_kv_transfer_total", {"counter": "bytes_loaded", "node": "decode-0", "role": "decode"},
             1000.0) in parse_prometheus(_BEFORE)
     d = cluster_delta(_BEFORE, _AFTER)
     kv, prefix = d["kv_transfer"], d["prefix_cache"]
@@ -360,9 +360,9 @@ def test_cluster_delta_gives_kv_bandwidth_and_prompt_side_hit_rate():
     assert kv["gb_per_s"] == pytest.approx(1.0)
     assert prefix["queries"] == 100 and prefix["hits"] == 25 and prefix["hit_rate"] == pytest.approx(0.25)
     assert cluster_delta("", "") == {"kv_transfer": None, "prefix_cache": None}
-    extra = ('pdcluster_node_prefix_cache_query_tokens{node="prefill-0",role="prefill"} %s\n'
-             'pdcluster_node_prefix_cache_hit_tokens{node="prefill-0",role="prefill"} %s\n'
-             'pdcluster_node_kv_evictions{node="prefill-0",role="prefill"} %s\n'
+    extra = ('pdcluster_node_prefix_cache_query_tokens_total{node="prefill-0",role="prefill"} %s\n'
+             'pdcluster_node_prefix_cache_hit_tokens_total{node="prefill-0",role="prefill"} %s\n'
+             'pdcluster_node_kv_evictions_total{node="prefill-0",role="prefill"} %s\n'
              'pdcluster_node_eviction_policy{node="prefill-0",policy="workflow",role="prefill"} 1.0\n')
     prefix = cluster_delta(_BEFORE + extra % (100, 10, 3), _AFTER + extra % (1100, 510, 8))["prefix_cache"]
     assert prefix["token_hit_rate"] == pytest.approx(0.5) and prefix["evictions"] == 5

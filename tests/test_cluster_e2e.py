@@ -182,6 +182,12 @@ def test_models_health_metrics_and_cluster_endpoints(client, cluster):
     assert httpx.get(cluster.url + "/health").status_code == 200
     metrics = httpx.get(cluster.url + "/metrics").text
     assert "pdcluster_requests_total" in metrics and "pdcluster_node_kv_blocks_free" in metrics
+    # Cumulative counts are counters (vLLM's vllm:prefix_cache_queries is one), levels gauges.
+    assert "# TYPE pdcluster_node_prefix_cache_queries_total counter" in metrics
+    assert "# TYPE pdcluster_node_num_preemptions_total counter" in metrics
+    assert "# TYPE pdcluster_node_kv_blocks_free gauge" in metrics
+    assert "# TYPE pdcluster_node_kv_transfer_total counter" in metrics
+    assert 'le="2560.0"' in metrics  # vLLM's TTFT buckets: a long wait is not just "+Inf"
     nodes = httpx.get(cluster.url + "/cluster").json()["nodes"]
     for n in nodes:
         assert {"id", "role", "address", "pid", "healthy", "kv_blocks_total", "kv_blocks_free", "running",

@@ -114,7 +114,7 @@ def _metric_or_zero(text: str, decision: str, reason: str) -> float:
 
 def transfer(url: str) -> dict[str, dict[str, float]]:
     text = httpx.get(url + "/metrics").text
-    return {node: {c: metric(text, "pdcluster_node_kv_transfer", counter=c, node=node, role="both")
+    return {node: {c: metric(text, "pdcluster_node_kv_transfer_total", counter=c, node=node, role="both")
                    for c in ("requests_lent", "loads", "blocks_failed")} for node in ("both-0", "both-1")}
 
 
@@ -215,7 +215,7 @@ def test_a_decode_job_sent_after_the_prefill_answers_gives_the_same_tokens(clust
     offline engine's."""
     def streamed_loads() -> float:
         text = httpx.get(cluster.url + "/metrics").text
-        return sum(metric(text, "pdcluster_node_kv_transfer", counter="streamed_loads", node=n, role="both")
+        return sum(metric(text, "pdcluster_node_kv_transfer_total", counter="streamed_loads", node=n, role="both")
                    for n in ("both-0", "both-1"))
 
     with second_router(cluster, tmp_path, dispatch_to_both=False) as url:
