@@ -72,7 +72,7 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         # The window is checked against the context the engine serves (LLMEngine): a window
         # at least that long is full attention, which is what pdcluster computes.
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        window = _sliding_window(cfg, arch)
         unsupported = []
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             unsupported.append(f"hidden_act {cfg['hidden_act']!r} (only silu)")
@@ -208,3 +208,17 @@ class EngineConfig:
     # Overrides kv_transfer.kv_connector: a class object, or its cloudpickle bytes from the
     # parent process (see kv_connector/registry.py).
     kv_connector_spec: Any = None
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
+    """The window some layer attends within, as transformers reads the config; None when
+    every layer attends to the whole context."""
+    if arch == "MistralForCausalLM":
+        return cfg.get("sliding_window", 4096)   # MistralConfig's default when the key is absent
+    if not cfg.get("use_sliding_window", False) or cfg.get("sliding_window") is None:
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        return cfg["sliding_window"] if "sliding_attention" in layer_types else None
+    # Qwen2/Qwen3: layers from max_window_layers on slide (transformers' default 28).
+    return cfg["sliding_window"] if cfg.get("max_window_layers", 28) < cfg["num_hidden_layers"] else None

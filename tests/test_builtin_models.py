@@ -291,6 +291,30 @@ def test_config_fields_that_would_change_the_computation_are_refused_by_name(tin
         ModelConfig.from_dict(_config(tiny_checkpoints, "tiny", **changes))
 
 
+_ABSENT = object()
+
+
+@pytest.mark.parametrize("arch, changes", [
+    ("MistralForCausalLM", {"sliding_window": _ABSENT}),     # MistralConfig's default: 4096
+    ("MistralForCausalLM", {"sliding_window": None}),
+    ("MistralForCausalLM", {"sliding_window": 64}),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2}),   # none slides
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64}),   # max_window_layers 28: none
+    ("Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": 64, "max_window_layers": 0}),
+])
+def test_the_sliding_window_is_read_as_transformers_reads_it(tiny_checkpoints, arch, changes):
+    from transformers import MistralConfig, Qwen2Config
+
+    cfg = _config(tiny_checkpoints, "tiny", architectures=[arch], num_hidden_layers=2)
+    cfg.pop("sliding_window", None)
+    cfg.update({k: v for k, v in changes.items() if v is not _ABSENT})
+    reference = (MistralConfig if arch == "MistralForCausalLM" else Qwen2Config)(**cfg)
+    layer_types = getattr(reference, "layer_types", None) or ["sliding_attention"] * 2
+    want = reference.sliding_window if "sliding_attention" in layer_types else None
+    assert ModelConfig.from_dict(cfg).sliding_window == want
+
+
 def test_a_sliding_window_shorter_than_the_served_context_is_refused(tiny_checkpoints, tmp_path):
     from engine import LLM
 
