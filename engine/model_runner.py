@@ -202,7 +202,10 @@ class ModelRunner:
         d = self._dev
         n_tok = max(total, pad_to)
         n_seq = max(num_seqs, pad_to)
-        decode_only = bool((lens == 1).all())
+        # The decode kernel for decode tokens only: a prompt's last token computed alone (a
+        # prefix-cache hit, a fork) takes the prefill kernel a cold prefill takes, so the
+        # first token does not depend on how the prompt's KV came to be (graph_size_for).
+        decode_only = bool((lens == 1).all()) and all(c.start >= c.request.num_prompt_tokens for c in chunks)
         meta = AttentionMetadata(
             query_start_loc=qsl.tolist(),
             seq_lens=ends.tolist(),

@@ -64,7 +64,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # (S, max_blocks) int32/int64, padded (entries past the sequence unread)
     slot_mapping: torch.Tensor      # (T,) int32/int64 cache slot of every new token, negative = none
     seq_lens_t: torch.Tensor        # (S,) int64, seq_lens on the device
-    decode_only: bool               # every sequence has exactly one query
+    decode_only: bool               # every sequence has exactly one query, a decode token
     # Used by the Triton kernels (CUDA); the reference ignores them. Left at their
     # defaults, the kernels derive what they need (query_start_loc_t from the list).
     query_start_loc_t: torch.Tensor | None = None  # (S+1,) int32, query_start_loc on the device
@@ -232,7 +232,8 @@ def _decode_reduce_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m))
     den = tl.sum(w, 0)
-    o = tl.load(mid_o_ptr + row[:, None] * BLOCK_D + d[None, :], mask=kmask[:, None], other=0.0)
+    o = tl.load(mid_o_ptr + row[:, None] * BLOCK_D + d[None, :], mask=kmask[:, None] & (d < HEAD_DIM)[None, :],
+                other=0.0)  # columns past HEAD_DIM are never written
     pdl_release(PDL)
     out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + s.to(tl.int64) * stride_os + h * stride_oh + d * stride_od,

@@ -48,6 +48,10 @@ def test_decode_tokens_take_the_graphs_and_prompt_tokens_do_not(llm, monkeypatch
         assert runner.graph_size_for([decode, ScheduledChunk(fork, start=2, num_tokens=1, sample=True)]) == 0
         assert runner.graph_size_for([ScheduledChunk(plain, start=2, num_tokens=1, sample=True)]) == 0
         assert runner.graph_size_for([ScheduledChunk(plain, start=0, num_tokens=3, sample=True)]) == 0
+        # Eager too, a prompt token alone takes the prefill kernel (decode_only picks the decode one).
+        eng.step(), eng.step()  # the parent, then its fork, scheduled: their blocks exist
+        assert runner.prepare([decode, ScheduledChunk(fork, start=3, num_tokens=1, sample=True)]).meta.decode_only
+        assert not runner.prepare([decode, ScheduledChunk(fork, start=2, num_tokens=1, sample=True)]).meta.decode_only
     finally:
         for rid in ("graph-fork", "graph-plain"):
             eng.abort_request(rid)
