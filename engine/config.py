@@ -80,6 +80,12 @@ class ModelConfig:
             unsupported.append("mlp_bias (biases on the MLP projections)")
         if cfg.get("attention_bias") and arch != "Qwen2ForCausalLM":
             unsupported.append(f"attention_bias on {arch} (it biases o_proj too)")
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            unsupported.append(f"{heads} attention heads over {kv_heads} KV heads (a whole number of query heads "
+                               "per KV head)")
+        if head_dim % 2 or head_dim < 16:
+            unsupported.append(f"head_dim {head_dim} (rope needs it even; the attention kernels at least 16)")
         if unsupported:
             raise ValueError(f"model {name or '?'}: {'; '.join(unsupported)} is not supported by pdcluster")
         params = cfg.get("rope_parameters") or None

@@ -285,6 +285,9 @@ def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers(tiny
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' (only silu)"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"attention_bias": True}, "attention_bias on LlamaForCausalLM (it biases o_proj too)"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 4, "head_dim": 16}, "6 attention heads over 4 KV heads"),
+    ({"head_dim": 10}, "head_dim 10"),
+    ({"head_dim": 18 + 1}, "head_dim 19"),
 ])
 def test_config_fields_that_would_change_the_computation_are_refused_by_name(tiny_checkpoints, changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
