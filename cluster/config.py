@@ -44,6 +44,11 @@ class ModelSettings(_Section):
     load_format: Literal["auto", "safetensors", "dummy"] = "auto"
     seed: int = 0
     """Seed of `dummy` random weights; every node uses it, so their weights agree."""
+    generation_config: Literal["auto", "vllm"] = "auto"
+    """As vLLM's `--generation-config`: `auto` takes the sampling defaults of the model's
+    generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, and
+    max_new_tokens as the default max_tokens) for every field a request does not send;
+    `vllm` ignores them (the API's neutral defaults)."""
 
     @field_validator("path")
     @classmethod

@@ -162,6 +162,7 @@ def router_launch_spec(cfg: ClusterConfig, port: int, model_dir: Path, nodes: li
         max_request_body_bytes=cfg.router.max_request_body_bytes, node_timeout_s=cfg.router.node_timeout_s,
         load_failure_policy=cfg.kv_transfer.load_failure_policy, block_size=block_size,
         max_model_len=cfg.engine.max_model_len, log_level=cfg.log_level, dispatch_to_both=cfg.router.dispatch_to_both,
+        generation_config=cfg.model.generation_config,
         structured_outputs_backend=so.backend, disable_any_whitespace=so.disable_any_whitespace,
         disable_additional_properties=so.disable_additional_properties, reasoning_parser=so.reasoning_parser,
         enable_in_reasoning=so.enable_in_reasoning, tool_call_parser=cfg.router.tool_call_parser,

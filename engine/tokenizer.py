@@ -166,21 +166,36 @@ class Tokenizer:
 
     # --- chat ------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, chat_template: str | None = None, **kwargs: Any) -> str:
+                            tools: list[dict] | None = None, chat_template: str | None = None,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
         """Render a conversation to the prompt text the model was trained on.
 
         `messages` are {"role", "content"} dicts; content is a string or a list of
         {"type": "text", "text": ...} parts, joined with newlines (templates get strings).
         `chat_template` picks a named template of the model or is a template itself.
+        `continue_final_message`: the prompt ends right after the last message's content
+        (no end-of-turn marker), so the model continues that message; as in transformers,
+        it cannot go with `add_generation_prompt`.
         Extra kwargs reach the template as variables (e.g. `enable_thinking=False`).
         The result already holds the special tokens: encode it with add_special_tokens=False.
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set: continue the last "
+                             "message, or start a new assistant message")
         template = self._select_chat_template(chat_template, tools)
         # As in transformers: special tokens first, so the caller's kwargs override them;
         # tools and documents are always defined (None when not given).
         variables = {**self.special_tokens_map, "documents": None, **kwargs}
-        return render_chat_template(template, _template_messages(messages), add_generation_prompt=add_generation_prompt,
-                                    tools=tools, **variables)
+        messages = _template_messages(messages)
+        final = None
+        if continue_final_message:  # as transformers: mark the content's end, render, cut at the mark
+            final = messages[-1].get("content")
+            if not isinstance(final, str):
+                raise ValueError("continue_final_message: the last message has no content to continue")
+            messages[-1] = {**messages[-1], "content": final + _CONTINUE_TAG}
+        text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                    **variables)
+        return text if final is None else _cut_at_continue_tag(text, final)
 
     def _select_chat_template(self, chat_template: str | None, tools: list[dict] | None) -> str:
         if chat_template is not None:
@@ -270,6 +285,24 @@ def _template_messages(messages: list[dict]) -> list[dict[str, Any]]:
         # `"content": null` must not render as "None".
         out.append({k: v for k, v in {**message, "content": content}.items() if v is not None})
     return out
+
+
+# Appended to the message `continue_final_message` continues, to find where its content
+# ends in the rendered text (transformers' marker, so the prompts are the same).
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _cut_at_continue_tag(text: str, final: str) -> str:
+    """The rendered chat cut where the last message's content ends (at `_CONTINUE_TAG`):
+    the template's end-of-turn marker after it goes. Content whitespace the template
+    trimmed stays trimmed."""
+    if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise ValueError("continue_final_message: the last message's content does not appear in the rendered chat "
+                         "(the chat template changes or drops it), so it cannot be continued")
+    at = text.rindex(_CONTINUE_TAG.strip())
+    if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()  # the template trimmed the content's end
 
 
 def _join_text_parts(parts: list[Any], index: int) -> str:

@@ -7,9 +7,12 @@ server-sent events. A client that disconnects cancels the request on every node 
 touched. The router never touches KV bytes.
 
 Large prompts are rendered and tokenized on worker threads with the GIL released, so a
-2 MB prompt does not pause every other stream. Every error is OpenAI-shaped JSON; 429
-and 503 carry `Retry-After`. The API key is compared in constant time, the `Bearer`
-scheme case-insensitively.
+2 MB prompt does not pause every other stream. Every error is OpenAI-shaped JSON (the
+routing layer's own 404/405 too); 429 and 503 carry `Retry-After`. The API key is
+compared in constant time, the `Bearer` scheme case-insensitively.
+
+Sampling defaults come from the model's generation_config.json (read once, at start),
+unless the spec's `generation_config` is `vllm`: see `read_sampling_defaults`.
 """
 
 from __future__ import annotations
@@ -17,16 +20,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import zmq.asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kv_connector.cluster_key import ClusterKey
 from engine.tokenizer import PromptTooLong, Tokenizer
@@ -38,8 +44,8 @@ from router.metrics import RouterMetrics
 from router.node_client import NodeClient
 from router.orchestrator import Delta, ForkGroup, Orchestrator, RequestFailed
 from router.policy import RoutingPolicy
-from router.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, RequestError,
-                             error_body, now, parse_request, random_id)
+from router.protocol import (GENERATION_CONFIG_SAMPLING_KEYS, ChatCompletionRequest, CompletionRequest, ModelCard,
+                             ModelList, RequestError, error_body, now, parse_request, random_id, sampling_defaults)
 from router.structured import AnswerPlan, ServerFeatures, check_tools, forced_tool_calls, template_takes_tools
 from router.spec import RouterLaunchSpec
 from router.sse import SSE_DONE, json_bytes, sse_data, sse_error
@@ -64,16 +70,39 @@ _CLUSTER_FIELDS = ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "run
                    "eviction_policy", "forks", "fork_blocks_shared", "fork_blocks_copied", "fork_tokens_saved",
                    "fork_fallbacks", "tokens_computed")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                429: "rate_limit_error", 503: "service_unavailable_error"}
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable_error"}
 
 
-_ERROR_TYPES[413] = "invalid_request_error"
+def error(message: str, code: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**(headers or {}), **({"Retry-After": str(RETRY_AFTER_S[code])} if code in RETRY_AFTER_S else {})}
+    kind = _ERROR_TYPES.get(code, "invalid_request_error" if 400 <= code < 500 else "internal_server_error")
+    return JSONResponse(error_body(message, kind, code), status_code=code, headers=headers or None)
 
 
-def error(message: str, code: int) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S[code])} if code in RETRY_AFTER_S else None
-    return JSONResponse(error_body(message, _ERROR_TYPES.get(code, "internal_server_error"), code), status_code=code,
-                        headers=headers)
+def read_sampling_defaults(model_dir: str | Path, source: str = "auto") -> dict[str, Any]:
+    """The sampling defaults of the model's generation_config.json (by SamplingParams
+    name), as vLLM's `--generation-config`: `auto` applies them to every field a request
+    does not send, `vllm` ignores them (the engine's neutral defaults). Logged once, as
+    vLLM logs it, so an operator sees why unsent fields do not sample as the API's defaults."""
+    if source not in ("auto", "vllm"):
+        raise ValueError(f"generation_config {source!r}: use auto (the model's generation_config.json) or vllm")
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): fix it, or remove it") from None
+    if source == "vllm":
+        ignored = sorted(k for k in GENERATION_CONFIG_SAMPLING_KEYS if isinstance(config, dict) and k in config)
+        if ignored:
+            log.info("generation_config: vllm: ignoring the sampling defaults of %s (%s)", path, ", ".join(ignored))
+        return {}
+    defaults = sampling_defaults(config if isinstance(config, dict) else {})
+    if defaults:
+        log.warning("Default sampling parameters have been overridden by the model's generation_config.json: %s "
+                    "(they apply to every field a request does not send; set model.generation_config: vllm in "
+                    "cluster.yaml to ignore them)", defaults)
+    return defaults
 
 
 class BodyTooLarge(Exception):
@@ -101,6 +130,7 @@ class Router:
         self.spec = spec
         self.tokenizer = Tokenizer.from_pretrained(spec.model_dir)
         self.max_model_len = spec.max_model_len or _max_position_embeddings(spec.model_dir)
+        self.sampling_defaults = read_sampling_defaults(spec.model_dir, spec.generation_config)
         self.ctx = zmq.asyncio.Context()
         self.cluster_key = ClusterKey.from_env()  # nodes that join later are reached with it too
         self.nodes = [NodeClient(n, self.ctx, spec.node_timeout_s, self.cluster_key) for n in spec.nodes]
@@ -181,6 +211,21 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
 
     app = FastAPI(title="pdcluster router", lifespan=lifespan)
     app.state.router = router
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The routing layer's own errors (an unknown route, a wrong method) in the API's shape."""
+        if exc.status_code == 404:
+            message = (f"{request.method} {request.url.path} is not served here: the API is POST /v1/completions, "
+                       "POST /v1/chat/completions, GET /v1/models")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            allowed = (exc.headers or {}).get("Allow")
+            message += f": use {allowed}" if allowed else ""
+        else:
+            message = str(exc.detail)
+        return error(message, exc.status_code, headers=exc.headers)
+
     membership = install_membership(app, router)  # /cluster/scale, /cluster/nodes, /cluster/membership
 
     if spec.api_key:
@@ -231,10 +276,18 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
     async def metrics():
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=spec.served_model_name, root=spec.model_dir, max_model_len=router.max_model_len)
+
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=spec.served_model_name, root=spec.model_dir, max_model_len=router.max_model_len)
-        return Response(json_bytes(ModelList(data=[card])), media_type="application/json")
+        return Response(json_bytes(ModelList(data=[model_card()])), media_type="application/json")
+
+    @app.get("/v1/models/{model_id:path}")  # `path`: ids such as org/name or a directory hold '/'
+    async def model(model_id: str):
+        if model_id != spec.served_model_name:
+            return error(f"model {model_id!r} is not served here: use {spec.served_model_name!r}", 404)
+        return Response(json_bytes(model_card()), media_type="application/json")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -274,7 +327,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             if room < 1:
                 raise RequestError(f"the prompt has {len(prompt_ids)} tokens, but the model's context is "
                                    f"{router.max_model_len}: shorten it")
-            params = req.to_sampling_params(default_max_tokens=room)
+            params = req.to_sampling_params(default_max_tokens=room, defaults=router.sampling_defaults)
             if params.max_tokens is not None and params.max_tokens > room:
                 raise RequestError(f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} tokens "
                                    f"exceed the model's context of {router.max_model_len}: lower max_tokens")
@@ -352,7 +405,8 @@ def _prompt_ids(router: Router, req, chat: bool) -> tuple[list[int], str]:
                     raise RequestError("this model's chat template does not take tools: it would drop them silently; "
                                        "serve a model whose template renders `tools`, or describe the tools in a message")
             try:
-                text = tok.apply_chat_template(req.conversation(), add_generation_prompt=True, tools=req.tools,
+                text = tok.apply_chat_template(req.conversation(), add_generation_prompt=req.add_generation_prompt,
+                                               continue_final_message=req.continue_final_message, tools=req.tools,
                                                **(req.chat_template_kwargs or {}))
             except (TypeError, KeyError, AttributeError, IndexError) as e:  # the template met data it cannot take
                 raise RequestError(f"the chat template cannot render these messages/tools ({type(e).__name__}: "
@@ -379,7 +433,7 @@ class _Choice:
 
     def __init__(self, index: int, stream: AsyncIterator[Delta], plan: AnswerPlan):
         self.index, self.stream, self.plan = index, stream, plan
-        self.reasoning = plan.reasoning.stream() if plan.reasoning is not None else None
+        self.reasoning = plan.reasoning.stream(plan.starts_in_reasoning) if plan.reasoning is not None else None
         self.tools = plan.tool_parser.stream() if plan.tool_parser is not None else None
         self.forced_tools = plan.tool_mode in ("required", "named")
         self.tokens = 0
@@ -415,6 +469,8 @@ class _Choice:
                     calls = forced
         else:
             self.content.append(c)
+        if self.plan.max_tool_calls is not None:  # parallel_tool_calls false: the first call only (vLLM)
+            calls = calls[:max(0, self.plan.max_tool_calls - len(self.calls))]
         self.reasoning_text.append(r)
         self.calls += calls
         return r, c, calls
@@ -566,12 +622,14 @@ class _Run:
                 lps = self._logprobs(d.logprobs)
                 if self.chat:
                     r, c, calls = choice.read(d.text, d.finished)
+                    finish = choice.api_finish_reason(reason)
+                    if not (r or c or calls or finish or lps):
+                        continue  # a parser holds the text back: a chunk would carry nothing
                     deltas = [build.tool_call_delta(len(choice.calls) - len(calls) + k, call.id, call.name,
                                                     call.arguments) for k, call in enumerate(calls)]
                     chunk = build.chat_delta_chunk(
                         self.id, self.model, self.created, choice.index, content=c if (c or not (r or deltas)) else None,
-                        reasoning_content=r or None, tool_calls=deltas or None,
-                        finish_reason=choice.api_finish_reason(reason), logprobs=lps,
+                        reasoning_content=r or None, tool_calls=deltas or None, finish_reason=finish, logprobs=lps,
                         token_text=self.router.token_text)
                 else:
                     chunk = build.completion_chunk(self.id, self.model, self.created, d.text, reason,
@@ -636,10 +694,12 @@ class _Run:
         choices = []
         for c in self.choices:
             content = "".join(c.content)
+            if c.tools is not None and c.calls:
+                content = c.tools.message_content(content)  # hermes: the text before the first call (vLLM)
             reasoning = "".join(c.reasoning_text)
             calls = [build.tool_call(call.id, call.name, call.arguments) for call in c.calls]
             has_reasoning = c.reasoning is not None and (reasoning or c.reasoning.seen_start
-                                                         or c.plan.reasoning.starts_in_reasoning)
+                                                         or c.plan.starts_in_reasoning)
             choices.append(build.chat_choice(
                 c.index, content if (content or not calls) else None, c.api_finish_reason(c.finish_reason),
                 reasoning_content=reasoning if has_reasoning else None, tool_calls=calls or None,

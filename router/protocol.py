@@ -6,17 +6,29 @@ models below (built by `router/responses.py`, framed for streaming by `router/ss
 
 Request bodies follow vLLM: unknown fields are ignored, and the engine's extra sampling
 parameters are accepted by their vLLM names (clients send them through `extra_body`).
+vLLM fields this server knows but does not honour (beam search, prompt logprobs, a
+request's own chat template, ...) are refused with a 400 that names them when sent with
+anything but their default: a client must not believe it got what it asked for.
 Unlike vLLM, types are checked strictly, as OpenAI does: `"max_tokens": "16"` or
-`"n": true` is a 400, not silently coerced. Every error a client can cause is raised as
-`RequestError` (a `ValueError`) whose message names the field: answer it with HTTP 400
-and `error_body(str(exc))`.
+`"n": true` is a 400, not silently coerced. An explicit `null` on a field whose type has
+no null (`"stream": null`, `"logprobs": null` in chat, as the official client sends for
+arguments set to None) means "not sent": the field's default. Every error a client can
+cause is raised as `RequestError` (a `ValueError`) whose message names the field: answer
+it with HTTP 400 and `error_body(str(exc))`.
+
+The model's generation_config.json may set sampling defaults (`sampling_defaults`): they
+apply to the fields a request does not send, as vLLM's `--generation-config auto` does.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
+import types
 import uuid
-from typing import Any, Literal, TypeVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
                       model_validator)
@@ -72,9 +84,39 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
+def _admits_null(annotation: Any) -> bool:
+    return annotation is Any or annotation is None or annotation is type(None) or (
+        get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation))
+
+
+@functools.cache
+def _null_means_default(cls: type[BaseModel]) -> frozenset[str]:
+    """Fields of `cls` with a default and a type without null: there a JSON null means "not sent"."""
+    return frozenset(name for name, f in cls.model_fields.items()
+                     if not f.is_required() and not _admits_null(f.annotation))
+
+
+class _Body(BaseModel):
+    """A part of a request body. `"field": null` on a field whose type has no null is read
+    as the field left out (its default): the official client sends `"logprobs": null`,
+    `"stream": null` for arguments set to None. Where null has a meaning of its own
+    (CompletionRequest.max_tokens) the type admits it and it is kept."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_sent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            defaulted = _null_means_default(cls)
+            if any(data.get(name, 0) is None for name in defaulted):
+                data = {k: v for k, v in data.items() if not (v is None and k in defaulted)}
+        return data
+
+
+class StreamOptions(_Body):
     include_usage: bool = False   # one last chunk with `choices: []` and `usage`
+    continuous_usage_stats: bool = False   # vLLM's usage in every chunk: refused when true
 
 
 # Bounds on request fields (numbers are bounded by SamplingParams).
@@ -89,12 +131,43 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_
                     "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                     "spaces_between_special_tokens", "bad_words")
 
+# generation_config.json keys that are sampling defaults, as vLLM reads them
+# (ModelConfig.get_diff_sampling_param): their SamplingParams names.
+GENERATION_CONFIG_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                                   "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                                   "max_new_tokens": "max_tokens"}
 
-class _SamplingRequest(BaseModel):
+
+def sampling_defaults(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a model's generation_config.json sets, by SamplingParams
+    name (`max_new_tokens` becomes `max_tokens`); other keys (eos ids, do_sample, ...) are
+    not sampling defaults. Raises ValueError when a value is not one SamplingParams takes:
+    a bad file must stop the server at start, not fail every request with a 400."""
+    defaults = {ours: generation_config[theirs] for theirs, ours in GENERATION_CONFIG_SAMPLING_KEYS.items()
+                if generation_config.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"generation_config.json sets sampling defaults SamplingParams refuses ({e}): fix the "
+                         "file, or set model.generation_config: vllm in cluster.yaml to ignore them") from None
+    return defaults
+
+
+class _SamplingRequest(_Body):
     """Fields both endpoints share: OpenAI's, vLLM's extra sampling params, and routing
-    metadata. None means "not sent": the engine's `SamplingParams` default applies."""
+    metadata. None means "not sent": the model's generation_config.json default, else the
+    engine's `SamplingParams` default, applies."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # vLLM fields the server does not honour -> what to do instead. Sent with anything but
+    # their default (None, False, or the field's own), they are a 400.
+    not_honoured: ClassVar[dict[str, str]] = {
+        "prompt_logprobs": "this server returns logprobs of generated tokens only (logprobs); remove it",
+        "allowed_token_ids": "restrict the output with guided_choice, guided_regex or bad_words instead",
+        "truncate_prompt_tokens": "the server never cuts a prompt; shorten it yourself",
+        "use_beam_search": "there is no beam search; sample n choices and pick the best yourself",
+        "length_penalty": "it applies to beam search only, which this server does not do; remove it",
+        "return_tokens_as_token_ids": "logprobs name tokens by their text; remove it",
+    }
 
     model: str | None = None      # None: the served model (the router checks a given name)
     stream: bool = False
@@ -134,14 +207,28 @@ class _SamplingRequest(BaseModel):
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    # Known to vLLM, not honoured here: accepted only at their default (not_honoured).
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    return_tokens_as_token_ids: bool = False
 
     @model_validator(mode="after")
     def _check_shared(self) -> _SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise ValueError("stream_options.continuous_usage_stats is not supported: usage comes once, in the "
+                             "stream's last chunk (stream_options.include_usage)")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported: remove it (to ban words, send bad_words "
                              "in extra_body)")
+        for name, advice in self.not_honoured.items():
+            value = getattr(self, name)
+            if value is not None and value is not False and value != type(self).model_fields[name].default:
+                raise ValueError(f"{name} is not supported: {advice}")
         return self
 
     @model_validator(mode="after")
@@ -165,12 +252,22 @@ class _SamplingRequest(BaseModel):
         """Whether a stream ends with a usage chunk (non-streaming responses always carry usage)."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        sent = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
+    def _sampling_params(self, max_tokens: int, logprobs: int | None,
+                         defaults: Mapping[str, Any] | None) -> SamplingParams:
+        """The fields the request sent, over the model's defaults (`sampling_defaults`)."""
+        fields = {name: value for name, value in (defaults or {}).items() if name in _SAMPLING_FIELDS}
+        fields.update((name, getattr(self, name)) for name in _SAMPLING_FIELDS if getattr(self, name) is not None)
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **sent)
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
         except ValueError as exc:  # its messages name the field and the rule
             raise RequestError(str(exc)) from None
+
+
+def _default_max_tokens(context_room: int, defaults: Mapping[str, Any] | None) -> int:
+    """Where a request gives no max_tokens: the room left in the context, or the model's
+    max_new_tokens (generation_config.json) when that is smaller."""
+    model_default = (defaults or {}).get("max_tokens")
+    return context_room if model_default is None else min(context_room, model_default)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -211,29 +308,33 @@ class CompletionRequest(_SamplingRequest):
                              "with logprobs and pick the best yourself")
         return self
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """`default_max_tokens` (typically context length minus prompt length) applies when
-        the body sends `"max_tokens": null`; an absent field means 16, as in OpenAI."""
-        max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
-        return self._sampling_params(max_tokens, self.logprobs)
+    def to_sampling_params(self, default_max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """`default_max_tokens` (typically context length minus prompt length, capped by the
+        model's max_new_tokens in `defaults`) applies when the body sends `"max_tokens": null`;
+        an absent field means 16, as in OpenAI. `defaults`: `sampling_defaults(...)` of the
+        model, under the fields the request sent."""
+        max_tokens = _default_max_tokens(default_max_tokens, defaults) if self.max_tokens is None else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, defaults)
 
 
-class TextPart(BaseModel):
+class TextPart(_Body):
     type: Literal["text"] = "text"
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     """One turn of the conversation. `tool_calls`/`tool_call_id`/`name` are kept as sent
-    so the chat template can render them; the server itself never calls tools."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
+    so the chat template can render them; the server itself never calls tools.
+    `reasoning_content` / `reasoning`: an earlier assistant turn's thinking, for
+    templates that render it back (interleaved thinking), as vLLM passes it."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]   # developer: newer clients' system
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -263,6 +364,15 @@ class ChatCompletionRequest(_SamplingRequest):
     call parser, required and named choices are enforced with a grammar (router/structured.py).
     """
 
+    not_honoured: ClassVar[dict[str, str]] = {
+        **_SamplingRequest.not_honoured,
+        "echo": "chat completions do not echo; use /v1/completions with echo, or repeat the last message yourself",
+        "chat_template": "the server renders the model's own chat template (a request's template would be code "
+                         "run on the server); set template variables with chat_template_kwargs",
+        "functions": "it is OpenAI's deprecated form of tools: send tools",
+        "function_call": "it is OpenAI's deprecated form of tool_choice: send tool_choice",
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None             # deprecated by OpenAI for max_completion_tokens
     max_completion_tokens: int | None = None  # wins over max_tokens when both are sent
@@ -270,16 +380,26 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None   # false: tool_choice "required" allows one call
+    parallel_tool_calls: bool | None = None   # false: at most one tool call (the first), as vLLM
     chat_template_kwargs: dict[str, Any] | None = None   # e.g. {"enable_thinking": false}
     include_reasoning: bool = True            # false: reasoning is not split out (vLLM)
+    # vLLM's: render without the assistant header; or continue the last message itself
+    # (rendered without a generation prompt and cut right after its content).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # Known to vLLM, not honoured here: accepted only at their default (not_honoured).
+    echo: bool = False
+    chat_template: str | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_variables_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         # The server renders with the model's own template: a client's template would be
         # code run on the router (a loop in it stalls every stream; vLLM's CVE-2025-61620).
-        taken = sorted(set(v or ()) & {"chat_template", "messages", "tools", "add_generation_prompt", "tokenize"})
+        taken = sorted(set(v or ()) & {"chat_template", "messages", "tools", "add_generation_prompt",
+                                       "continue_final_message", "tokenize"})
         if taken:
             raise ValueError(f"chat_template_kwargs may only set template variables, not {', '.join(taken)}: "
                              "the server renders the model's own chat template; send messages and tools as "
@@ -290,25 +410,56 @@ class ChatCompletionRequest(_SamplingRequest):
     def _check_supported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message=true cannot go with add_generation_prompt=true (its default): "
+                             "send add_generation_prompt=false to continue the last message")
         return self
 
     def conversation(self) -> list[dict[str, Any]]:
-        """The messages as plain dicts for a chat template: content is always a string."""
+        """The messages as plain dicts for a chat template: content is always a string;
+        tool calls' `arguments` are objects, as vLLM hands them to templates (which write
+        `arguments | tojson`); an earlier turn's reasoning goes as both `reasoning` and
+        `reasoning_content`, the names templates use."""
         out = []
         for m in self.messages:
             role = "system" if m.role == "developer" else m.role   # chat templates know only "system"
             turn: dict[str, Any] = {"role": role, "content": m.text}
-            turn.update({k: v for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None})
+            turn.update({k: v for k in ("name", "tool_call_id") if (v := getattr(m, k)) is not None})
+            if m.tool_calls is not None:
+                turn["tool_calls"] = [_decoded_arguments(call) for call in m.tool_calls]
+            reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+            if reasoning is not None:
+                turn["reasoning"] = turn["reasoning_content"] = reasoning
             out.append(turn)
         return out
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """`default_max_tokens` (typically context length minus prompt length) applies when
-        neither max_completion_tokens nor max_tokens is sent."""
-        max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None),
-                          default_max_tokens)
+    def to_sampling_params(self, default_max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """`default_max_tokens` (typically context length minus prompt length, capped by the
+        model's max_new_tokens in `defaults`) applies when neither max_completion_tokens nor
+        max_tokens is sent. `defaults`: `sampling_defaults(...)` of the model."""
+        max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), None)
+        if max_tokens is None:
+            max_tokens = _default_max_tokens(default_max_tokens, defaults)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, defaults)
+
+
+def _decoded_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call of the history with its `function.arguments` JSON text decoded (vLLM's
+    rule): templates encode them with `tojson`, so text would be encoded twice. "" or
+    null is {}; text that is not JSON stays text. The request's own dict is not changed."""
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if arguments is None or arguments == "":
+        arguments = {}
+    elif isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 # --- responses -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ class RouterLaunchSpec(msgspec.Struct, kw_only=True):
     block_size: int = 16                    # for prefix_aware's block-hash index
     max_model_len: int | None = None
     log_level: str = "info"
+    generation_config: str = "auto"         # auto: generation_config.json's sampling defaults apply; vllm: ignored
     # Structured outputs, reasoning and tools (cluster.yaml `structured_outputs:` and
     # `router.tool_call_parser`).
     structured_outputs_backend: str = "auto"

@@ -31,9 +31,11 @@ class AnswerPlan:
 
     constraint: StructuredOutputsParams | None = None
     reasoning: ReasoningParser | None = None
+    starts_in_reasoning: bool = False          # the prompt opened the reasoning: the output starts inside it
     tool_parser: ToolParser | None = None      # tool_choice auto
     tool_mode: str = "none"                    # none | auto | required | named
     tool_name: str | None = None               # tool_choice named
+    max_tool_calls: int | None = None          # 1 with parallel_tool_calls false: later calls are dropped (vLLM)
 
 
 class ServerFeatures:
@@ -50,6 +52,8 @@ class ServerFeatures:
         if chat and req.tools:
             mode, name = _tool_choice(req)
             plan.tool_mode, plan.tool_name = mode, name
+            if req.parallel_tool_calls is False:
+                plan.max_tool_calls = 1
             if mode == "auto":
                 if self.tool_parser is None:
                     raise RequestError('tool_choice "auto" needs a tool call parser on the server: set '
@@ -69,6 +73,7 @@ class ServerFeatures:
         if (chat and self.reasoning is not None and getattr(req, "include_reasoning", True)
                 and not self.reasoning.reasoning_ended_in_prompt(prompt_text)):
             plan.reasoning = self.reasoning  # (a prompt that closed the reasoning gets an answer only)
+            plan.starts_in_reasoning = self.reasoning.output_starts_in_reasoning(prompt_text)
         if sources:
             _, fields = sources[0]
             backend = fields.pop("backend", None) or self.spec.structured_outputs_backend

@@ -86,6 +86,8 @@ BAD_FILES = [
     ("bad_load_failure_policy", "kv_transfer: {load_failure_policy: retry}",
      "kv_transfer.load_failure_policy: 'retry' is not one of 'recompute', 'fail'"),
     ("bad_dtype", "model: {dtype: fp8}", "model.dtype: 'fp8' is not one of 'auto', 'float32'"),
+    ("bad_generation_config", "model: {generation_config: hf}",
+     "model.generation_config: 'hf' is not one of 'auto', 'vllm'"),
     ("negative_replicas", "decode: {replicas: -1}", "decode.replicas: input should be greater than or equal to 0"),
     ("replicas_not_a_number", "prefill: {replicas: two}", "prefill.replicas: input should be a valid integer"),
     ("prefill_without_decode", "decode: {replicas: 0}",
@@ -126,6 +128,16 @@ def test_every_problem_gets_its_own_line(tmp_path):
     """)
     lines = problems_of(path)
     assert [line.split(": ")[1] for line in lines] == ["router.port", "router.policy", "decode.devices"]
+
+
+def test_model_generation_config_reaches_the_router_spec(tmp_path):
+    from cluster.launcher import router_launch_spec
+
+    assert ClusterConfig.default().model.generation_config == "auto"   # vLLM's default: the model's defaults apply
+    config = load_cluster_config(write(tmp_path, "model: {path: builtin:tiny, generation_config: vllm}"))
+    spec = router_launch_spec(config, 8000, tmp_path, [], 16)
+    assert spec.generation_config == "vllm"
+    assert router_launch_spec(ClusterConfig.default(), 8000, tmp_path, [], 16).generation_config == "auto"
 
 
 def test_ray_backend_and_module_class_connector_are_accepted(tmp_path):

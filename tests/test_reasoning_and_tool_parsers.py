@@ -38,6 +38,48 @@ def test_reasoning_parsers_split_reasoning_from_content(name, text, want):
     assert ReasoningParserManager.get(name)().extract(text) == want
 
 
+THINKING_2507_PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+HYBRID_PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+EARLIER_TURN_CLOSED = ("<|im_start|>assistant\n<think>\nold</think>\n\nold answer<|im_end|>\n"
+                       "<|im_start|>user\nMore<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("name, prompt, starts_in_reasoning", [
+    ("qwen3", THINKING_2507_PROMPT, True),       # the template opened <think>: the model writes only </think>
+    ("qwen3", HYBRID_PROMPT, False),             # the model opens <think> itself (or answers at once)
+    ("qwen3", EARLIER_TURN_CLOSED, False),
+    ("qwen3", EARLIER_TURN_CLOSED + "<think>\n", True),
+    ("deepseek_r1", HYBRID_PROMPT, True),        # R1 always starts in reasoning, as before
+    ("deepseek_r1", THINKING_2507_PROMPT, True),
+])
+def test_whether_the_output_starts_in_reasoning_is_read_from_the_prompt(name, prompt, starts_in_reasoning):
+    assert ReasoningParserManager.get(name)().output_starts_in_reasoning(prompt) is starts_in_reasoning
+
+
+def test_qwen3_reads_the_reasoning_of_a_prompt_that_opened_think():
+    parser = ReasoningParserManager.get("qwen3")()
+    start = parser.output_starts_in_reasoning(THINKING_2507_PROMPT)
+    assert parser.extract("plan it\n</think>\n\nThe answer", start) == ("plan it\n", "\n\nThe answer")
+    assert parser.extract("still thinking", start) == ("still thinking", None)
+    outs = streamed(parser.stream(start), "plan it</think>The answer", [3, 9, 12])
+    assert ("".join(r for r, _ in outs), "".join(c for _, c in outs)) == ("plan it", "The answer")
+    assert parser.extract("plan it</think>The answer") == (None, "plan it</think>The answer")  # hybrid: as before
+
+
+def test_the_plan_decides_per_request_where_the_output_starts():
+    from router.protocol import ChatCompletionRequest, parse_request
+    from router.spec import RouterLaunchSpec
+    from router.structured import ServerFeatures
+
+    req = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "Hi"}]})
+    for parser, prompt, want in (("qwen3", THINKING_2507_PROMPT, True), ("qwen3", HYBRID_PROMPT, False),
+                                 ("deepseek_r1", HYBRID_PROMPT, True)):
+        features = ServerFeatures(RouterLaunchSpec(model_dir="", served_model_name="m", nodes=[],
+                                                   reasoning_parser=parser))
+        plan = features.plan(req, True, None, prompt)
+        assert plan.reasoning is not None and plan.starts_in_reasoning is want
+
+
 # Texts made of pieces likely to form (and break) tags and calls.
 PIECES = list("ab <>/{}\":,") + ["<think>", "</think>", "<tool_call>", "</tool_call>", '{"name": "f", ',
                                   '"arguments": {"x": 1}}', '"parameters": {}}', "<|python_tag|>", ";"]
@@ -71,10 +113,42 @@ def test_hermes_reads_calls_and_keeps_what_is_not_a_call():
     text = ('Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
             '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call><tool_call>oops</tool_call>')
     content, calls = ToolParserManager.get("hermes")().extract(text)
-    assert content == "Let me look. <tool_call>oops</tool_call>"
+    assert content == "Let me look.<tool_call>oops</tool_call>"   # the space before a call is layout
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
                                                                   ("add", {"a": 1, "b": 2})]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+
+
+def message_of(parser_name: str, text: str) -> tuple[str | None, list[tuple[str, dict]]]:
+    """A non-streaming answer's (content, calls), as the router builds it."""
+    stream = ToolParserManager.get(parser_name)().stream()
+    c1, t1 = stream.feed(text)
+    c2, t2 = stream.finish()
+    calls = t1 + t2
+    return (stream.message_content(c1 + c2) if calls else c1 + c2), [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_hermes_message_content_is_the_text_before_the_first_call():
+    two_calls = ('<tool_call>{"name": "a", "arguments": {}}</tool_call>\n'
+                 '<tool_call>{"name": "b", "arguments": {"x": 1}}</tool_call>\n')
+    assert message_of("hermes", two_calls) == (None, [("a", {}), ("b", {"x": 1})])
+    assert message_of("hermes", "Let me check.\n\n" + two_calls) == ("Let me check.", [("a", {}), ("b", {"x": 1})])
+    assert message_of("hermes", "No calls here.\n") == ("No calls here.\n", [])
+    # streamed, the whitespace around calls is held back and dropped too: the deltas read the same
+    outs = streamed(ToolParserManager.get("hermes")().stream(), "Let me check.\n\n" + two_calls, [14, 15, 60])
+    assert "".join(c for c, _ in outs) == "Let me check."
+    outs = streamed(ToolParserManager.get("hermes")().stream(), "a  b \n", [2, 3, 5])
+    assert "".join(c for c, _ in outs) == "a  b \n"   # without calls every character is content
+
+
+def test_hermes_accepts_an_unclosed_last_call_whose_json_parses():
+    stopped = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'  # stop=["</tool_call>"]
+    content, calls = ToolParserManager.get("hermes")().extract(stopped)
+    assert content == "Checking." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert message_of("hermes", stopped) == ("Checking.", [("get_weather", {"city": "Paris"})])
+    cut = 'Checking.<tool_call>{"name": "get_weather", "argum'      # cut short: not a call, kept as text
+    assert ToolParserManager.get("hermes")().extract(cut) == (cut, [])
 
 
 def test_llama3_json_reads_one_or_several_calls_or_leaves_text_alone():

@@ -16,9 +16,11 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from engine.builtin_models import AGENT_CHAT_TEMPLATE
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import render_chat_template
 from router.protocol import (ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList,
-                             RequestError, error_body, parse_request, random_id)
+                             RequestError, error_body, parse_request, random_id, sampling_defaults)
 from router.responses import (api_finish_reason, chat_chunk, chat_response, chat_usage_chunk, completion_chunk,
                               completion_response, completion_usage_chunk, usage)
 from router.sse import SSE_DONE, json_bytes, sse_data, sse_error
@@ -233,6 +235,126 @@ def test_chat_max_tokens_and_logprobs_mapping(body, max_tokens, logprobs):
 ])
 def test_chat_unsupported_or_invalid_requests_are_explained(body, message):
     assert message in rejected(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **body})
+
+
+def test_explicit_nulls_from_the_openai_client_mean_not_sent():
+    chat = body_sent_by_client(lambda c: c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=None, stream=None, n=None,
+        top_logprobs=None, stream_options=None, extra_body={"include_reasoning": None}))
+    request = parse_request(ChatCompletionRequest, chat)
+    assert (request.stream, request.logprobs, request.include_reasoning) == (False, False, True)
+    assert request.to_sampling_params(100) == SamplingParams(max_tokens=100)
+    completion = body_sent_by_client(lambda c: c.completions.create(
+        model="tiny", prompt="hi", echo=None, logprobs=None, stream=None))
+    request = parse_request(CompletionRequest, completion)
+    assert (request.stream, request.echo, request.logprobs) == (False, False, None)
+    streamed = parse_request(CompletionRequest, {"prompt": "hi", "stream": True,
+                                                 "stream_options": {"include_usage": None}})
+    assert not streamed.include_usage
+    message = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi", "name": None}]})
+    assert message.conversation() == [{"role": "user", "content": "hi"}]
+
+
+def test_null_keeps_its_own_meaning_where_the_field_has_one():
+    # completions: absent max_tokens is OpenAI's 16, null is "up to the context"
+    assert parse_request(CompletionRequest, {"prompt": "hi"}).to_sampling_params(100).max_tokens == 16
+    null = parse_request(CompletionRequest, {"prompt": "hi", "max_tokens": None})
+    assert null.to_sampling_params(100).max_tokens == 100
+    assert "prompt: " in rejected(CompletionRequest, {"prompt": None})
+    assert "messages: " in rejected(ChatCompletionRequest, {"messages": None})
+
+
+def test_model_sampling_defaults_apply_under_the_fields_a_request_sends():
+    defaults = sampling_defaults({"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0,
+                                  "repetition_penalty": 1.05, "max_new_tokens": 64,
+                                  "do_sample": True, "eos_token_id": [1, 2], "bos_token_id": 0})
+    assert defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "repetition_penalty": 1.05,
+                        "max_tokens": 64}
+    chat = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.1})
+    assert chat.to_sampling_params(100, defaults) == SamplingParams(
+        max_tokens=64, temperature=0.1, top_p=0.95, top_k=20, min_p=0.0, repetition_penalty=1.05)
+    assert chat.to_sampling_params(30, defaults).max_tokens == 30              # the context's room is the limit
+    sent = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                                                 "top_k": 0, "repetition_penalty": 1.0})
+    params = sent.to_sampling_params(300, defaults)
+    assert (params.max_tokens, params.top_k, params.repetition_penalty, params.temperature) == (200, 0, 1.0, 0.6)
+    completion = parse_request(CompletionRequest, {"prompt": "hi"}).to_sampling_params(100, defaults)
+    assert (completion.max_tokens, completion.temperature, completion.top_k) == (16, 0.6, 20)   # absent: 16
+    null = parse_request(CompletionRequest, {"prompt": "hi", "max_tokens": None}).to_sampling_params(100, defaults)
+    assert null.max_tokens == 64
+
+
+def test_generation_config_without_sampling_keys_changes_nothing_and_bad_values_are_refused_at_start():
+    assert sampling_defaults({"bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": 3}) == {}
+    assert sampling_defaults({"temperature": None}) == {}
+    with pytest.raises(ValueError, match="model.generation_config: vllm"):
+        sampling_defaults({"top_p": 0.0})
+
+
+def test_tool_call_arguments_in_the_history_reach_the_template_as_objects():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+             {"id": "c2", "type": "function", "function": {"name": "now", "arguments": ""}},
+             {"id": "c3", "type": "function", "function": {"name": "raw", "arguments": "not json"}},
+             {"id": "c4", "type": "function", "function": {"name": "given", "arguments": {"a": 1}}}]
+    body = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None,
+                                                                   "tool_calls": calls}]}
+    request = parse_request(ChatCompletionRequest, body)
+    rendered = [c["function"]["arguments"] for c in request.conversation()[1]["tool_calls"]]
+    assert rendered == [{"city": "Paris"}, {}, "not json", {"a": 1}]
+    assert request.messages[1].tool_calls[0]["function"]["arguments"] == '{"city": "Paris"}'   # the request as sent
+    text = render_chat_template(AGENT_CHAT_TEMPLATE, request.conversation(), add_generation_prompt=True,
+                                tools=None, bos_token="")
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+
+
+def test_earlier_reasoning_reaches_the_template_under_both_names():
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"},
+             {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning": "add again"}]
+    conversation = parse_request(ChatCompletionRequest, {"messages": turns}).conversation()
+    assert [(t.get("reasoning"), t.get("reasoning_content")) for t in conversation] == [
+        (None, None), ("add", "add"), (None, None), ("add again", "add again")]
+
+
+def test_generation_prompt_and_continuing_the_last_message():
+    hi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    request = parse_request(ChatCompletionRequest, {"messages": hi})
+    assert (request.add_generation_prompt, request.continue_final_message) == (True, False)
+    request = parse_request(ChatCompletionRequest, {"messages": hi, "add_generation_prompt": False,
+                                                    "continue_final_message": True})
+    assert (request.add_generation_prompt, request.continue_final_message) == (False, True)
+    assert "continue_final_message=true cannot go with add_generation_prompt=true" in rejected(
+        ChatCompletionRequest, {"messages": hi, "continue_final_message": True})
+    assert "not add_generation_prompt, continue_final_message" in rejected(
+        ChatCompletionRequest, {"messages": hi, "chat_template_kwargs": {"continue_final_message": True,
+                                                                          "add_generation_prompt": False}})
+
+
+NOT_HONOURED_ON_BOTH = [("prompt_logprobs", 1), ("prompt_logprobs", 0), ("allowed_token_ids", [1, 2]),
+                        ("truncate_prompt_tokens", 10), ("use_beam_search", True), ("length_penalty", 0.5),
+                        ("return_tokens_as_token_ids", True)]
+NOT_HONOURED_IN_CHAT = [("echo", True), ("chat_template", "{{ messages }}"),
+                        ("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto")]
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    *[(CompletionRequest, f, v) for f, v in NOT_HONOURED_ON_BOTH],
+    *[(ChatCompletionRequest, f, v) for f, v in NOT_HONOURED_ON_BOTH + NOT_HONOURED_IN_CHAT]])
+def test_fields_the_server_does_not_honour_are_refused_naming_the_field(cls, field, value):
+    body = {"prompt": "hi"} if cls is CompletionRequest else {"messages": [{"role": "user", "content": "hi"}]}
+    assert f"{field} is not supported: " in rejected(cls, {**body, field: value})
+
+
+def test_fields_the_server_does_not_honour_are_accepted_at_their_default():
+    defaults = {"prompt_logprobs": None, "allowed_token_ids": None, "truncate_prompt_tokens": None,
+                "use_beam_search": False, "length_penalty": 1, "return_tokens_as_token_ids": False,
+                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
+    assert parse_request(CompletionRequest, {"prompt": "hi", **defaults}).include_usage
+    chat = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **defaults,
+                                                 "echo": False, "chat_template": None, "functions": None,
+                                                 "function_call": None, "vendor_extra": {"x": 1}})
+    assert chat.include_usage
+    assert "stream_options.continuous_usage_stats is not supported" in rejected(
+        CompletionRequest, {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": True}})
 
 
 # --- responses -----------------------------------------------------------------------

@@ -119,6 +119,18 @@ def test_chat_template_matches_transformers(tiny_dir, add_generation_prompt):
     assert prompt.startswith("<|begin_of_text|><|im_start|>system\nYou are terse.<|im_end|>\n")
 
 
+@pytest.mark.parametrize("final", ["The answer is", "The answer is ", "  spaced  ", "line\n"])
+def test_continue_final_message_cuts_after_the_last_message_like_transformers(tiny_dir, final):
+    ours, ref = Tokenizer.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    messages = [*CONVERSATIONS[1], {"role": "assistant", "content": final}]
+    prompt = ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert prompt == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                             continue_final_message=True)
+    assert prompt.endswith("<|im_start|>assistant\n" + final)
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+        ours.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+
+
 def test_a_tool_calling_style_template_renders_like_transformers(tmp_path):
     """Templates lean on tojson, namespace, loop controls, raise_exception and tools."""
     path = make_model(tmp_path / "m", "tiny", with_weights=False)

@@ -2,8 +2,10 @@
 
 The two differ only in where the output starts: DeepSeek-R1's chat template already
 opens `<think>` in the prompt, so its output is reasoning until `</think>` (and all of it
-when the tag never comes, as vLLM reads it); Qwen3 writes `<think>` itself, so its output
-is answer until the tag opens.
+when the tag never comes, as vLLM reads it). Qwen3 decides per prompt: Qwen3's hybrid
+models write `<think>` themselves (the output is answer until the tag opens), but the
+Thinking-2507 templates end the prompt with `<think>\n`, so the output starts inside the
+reasoning: it does whenever the prompt's last `<think>` comes after its last `</think>`.
 """
 
 from __future__ import annotations
@@ -70,18 +72,26 @@ def _partial_suffix(text: str, tag: str) -> int:
 class ReasoningParser:
     start_token = "<think>"
     end_token = "</think>"
-    starts_in_reasoning = False
+    starts_in_reasoning = False   # where the output starts when the prompt does not say
 
-    def stream(self) -> ReasoningStream:
-        return ReasoningStream(self.start_token, self.end_token, self.starts_in_reasoning)
+    def stream(self, in_reasoning: bool | None = None) -> ReasoningStream:
+        """A reader for one choice; `in_reasoning`: whether the output starts inside the
+        reasoning (`output_starts_in_reasoning(prompt)`), else the class's default."""
+        start = self.starts_in_reasoning if in_reasoning is None else in_reasoning
+        return ReasoningStream(self.start_token, self.end_token, start)
 
-    def extract(self, text: str) -> tuple[str | None, str | None]:
+    def extract(self, text: str, in_reasoning: bool | None = None) -> tuple[str | None, str | None]:
         """Non-streaming: (reasoning_content, content), None where there is none."""
-        s = self.stream()
+        start = self.starts_in_reasoning if in_reasoning is None else in_reasoning
+        s = self.stream(start)
         r1, c1 = s.feed(text)
         r2, c2 = s.finish()
         reasoning, content = r1 + r2, c1 + c2
-        return (reasoning if reasoning or s.seen_start or self.starts_in_reasoning else None), (content or None)
+        return (reasoning if reasoning or s.seen_start or start else None), (content or None)
+
+    def output_starts_in_reasoning(self, prompt_text: str) -> bool:
+        """Whether the output of this (rendered) prompt begins inside the reasoning."""
+        return self.starts_in_reasoning
 
     def reasoning_ended_in_prompt(self, prompt_text: str) -> bool:
         """The prompt itself closed the reasoning (e.g. a template rendered with
@@ -103,3 +113,8 @@ class Qwen3ReasoningParser(ReasoningParser):
 
     def reasoning_ended_in_prompt(self, prompt_text: str) -> bool:
         return prompt_text.rstrip().endswith(self.end_token)
+
+    def output_starts_in_reasoning(self, prompt_text: str) -> bool:
+        # Thinking-2507 templates open the reasoning in the prompt ("...assistant\n<think>\n"):
+        # the model then writes only the end tag. A closed earlier turn does not count.
+        return prompt_text.rfind(self.start_token) > prompt_text.rfind(self.end_token)

@@ -1,12 +1,17 @@
 """The built-in tool-call formats.
 
 * `hermes` (Hermes 2 Pro, Qwen2.5/Qwen3): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-  blocks, text around them is content.
+  blocks, text around them is content. A last `<tool_call>` left open (the output stopped
+  at `</tool_call>`, or ended) is a call when its JSON parses, as vLLM's regex reads it.
+  A non-streaming answer with calls has as content only the text before the first call
+  (trailing whitespace stripped; null when empty), as vLLM builds it: see
+  `ToolStream.message_content`.
 * `llama3_json` (Llama 3.1/3.2): the whole answer is one JSON object `{"name": ...,
   "parameters": {...}}` (or several separated by `;`), optionally after `<|python_tag|>`.
 
 A block that does not parse as a call stays in the content: nothing the model wrote is
-dropped.
+dropped, but for whitespace around hermes calls (and, in a non-streaming hermes answer,
+text after the first call, as vLLM).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ class ToolStream:
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
         raise NotImplementedError
 
+    def message_content(self, content: str) -> str | None:
+        """A non-streaming message's `content` once the stream made calls, from `content`,
+        all the content it passed on: by default that text, None when empty."""
+        return content or None
+
 
 class ToolParser:
     def stream(self) -> ToolStream:
@@ -54,11 +64,18 @@ class ToolParser:
 
 
 class _HermesStream(ToolStream):
+    """Whitespace next to calls is layout, not an answer: the stream holds a run of
+    whitespace back until text follows it, and drops it when a call follows (or the
+    answer ends after calls). Without calls every character is passed on."""
+
     START, END = "<tool_call>", "</tool_call>"
 
     def __init__(self):
         self._buf = ""
         self._in_call = False
+        self._space = ""                   # trailing whitespace held back
+        self._passed: list[str] = []       # content passed on before the first call
+        self._lead: str | None = None      # all of it, once a call was made
 
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         self._buf += text
@@ -68,10 +85,10 @@ class _HermesStream(ToolStream):
                 i = self._buf.find(self.START)
                 if i < 0:
                     keep = _partial_suffix(self._buf, self.START)
-                    content.append(self._buf[:len(self._buf) - keep])
+                    content.append(self._pass(self._buf[:len(self._buf) - keep]))
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
-                content.append(self._buf[:i])
+                content.append(self._pass(self._buf[:i]))
                 self._buf = self._buf[i:]
                 self._in_call = True
             j = self._buf.find(self.END)
@@ -82,14 +99,43 @@ class _HermesStream(ToolStream):
             self._in_call = False
             call = _json_call(block[len(self.START):-len(self.END)])
             if call is None:
-                content.append(block)
+                content.append(self._pass(block))
             else:
+                self._called()
                 calls.append(call)
         return "".join(content), calls
 
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
         out, self._buf = self._buf, ""
-        return out, []
+        if self._in_call:  # an unclosed last call: a call when what follows the tag is one
+            self._in_call = False
+            call = _json_call(out[len(self.START):])
+            if call is not None:
+                self._called()
+                return "", [call]
+        content = self._pass(out)
+        space, self._space = self._space, ""
+        return (content if self._lead is not None else content + space), []
+
+    def _pass(self, text: str) -> str:
+        """What of `text` goes out now: all but its trailing whitespace, which waits."""
+        text = self._space + text
+        kept = text.rstrip()
+        self._space = text[len(kept):]
+        if self._lead is None and kept:
+            self._passed.append(kept)
+        return kept
+
+    def _called(self) -> None:
+        self._space = ""
+        if self._lead is None:
+            self._lead = "".join(self._passed)
+            self._passed = []
+
+    def message_content(self, content: str) -> str | None:
+        if self._lead is None:
+            return content or None
+        return self._lead.rstrip() or None   # vLLM: the text before the first call
 
 
 class HermesToolParser(ToolParser):
