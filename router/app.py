@@ -179,8 +179,8 @@ class Router:
             new_process = n.last_stats is not None and pids.get(n.id, n.last_stats.pid) != n.last_stats.pid
             if n.healthy and (n.id in was_down or new_process):
                 self.policy.node_restarted(n.id)  # its prefix cache starts empty
-            elif (n.id not in was_down and not n.healthy and n.role in ("prefill", "both") and n.last_stats
-                  and n.last_stats.kv_engine_id):
+            elif (n.id not in was_down and not n.healthy and not n.draining and n.role in ("prefill", "both")
+                  and n.last_stats and n.last_stats.kv_engine_id):  # a draining producer still lends
                 # A producer gone: its consumers stop waiting for KV from it and recompute now.
                 for c in self.nodes:
                     if c is not n and c.healthy and c.role in ("decode", "both"):
@@ -247,12 +247,16 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         `prefills_waiting` / `prefill_tokens_waiting`: prefills this router sent there whose
         first token is not back, and the prompt tokens they compute; with `in_flight` (this
         router's requests on the node) what router.disaggregation's `conditional` mode
-        weighs. `aborts_sent` and
+        weighs. `stats_current` false: the node is down and its engine fields are zeros, not
+        its last stats; `draining`: it is stopping (no new jobs, its streams finish there).
+        `aborts_sent` and
         `kv_releases_sent`: requests this router stopped there before their end (a client
         gone, a failover) and lent KV it freed unread."""
         nodes = []
         for n in router.nodes:
-            e = n.last_stats.engine if n.last_stats else None
+            # A node that is down has no current state: its last stats would show phantom load.
+            current = n.last_stats is not None and (n.healthy or n.draining)
+            e = n.last_stats.engine if current else None
             peak_running, peak_waiting = n.take_peaks()
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
                           "state": membership.state(n), "placement": membership.placement.get(n.id, {}),
@@ -262,7 +266,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                           "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
                           "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
-                          "in_flight": n.in_flight,
+                          "in_flight": n.in_flight, "draining": n.draining, "stats_current": current,
                           "prefills_waiting": router.orchestrator.planner.queue[n.id],
                           "prefill_tokens_waiting": router.orchestrator.planner.queue.tokens(n.id),
                           "aborts_sent": n.aborts_sent, "kv_releases_sent": n.kv_releases_sent,
@@ -643,6 +647,9 @@ class _Run:
                 yield sse_data(make(self.id, self.model, self.created, self._usage()))
             yield SSE_DONE
             status = 200
+        except (asyncio.CancelledError, GeneratorExit):  # the client hung up: not a server error
+            status = 499
+            raise
         except Exception as e:  # a router bug mid-stream: the client still gets an error and [DONE]
             log.exception("request_id=%s: stream failed", self.id)
             yield sse_error(f"internal error: {e}")

@@ -243,6 +243,8 @@ def test_a_dead_prefill_node_is_recomputed_on_the_decode_node_or_fails_clearly(t
         metrics = httpx.get(cluster.url + "/metrics").text  # a dead node's last stats are not its state
         assert 'pdcluster_node_healthy{node="prefill-0",role="prefill"} 0.0' in metrics
         assert 'pdcluster_node_running{node="prefill-0"' not in metrics
+        dead = next(n for n in httpx.get(cluster.url + "/cluster").json()["nodes"] if n["id"] == "prefill-0")
+        assert (dead["healthy"], dead["stats_current"], dead["running"], dead["kv_blocks_free"]) == (False, False, 0, 0)
         want = offline.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
         if policy == "recompute":
             got = client.completions.create(model="builtin:tiny", prompt=PROMPTS[0], **GREEDY)

@@ -373,6 +373,24 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_stops_it(cluster, htt
     assert_nodes_unharmed(cluster, http)
 
 
+def test_a_client_that_hangs_up_mid_stream_is_counted_499_not_as_a_server_error(cluster, http):
+    before = (requests_ended(http, 499), requests_ended(http, 500))
+    body = {"prompt": "Keep talking for a long while", "max_tokens": 3000, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks == 3:
+                break  # and hang up
+    deadline = time.monotonic() + 10
+    while requests_ended(http, 499) == before[0]:
+        assert time.monotonic() < deadline, "the hang-up was never counted as 499"
+        time.sleep(0.1)
+    assert requests_ended(http, 500) == before[1]
+    assert_nodes_unharmed(cluster, http)
+
+
 def test_requests_that_end_on_their_own_stop_nothing_on_their_nodes(cluster, http):
     sent = {i: (n["aborts_sent"], n["kv_releases_sent"]) for i, n in nodes(http).items()}
     assert completion(http).status_code == 200
