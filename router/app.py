@@ -685,7 +685,11 @@ class _Run:
             if failed is not None:
                 status = failed.error_code or 500
                 return error(failed.error, status)
-            body = self._response()
+            try:
+                body = self._response()
+            except Exception as e:  # a router bug building the answer: counted once, by _finish
+                log.exception("request_id=%s: building the response failed", self.id)
+                return error(f"internal error: {type(e).__name__}: {e}", 500)
             status = 200
             return Response(json_bytes(body), media_type="application/json")
         finally:

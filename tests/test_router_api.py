@@ -280,3 +280,17 @@ def test_qwen3_reads_reasoning_when_the_prompt_opened_think(thinking_model, chat
     with router(chat_model, ScriptedCluster(answer), reasoning_parser="qwen3") as (client, _, _):
         out = client.chat.completions.create(model="tiny-chat", messages=USER).choices[0].message
         assert (out.model_extra.get("reasoning_content"), out.content) == (None, "".join(answer))  # all answer
+
+
+def test_a_response_that_cannot_be_built_is_one_500_counted_once(chat_model, monkeypatch):
+    from router import app as router_app
+
+    def broken(self):
+        raise RuntimeError("cannot build it")
+    monkeypatch.setattr(router_app._Run, "_response", broken)
+    with router(chat_model) as (_, http, _cluster):
+        r = http.post("/v1/chat/completions", json={"messages": USER})
+        assert r.status_code == 500 and "cannot build it" in r.json()["error"]["message"]
+        counted = [line for line in http.get("/metrics").text.splitlines()
+                   if line.startswith('pdcluster_requests_total{endpoint="chat",status="500"}')]
+        assert counted == ['pdcluster_requests_total{endpoint="chat",status="500"} 1.0']
