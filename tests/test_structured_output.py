@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.structured_output import manager as manager_module
 from engine.structured_output.backends import closed_schema
 from engine.structured_output.manager import StructuredOutputManager, apply_token_bitmask
 from engine.structured_output.params import StructuredOutputsParams, backend_unavailable, resolve_backend
@@ -113,7 +115,7 @@ def test_constraints_that_are_not_a_list_or_too_big_are_refused(spec, message):
         StructuredOutputsParams.from_dict(spec)
 
 
-def test_a_node_compiles_a_new_grammar_off_its_loop_while_the_other_requests_run():
+def test_a_node_compiles_a_new_grammar_off_its_loop_while_the_other_requests_run(monkeypatch):
     """Nodes compile grammars on a worker thread: a big schema (about a second to compile)
     waits in the queue while a plain request runs to its end; then it runs, and a
     constraint that does not compile ends its request with the compiler's message."""
@@ -127,6 +129,10 @@ def test_a_node_compiles_a_new_grammar_off_its_loop_while_the_other_requests_run
                  for i in range(60)}
         big = SamplingParams(max_tokens=4, temperature=0.0, structured_outputs=constrained(
             "xgrammar", json={"type": "object", "properties": props}))
+        made_on = []
+        real_build = manager_module.build_backend
+        monkeypatch.setattr(manager_module, "build_backend",
+                            lambda *a: made_on.append(threading.current_thread().name) or real_build(*a))
         eng.add_request("big", "Hi", big)
         eng.add_request("bad", "Hi", SamplingParams(max_tokens=4, structured_outputs={"backend": "xgrammar",
                                                                                       "regex": "[a-"}))
@@ -140,6 +146,8 @@ def test_a_node_compiles_a_new_grammar_off_its_loop_while_the_other_requests_run
         assert done["plain"].error is None and len(done["plain"].outputs[0].token_ids) == 4
         assert done["big"].error is None and done["big"].outputs[0].text.startswith("{")
         assert "does not compile with xgrammar" in done["bad"].error and done["bad"].error_is_client_side
+        # The backend itself (seconds for a big vocabulary) was made off the loop too.
+        assert made_on and all(name.startswith("grammar-compile") for name in made_on), made_on
     finally:
         eng.close()
 

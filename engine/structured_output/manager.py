@@ -103,7 +103,9 @@ class StructuredOutputManager:
         return self._cache(key, self._compile_with(self._backends_for(params), params))
 
     def _backends_for(self, params: StructuredOutputsParams) -> list[GrammarBackend]:
-        """The backends to try, in order (made here, on the engine thread)."""
+        """The backends to try, in order, made on first use: seconds for a large vocabulary
+        (xgrammar's tokenizer info, guidance's lexer), so in the background mode on the
+        compile thread, which is then the only one that makes them."""
         if params.backend == "auto":
             names = [n for n in AUTO_ORDER if backend_unavailable(n) is None] or [resolve_backend("auto")]
         else:
@@ -139,7 +141,7 @@ class StructuredOutputManager:
             self._start(request_id, params, self.compile(params), output_token_ids)
             return
         if key not in self._compiling:  # the choices of one n > 1 request share one compile
-            self._compiling[key] = self._pool.submit(self._compile_with, self._backends_for(params), params)
+            self._compiling[key] = self._pool.submit(lambda: self._compile_with(self._backends_for(params), params))
         self._waiting[request_id] = (params, list(output_token_ids))
 
     def ready(self, request_id: str) -> bool:
