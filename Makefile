@@ -1,8 +1,10 @@
 # Two commands on a fresh machine: `make serve` and `make test`. Each creates .venv and
 # installs what it needs first.
 #
-# CPU-only machines get PyTorch's CPU build (TORCH_SPEC). On a GPU machine, install the
-# CUDA build instead, e.g. `make test TORCH_SPEC=torch EXTRAS=test,nixl-cu13` (CUDA 13).
+# TORCH_SPEC pins torch: where pip's config finds a CPU wheel of it (this project's CI
+# machines: /opt/wheels) that is what installs; from plain PyPI it is the CUDA build, which
+# runs on a CPU too. On a GPU machine pick the build and NIXL's CUDA wheel on a fresh
+# checkout (the install runs once), e.g. `make test TORCH_SPEC=torch EXTRAS=test,structured,nixl-cu13`.
 
 PYTHON ?= python3
 VENV ?= .venv
