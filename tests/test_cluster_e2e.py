@@ -294,6 +294,15 @@ def test_a_prefill_node_dying_while_it_prefills_requests_hands_every_one_to_the_
         cluster.stop()
 
 
+def sse_chunks(resp: httpx.Response):
+    """The JSON chunks of a streamed answer, none of them an error."""
+    for line in resp.iter_lines():
+        if line.startswith("data: {"):
+            chunk = httpx.Response(200, content=line[6:]).json()
+            assert "error" not in chunk, chunk
+            yield chunk
+
+
 def test_a_decode_node_stopped_with_sigterm_finishes_its_streams_then_exits(tmp_path_factory, offline):
     """SIGTERM drains a node: the router sends it nothing new but keeps relaying what runs
     there (not failed over: nobody would read its answers), and it exits well inside the
@@ -307,11 +316,7 @@ def test_a_decode_node_stopped_with_sigterm_finishes_its_streams_then_exits(tmp_
         decode = next(c for c in cluster.nodes if c.name.startswith("decode"))
         text, stopped_at = "", None
         with httpx.Client(timeout=60) as http, http.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
-            for line in resp.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = httpx.Response(200, content=line[6:]).json()
-                assert "error" not in chunk, chunk
+            for chunk in sse_chunks(resp):
                 text += chunk["choices"][0]["text"] if chunk["choices"] else ""
                 if stopped_at is None and len(text) > 20:
                     decode.proc.send_signal(signal.SIGTERM)
@@ -337,11 +342,7 @@ def test_a_decode_node_dying_mid_stream_hands_the_request_to_another(tmp_path_fa
                 "stream_options": {"include_usage": True}}
         text, usage, killed = "", None, None
         with httpx.Client(timeout=60) as http, http.stream("POST", cluster.url + "/v1/completions", json=body) as resp:
-            for line in resp.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = httpx.Response(200, content=line[6:]).json()
-                assert "error" not in chunk, chunk
+            for chunk in sse_chunks(resp):
                 if chunk["choices"]:
                     text += chunk["choices"][0]["text"]
                 usage = chunk.get("usage") or usage
