@@ -30,6 +30,7 @@ Role = Literal["prefill", "decode", "both"]
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": None}  # `both`: see NodeSpec.kv_role
 PORTS_PER_NODE = 2  # a node's HTTP/control port, then its KV handshake port
 _DEVICE = re.compile(r"cpu|auto|cuda:\d+")
+RAY_MIN_RESOURCE = 0.0001  # Ray's resource granularity (ray_constants.MIN_RESOURCE_GRANULARITY)
 
 
 class _Section(BaseModel):
@@ -219,9 +220,17 @@ class RoleSettings(_Section):
     @field_validator("resources")
     @classmethod
     def _resources_non_negative(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, x in v.items() if x < 0]
-        if bad:
-            raise ValueError(f"{bad[0]}: {v[bad[0]]} is negative: give an amount of 0 or more")
+        # Ray's own rules, checked here so a bad amount fails before Ray starts (Ray says
+        # it only when the first actor is created, in a garbled message).
+        for k, x in v.items():
+            if x < 0:
+                raise ValueError(f"{k}: {x} is negative: give an amount of 0 or more")
+            if 0 < x < RAY_MIN_RESOURCE:
+                raise ValueError(f"{k}: {x} is below the smallest amount Ray counts ({RAY_MIN_RESOURCE}): give 0 "
+                                 f"or at least {RAY_MIN_RESOURCE}")
+            if x > 1 and not float(x).is_integer():
+                raise ValueError(f"{k}: {x}: Ray takes amounts above 1 in whole units only: give {int(x)} or "
+                                 f"{int(x) + 1} (or a fraction below 1, e.g. 0.5, to share one)")
         return v
 
     @field_validator("devices")
@@ -255,18 +264,27 @@ class RaySettings(_Section):
     HOST:PORT of a head node."""
     namespace: str = "pdcluster"
     max_restarts: int = Field(default=3, ge=0)
-    """How often Ray restarts a node's actor that died (then it rejoins the router)."""
+    """How often Ray restarts a node's actor that died (then it rejoins the router). Past
+    that, the launcher replaces it with a fresh actor under the same id, after a backoff."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     """Place the nodes `pdcluster up` starts as one Ray placement group with this strategy
     (one bundle per node, its role's resources): STRICT_PACK keeps them on one machine
     (e.g. prefill and decode over NVLink), STRICT_SPREAD one per machine. Null: each actor
-    is placed on its own. Nodes added by `pdcluster scale` are placed on their own."""
+    is placed on its own. A node added by `pdcluster scale` takes the bundle of a node of its
+    role that left, when there is one; else it is placed on its own."""
 
     @field_validator("address")
     @classmethod
     def _address_given(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("empty: use auto, local or HOST:PORT of the Ray head")
+        return v.strip()
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_given(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty: give a name (e.g. pdcluster); the actors are named in it")
         return v.strip()
 
 
@@ -346,6 +364,32 @@ class ClusterConfig(_Section):
             problems.append(f"router.port: {self.router.port} falls in the nodes' ports "
                             f"{base}..{base + PORTS_PER_NODE * n - 1}: move one of them")
         problems += self._engine_problems()
+        if problems:
+            raise PydanticCustomError("cluster_topology", "\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _fits_backend_ray(self) -> ClusterConfig:
+        """What backend ray cannot honour is refused, not ignored: Ray decides where a node
+        runs, so the node picks its ports there, and Ray gives it its GPU."""
+        if self.backend != "ray":
+            return self
+        problems = []
+        if self.nodes_base_port:
+            problems.append(f"nodes_base_port: {self.nodes_base_port}: with backend ray every node picks free ports "
+                            "on the machine Ray places it on (several may share one): remove it, or set it to 0")
+        for role, settings in self.roles():
+            section = "colocated" if role == "both" else role
+            if "devices" not in settings.model_fields_set:
+                continue
+            gpus = [d for d in settings.devices if d.startswith("cuda")]
+            if gpus:
+                problems.append(f"{section}.devices: {gpus[0]}: with backend ray, Ray gives each node its GPUs: ask "
+                                f"for them with {section}.resources: {{GPU: 1}} and leave devices out (auto), or "
+                                "use cpu")
+            elif "cpu" in settings.devices and settings.resources.get("GPU", 0) > 0:
+                problems.append(f"{section}.devices: cpu, but {section}.resources asks Ray for GPU "
+                                f"{settings.resources['GPU']}, which would sit idle: drop one of the two")
         if problems:
             raise PydanticCustomError("cluster_topology", "\n".join(problems))
         return self
