@@ -649,6 +649,11 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.producer_down(engine_id)
 
+    def producer_up(self, engine_id: str) -> None:
+        """That producer answers again: load from it again."""
+        if self.connector is not None:
+            self.connector.producer_up(engine_id)
+
     def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
         if req.status.finished:
             self.structured.remove(req.request_id)

@@ -47,6 +47,11 @@ class ProducerDown(msgspec.Struct, tag="producer_down"):
     engine_id: str
 
 
+class ProducerUp(msgspec.Struct, tag="producer_up"):
+    """That node answers again (it was frozen, not dead): loads from it go ahead again."""
+    engine_id: str
+
+
 # --- node -> router ---------------------------------------------------------------------
 class LogprobEntry(msgspec.Struct, array_like=True):
     token_id: int
@@ -89,7 +94,7 @@ class NodeStats(msgspec.Struct, tag="node_stats"):
     kv_service: str = ""                    # host:port of its KV service, when it lends KV
 
 
-ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest | ProducerDown
+ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest | ProducerDown | ProducerUp
 FromNode = RequestUpdate | NodeStats
 
 _encoder = msgspec.msgpack.Encoder()

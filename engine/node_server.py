@@ -166,6 +166,8 @@ class NodeServer:
             self._sock.send_multipart([ident, proto.encode(self.stats())])
         elif isinstance(msg, proto.ProducerDown):
             self.engine.producer_down(msg.engine_id)
+        elif isinstance(msg, proto.ProducerUp):
+            self.engine.producer_up(msg.engine_id)
         else:
             self.handle_role_message(ident, msg)
 

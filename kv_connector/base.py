@@ -161,6 +161,11 @@ class KVConnectorBase(ABC):
         applies) rather than wait for transfer_timeout_s; later ones should not start."""
         return None
 
+    def producer_up(self, engine_id: str) -> None:
+        """Consumer, engine thread: that producer answers the router again (it was frozen,
+        not dead): loads from it may start again."""
+        return None
+
     def stats(self) -> dict[str, float]:
         """Counters for metrics (transfers, bytes, seconds, failures). Names are stable."""
         return {}

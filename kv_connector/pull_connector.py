@@ -368,6 +368,9 @@ class PullConnector(KVConnectorBase):
         # The claim stays (renewed) while the job waits for a worker: _load drops it.
         (self._stream_pool if streamed else self._pool).submit(self._load, job)
 
+    def producer_up(self, engine_id: str) -> None:
+        self._dead_engines.discard(engine_id)
+
     def producer_down(self, engine_id: str) -> None:
         self._dead_engines.add(engine_id)
         for job in self._loads.values():

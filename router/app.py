@@ -179,6 +179,11 @@ class Router:
             new_process = n.last_stats is not None and pids.get(n.id, n.last_stats.pid) != n.last_stats.pid
             if n.healthy and (n.id in was_down or new_process):
                 self.policy.node_restarted(n.id)  # its prefix cache starts empty
+                if n.id in was_down and not new_process and n.last_stats.kv_engine_id:
+                    # Frozen, not dead: its consumers were told it was down; it lends again.
+                    for c in self.nodes:
+                        if c is not n and c.role in ("decode", "both"):
+                            await c.producer_up(n.last_stats.kv_engine_id)
             elif (n.id not in was_down and not n.healthy and not n.draining and n.role in ("prefill", "both")
                   and n.last_stats and n.last_stats.kv_engine_id):  # a draining producer still lends
                 # A producer gone: its consumers stop waiting for KV from it and recompute now.

@@ -166,6 +166,10 @@ class NodeClient:
         """Tell this (consumer) node that the producer with this KV engine id is gone."""
         await self._send_quietly(proto.ProducerDown(engine_id))
 
+    async def producer_up(self, engine_id: str) -> None:
+        """Tell this (consumer) node that the producer with this KV engine id answers again."""
+        await self._send_quietly(proto.ProducerUp(engine_id))
+
     async def _send_quietly(self, msg) -> None:
         try:
             await self._sock.send(proto.encode(msg), flags=zmq.NOBLOCK)

@@ -163,6 +163,33 @@ def test_decode_failover_releases_the_lent_kv_on_the_prefill_node_at_once(cluste
     assert view(cluster)["prefill-0"]["kv_transfer"]["requests_held"] == 0
 
 
+def test_a_frozen_prefill_node_that_answers_again_lends_again(cluster, offline):
+    """Declared down while frozen (its consumers told so), it answers again: its consumers
+    load from it again instead of failing every load (and leaving its lent KV held)."""
+    failures = {i: n["kv_transfer"].get("load_failures", 0) for i, n in view(cluster).items() if n["role"] == "decode"}
+    prefill = child(cluster, "prefill-0")
+    os.kill(prefill.pid, signal.SIGSTOP)
+    try:
+        wait_for("prefill-0 declared down", lambda: not view(cluster)["prefill-0"]["healthy"], NODE_TIMEOUT_S + 10)
+    finally:
+        os.kill(prefill.pid, signal.SIGCONT)
+    wait_for("prefill-0 healthy again", lambda: view(cluster)["prefill-0"]["healthy"], 20)
+    time.sleep(0.5)  # the router's next health tick tells its consumers
+    lent = view(cluster)["prefill-0"]["kv_transfer"].get("requests_lent", 0)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i in range(3):  # fresh prompts: nothing in any prefix cache, so each one's KV is pulled
+        prompt = f"Thawed producer {i}: " + PROMPT
+        r = httpx.post(cluster.url + "/v1/completions", timeout=60,
+                       json={"prompt": prompt, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == offline.generate([prompt], params)[0].outputs[0].text
+    v = wait_for("the three loads in the stats, and prefill-0 holding no lent KV",
+                 lambda: (v := view(cluster))["prefill-0"]["kv_transfer"]["requests_lent"] >= lent + 3
+                 and v["prefill-0"]["kv_transfer"]["requests_held"] == 0 and v, 10)
+    assert {i: n["kv_transfer"].get("load_failures", 0) for i, n in v.items() if n["role"] == "decode"} == failures
+    assert v["prefill-0"]["kv_blocks_free"] == v["prefill-0"]["kv_blocks_total"]
+
+
 def test_a_dead_producer_is_given_up_on_without_waiting_for_transfer_timeout(cluster, offline):
     n_tokens = 20
     want = greedy_text(offline, n_tokens)
