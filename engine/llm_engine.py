@@ -296,14 +296,15 @@ class LLMEngine:
         self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
         return self._output(req, [], "")
 
-    def fail_request(self, request_id: str, error: str) -> RequestOutput | None:
-        """End a request with an error (a KV load that failed under the `fail` policy)."""
+    def fail_request(self, request_id: str, error: str, unavailable: bool = False) -> RequestOutput | None:
+        """End a request with an error (a KV load that failed under the `fail` policy:
+        `unavailable`, the KV is gone, not an engine fault)."""
         self._check_open()
         self._settle_inflight()
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return None
-        req.error = error
+        req.error, req.error_is_unavailable = error, unavailable
         self.scheduler.finish_request(req, RequestStatus.FINISHED_ERROR)
         return self._output(req, [], "")
 
@@ -604,7 +605,7 @@ class LLMEngine:
                     self._continue_from(req, tokens)
                 self.scheduler.remote_kv_ready(request_id, failed)
         for request_id, message in events.loads_failed:
-            out = self.fail_request(request_id, message)
+            out = self.fail_request(request_id, message, unavailable=True)
             if out is not None:
                 outputs.append(out)
         return outputs
@@ -665,6 +666,7 @@ class LLMEngine:
                              prompt=req.prompt_text, new_token_ids=new_tokens,
                              new_text=new_text, num_cached_tokens=req.num_cached_tokens, error=req.error,
                              error_is_client_side=req.error_is_client_side,
+                             error_is_unavailable=req.error_is_unavailable,
                              kv_transfer_params=req.kv_transfer_params if req.status.finished else None)
 
     def stats(self) -> EngineStats:

@@ -74,6 +74,7 @@ class RequestUpdate(msgspec.Struct, tag="update"):
     num_cached_tokens: int = 0
     logprobs: list[LogprobEntry] | None = None
     num_output_tokens: int = 0              # the request's output tokens on this node after this update
+    refused: bool = False                   # the node never took the request (nothing ran there)
 
 
 class NodeStats(msgspec.Struct, tag="node_stats"):

@@ -174,7 +174,7 @@ class NodeServer:
     def _submit(self, ident: bytes, msg: proto.SubmitRequest) -> None:
         def refuse(message: str, code: int) -> None:
             update = proto.RequestUpdate(msg.request_id, finished=True, finish_reason="error", error=message,
-                                         error_code=code)
+                                         error_code=code, refused=True)
             self._sock.send_multipart([ident, proto.encode(update)])
 
         if self._draining:
@@ -221,7 +221,8 @@ class NodeServer:
         update = proto.RequestUpdate(
             out.request_id, new_token_ids=out.new_token_ids, new_text=out.new_text, finished=out.finished,
             finish_reason=comp.finish_reason if out.finished else None, stop_reason=comp.stop_reason,
-            error=out.error, error_code=(400 if out.error_is_client_side else 500) if out.error else 0,
+            error=out.error, error_code=(400 if out.error_is_client_side else 503 if out.error_is_unavailable else 500)
+            if out.error else 0,
             kv_transfer_params=out.kv_transfer_params, num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens, logprobs=logprobs,
             num_output_tokens=len(comp.token_ids))

@@ -29,6 +29,7 @@ class RequestOutput:
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None        # a producer's handle for the consumer
     error_is_client_side: bool = False                      # error: the request's own fault (HTTP 400)
+    error_is_unavailable: bool = False                      # error: something it needs is gone (HTTP 503)
 
 
 @dataclass(slots=True)

@@ -50,6 +50,7 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None
     error_is_client_side: bool = False       # the request asked for the impossible (a 400), not an engine fault
+    error_is_unavailable: bool = False       # something it needs is gone (its KV producer): a 503, not a fault
     # KV connector seam: what the producer reported (on a consumer: where to pull from;
     # on a producer: filled in when the request finishes, for the router to forward).
     kv_transfer_params: dict[str, Any] | None = None

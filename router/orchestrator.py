@@ -219,6 +219,10 @@ class Orchestrator:
                 raise
         except NodeUnavailable as e:
             first = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e), error_code=503)
+        if first.finished and first.finish_reason == "abort" and first.error is None:
+            # Stopped on the node without this router asking (its drain ran out): lost like
+            # a node that went away, so it fails over (recompute) or is a clear 503 (fail).
+            first.error, first.error_code = f"node {prefill.id} aborted the prefill (it is stopping)", 503
         if decode_q is not None and (first.error is not None or first.finish_reason != "length"):
             await decode.abort(request_id)  # no decode to come: free what it reserved
             decode_q = None
@@ -293,7 +297,7 @@ class Orchestrator:
             except NodeUnavailable as e:
                 q = None
                 update = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e),
-                                             error_code=503)
+                                             error_code=503, refused=True)
             ended = False  # the node finished it: a reader that stops at the last delta leaves nothing to stop
             try:
                 while q is not None:
@@ -317,21 +321,23 @@ class Orchestrator:
                     if lender is not None and kv is not None:
                         await lender.release_kv(kv.get("remote_request_id", ""))
                 raise
-            # The node failed this request: whatever comes next, nobody pulls the lent KV.
-            if lender is not None and kv is not None:
-                await lender.release_kv(kv.get("remote_request_id", ""))
-            if self.load_failure_policy == "fail" or update.error_code != 503:  # only a lost node is retried
-                yield _delta(update)
-                return
+            # Only a lost node is retried; under `fail` only one that never took the request
+            # (nothing ran there, not even a KV load: the next node pulls the same KV).
+            refused = update.refused and update.error_code == 503
+            retry = update.error_code == 503 and (self.load_failure_policy != "fail" or refused)
             pool = self.decode_nodes if node.role == "decode" else self.colocated_nodes or self.prefill_nodes
-            others = [n for n in pool if n.healthy and n.id not in tried]
+            others = [n for n in pool if n.healthy and n.id not in tried] if retry else []
+            if not (refused and others) and lender is not None and kv is not None:
+                await lender.release_kv(kv.get("remote_request_id", ""))  # nobody will pull the lent KV
             if not others:
                 yield _delta(update)
                 return
             failover("decode")
             log.warning("request_id=%s: node %s failed (%s); continuing on %s from %d tokens", request_id, node.id,
                         update.error, others[0].id, len(output_ids))
-            node, kv, fork_of = self.policy.pick_decode(others), None, None  # the new node recomputes the KV
+            node, fork_of = self.policy.pick_decode(others), None
+            if not refused:
+                kv = None  # the new node recomputes the KV
 
 
 async def _submit_quietly(node: NodeClient, msg: proto.SubmitRequest) -> asyncio.Queue | None:

@@ -263,6 +263,7 @@ def test_a_kv_load_failing_while_a_step_is_queued_ahead_leaves_the_other_request
             for o in eng.step():
                 if o.request_id == "pulled":
                     errors.append(o.error)
+                    assert o.error_is_unavailable and not o.error_is_client_side  # the node answers 503
                 else:
                     text += o.new_text
         assert eng.num_steps_run_ahead > before
