@@ -190,11 +190,13 @@ class Orchestrator:
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                              prefill: NodeClient, decode: NodeClient, owner: tuple[str | None, str | None],
                              fork_of: tuple[str | None, str | None] = (None, None),
-                             failover: Callable[[str], None] | None = None) -> AsyncIterator[Delta]:
+                             failover: Callable[[str], None] | None = None,
+                             tried: frozenset[str] = frozenset()) -> AsyncIterator[Delta]:
         """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
         `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan.
         `fork_of`: the requests on the prefill and the decode node whose blocks it shares.
-        `failover(stage)` counts a failover (default: on_failover)."""
+        `failover(stage)` counts a failover (default: on_failover). `tried`: prefill nodes
+        that refused this request already."""
         failover = failover or self.on_failover
         # The prefill node samples the first token only (min_tokens still bans eos there).
         first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
@@ -218,7 +220,8 @@ class Orchestrator:
                     await decode.abort(request_id)
                 raise
         except NodeUnavailable as e:
-            first = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e), error_code=503)
+            first = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e), error_code=503,
+                                        refused=True)
         if first.finished and first.finish_reason == "abort" and first.error is None:
             # Stopped on the node without this router asking (its drain ran out): lost like
             # a node that went away, so it fails over (recompute) or is a clear 503 (fail).
@@ -227,7 +230,21 @@ class Orchestrator:
             await decode.abort(request_id)  # no decode to come: free what it reserved
             decode_q = None
         if first.error is not None:
-            if first.error_code < 500 or self.load_failure_policy == "fail":
+            tried = tried | {prefill.id}
+            others = [n for n in self.prefill_nodes if n.healthy and n.id not in tried]
+            if first.refused and first.error_code == 503 and others:
+                # Never taken there (gone unnoticed, or stopping): another prefill node, whatever
+                # the policy; under new ids, as for the failover below.
+                failover("prefill")
+                retry = self.policy.pick_prefill(others, prompt_ids)
+                log.warning("request_id=%s: %s refused the prefill (%s): sending it to %s", request_id, prefill.id,
+                            first.error, retry.id)
+                async with aclosing(self._disaggregated(f"{request_id}-r", prompt_ids, params, retry, decode, owner,
+                                                        failover=failover, tried=tried)) as inner:
+                    async for d in inner:
+                        yield d
+                return
+            if first.error_code < 500 or (self.load_failure_policy == "fail" and prefill.role == "prefill"):
                 raise RequestFailed(first.error, first.error_code or 500)
             # The prefill node failed before answering: a decode node prefills it itself,
             # as a job of its own id (what the aborted decode job sent last may still be

@@ -331,19 +331,20 @@ def test_a_decode_node_stopped_with_sigterm_finishes_its_streams_then_exits(tmp_
         cluster.stop()
 
 
-def test_under_fail_a_request_no_node_took_yet_goes_to_another_node(tmp_path_factory):
-    """`fail` is about KV that cannot be loaded: a decode job a dead node never took (the
-    router has not noticed yet) goes to the other decode node, whatever the policy."""
-    config = cluster_config("1P1D").model_copy(update={"decode": cluster_config("2P2D").decode})
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_under_fail_a_job_no_node_took_yet_goes_to_another_node(tmp_path_factory, role):
+    """`fail` is about KV that cannot be loaded: a job a dead node never took (the router
+    has not noticed yet) goes to the other node of its kind, whatever the policy."""
+    config = cluster_config("1P1D").model_copy(update={role: cluster_config("2P2D").decode})
     config = config.model_copy(update={"kv_transfer": config.kv_transfer.model_copy(
         update={"load_failure_policy": "fail"})})
-    cluster = start(config, tmp_path_factory)  # 1P2D, not supervised
+    cluster = start(config, tmp_path_factory)  # 1P2D or 2P1D, not supervised
     try:
         with httpx.Client(timeout=60) as http:
-            for i in range(2):  # both decode nodes in use
+            for i in range(2):  # both nodes of the role in use
                 assert http.post(cluster.url + "/v1/completions", json={"prompt": [5, 6, 7, i], "max_tokens": 4}
                                  ).status_code == 200
-            dead = next(c for c in cluster.nodes if c.name == "decode-0")
+            dead = next(c for c in cluster.nodes if c.name == f"{role}-0")
             dead.proc.kill()
             dead.proc.wait()
             codes = [http.post(cluster.url + "/v1/completions", json={"prompt": [5, 6, 7, 100 + i], "max_tokens": 4}
