@@ -170,7 +170,9 @@ class ModelRunner:
 
         # Token ids: one flat list over the chunks (a decode chunk is one id).
         ids = []
+        prompt_rows = False   # a prompt token among them (see decode_only below)
         for c in chunks:
+            prompt_rows = prompt_rows or c.start < c.request.num_prompt_tokens
             known = c.request.token_slice(c.start, c.start + c.num_tokens)
             # A token still on the device (a decode step queued ahead) is filled in there.
             ids += known if len(known) == c.num_tokens else known + [0] * (c.num_tokens - len(known))
@@ -205,7 +207,7 @@ class ModelRunner:
         # The decode kernel for decode tokens only: a prompt's last token computed alone (a
         # prefix-cache hit, a fork) takes the prefill kernel a cold prefill takes, so the
         # first token does not depend on how the prompt's KV came to be (graph_size_for).
-        decode_only = bool((lens == 1).all()) and all(c.start >= c.request.num_prompt_tokens for c in chunks)
+        decode_only = not prompt_rows and bool((lens == 1).all())
         meta = AttentionMetadata(
             query_start_loc=qsl.tolist(),
             seq_lens=ends.tolist(),

@@ -259,9 +259,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         gone, a failover) and lent KV it freed unread."""
         nodes = []
         for n in router.nodes:
-            # A node that is down has no current state: its last stats would show phantom load.
-            current = n.last_stats is not None and (n.healthy or n.draining)
-            e = n.last_stats.engine if current else None
+            e = n.last_stats.engine if n.stats_current else None
             peak_running, peak_waiting = n.take_peaks()
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
                           "state": membership.state(n), "placement": membership.placement.get(n.id, {}),
@@ -271,7 +269,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
                           "kv_events_address": n.last_stats.kv_events_address if n.last_stats else "",
                           "kv_events_replay_address": n.last_stats.kv_events_replay_address if n.last_stats else "",
                           "kv_blocks_indexed": router.policy.index.num_blocks(n.id),
-                          "in_flight": n.in_flight, "draining": n.draining, "stats_current": current,
+                          "in_flight": n.in_flight, "draining": n.draining, "stats_current": n.stats_current,
                           "prefills_waiting": router.orchestrator.planner.queue[n.id],
                           "prefill_tokens_waiting": router.orchestrator.planner.queue.tokens(n.id),
                           "aborts_sent": n.aborts_sent, "kv_releases_sent": n.kv_releases_sent,

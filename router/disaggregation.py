@@ -209,21 +209,19 @@ class DisaggregationPlanner:
         dearer than the decode node on (prefill tokens ahead of the first token, requests
         in flight) and cheaper on one of them; else prefilled where it decodes."""
         matched = self.policy.cached_blocks(candidates, prompt_ids)
+        computed = {n.id: len(prompt_ids) - self._credit(n, matched.get(n.id, 0), len(prompt_ids)) for n in candidates}
+        computed[decode.id] = uncached
 
-        def cost(n: NodeClient, computed: int) -> tuple[int, int]:
-            return self.queue.tokens(n.id) + computed, n.load
-        local = cost(decode, uncached)
-        costs = {n.id: cost(n, len(prompt_ids) - self._credit(n, matched.get(n.id, 0), len(prompt_ids)))
-                 for n in candidates}
-        cheaper = [n for n in candidates
-                   if costs[n.id] != local and all(c <= l for c, l in zip(costs[n.id], local))]
+        def cost(n: NodeClient) -> tuple[int, int]:
+            return self.queue.tokens(n.id) + computed[n.id], n.load
+        local = cost(decode)
+        cheaper = [n for n in candidates if cost(n) != local and all(c <= l for c, l in zip(cost(n), local))]
         if not cheaper:
             return PrefillPlan(decode, None, "local_cheaper", uncached)
-        best = min(costs[n.id] for n in cheaper)
-        tied = [n for n in cheaper if costs[n.id] == best]
+        best = min(map(cost, cheaper))
+        tied = [n for n in cheaper if cost(n) == best]
         lender = tied[next(self._turn) % len(tied)]
-        computed = costs[lender.id][0] - self.queue.tokens(lender.id)
-        return PrefillPlan(decode, lender, "long_prompt", uncached, prefill_tokens=computed)
+        return PrefillPlan(decode, lender, "long_prompt", uncached, prefill_tokens=computed[lender.id])
 
     def cached_tokens(self, node: NodeClient, prompt_ids: Sequence[int]) -> int:
         """Leading prompt tokens `node` holds in its prefix cache, by its KV events. At

@@ -153,8 +153,8 @@ class _NodeCollector:
                                    labels=["node", "role", "policy"])
         for n in self.nodes:
             healthy.add_metric([n.id, n.role], 1.0 if n.healthy else 0.0)
-            if n.last_stats is None or not (n.healthy or n.draining):
-                continue  # a node that is down has no current stats: its last ones would show phantom load
+            if not n.stats_current:
+                continue
             e = n.last_stats.engine
             for f, fam in families.items():
                 fam.add_metric([n.id, n.role], float(getattr(e, f)))

@@ -99,6 +99,10 @@ class NodeClient:
                 continue
             self.last_seen = time.monotonic()
             if isinstance(msg, proto.RequestUpdate):
+                if msg.finished and msg.finish_reason == "abort" and msg.error is None:
+                    # The router's own aborts go unanswered (engine/node_server.py), so the
+                    # node stopped this itself (its drain ran out): lost like a node gone.
+                    msg.error, msg.error_code = f"node {self.id} aborted the request (it is stopping)", 503
                 q = self._queues.get(msg.request_id)
                 if q is None:  # a request this router already gave up on: stop it, free what it holds
                     await self._forget(msg)
@@ -247,6 +251,12 @@ class NodeClient:
         peaks = (self.peak_running, self.peak_waiting)
         self.peak_running = self.peak_waiting = 0
         return peaks
+
+    @property
+    def stats_current(self) -> bool:
+        """Whether `last_stats` describes the node now: not once it is down (its last stats
+        would show phantom load), still while it drains."""
+        return self.last_stats is not None and (self.healthy or self.draining)
 
     @property
     def load(self) -> int:

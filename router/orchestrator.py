@@ -190,14 +190,13 @@ class Orchestrator:
     async def _disaggregated(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                              prefill: NodeClient, decode: NodeClient, owner: tuple[str | None, str | None],
                              fork_of: tuple[str | None, str | None] = (None, None),
-                             failover: Callable[[str], None] | None = None,
+                             *, failover: Callable[[str], None],
                              tried: frozenset[str] = frozenset()) -> AsyncIterator[Delta]:
         """Prefill on `prefill` (it samples the first token and lends the KV), then decode on
         `decode`, which pulls that KV; the nodes are router/disaggregation.py's plan.
         `fork_of`: the requests on the prefill and the decode node whose blocks it shares.
-        `failover(stage)` counts a failover (default: on_failover). `tried`: prefill nodes
-        that refused this request already."""
-        failover = failover or self.on_failover
+        `failover(stage)` counts a failover. `tried`: prefill nodes that refused this request
+        already."""
         # The prefill node samples the first token only (min_tokens still bans eos there).
         first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         first: proto.RequestUpdate | None = None
@@ -222,10 +221,6 @@ class Orchestrator:
         except NodeUnavailable as e:
             first = proto.RequestUpdate(request_id, finished=True, finish_reason="error", error=str(e), error_code=503,
                                         refused=True)
-        if first.finished and first.finish_reason == "abort" and first.error is None:
-            # Stopped on the node without this router asking (its drain ran out): lost like
-            # a node that went away, so it fails over (recompute) or is a clear 503 (fail).
-            first.error, first.error_code = f"node {prefill.id} aborted the prefill (it is stopping)", 503
         if decode_q is not None and (first.error is not None or first.finish_reason != "length"):
             await decode.abort(request_id)  # no decode to come: free what it reserved
             decode_q = None
@@ -293,14 +288,13 @@ class Orchestrator:
                       lender: NodeClient | None = None,
                       owner: tuple[str | None, str | None] = (None, None),
                       submitted: asyncio.Queue | None = None, fork_of: str | None = None,
-                      failover: Callable[[str], None] | None = None) -> AsyncIterator[Delta]:
+                      *, failover: Callable[[str], None]) -> AsyncIterator[Delta]:
         """Run (or continue) a request on one node and relay its updates (`submitted`: the
         job was sent already, this is its queue). A node that fails mid-way hands the
         request to another of its kind under `recompute`. Tokens the client has already had
         (a decode node sampling again the first token a prefill node sent) are not sent twice.
         `fork_of`: the request on `node` whose prompt blocks this one shares. `failover(stage)`
-        counts a failover (default: on_failover)."""
-        failover = failover or self.on_failover
+        counts a failover."""
         output_ids = list(output_ids or [])
         tried: set[str] = set()
         while True:
@@ -319,10 +313,6 @@ class Orchestrator:
             try:
                 while q is not None:
                     update = await q.get()
-                    if update.finished and update.finish_reason == "abort" and update.error is None:
-                        # Stopped on the node without this router asking (it shut down):
-                        # lost like a node that went away.
-                        update.error, update.error_code = f"node {node.id} aborted the request", 503
                     if update.error is not None:
                         break
                     _drop_sent(update, len(output_ids))
