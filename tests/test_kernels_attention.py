@@ -63,6 +63,7 @@ DECODE_CASES = [
     (8, 1, 128, 8, [70, 1, 24], 4, torch.bfloat16),           # GQA 8, head dim 128, block size 8
     (4, 1, 64, 16, [3, 100], 8, torch.float16),               # more splits than a short sequence has blocks
     (6, 2, 64, 16, [31, 48], 2, torch.float32),               # GQA 3 (not a power of two)
+    (4, 2, 80, 16, [20, 45], 2, torch.float32),               # head dim 80: the reduce masks columns past it
 ]
 
 
