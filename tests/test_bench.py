@@ -226,7 +226,7 @@ def test_open_loop_sends_at_arrival_times_and_after_the_previous_turn():
     reqs = [BenchRequest(0, [11], 3, arrival_s=0.0), BenchRequest(1, [11], 3, arrival_s=0.15),
             BenchRequest(2, [11], 20, arrival_s=0.0), BenchRequest(3, [11], 2, arrival_s=0.0, after=2)]
     res = _load(fake, reqs).results
-    assert res[0].send_s < 0.03 and 0.15 <= res[1].send_s < 0.2
+    assert res[0].send_s < 0.1 and 0.15 <= res[1].send_s < 0.4  # on time, with room for a busy CI box
     assert res[3].send_s >= res[2].send_s + res[2].e2e_s       # waited for request 2 to finish
 
 

@@ -116,39 +116,48 @@ def test_constraints_that_are_not_a_list_or_too_big_are_refused(spec, message):
 
 
 def test_a_node_compiles_a_new_grammar_off_its_loop_while_the_other_requests_run(monkeypatch):
-    """Nodes compile grammars on a worker thread: a big schema (about a second to compile)
-    waits in the queue while a plain request runs to its end; then it runs, and a
-    constraint that does not compile ends its request with the compiler's message."""
+    """Nodes compile grammars on a worker thread: a schema whose compile is held (a gate in
+    front of the real compile stands in for a big one that takes seconds) waits in the
+    queue while a plain request runs to its end; then it runs, and a constraint that does
+    not compile ends its request with the compiler's message."""
     from engine.config import CacheConfig, EngineConfig
     from engine.llm_engine import LLMEngine
 
     eng = LLMEngine(EngineConfig(model="builtin:tiny-chat", dtype="float32", device="cpu",
                                  cache=CacheConfig(num_blocks=64), background_grammar_compile=True))
+    release = threading.Event()
     try:
-        props = {f"p{i}": {"type": "object", "properties": {f"q{j}": {"type": "string"} for j in range(20)}}
-                 for i in range(60)}
-        big = SamplingParams(max_tokens=4, temperature=0.0, structured_outputs=constrained(
-            "xgrammar", json={"type": "object", "properties": props}))
+        schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5)}}
+        slow = SamplingParams(max_tokens=4, temperature=0.0, structured_outputs=constrained("xgrammar", json=schema))
         made_on = []
-        real_build = manager_module.build_backend
+        real_build, real_compile = manager_module.build_backend, StructuredOutputManager._compile_with
+
+        def held_compile(backends, params):
+            if params.json is not None:
+                assert release.wait(60), "the test never released the held compile"
+            return real_compile(backends, params)
+
         monkeypatch.setattr(manager_module, "build_backend",
                             lambda *a: made_on.append(threading.current_thread().name) or real_build(*a))
-        eng.add_request("big", "Hi", big)
+        monkeypatch.setattr(StructuredOutputManager, "_compile_with", staticmethod(held_compile))
+        eng.add_request("slow", "Hi", slow)
         eng.add_request("bad", "Hi", SamplingParams(max_tokens=4, structured_outputs={"backend": "xgrammar",
                                                                                       "regex": "[a-"}))
         eng.add_request("plain", "Hello", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         done = {}
         while "plain" not in done:
             done.update((o.request_id, o) for o in eng.step() if o.finished)
-        assert not eng.structured.ready("big"), "the compile finished before a 4-token request: no overlap shown"
+        assert not eng.structured.ready("slow") and "slow" not in done
+        release.set()
         while eng.has_unfinished_requests:
             done.update((o.request_id, o) for o in eng.step() if o.finished)
         assert done["plain"].error is None and len(done["plain"].outputs[0].token_ids) == 4
-        assert done["big"].error is None and done["big"].outputs[0].text.startswith("{")
+        assert done["slow"].error is None and done["slow"].outputs[0].text.startswith("{")
         assert "does not compile with xgrammar" in done["bad"].error and done["bad"].error_is_client_side
         # The backend itself (seconds for a big vocabulary) was made off the loop too.
         assert made_on and all(name.startswith("grammar-compile") for name in made_on), made_on
     finally:
+        release.set()
         eng.close()
 
 
