@@ -90,8 +90,8 @@ class RequestResult:
 
 @dataclass(slots=True)
 class QueueSample:
-    """The router's /cluster at one moment: per node id, (running, waiting) — the peaks since
-    the previous sample — where waiting counts the scheduler's queue plus requests waiting
+    """The router's /cluster at one moment: per node id, (running, waiting) — the peaks over
+    the sampling interval — where waiting counts the scheduler's queue plus requests waiting
     for their KV to arrive."""
 
     t_s: float
@@ -323,9 +323,9 @@ async def scrape_metrics(http: httpx.AsyncClient, url: str) -> str:
         return ""
 
 
-async def fetch_cluster(http: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
+async def fetch_cluster(http: httpx.AsyncClient, url: str, peak_window_s: float = 1.0) -> dict[str, Any] | None:
     try:
-        r = await http.get(f"{url}/cluster", timeout=5.0)
+        r = await http.get(f"{url}/cluster", params={"peak_window_s": peak_window_s}, timeout=5.0)
         return r.json() if r.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
@@ -334,9 +334,11 @@ async def fetch_cluster(http: httpx.AsyncClient, url: str) -> dict[str, Any] | N
 async def _sample_cluster(http: httpx.AsyncClient, url: str, t0: float, interval_s: float,
                           samples: list[QueueSample], stop: asyncio.Event) -> None:
     while not stop.is_set():
-        view = await fetch_cluster(http, url)
+        # A window a stats period (0.5 s) longer than the interval: overlapping windows
+        # repeat a peak, a gap between them would lose one.
+        view = await fetch_cluster(http, url, peak_window_s=interval_s + 0.5)
         if view is not None:
-            # Peaks since the previous sample, where the router reports them: an instant's
+            # Peaks over the interval, where the router reports them: an instant's
             # counts miss the bursts between two samples.
             nodes = {n["id"]: (max(int(n.get("running", 0)), int(n.get("peak_running", 0))),
                                max(int(n.get("waiting", 0)) + int(n.get("waiting_for_remote_kv", 0)),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,7 +41,7 @@ from router.auth import ApiKeyMiddleware
 from router.disaggregation import DisaggregationRule
 from router.membership import install_membership
 from router.metrics import RouterMetrics
-from router.node_client import NodeClient
+from router.node_client import PEAK_HISTORY_S, NodeClient
 from router.orchestrator import Delta, ForkGroup, Orchestrator, RequestFailed
 from router.policy import RoutingPolicy
 from router.protocol import (GENERATION_CONFIG_SAMPLING_KEYS, ChatCompletionRequest, CompletionRequest, ModelCard,
@@ -246,9 +246,10 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
     @app.get("/cluster")
-    async def cluster():
+    async def cluster(peak_window_s: float = Query(1.0, gt=0, le=PEAK_HISTORY_S)):
         """Every node's state. `peak_running`/`peak_waiting`: the most requests a node ran
-        or queued at any step since the previous GET /cluster (for samplers like the bench).
+        or queued at any step of the last `peak_window_s` seconds (a sampler like the bench
+        asks for its own interval; readers do not disturb each other).
         `prefills_waiting` / `prefill_tokens_waiting`: prefills this router sent there whose
         first token is not back, and the prompt tokens they compute; with `in_flight` (this
         router's requests on the node) what router.disaggregation's `conditional` mode
@@ -260,7 +261,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
         nodes = []
         for n in router.nodes:
             e = n.last_stats.engine if n.stats_current else None
-            peak_running, peak_waiting = n.take_peaks()
+            peak_running, peak_waiting = n.peaks(peak_window_s)
             nodes.append({"id": n.id, "role": n.role, "address": n.address, "pid": n.pid, "healthy": n.healthy,
                           "state": membership.state(n), "placement": membership.placement.get(n.id, {}),
                           "peak_running": peak_running, "peak_waiting": peak_waiting,

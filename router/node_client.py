@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 
 import msgspec
 import zmq
@@ -29,6 +30,8 @@ from kv_connector.cluster_key import ClusterKey
 from router.spec import NodeAddress
 
 log = logging.getLogger(__name__)
+
+PEAK_HISTORY_S = 60.0  # the longest window GET /cluster?peak_window_s= may ask about
 
 
 class NodeUnavailable(RuntimeError):
@@ -57,8 +60,9 @@ class NodeClient:
         # Requests stopped before their end (client gone, failover), and lent KV freed unread.
         self.aborts_sent = 0
         self.kv_releases_sent = 0
-        self.peak_running = 0  # from the node's stats, since take_peaks() last ran
-        self.peak_waiting = 0
+        # (arrival, peak running, peak waiting) of each stats message of the last
+        # PEAK_HISTORY_S: peaks over a window any number of readers can ask for.
+        self._peaks: deque[tuple[float, int, int]] = deque()
         self.leaving = False  # draining out of the cluster: no new jobs (router/membership.py)
         self.draining = False  # the node itself said it is stopping (SIGTERM): unhealthy, its streams go on
 
@@ -112,14 +116,19 @@ class NodeClient:
                     self.in_flight -= 1
                 q.put_nowait(msg)
             elif isinstance(msg, proto.NodeStats):
-                self.last_stats = msg
-                self.pid = msg.pid
-                self.peak_running = max(self.peak_running, msg.engine.peak_running)
-                self.peak_waiting = max(self.peak_waiting, msg.engine.peak_waiting)
-                waiters, self._stats_waiters = self._stats_waiters, []
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(msg)
+                self._on_stats(msg)
+
+    def _on_stats(self, msg: proto.NodeStats, now: float | None = None) -> None:
+        self.last_stats = msg
+        self.pid = msg.pid
+        now = time.monotonic() if now is None else now
+        self._peaks.append((now, msg.engine.peak_running, msg.engine.peak_waiting))
+        while self._peaks[0][0] < now - PEAK_HISTORY_S:
+            self._peaks.popleft()
+        waiters, self._stats_waiters = self._stats_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(msg)
 
     async def close(self) -> None:
         if self._recv_task is not None:
@@ -246,11 +255,13 @@ class NodeClient:
                                              error=f"node {self.id} {why}"))
         self._reconnect()
 
-    def take_peaks(self) -> tuple[int, int]:
-        """(running, waiting) peaks since the previous call, then start afresh."""
-        peaks = (self.peak_running, self.peak_waiting)
-        self.peak_running = self.peak_waiting = 0
-        return peaks
+    def peaks(self, window_s: float, now: float | None = None) -> tuple[int, int]:
+        """The most requests the node ran and queued at any step of the last `window_s`
+        seconds (as its stats, each covering the steps since the one before, reported
+        them). Reading changes nothing, so a dashboard and the bench can both sample."""
+        since = (time.monotonic() if now is None else now) - window_s
+        recent = [(r, w) for t, r, w in self._peaks if t >= since]
+        return (max((r for r, _ in recent), default=0), max((w for _, w in recent), default=0))
 
     @property
     def stats_current(self) -> bool:
