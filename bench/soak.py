@@ -183,11 +183,11 @@ async def router_overhead(url: str, headers: dict[str, str], node_address: str, 
         start = time.perf_counter()
         await sock.send(proto.encode(proto.SubmitRequest(rid, prompt, params)))
         while True:
-            msg = proto.decode_from_node(await sock.recv())
-            if isinstance(msg, proto.RequestUpdate) and msg.request_id == rid and msg.finished:
-                if msg.error:
-                    raise RuntimeError(f"the node refused the probe: {msg.error}")
-                return time.perf_counter() - start
+            for update in proto.updates_in(proto.decode_from_node(await sock.recv())):
+                if update.request_id == rid and update.finished:
+                    if update.error:
+                        raise RuntimeError(f"the node refused the probe: {update.error}")
+                    return time.perf_counter() - start
 
     direct_s, routed_s = [], []
     async with httpx.AsyncClient(timeout=60, headers=headers, trust_env=False) as http:

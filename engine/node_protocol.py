@@ -1,7 +1,8 @@
 """Messages between the router and the serving nodes (ZeroMQ, msgpack via msgspec).
 
 The router is the only client; a node answers every submitted request with a stream of
-`RequestUpdate`s on the same connection, the last one `finished`. Decoding is typed
+`RequestUpdate`s on the same connection, the last one `finished`; one engine step's
+updates travel together in an `UpdateBatch` (one message per step, not one per request). Decoding is typed
 (msgspec tagged unions): nothing on this wire is ever unpickled. Every message is one
 frame (after the ROUTER socket's identity frame); anything else is dropped and counted.
 When the cluster has a key (kv_connector/cluster_key.py) the socket is CURVE-authenticated.
@@ -95,8 +96,12 @@ class NodeStats(msgspec.Struct, tag="node_stats"):
     kv_service: str = ""                    # host:port of its KV service, when it lends KV
 
 
+class UpdateBatch(msgspec.Struct, tag="updates"):
+    updates: list[RequestUpdate]
+
+
 ToNode = SubmitRequest | AbortRequest | ReleaseKV | StatsRequest | ProducerDown | ProducerUp
-FromNode = RequestUpdate | NodeStats
+FromNode = RequestUpdate | UpdateBatch | NodeStats
 
 _encoder = msgspec.msgpack.Encoder()
 _to_node = msgspec.msgpack.Decoder(ToNode)
@@ -113,3 +118,10 @@ def decode_to_node(data: bytes) -> ToNode:
 
 def decode_from_node(data: bytes) -> FromNode:
     return _from_node.decode(data)
+
+
+def updates_in(msg: FromNode) -> list[RequestUpdate]:
+    """The request updates a message from a node carries (none for stats)."""
+    if isinstance(msg, UpdateBatch):
+        return msg.updates
+    return [msg] if isinstance(msg, RequestUpdate) else []

@@ -59,6 +59,9 @@ class NodeServer:
         try:
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished router: drop, don't raise
+            # No high-water mark: past one a ROUTER socket drops silently, and a lost update
+            # is a stream without its end. A router that lags only delays them (memory here).
+            self._sock.setsockopt(zmq.SNDHWM, 0)
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # larger: the peer is disconnected
             key = ClusterKey.from_env()
             if key is not None:
@@ -202,15 +205,25 @@ class NodeServer:
             log.exception("node %s: engine step failed; failing its requests", self.node_id)
             outputs = [o for rid in list(self._owners)
                        if (o := self.engine.fail_request(rid, f"engine error on node {self.node_id}: {e}"))]
+        batches: dict[bytes, list[proto.RequestUpdate]] = {}
         for out in outputs:
-            self._send(out)
+            if (addressed := self._update(out)) is not None:
+                batches.setdefault(addressed[0], []).append(addressed[1])
+        for ident, updates in batches.items():
+            batch = updates[0] if len(updates) == 1 else proto.UpdateBatch(updates)
+            self._sock.send_multipart([ident, proto.encode(batch)])
 
     def _send(self, out: RequestOutput | None) -> None:
+        if (addressed := self._update(out)) is not None:
+            self._sock.send_multipart([addressed[0], proto.encode(addressed[1])])
+
+    def _update(self, out: RequestOutput | None) -> tuple[bytes, proto.RequestUpdate] | None:
+        """The update for `out` and the router it goes to; None when nobody waits for it."""
         if out is None:
-            return
+            return None
         ident = self._owners.get(out.request_id)
         if ident is None:
-            return
+            return None
         if out.finished:
             del self._owners[out.request_id]
         comp = out.outputs[0]
@@ -226,7 +239,7 @@ class NodeServer:
             kv_transfer_params=out.kv_transfer_params, num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens, logprobs=logprobs,
             num_output_tokens=len(comp.token_ids))
-        self._sock.send_multipart([ident, proto.encode(update)])
+        return ident, update
 
     def stats(self) -> proto.NodeStats:
         connector = self.engine.connector

@@ -71,6 +71,7 @@ class NodeClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RCVHWM, 0)  # as the node's SNDHWM: updates wait, none is dropped
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._key is not None:
@@ -102,21 +103,24 @@ class NodeClient:
                 log.warning("node %s: undecodable message: %s", self.id, e)
                 continue
             self.last_seen = time.monotonic()
-            if isinstance(msg, proto.RequestUpdate):
-                if msg.finished and msg.finish_reason == "abort" and msg.error is None:
-                    # The router's own aborts go unanswered (engine/node_server.py), so the
-                    # node stopped this itself (its drain ran out): lost like a node gone.
-                    msg.error, msg.error_code = f"node {self.id} aborted the request (it is stopping)", 503
-                q = self._queues.get(msg.request_id)
-                if q is None:  # a request this router already gave up on: stop it, free what it holds
-                    await self._forget(msg)
-                    continue
-                if msg.finished:
-                    del self._queues[msg.request_id]
-                    self.in_flight -= 1
-                q.put_nowait(msg)
-            elif isinstance(msg, proto.NodeStats):
+            if isinstance(msg, proto.NodeStats):
                 self._on_stats(msg)
+            for update in proto.updates_in(msg):
+                await self._on_update(update)
+
+    async def _on_update(self, msg: proto.RequestUpdate) -> None:
+        if msg.finished and msg.finish_reason == "abort" and msg.error is None:
+            # The router's own aborts go unanswered (engine/node_server.py), so the
+            # node stopped this itself (its drain ran out): lost like a node gone.
+            msg.error, msg.error_code = f"node {self.id} aborted the request (it is stopping)", 503
+        q = self._queues.get(msg.request_id)
+        if q is None:  # a request this router already gave up on: stop it, free what it holds
+            await self._forget(msg)
+            return
+        if msg.finished:
+            del self._queues[msg.request_id]
+            self.in_flight -= 1
+        q.put_nowait(msg)
 
     def _on_stats(self, msg: proto.NodeStats, now: float | None = None) -> None:
         self.last_stats = msg
