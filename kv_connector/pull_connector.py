@@ -87,7 +87,7 @@ class LoadJob:
     remote_block_ids: list[int]
     local_block_ids: list[int]
     first_block: int            # index of remote_block_ids[0] among the request's blocks
-    all_block_ids: list[int]    # the request's blocks, to free if it is aborted mid-load
+    all_block_ids: list[int]    # the request's own block_ids list, to free if it is aborted mid-load
     streamed: bool = False      # remote_block_ids learnt while the producer computes
     cancelled: bool = False
     producer_dead: threading.Event = field(default_factory=threading.Event)  # set: stop waiting on the producer
@@ -306,6 +306,12 @@ class PullConnector(KVConnectorBase):
                              f"consumer reads it or abort_timeout_s passes); use a new id")
         if not (self.config.is_consumer and kv_transfer_params.get("do_remote_prefill")):
             return
+        if request_id in self._loads:
+            # An aborted request's load still writes into its blocks: a second load of the
+            # same id would be mistaken for it when either ends (blocks leaked, KV half-read).
+            raise ValueError(f"request id {request_id!r} is in use: an earlier request of that id is still loading "
+                             f"its KV (it ends within transfer_timeout_s={self.config.transfer_timeout_s}s); "
+                             "use a new id")
         try:
             msgspec.convert(kv_transfer_params, m.PullHandle)
         except msgspec.ValidationError as e:
@@ -467,7 +473,9 @@ class PullConnector(KVConnectorBase):
         while True:
             if job.cancelled:
                 raise TransferError("the request ended while its KV was streaming")
-            wait = m.WaitKV(job.remote_request_id, have, epoch, wait_s=0.5)
+            # The producer answers a long poll with no news after wait_s: well inside the
+            # call's timeout, or a prefill queued for longer than the timeout fails the load.
+            wait = m.WaitKV(job.remote_request_id, have, epoch, wait_s=min(0.5, self.config.transfer_timeout_s / 2))
             prog = call_struct(job.host, job.port, wait, m.KVProgress, min(self.config.transfer_timeout_s, 10.0),
                                job.producer_dead)
             if prog.state == "gone":
@@ -543,21 +551,38 @@ class PullConnector(KVConnectorBase):
             log.debug("kv claim at %s:%d failed: %s", host, port, e)
 
     def _renew_claims(self) -> None:
+        """Every abort_timeout_s / 3, renew each producer's claims. Producers are renewed
+        side by side, each on a thread of its own: one that does not answer (dead, not yet
+        reported) costs its own claim timeout, never the other producers' leases; and it
+        gets no new claim while the last one waits."""
         period = max(self.config.abort_timeout_s / 3, 0.05)
-        while not self._stop.wait(period):
-            with self._claims_lock:
-                by_peer: dict[tuple[str, int], list[str]] = {}
-                for host, port, rid in self._claims.values():
-                    by_peer.setdefault((host, port), []).append(rid)
-            for (host, port), rids in by_peer.items():
-                self._claim_quietly(host, port, rids)
+        renewing: set[tuple[str, int]] = set()  # producers whose last claim is unanswered
+
+        def renew(peer: tuple[str, int], rids: list[str]) -> None:
+            try:
+                self._claim_quietly(*peer, rids)
+            finally:
+                renewing.discard(peer)
+
+        with ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-claims") as claims:
+            while not self._stop.wait(period):
+                with self._claims_lock:
+                    by_peer: dict[tuple[str, int], list[str]] = {}
+                    for host, port, rid in self._claims.values():
+                        by_peer.setdefault((host, port), []).append(rid)
+                for peer, rids in by_peer.items():
+                    if peer not in renewing:
+                        renewing.add(peer)
+                        claims.submit(renew, peer, rids)
 
     # --- both -----------------------------------------------------------------------
     def request_finished(self, request) -> bool:
         if self.config.is_consumer:
             self._give_back_unread(request.request_id)  # finished before its load began
             job = self._loads.get(request.request_id)
-            if job is not None:  # still being written into: keep the blocks until the load ends
+            # Still being written into: keep the blocks until the load ends. Only this
+            # request's own load: an aborted namesake's may still run (ids can be reused).
+            if job is not None and job.all_block_ids is request.block_ids:
                 job.cancelled = True
                 return True
         p = request.kv_transfer_params
