@@ -19,9 +19,9 @@ Reproducible randomness. A seeded request must get the same tokens whatever else
 its batch, on any device, and when its generation is split between a prefill node (first
 token) and a decode node (the rest). So there is no generator state at all: the draw for
 a row is the exponential race `argmax(probs / E)`, E = -log(U), where U for (seed, step,
-token) comes from a counter-based integer hash, step = len(output_token_ids). The hash is
-plain int64 torch arithmetic, bit-identical on CPU and CUDA; a Triton port must compute
-the very same function (`uniform_noise`) to stay compatible with running nodes.
+token) comes from a counter-based integer hash, step = len(output_token_ids)
+(kernels/sampling.py: the torch formulation, bit-identical on CPU and CUDA, and the
+Triton kernel that computes the same function in one launch on a GPU).
 """
 
 from __future__ import annotations
@@ -35,65 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.sampling_params import SamplingParams
-
-# --- counter-based noise ----------------------------------------------------------------
-
-_MASK32 = 0xFFFFFFFF
-_MASK64 = (1 << 64) - 1
-# lowbias32 (C. Wellons, hash-prospector): x ^= x>>16; x *= A; x ^= x>>15; x *= B; x ^= x>>16.
-# The multipliers are kept as signed 32-bit values: for x in [0, 2**32), |x * m| < 2**63,
-# so no int64 product overflows, and `& _MASK32` of the (two's complement) product is
-# exactly x * m mod 2**32.
-_MUL_A = 0x7FEB352D
-_MUL_B = 0x846CA68B - (1 << 32)
-_TOKEN_SALT = 0x9E3779B9  # keeps token 0 off mix32's fixed point (mix32(0) == 0)
-_STEP_SALT = 0x85EBCA6B
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash. `x`: int64 values in [0, 2**32); same shape out."""
-    x = x ^ (x >> 16)
-    x.mul_(_MUL_A).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(_MUL_B).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 16)
-    return x
-
-
-def row_keys(seeds: Sequence[int], steps: Sequence[int], device: torch.device | str) -> torch.Tensor:
-    """One 32-bit key per (seed, step): int64 (R,). Seeds are taken modulo 2**64.
-
-    Chained bijections, so distinct steps of one seed, and distinct seeds at one step,
-    always get distinct keys."""
-    seeds64 = [s & _MASK64 for s in seeds]
-    lo = torch.tensor([s & _MASK32 for s in seeds64], dtype=torch.int64, device=device)  # (R,)
-    hi = torch.tensor([s >> 32 for s in seeds64], dtype=torch.int64, device=device)      # (R,)
-    step = torch.tensor([(t + _STEP_SALT) & _MASK32 for t in steps], dtype=torch.int64, device=device)
-    key = mix32(step)
-    key = mix32(key ^ hi)
-    return mix32(key ^ lo)
-
-
-def uniform_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
-                  device: torch.device | str) -> torch.Tensor:
-    """U[r, v] in (0, 1) strictly, float64 (R, V), a function of (seeds[r], steps[r], v) only."""
-    keys = row_keys(seeds, steps, device)                                              # (R,)
-    tokens = torch.arange(vocab_size, dtype=torch.int64, device=device)               # (V,)
-    token_hash = mix32((tokens + _TOKEN_SALT) & _MASK32)                               # (V,)
-    return hash_to_uniform(mix32(token_hash[None, :] ^ keys[:, None]))                 # (R, V)
-
-
-def hash_to_uniform(h: torch.Tensor) -> torch.Tensor:
-    """32-bit hashes (int64) -> (h + 0.5) / 2**32, float64. Exact in float64, so the same
-    bits on every device; never 0 or 1 (smallest 2**-33, largest 1 - 2**-33)."""
-    return h.to(torch.float64).add_(0.5).mul_(2.0 ** -32)
-
-
-def exponential_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
-                      device: torch.device | str) -> torch.Tensor:
-    """E = -log(U) ~ Exp(1), float32 (R, V), never 0 (log is taken in float64)."""
-    return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().to(torch.float32)
-
+from kernels.host_copy import host_to_device, to_device
+from kernels.sampling import (exponential_noise, exponential_race, hash_to_uniform, mix32, row_keys,  # noqa: F401
+                              uniform_noise)
 
 # --- the sampler ------------------------------------------------------------------------
 
@@ -261,7 +205,7 @@ class PendingSample:
 
 
 def _index(positions: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(positions, dtype=torch.int64, device=device)
+    return to_device(positions, torch.int64, device)
 
 
 def apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -316,12 +260,14 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         if any(p != 1.0 for p in rep):
             seen = counts > 0                                                         # (P, V)
             prompts = [r.prompt_token_ids if p != 1.0 else () for r, p in zip(prows, rep)]
-            seen[_flat_token_ids(prompts, device)] = True
-            penalty = torch.tensor(rep, dtype=sub.dtype, device=device)[:, None]     # (P, 1)
+            prompt_rows, prompt_tokens = _flat_token_ids(prompts, device)
+            # A scatter, not `seen[rows, tokens] = True`: that index_put synchronizes on CUDA.
+            seen.view(-1).scatter_(0, prompt_rows * seen.shape[1] + prompt_tokens, True)
+            penalty = to_device(rep, sub.dtype, device)[:, None]                     # (P, 1)
             sub.copy_(torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub))
 
-        freq = torch.tensor([r.params.frequency_penalty for r in prows], dtype=sub.dtype, device=device)
-        pres = torch.tensor([r.params.presence_penalty for r in prows], dtype=sub.dtype, device=device)
+        freq = to_device([r.params.frequency_penalty for r in prows], sub.dtype, device)
+        pres = to_device([r.params.presence_penalty for r in prows], sub.dtype, device)
         sub.sub_(freq[:, None] * counts).sub_(pres[:, None] * (counts > 0))
     return logits
 
@@ -332,7 +278,7 @@ def _flat_token_ids(token_lists: Sequence[Sequence[int]], device: torch.device) 
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(lengths.sum()))
     row_ids = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
-    return torch.from_numpy(row_ids).to(device), torch.from_numpy(tokens).to(device)
+    return host_to_device(torch.from_numpy(row_ids), device), host_to_device(torch.from_numpy(tokens), device)
 
 
 class _RowSubset:
@@ -361,7 +307,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     result never depends on the other rows' params."""
     device = logits.device
     vocab = logits.shape[1]
-    temperature = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=device)
+    temperature = to_device([r.params.temperature for r in rows], torch.float32, device)
     x = logits / temperature[:, None]                                                 # (R, V)
 
     min_p = [(j, r.params.min_p) for j, r in enumerate(rows) if r.params.min_p > 0]
@@ -377,13 +323,11 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         with _RowSubset(x, [j for j, _ in top_p]) as sub:
             _mask_top_p(sub, _column([p for _, p in top_p], torch.float32, device))
 
-    probs = torch.softmax(x, dim=-1)                                                  # (R, V)
-    noise = exponential_noise([r.seed for r in rows], [r.num_output_tokens for r in rows], vocab, device)
-    return (probs / noise).argmax(dim=-1)                                             # (R,)
+    return exponential_race(x, [r.seed for r in rows], [r.num_output_tokens for r in rows])  # (R,)
 
 
 def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)[:, None]                 # (M, 1)
+    return to_device(values, dtype, device)[:, None]                                 # (M, 1)
 
 
 def _mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:

@@ -154,6 +154,35 @@ def test_noise_is_bit_identical_on_cpu_and_cuda():
     assert Sampler()(logits, rows).token_ids == Sampler()(logits.cuda(), rows).token_ids
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_queues_its_work_without_waiting_for_the_device():
+    """The engine samples step n+1 while its forward still runs and does step n's text work
+    meanwhile: a host list copied with torch.tensor(..., device="cuda") would make the host
+    wait for every queued kernel first (one sync per sampled step; a grammar row's mask too)."""
+    from engine.structured_output.manager import apply_token_bitmask
+
+    params = [SamplingParams(temperature=0.0, logprobs=2),
+              SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01),
+              SamplingParams(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.1, presence_penalty=0.1,
+                             seed=7),
+              SamplingParams(temperature=0.7, min_tokens=4, bad_words=[])]
+    rows = [row(p, seed=i, output=[5, 6]) for i, p in enumerate(params)]
+    logits = torch.randn(len(rows), 4096, device="cuda")
+    sampler = Sampler(len(rows), "cuda")
+    sampler.sample(logits, rows).resolve()  # warm: the first pinned blocks are allocated
+    torch.cuda._sleep(2_000_000_000)  # a kernel that spins for about a second
+    busy = torch.cuda.Event()
+    busy.record()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises where it is made
+    try:
+        pending = sampler.sample(logits, rows)
+        apply_token_bitmask(logits, torch.full((2, 128), -1, dtype=torch.int32, device="cuda"), [1, 3])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not busy.query(), "sampling waited for the kernels queued before it"
+    assert len(pending.resolve().token_ids) == len(rows)
+
+
 # --- the distribution -------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

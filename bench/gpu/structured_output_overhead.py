@@ -5,7 +5,7 @@ a grammar on every row (ARCHITECTURE §4: under 5% at batch 64 on the 8B shape).
 
 Per batch size and backend: the median decode step (over windows of 8 steps) with no
 grammar, with a grammar on every row, the overhead, and how much of the step the
-host-side bitmask fill takes. The
+host-side bitmask fill takes; and sampling (temperature 0.8, top_p 0.95) against greedy. The
 grammar is a JSON schema (a list of at least 64 objects) that no row can finish within
 the measured steps, so every step computes a real mask. `--preset tiny --device cpu`
 checks the script here. Writes $OUT/structured_output_overhead.json when OUT is set.
@@ -118,6 +118,16 @@ def main() -> None:
         base_params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
         decode_steps(llm, prompts, base_params, 4)  # warm-up
         base, _ = decode_steps(llm, prompts, base_params, args.steps)
+        # Sampling (not greedy) beside it: its per-step host-to-device copies must not wait
+        # for the forward in flight (engine/sampler.py to_device).
+        sampled_params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.steps + 8, ignore_eos=True)
+        decode_steps(llm, prompts, sampled_params, 4)
+        sampled, _ = decode_steps(llm, prompts, sampled_params, args.steps)
+        b, t = statistics.median(base), statistics.median(sampled)
+        result.setdefault("sampled", []).append({"batch": bs, "step_ms": b * 1e3, "step_ms_sampled": t * 1e3,
+                                                 "overhead": t / b - 1})
+        print(f"batch {bs:>3}   sampled: {b * 1e3:7.2f} ms -> {t * 1e3:7.2f} ms per step ({100 * (t / b - 1):+.1f}%), "
+              "temperature 0.8, top_p 0.95 against greedy", flush=True)
         for backend in args.backends.split(","):
             params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True,
                                     structured_outputs={"json": SCHEMA, "backend": backend})

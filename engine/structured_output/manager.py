@@ -42,6 +42,7 @@ import torch
 
 from engine.structured_output.backends import (GrammarBackend, GrammarMatcher, TokenizerView, build_backend)
 from engine.structured_output.params import StructuredOutputsParams, backend_unavailable, resolve_backend
+from kernels.host_copy import to_device
 
 log = logging.getLogger(__name__)
 
@@ -278,5 +279,5 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Seque
     if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
         logits.masked_fill_(~allowed, float("-inf"))
         return
-    index = torch.tensor(list(rows), dtype=torch.int64, device=logits.device)
+    index = to_device(list(rows), torch.int64, logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

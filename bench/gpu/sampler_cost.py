@@ -1,0 +1,77 @@
+"""What sampling costs on the device per decode step, by rule: greedy, temperature,
+top_p, top_k, min_p, logprobs and a penalty, on (batch, vocab) logits of Llama-3's vocab.
+
+    PYTHONPATH=. python bench/gpu/sampler_cost.py [--batch-sizes 16,64] [--vocab 128256]
+
+Median of CUDA-event timings of Sampler.sample (device work, queued and waited for),
+and the top kernels of the costliest rule. Writes $OUT/sampler_cost.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from kernels.sampling import kernel_verified
+
+RULES = {
+    "greedy": dict(temperature=0.0),
+    "temperature": dict(temperature=0.8),
+    "top_p": dict(temperature=0.8, top_p=0.95),
+    "top_k": dict(temperature=0.8, top_k=50),
+    "min_p": dict(temperature=0.8, min_p=0.05),
+    "top_p+top_k": dict(temperature=0.8, top_p=0.95, top_k=50),
+    "logprobs": dict(temperature=0.0, logprobs=5),
+    "penalty": dict(temperature=0.0, repetition_penalty=1.1),
+}
+
+
+def time_rule(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], reps: int = 30) -> float:
+    for _ in range(3):
+        sampler.sample(logits, rows).resolve()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pending = sampler.sample(logits, rows)
+        end.record()
+        pending.resolve()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-sizes", default="16,64")
+    ap.add_argument("--vocab", type=int, default=128_256)
+    args = ap.parse_args()
+    result = {"device": torch.cuda.get_device_name(0), "vocab": args.vocab, "rows": [],
+              "race_kernel": kernel_verified("cuda")}  # False: the torch reference draws
+    print(f"the race kernel is {'used' if result['race_kernel'] else 'NOT used (see the warning)'}", flush=True)
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        logits = torch.randn(bs, args.vocab, device="cuda") * 3
+        sampler = Sampler(bs, "cuda")
+        for name, kw in RULES.items():
+            rows = [SamplingRow(SamplingParams(**kw), i, list(range(1, 200)), list(range(300, 400))) for i in range(bs)]
+            ms = time_rule(sampler, logits, rows)
+            result["rows"].append({"batch": bs, "rule": name, "ms": ms})
+            print(f"batch {bs:>3} {name:>12}: {ms:6.3f} ms", flush=True)
+        rows = [SamplingRow(SamplingParams(**RULES["top_p+top_k"]), i, [1], [2]) for i in range(bs)]
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                sampler.sample(logits, rows).resolve()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "sampler_cost.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

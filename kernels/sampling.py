@@ -1,0 +1,199 @@
+"""The sampler's draw: the exponential race with counter-based noise.
+
+A row that samples takes token argmax_v(probs_v / E_v), E = -log(U), where U for (seed,
+step, token v) is a function of those three integers only (engine/sampler.py says why: a
+seeded request reproduces in any batch, on any device, split across nodes). The torch
+formulation below is the reference and what CPUs run: int64 hashing, bit-identical on CPU
+and CUDA. On a GPU it is some twenty elementwise kernels over (rows, vocab) int64 and
+float64 tensors, 1.2-1.5 ms per decode step at batch 16-64 on an H200 for a 128k vocab,
+a quarter of the step (bench/gpu/sampler_cost.py). `exponential_race` on CUDA tensors
+runs one Triton kernel instead: per row, the softmax's max and sum, then the same hash,
+noise and ratio per token, keeping the running argmax; nothing is written but the token.
+
+The kernel computes the same function: the hash bit for bit (int64 arithmetic, as the
+reference), U and the log in float64, the ratio in float32. The softmax's sum may differ
+from torch's in its last bits (summation order, exp's rounding), so a token can differ
+only where two tokens' ratios are within a few ulps of each other: across nodes every
+GPU runs this kernel, and CPU and GPU agree but for such near-ties.
+
+Before its first use on a device the kernel draws a fixed batch beside the reference
+(`kernel_verified`); if it fails to build or disagrees, that device samples with the
+reference, with a warning: slower, never different tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.host_copy import to_device
+from kernels.triton_utils import use_triton
+
+log = logging.getLogger(__name__)
+
+MASK32 = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
+# lowbias32 (C. Wellons, hash-prospector): x ^= x>>16; x *= A; x ^= x>>15; x *= B; x ^= x>>16.
+# The multipliers are kept as signed 32-bit values: for x in [0, 2**32), |x * m| < 2**63,
+# so no int64 product overflows, and `& MASK32` of the (two's complement) product is
+# exactly x * m mod 2**32.
+MUL_A = 0x7FEB352D
+MUL_B = 0x846CA68B - (1 << 32)
+TOKEN_SALT = 0x9E3779B9  # keeps token 0 off mix32's fixed point (mix32(0) == 0)
+STEP_SALT = 0x85EBCA6B
+
+
+# --- the torch reference ------------------------------------------------------------------
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash. `x`: int64 values in [0, 2**32); same shape out."""
+    x = x ^ (x >> 16)
+    x.mul_(MUL_A).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(MUL_B).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x
+
+
+def _key_parts(seeds: Sequence[int], steps: Sequence[int]) -> list[list[int]]:
+    """[low seed words, high seed words, salted steps]: what a row's key is mixed from."""
+    seeds64 = [s & MASK64 for s in seeds]
+    return [[s & MASK32 for s in seeds64], [s >> 32 for s in seeds64], [(t + STEP_SALT) & MASK32 for t in steps]]
+
+
+def row_keys(seeds: Sequence[int], steps: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """One 32-bit key per (seed, step): int64 (R,). Seeds are taken modulo 2**64.
+
+    Chained bijections, so distinct steps of one seed, and distinct seeds at one step,
+    always get distinct keys."""
+    lo, hi, step = to_device(_key_parts(seeds, steps), torch.int64, device)            # (3, R)
+    key = mix32(step)
+    key = mix32(key ^ hi)
+    return mix32(key ^ lo)
+
+
+def uniform_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
+                  device: torch.device | str) -> torch.Tensor:
+    """U[r, v] in (0, 1) strictly, float64 (R, V), a function of (seeds[r], steps[r], v) only."""
+    keys = row_keys(seeds, steps, device)                                              # (R,)
+    tokens = torch.arange(vocab_size, dtype=torch.int64, device=device)               # (V,)
+    token_hash = mix32((tokens + TOKEN_SALT) & MASK32)                                 # (V,)
+    return hash_to_uniform(mix32(token_hash[None, :] ^ keys[:, None]))                 # (R, V)
+
+
+def hash_to_uniform(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64) -> (h + 0.5) / 2**32, float64. Exact in float64, so the same
+    bits on every device; never 0 or 1 (smallest 2**-33, largest 1 - 2**-33)."""
+    return h.to(torch.float64).add_(0.5).mul_(2.0 ** -32)
+
+
+def exponential_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
+                      device: torch.device | str) -> torch.Tensor:
+    """E = -log(U) ~ Exp(1), float32 (R, V), never 0 (log is taken in float64)."""
+    return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().to(torch.float32)
+
+
+def exponential_race_ref(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    probs = torch.softmax(x, dim=-1)                                                   # (R, V)
+    return (probs / exponential_noise(seeds, steps, x.shape[1], x.device)).argmax(dim=-1)
+
+
+# --- the kernel -----------------------------------------------------------------------------
+
+_MASK32 = tl.constexpr(MASK32)
+_MUL_A = tl.constexpr(MUL_A)
+_MUL_B = tl.constexpr(MUL_B)
+_TOKEN_SALT = tl.constexpr(TOKEN_SALT)
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * _MUL_A) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL_B) & _MASK32
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _race_kernel(x_ptr, parts_ptr, out_ptr, R, V, stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = x_ptr + row.to(tl.int64) * stride
+    lo = tl.load(parts_ptr + row)
+    hi = tl.load(parts_ptr + R + row)
+    step = tl.load(parts_ptr + 2 * R + row)
+    key = _mix32(_mix32(_mix32(step) ^ hi) ^ lo)
+    lanes = tl.arange(0, BLOCK)
+    # The softmax's max, then its sum: probs = exp(x - max) / sum, as torch computes them.
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, V, BLOCK):
+        x = tl.load(base + start + lanes, mask=start + lanes < V, other=float("-inf"))
+        m = tl.maximum(m, x)
+    mx = tl.max(m, 0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        x = tl.load(base + start + lanes, mask=start + lanes < V, other=float("-inf"))
+        acc += tl.exp(x - mx)
+    total = tl.sum(acc, 0)
+    best = tl.full([BLOCK], -1.0, tl.float32)
+    best_at = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, V, BLOCK):
+        v = (start + lanes).to(tl.int64)
+        x = tl.load(base + v, mask=v < V, other=float("-inf"))
+        p = tl.exp(x - mx) / total
+        h = _mix32(_mix32((v + _TOKEN_SALT) & _MASK32) ^ key)
+        e = (-tl.log((h.to(tl.float64) + 0.5) * (2.0 ** -32))).to(tl.float32)
+        ratio = tl.where(v < V, p / e, -1.0)
+        better = ratio > best  # strict: each lane keeps its first maximum, as argmax does
+        best = tl.where(better, ratio, best)
+        best_at = tl.where(better, v, best_at)
+    top = tl.max(best, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_at, V), 0))
+
+
+def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    r, v = x.shape
+    out = torch.empty(r, dtype=torch.int64, device=x.device)
+    if r == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    parts = to_device(_key_parts(seeds, steps), torch.int64, x.device)               # (3, R)
+    _race_kernel[(r,)](x, parts, out, r, v, x.stride(0), BLOCK=2048, num_warps=8)
+    return out
+
+
+_verified: dict[torch.device, bool] = {}
+
+
+def kernel_verified(device: torch.device | str) -> bool:
+    """Whether the kernel draws the reference's tokens on `device` (checked once)."""
+    device = torch.device(device)
+    ok = _verified.get(device)
+    if ok is None:
+        x = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
+        x[1, 100:] = float("-inf")
+        seeds, steps = [0, 1, 2**63 + 3, -1], [0, 5, 9, 2**33]
+        want = exponential_race_ref(x, seeds, steps).tolist()
+        try:
+            got = exponential_race_triton(x.to(device), seeds, steps).tolist()
+            ok = got == want
+            why = f"drew {got} where the reference draws {want}"
+        except Exception as e:  # a Triton or driver that cannot build it
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            log.warning("the sampling kernel is not used on %s (%s): sampling with the torch reference", device, why)
+        _verified[device] = ok
+    return ok
+
+
+def exponential_race(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """The token each row draws: argmax(softmax(x) / E). `x`: float32 (R, V), the row's
+    logits after temperature and filters (-inf where a token is out); -> int64 (R,)."""
+    if use_triton(x) and kernel_verified(x.device):
+        return exponential_race_triton(x, seeds, steps)
+    return exponential_race_ref(x, seeds, steps)
