@@ -232,7 +232,8 @@ def apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tenso
     if not ban_rows:
         return logits
     logits = logits.clone()
-    logits[_index(ban_rows, logits.device), _index(ban_tokens, logits.device)] = float("-inf")
+    flat = to_device([r * vocab + t for r, t in zip(ban_rows, ban_tokens)], torch.int64, logits.device)
+    logits.view(-1).scatter_(0, flat, float("-inf"))  # not logits[rows, tokens] = ...: that synchronizes
     return logits
 
 

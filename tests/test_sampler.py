@@ -165,7 +165,7 @@ def test_sampling_queues_its_work_without_waiting_for_the_device():
               SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01),
               SamplingParams(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.1, presence_penalty=0.1,
                              seed=7),
-              SamplingParams(temperature=0.7, min_tokens=4, bad_words=[])]
+              SamplingParams(temperature=0.7, min_tokens=4, stop_token_ids=[9])]
     rows = [row(p, seed=i, output=[5, 6]) for i, p in enumerate(params)]
     logits = torch.randn(len(rows), 4096, device="cuda")
     sampler = Sampler(len(rows), "cuda")
