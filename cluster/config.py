@@ -459,6 +459,23 @@ class ClusterConfig(_Section):
                                       shares_kv=role == "both" and self.colocated_share_kv))
         return specs
 
+    def devices_not_here(self, specs: list[NodeSpec], num_gpus: int | None = None) -> list[str]:
+        """One line per node whose `cuda:N` this machine does not have (`num_gpus` visible,
+        asked of torch when None): said before anything starts, naming the field, instead
+        of as a CUDA error in the tail of a node's log once the others have loaded."""
+        problems = []
+        for s in specs:
+            if not s.device.startswith("cuda:"):
+                continue
+            num_gpus = _visible_gpu_count() if num_gpus is None else num_gpus
+            if int(s.device.partition(":")[2]) < num_gpus:
+                continue
+            have = ("torch sees no CUDA GPU here: use cpu (or auto)" if not num_gpus else
+                    f"this machine has {num_gpus} GPU{'s' * (num_gpus != 1)} (cuda:0..cuda:{num_gpus - 1})")
+            section = "colocated" if s.role == "both" else s.role
+            problems.append(f"{section}.devices: {s.device} for {s.name}: {have}")
+        return problems
+
     def kv_nodes_sharing_a_gpu(self, specs: list[NodeSpec]) -> str | None:
         """'prefill-0 and decode-0 share cuda:0' when nodes that move KV between them over
         NIXL sit on one GPU (UCX has no fast path between processes of one device), else None."""
@@ -573,7 +590,7 @@ def load_cluster_config(path: str | os.PathLike) -> ClusterConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ClusterConfigError([f"{name}: cannot read it: {e}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -593,6 +610,25 @@ def load_cluster_config(path: str | os.PathLike) -> ClusterConfig:
     if problems:
         raise ClusterConfigError([f"{name}: {line}" for line in problems])
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: PyYAML keeps the last,
+    so a second `decode:` section would silently replace the first. Keys merged in with
+    `<<: *anchor` may still be overridden: that is what merging is for."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key}: given twice (first on line {seen[key].start_mark.line + 1}): merge them into "
+                    "one (YAML would keep only the last)", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 def _check_model_path(config: ClusterConfig) -> list[str]:

@@ -36,6 +36,7 @@ scale-up that cannot start (no such GPU, out of memory) takes a serving cluster 
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import signal
@@ -270,8 +271,9 @@ class LocalCluster:
                 for node in list(self.nodes):
                     if node.exit_code() is None:
                         continue
-                    if changes is not None and node.name in changes.draining:
-                        # It was leaving anyway: let the router forget it; no restart.
+                    if changes is not None and (node.name in changes.draining or node.name in changes.stop):
+                        # It was leaving anyway (or the router already let it go: a node down while
+                        # draining departs without draining): let the router forget it; no restart.
                         self.console.print(f"node {node.name} {node.describe_exit()} while draining: "
                                            "removing it", markup=False)
                         membership.remove(http, self.url, node.name)
@@ -309,7 +311,7 @@ class LocalCluster:
                 pass
         self._reap_retired(wait=True)
         for child in children:
-            if child.exit_code() is None:
+            if child.proc is not None and child.exit_code() is None:  # None: never started (start() failed first)
                 self.console.print(f"{child.name} (pid {child.pid}) did not stop within {STOP_GRACE_S:.0f} s: "
                                    "killing it", markup=False)
                 child.signal(signal.SIGKILL)
@@ -338,6 +340,9 @@ class LocalCluster:
 
         cfg = self.config
         specs = cfg.node_specs()
+        missing = cfg.devices_not_here(specs)
+        if missing:
+            raise ClusterConfigError(missing)
         secrets: dict[str, str] = {}
         if zmq.has("curve"):
             self.cluster_key = ClusterKey.generate()
@@ -367,8 +372,8 @@ class LocalCluster:
 
         self._names_used = {n.name for n in self.nodes}
         router_port = cfg.router.port or next(free)
-        if cfg.router.port:
-            _check_ports_free([("router.port", router_port)], host=cfg.router.host)
+        # Port 0 too: it checks that router.host is an address of this machine.
+        _check_ports_free([("router.port", cfg.router.port)], host=cfg.router.host, host_field="router.host")
         spec = router_launch_spec(cfg, router_port, self.model_dir,
                                   [NodeAddress(n.name, n.role, n.address, 0) for n in self.nodes], _block_size(specs))
         self.url = f"http://{_connect_host(cfg.router.host)}:{router_port}"
@@ -619,14 +624,19 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _check_ports_free(ports: list[tuple[str, int]], host: str = LOCALHOST) -> None:
-    """Fail before spawning anything when a configured port is taken."""
+def _check_ports_free(ports: list[tuple[str, int]], host: str = LOCALHOST, host_field: str = "") -> None:
+    """Fail before spawning anything when a configured port is taken, or when `host` (the
+    setting `host_field` names) is no address of this machine: a mistyped address is not
+    a port to free."""
     for what, port in ports:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
             try:
                 s.bind((host, port))
             except OSError as e:
+                if host_field and (e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror)):
+                    raise OSError(f"{host_field}: cannot listen on {host}:{port} ({e.strerror or e}): give an "
+                                  "address of this machine (127.0.0.1, or 0.0.0.0 for every interface)") from None
                 raise OSError(f"{what}: {host}:{port} is not available ({e.strerror}): stop what uses it, "
                               "or set the port to 0 to pick a free one") from None
 

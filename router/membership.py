@@ -18,7 +18,9 @@ A node's life here:
   when the router has nothing in flight on it and a stats answer taken *after* that shows
   no running or waiting request, no lent KV held (requests_held == 0) and every block free. Then the router
   forgets it and lists it under `departed` (with its last stats: the blocks it still held,
-  which should be none), and the launcher stops it.
+  which should be none), and the launcher stops it. A leaving node that is down (the
+  health loop declared it so, or it never came up) cannot drain: it departs at once, `why`
+  "down while draining" (a hung node would otherwise stay draining for ever).
 
 `pdcluster scale --url URL prefill=N decode=M` is `POST /cluster/scale`. These routes take
 the router's API key when one is set.
@@ -239,39 +241,47 @@ class Membership:
         while any(n.leaving for n in self.nodes):
             for node in [n for n in self.nodes if n.leaving]:
                 try:
-                    if await self._drained(node):
-                        log.info("node %s drained: departing", node.id)
-                        await self._forget(node, "drained")
-                        self.changes.labels(node.role, "drained").inc()
+                    why = await self._drained(node)
+                    if why:
+                        log.info("node %s %s: departing", node.id, why)
+                        await self._forget(node, why)
+                        self.changes.labels(node.role, "drained" if why == "drained" else "removed").inc()
                 except Exception:  # never let one node's check stop the others' drains
                     log.exception("node %s: drain check failed", node.id)
             await asyncio.sleep(DRAIN_CHECK_INTERVAL_S)
 
-    async def _drained(self, node: NodeClient) -> bool:
-        """Idle (nothing in flight from here, nothing running, waiting or lent) and every
-        block back in the pool. Released blocks return at the node's next step, so an idle
-        node briefly still holds some; one that keeps holding blocks is let go after
-        IDLE_LEAK_GRACE_S, its departed record showing what it held."""
+    async def _drained(self, node: NodeClient) -> str | None:
+        """Why the node may depart now, or None. `drained`: idle (nothing in flight from
+        here, nothing running, waiting or lent) and every block back in the pool. Released
+        blocks return at the node's next step, so an idle node briefly still holds some; one
+        that keeps holding blocks is let go after IDLE_LEAK_GRACE_S, its departed record
+        showing what it held. `down while draining`: the health loop declared it down (or it
+        never came up) and it does not answer: nothing there can finish any more (what was in
+        flight has failed over), and waiting for a hung node would keep it draining for ever."""
         if node.in_flight:
             self._idle_since.pop(node.id, None)
-            return False
+            return None
         stats = await node.poll_stats()  # asked after in_flight reached 0: fresh
+        if stats is None and not node.healthy and not node.draining and not node.in_flight:
+            log.warning("node %s does not answer and is down: letting it go without draining", node.id)
+            self._idle_since.pop(node.id, None)
+            return "down while draining"
         if stats is None or node.in_flight:
-            return False
+            return None
         e = stats.engine
         if e.running or e.waiting or e.waiting_for_remote_kv or e.kv_transfer.get("requests_held", 0):
             self._idle_since.pop(node.id, None)
-            return False
+            return None
         if e.kv_blocks_free == e.kv_blocks_total:
             self._idle_since.pop(node.id, None)
-            return True
+            return "drained"
         since = self._idle_since.setdefault(node.id, time.monotonic())
         if time.monotonic() - since < IDLE_LEAK_GRACE_S:
-            return False
+            return None
         log.warning("node %s is idle but holds %d KV blocks: letting it go anyway", node.id,
                     e.kv_blocks_total - e.kv_blocks_free)
         self._idle_since.pop(node.id, None)
-        return True
+        return "drained"
 
 
 class _MembershipCollector:

@@ -106,6 +106,11 @@ BAD_FILES = [
     ("empty_file", "", "the file is empty"),
     ("yaml_syntax_error", "router:\n  port: [8000\n", "not valid YAML: line 3"),
     ("top_level_not_a_mapping", "- prefill\n- decode\n", "the top level must be a mapping of keys (model, router,"),
+    # PyYAML keeps the last of two equal keys, silently: the first section would be ignored.
+    ("section_given_twice", "decode: {replicas: 2}\nprefill: {replicas: 1}\ndecode: {replicas: 1}\n",
+     "not valid YAML: line 3, column 1: decode: given twice (first on line 1): merge them into one"),
+    ("key_given_twice", "engine:\n  block_size: 16\n  block_size: 32\n",
+     "not valid YAML: line 3, column 3: block_size: given twice (first on line 2)"),
 ]
 
 

@@ -8,32 +8,11 @@ import time
 
 import pytest
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from kv_connector.config import KVTransferConfig
+from tests.test_kv_pull_edges import GREEDY, engine, run
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
 FIRST = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 PROMPT = [10, 11, 12, 13, 14, 15, 16, 17, 18]
-
-
-def engine(model, role: str | None = None, **kv) -> LLMEngine:
-    config = KVTransferConfig(kv_connector="tcp", kv_role=role, **kv) if role else None
-    return LLMEngine(EngineConfig(model=str(model), dtype="float32", device="cpu",
-                                  cache=CacheConfig(block_size=4, num_blocks=64),
-                                  scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=16),
-                                  kv_transfer=config))
-
-
-def run(engines, ids: set[str], timeout_s: float = 30) -> dict:
-    done, deadline = {}, time.monotonic() + timeout_s
-    while len(done) < len(ids):
-        assert time.monotonic() < deadline, f"unfinished: {ids - set(done)}"
-        for e in engines:
-            done.update((o.request_id, o) for o in e.step() if o.finished and o.request_id in ids)
-        time.sleep(0.002)
-    return done
 
 
 def settle(engines, timeout_s: float = 10) -> None:

@@ -278,3 +278,47 @@ def test_down_never_signals_a_process_that_took_over_a_dead_launchers_pid(tmp_pa
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("host, port_given, why", [
+    ("127.0.0.1", True, "router.port: 127.0.0.1:{port} is not available (Address already in use)"),
+    ("192.0.2.1", True, "router.host: cannot listen on 192.0.2.1:{port}"),
+    ("192.0.2.1", False, "router.host: cannot listen on 192.0.2.1:0"),
+], ids=["port-taken", "host-not-here", "host-not-here-port-0"])
+def test_router_address_that_cannot_be_used_is_one_line_and_starts_nothing(tmp_path, host, port_given, why):
+    """router.port taken, or router.host not an address of this machine: `up` says so in
+    one line, exit 1, before it starts a node (no traceback, no bogus "did not stop")."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        yaml = tmp_path / "cluster.yaml"
+        yaml.write_text(f"router: {{host: '{host}', port: {port if port_given else 0}}}\n"
+                        "kv_transfer: {connector: tcp}\nprefill: {devices: [cpu]}\ndecode: {devices: [cpu]}\n")
+        env = {**os.environ, "PDCLUSTER_RUN_DIR": str(tmp_path / "run")}
+        up = subprocess.run([sys.executable, "-m", "cluster.cli", "up", str(yaml)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=90)
+    assert up.returncode == 1, (up.stdout, up.stderr)
+    assert "Traceback" not in up.stderr and "did not stop" not in up.stdout + up.stderr, (up.stdout, up.stderr)
+    error = [line for line in up.stderr.splitlines() if line.startswith("pdcluster up:")]
+    assert len(error) == 1 and why.format(port=port) in error[0], up.stderr
+    assert not list((tmp_path / "run").glob("*.log")), "a child was started"
+
+
+@pytest.mark.timeout(120)
+def test_a_gpu_this_machine_does_not_have_is_named_before_any_node_starts(tmp_path):
+    import torch
+
+    gpu = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"  # one past the last
+    config = ClusterConfig.model_validate({
+        "router": {"port": 0}, "kv_transfer": {"connector": "tcp"}, "engine": {"num_blocks": 64},
+        "prefill": {"devices": ["cpu"]}, "decode": {"devices": [gpu]}})
+    cluster = LocalCluster(config, run_dir=tmp_path / "run")
+    try:
+        with pytest.raises(ValueError) as e:
+            cluster.start(timeout_s=90)
+        assert str(e.value).startswith(f"decode.devices: {gpu} for decode-0: "), e.value
+        assert all(c.proc is None for c in cluster.children), "a child was started"
+    finally:
+        cluster.stop()

@@ -5,6 +5,7 @@ routes take the API key."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import httpx
@@ -83,3 +84,35 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_frozen_node_scaled_away_departs_once_the_router_declares_it_down(supervised):
+    """A node that stops answering (hung, SIGSTOP) cannot drain: once the router has declared
+    it down (its requests failed over), scaling it away must still complete, not leave it
+    `draining` for ever, and the launcher must stop its process."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    url = supervised.url
+
+    def view():
+        return httpx.get(url + "/cluster/membership", headers=auth, timeout=5, trust_env=False).json()
+
+    wait_until(lambda: view()["supervised"], 30, "the launcher to attach")
+    r = httpx.post(url + "/cluster/scale", json={"decode": 2}, headers=auth, timeout=10, trust_env=False)
+    assert r.status_code == 200, r.text
+    new = wait_until(lambda: next((n for n in view()["nodes"] if n["role"] == "decode" and n["id"] != "decode-0"
+                                   and n["healthy"]), None), 180, "a second decode node to be healthy")
+    os.kill(new["pid"], signal.SIGSTOP)
+    try:
+        wait_until(lambda: not next(n for n in view()["nodes"] if n["id"] == new["id"])["healthy"], 30,
+                   f"the router to declare the frozen {new['id']} down")
+        r = httpx.post(url + "/cluster/scale", json={"decode": 1}, headers=auth, timeout=10, trust_env=False)
+        assert r.status_code == 200, r.text
+        assert [n["id"] for n in r.json()["nodes"] if n["state"] == "draining"] == [new["id"]], r.json()
+        gone = wait_until(lambda: next((d for d in view()["departed"] if d["id"] == new["id"]), None), 30,
+                          f"{new['id']} to depart")
+        assert gone["why"] == "down while draining", gone
+        wait_until(lambda: not _alive(new["pid"]), 40, f"the launcher to stop {new['id']} (pid {new['pid']})")
+        assert sorted(n.role for n in supervised.nodes) == ["decode", "prefill"]
+    finally:
+        if _alive(new["pid"]):
+            os.kill(new["pid"], signal.SIGKILL)
