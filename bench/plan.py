@@ -179,6 +179,8 @@ def run_plan(config: ClusterConfig, workload: str = "fixed", prefix_hit_rate: fl
     model = ModelConfig.from_path(model_dir)
     dtype = parse_dtype(config.model.dtype, model.checkpoint_dtype)
     specs = config.node_specs()  # `auto` devices resolve as `pdcluster up` would on this machine
+    if config.backend == "local":
+        specs = config.share_gpus(specs)  # nodes of one GPU split its KV memory, as `pdcluster up` does
     block_size = specs[0].engine.block_size
     shape = workload_shape(workload, model.vocab_size, config.engine.max_model_len or model.max_position_embeddings,
                            block_size, input_len=input_len, output_len=output_len)

@@ -18,7 +18,7 @@ import difflib
 import os
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -475,6 +475,46 @@ class ClusterConfig(_Section):
             section = "colocated" if s.role == "both" else s.role
             problems.append(f"{section}.devices: {s.device} for {s.name}: {have}")
         return problems
+
+    def share_gpus(self, specs: list[NodeSpec]) -> list[NodeSpec]:
+        """`specs` with the KV memory of nodes that share a GPU divided between them. Each
+        node sizes its KV cache from the GPU memory free when it starts, and the nodes of a
+        cluster start together: each would take `memory_fraction` of the same memory, and
+        the last to allocate would run out. So where `memory_fraction` is left unset, the
+        nodes of one GPU split the default (0.85) evenly (what explicit fractions there
+        leave of it); explicit fractions of one GPU must sum to at most 1
+        (ClusterConfigError). For nodes of this machine (`backend: local`): Ray gives each
+        node a GPU of its own."""
+        by_gpu: dict[str, list[NodeSpec]] = {}
+        for s in specs:
+            if s.device.startswith("cuda") and s.engine.num_blocks is None:
+                by_gpu.setdefault(s.device, []).append(s)
+        default = EngineSettings.model_fields["memory_fraction"].default
+        share: dict[str, float] = {}
+        problems = []
+        for device, group in by_gpu.items():
+            if len(group) < 2:
+                continue
+            unset = [s for s in group if "memory_fraction" not in s.engine.model_fields_set]
+            given = sum(s.engine.memory_fraction for s in group if s not in unset)
+            names = " and ".join(s.name for s in group)
+            if given > 1 + 1e-9 or (unset and given > default - 0.05 * len(unset)):
+                sections = "/".join(sorted({"colocated" if s.role == "both" else s.role for s in group}))
+                fractions = " + ".join(f"{s.engine.memory_fraction:g}" for s in group if s not in unset)
+                wrong = (f"their fractions ({fractions}) sum to more than 1" if not unset else
+                         f"the fractions set ({fractions}) leave too little of {default:g} for "
+                         f"{', '.join(s.name for s in unset)}")
+                problems.append(f"{sections}.engine.memory_fraction: {names} share {device} and start together, each "
+                                f"sizing its KV cache from the memory free then, and {wrong}: give fractions that "
+                                f"sum to at most 1 (about {default / len(group):.2f} each), or leave memory_fraction "
+                                f"unset to split {default:g} evenly")
+                continue
+            for s in unset:
+                share[s.name] = (default - given) / len(unset)
+        if problems:
+            raise ClusterConfigError(problems)
+        return [replace(s, engine=s.engine.model_copy(update={"memory_fraction": share[s.name]}))
+                if s.name in share else s for s in specs]
 
     def kv_nodes_sharing_a_gpu(self, specs: list[NodeSpec]) -> str | None:
         """'prefill-0 and decode-0 share cuda:0' when nodes that move KV between them over

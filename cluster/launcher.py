@@ -343,6 +343,7 @@ class LocalCluster:
         missing = cfg.devices_not_here(specs)
         if missing:
             raise ClusterConfigError(missing)
+        specs = cfg.share_gpus(specs)
         secrets: dict[str, str] = {}
         if zmq.has("curve"):
             self.cluster_key = ClusterKey.generate()

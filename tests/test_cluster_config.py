@@ -173,6 +173,28 @@ def test_auto_devices_take_gpus_round_robin_or_cpu():
     assert [n.device for n in config.node_specs(num_gpus=0)] == ["cpu", "cpu", "cpu"]
 
 
+def test_nodes_sharing_a_gpu_split_its_kv_memory_unless_told_otherwise(tmp_path):
+    """They start together and each sizes its KV cache from the memory free then: each
+    taking the default 0.85 of it would leave the last to allocate out of memory."""
+    def shared(text: str) -> dict[str, float]:
+        config = load_cluster_config(write(tmp_path, "model: {path: builtin:tiny}\n" + text))
+        return {s.name: round(s.engine.memory_fraction, 3) for s in config.share_gpus(config.node_specs(num_gpus=2))}
+
+    assert shared("prefill: {devices: [cuda:0]}\ndecode: {replicas: 2, devices: [cuda:0, cuda:1]}") == {
+        "prefill-0": 0.425, "decode-0": 0.425, "decode-1": 0.85}
+    assert shared("prefill: {devices: [cuda:0], engine: {memory_fraction: 0.5}}\ndecode: {devices: [cuda:0]}") == {
+        "prefill-0": 0.5, "decode-0": 0.35}
+    assert shared("engine: {memory_fraction: 0.4}\nprefill: {devices: [cuda:0]}\ndecode: {devices: [cuda:0]}") == {
+        "prefill-0": 0.4, "decode-0": 0.4}
+    assert shared("engine: {num_blocks: 64}\nprefill: {devices: [cuda:0]}\ndecode: {devices: [cuda:0]}") == {
+        "prefill-0": 0.85, "decode-0": 0.85}  # a fixed cache size: nothing to split
+    with pytest.raises(ClusterConfigError, match=r"prefill-0 and decode-0 share cuda:0 .* \(0.85 \+ 0.85\) sum to "
+                                                 r"more than 1: give fractions that sum to at most 1"):
+        shared("engine: {memory_fraction: 0.85}\nprefill: {devices: [cuda:0]}\ndecode: {devices: [cuda:0]}")
+    with pytest.raises(ClusterConfigError, match="leave too little of 0.85 for decode-0"):
+        shared("prefill: {devices: [cuda:0], engine: {memory_fraction: 0.84}}\ndecode: {devices: [cuda:0]}")
+
+
 def test_with_topology_reuses_the_device_pool_round_robin():
     config = ClusterConfig.model_validate({"prefill": {"devices": ["cuda:0"], "engine": {"max_num_seqs": 8}},
                                            "decode": {"devices": ["cuda:1"]}, "router": {"port": 9100}})
