@@ -63,6 +63,7 @@ BENCH_DEFAULTS: dict[str, Any] = {
     "output_len": None,
     "length_scale": 1.0,         # multiplies every workload length (small CPU runs)
     "seed": 0,
+    "temperature": 0.0,          # 0: greedy requests
     "num_agents": None,          # prefix-agents
     "num_system_prompts": None,
     "system_prompt_len": None,
@@ -109,7 +110,9 @@ class BenchPlan:
         if workload not in WORKLOADS:
             raise ValueError(f"--workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
         opts = WorkloadOptions(num_requests=int(_opt(args, "num_requests")), seed=int(_opt(args, "seed")),
-                               length_scale=float(_opt(args, "length_scale")))
+                               length_scale=float(_opt(args, "length_scale")), temperature=float(_opt(args, "temperature")))
+        if not 0 <= opts.temperature <= 2:
+            raise ValueError(f"--temperature {opts.temperature}: give 0 (greedy) to 2, as the API takes")
         for name in ("input_len", "output_len", "num_agents", "num_system_prompts", "system_prompt_len", "turn_len"):
             if getattr(args, name, None) is not None:
                 setattr(opts, name, int(getattr(args, name)))
@@ -229,6 +232,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--length-scale", type=float, default=None, metavar="X",
                    help=f"multiply every workload length (default {d['length_scale']}); small for CPU runs")
     g.add_argument("--seed", type=int, default=None, help=f"workload and arrival seed (default {d['seed']})")
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="every request's temperature (default 0: greedy); sampled requests are seeded")
     g.add_argument("--num-agents", type=int, default=None, metavar="N", help="prefix-agents: agents (default 8)")
     g.add_argument("--num-system-prompts", type=int, default=None, metavar="N",
                    help="prefix-agents: shared system prompts, one workflow each (default 2)")
@@ -333,7 +338,8 @@ def _run_loads(plan: BenchPlan, topology: str, url: str, api_key: str | None, vo
     opts = WorkloadOptions(**{**asdict(plan.options), "vocab_size": vocab, "max_model_len": max_len})
     if plan.warmup_requests > 0:
         warm = make_workload(plan.workload, opts, salt=WARMUP_SALT)[:plan.warmup_requests]
-        warm = [BenchRequest(r.index, r.prompt_ids, min(r.max_tokens, 16)) for r in warm]  # no `after`
+        warm = [BenchRequest(r.index, r.prompt_ids, min(r.max_tokens, 16), temperature=r.temperature)
+                for r in warm]  # no `after`
         task = progress.add_task(f"{topology}: warm-up", total=len(warm))
         # The normal settle after it: the first measured load's "before" scrape must already
         # hold the warm-up's KV loads and prefix-cache counters, or they land in its deltas.
@@ -357,7 +363,8 @@ def _run_loads(plan: BenchPlan, topology: str, url: str, api_key: str | None, vo
                                       on_result=advance))
         summary = summarize(result.results, result.duration_s, plan.slo, metrics_before=result.metrics_before,
                             metrics_after=result.metrics_after, queue_samples=result.queue_samples)
-        run = {"topology": topology, "load": load, "workload": plan.workload, "seed": opts.seed, **extra, **summary,
+        run = {"topology": topology, "load": load, "workload": plan.workload, "seed": opts.seed,
+               "temperature": opts.temperature, **extra, **summary,
                "per_request": [per_request(r) for r in result.results]}
         report.write_run(plan.out_dir, run)
         runs.append(run)

@@ -8,7 +8,8 @@ token as it arrives.
 
 Every request streams (`stream: true`, `stream_options.include_usage`) with `ignore_eos`
 and `max_tokens` = the workload's output length, so output lengths are the workload's,
-whatever the model samples. Only `url` is contacted (no proxies from the environment).
+whatever the model samples; greedy, or at the workload's temperature seeded with the
+request's index (the same tokens in every topology). Only `url` is contacted (no proxies from the environment).
 
 What is measured, per request (seconds, `time.perf_counter` in this process):
   * TTFT: from just before the request is sent (connection set-up included) to the
@@ -233,7 +234,10 @@ def unsent_result(req: BenchRequest, max_duration_s: float | None) -> RequestRes
 
 def request_body(req: BenchRequest) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+                            "stream_options": {"include_usage": True}, "ignore_eos": True,
+                            "temperature": req.temperature}
+    if req.temperature:
+        body["seed"] = req.index
     if req.workflow_id is not None:
         body["workflow_id"] = req.workflow_id
     if req.agent_id is not None:

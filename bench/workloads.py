@@ -54,6 +54,7 @@ class BenchRequest:
     workflow_id: str | None = None
     agent_id: str | None = None
     after: int | None = None
+    temperature: float = 0.0          # 0: greedy; above, sampled with the request's index as its seed
 
     @property
     def prompt_len(self) -> int:
@@ -77,6 +78,7 @@ class WorkloadOptions:
     vocab_size: int = 32000
     max_model_len: int = 4096         # prompt + output never exceeds it
     seed: int = 0
+    temperature: float = 0.0          # every request's; 0 is greedy (sampling costs the engine more per step)
     # prefix-agents
     num_agents: int = 8
     num_system_prompts: int = 2
@@ -100,7 +102,8 @@ def make_workload(name: str, opts: WorkloadOptions, salt: int = 0) -> list[Bench
                          f"{TOKEN_ID_MARGIN}): is it the model's vocabulary?")
     lengths = np.random.default_rng(opts.seed)
     tokens = np.random.default_rng([opts.seed, salt, 0x70C])  # token ids only: lengths do not depend on salt
-    return _BUILDERS[name](opts, lengths, tokens)
+    requests = _BUILDERS[name](opts, lengths, tokens)
+    return [replace(r, temperature=opts.temperature) for r in requests] if opts.temperature else requests
 
 
 def with_poisson_arrivals(requests: list[BenchRequest], rate: float, seed: int = 0) -> list[BenchRequest]:

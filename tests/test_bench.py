@@ -459,6 +459,19 @@ def test_bench_plan_reads_optional_flags_and_refuses_bad_ones(tmp_path):
         BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], request_rate=2.0, concurrency=4))
     with pytest.raises(ValueError, match="--workload"):
         BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], workload="zipf"))
+    with pytest.raises(ValueError, match="--temperature"):
+        BenchPlan.from_args(argparse.Namespace(topologies=["1P1D"], temperature=-0.5))
+
+
+def test_requests_are_greedy_unless_a_temperature_is_given_then_seeded_by_index():
+    opts = WorkloadOptions(num_requests=3, input_len=8, output_len=4)
+    fake = FakeRouter(ttft_s=0.0, gap_s=0.0)
+    _load(fake, make_workload("fixed", opts))
+    assert [(b["temperature"], "seed" in b) for b in fake.bodies] == [(0.0, False)] * 3
+    opts.temperature = 0.8
+    fake = FakeRouter(ttft_s=0.0, gap_s=0.0)
+    _load(fake, make_workload("fixed", opts))
+    assert sorted((b["temperature"], b["seed"]) for b in fake.bodies) == [(0.8, 0), (0.8, 1), (0.8, 2)]
 
 
 def test_model_limits_take_the_smaller_of_model_and_tokenizer_vocab(tmp_path):
