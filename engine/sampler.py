@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from engine.sampling_params import SamplingParams
 from kernels.host_copy import host_to_device, to_device
-from kernels.sampling import (exponential_noise, exponential_race, hash_to_uniform, mix32, row_keys,  # noqa: F401
-                              uniform_noise)
+from kernels.sampling import (exponential_noise, exponential_race, hash_to_uniform, kernel_verified,  # noqa: F401
+                              mix32, row_keys, uniform_noise)
 
 # --- the sampler ------------------------------------------------------------------------
 
@@ -90,6 +90,8 @@ class Sampler:
         self._host_tokens = ([torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
                              if device.type == "cuda" and max_rows > 0 else None)
         self._turn = 0
+        if device.type == "cuda":
+            kernel_verified(device)  # the draw's kernel built and checked now, not in a serving step
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""
