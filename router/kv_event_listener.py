@@ -6,10 +6,12 @@ subscription, or a fresh one when the addresses change (a restarted node binds n
 ports). A fresh subscription first asks the replay socket for everything from batch 0,
 which is either the node's whole history or a snapshot (engine/kv_events.py), so the
 index is exact from the start. Afterwards, a gap in the sequence numbers is filled by
-replay, and a sequence that starts again at 0 means the node restarted on the same
-address: its entry is emptied and rebuilt. (A restarted node's batch 0 is often gone before
-the subscription reconnects; the router's health loop also notices the new pid in the
-node's stats and resubscribes from a snapshot, router/app.py.)
+replay (a replay socket that does not answer ends the subscription: the node's entry is
+emptied until the next follow() subscribes afresh), and a sequence that starts again at 0
+means the node restarted on the same address: its entry is emptied and rebuilt. (A
+restarted node's batch 0 is often gone before the subscription reconnects; the router's
+health loop also notices the new pid in the node's stats and resubscribes from a
+snapshot, router/app.py.)
 """
 
 from __future__ import annotations
@@ -123,9 +125,11 @@ class KVEventListener:
                 try:
                     _, seq_b, payload = await asyncio.wait_for(sock.recv_multipart(), REPLAY_TIMEOUT_S)
                 except asyncio.TimeoutError:
-                    log.warning("node %s: no answer from the KV event replay socket %s", self.node_id,
-                                self.replay_address)
-                    return
+                    # The batches it should have brought are unknown (a BlockRemoved among
+                    # them would leave a block indexed that the node no longer holds): the
+                    # subscription lets go, and the next follow() starts afresh.
+                    raise RuntimeError(f"no answer from the KV event replay socket {self.replay_address} "
+                                       f"within {REPLAY_TIMEOUT_S} s") from None
                 if seq_b == END_OF_REPLAY:
                     return
                 seq = int.from_bytes(seq_b, "big")

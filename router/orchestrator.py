@@ -88,21 +88,25 @@ class ForkGroup:
         self.counted.add(event)
         return True
 
-    def follow(self, plan: PrefillPlan, request_id: str) -> tuple[PrefillPlan, str | None, str | None]:
+    def follow(self, make_plan: Callable[[], PrefillPlan],
+               request_id: str) -> tuple[PrefillPlan, str | None, str | None]:
         """The plan for one choice, and the requests it forks on its prefill and decode
         nodes: choice 0 records its plan; the others go, whole, to the node that decodes
         choice 0 while it serves: there they share choice 0's prompt blocks (its pulled KV,
         on a split cluster) and compute one row each, so the prompt is computed once and
-        its KV moves once."""
+        its KV moves once. Only a choice that needs a plan of its own calls `make_plan`: a
+        plan takes the policy's turn (and records workflow affinity), so a fork planned and
+        then redirected would make the next request skip a node (n=2, round robin over two
+        nodes: every request's choice 0 on the first)."""
         if request_id == self.request_id:
+            plan = make_plan()
             self.decode, self.prefill = plan.decode, plan.prefill
             self.placed.set()
             return plan, None, None
         if self.decode is None or not self.decode.healthy or self.decode.leaving:
-            return plan, None, None
-        plan = dataclasses.replace(plan, decode=self.decode, prefill=None, reason="fork", failover=False,
-                                   prefill_tokens=0)  # its prompt is choice 0's, computed once
-        return plan, None, self.request_id
+            return make_plan(), None, None
+        # Its prompt is choice 0's, computed once.
+        return PrefillPlan(self.decode, None, "fork", prefill_tokens=0), None, self.request_id
 
 
 class RequestFailed(Exception):
@@ -150,15 +154,19 @@ class Orchestrator:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         if fork is not None and request_id != fork.request_id:
             await fork.placed.wait()  # the other choices go where choice 0 goes, right behind it
+
+        def make_plan() -> PrefillPlan:
+            return self.planner.plan(self.nodes, prompt_ids, params.max_tokens, affinity_key)
+        fork_p = fork_d = None
         try:
-            plan = self.planner.plan(self.nodes, prompt_ids, params.max_tokens, affinity_key)
+            if fork is None:
+                plan = make_plan()
+            else:
+                plan, fork_p, fork_d = fork.follow(make_plan, request_id)
         except NoHealthyNode as e:
             raise RequestFailed(str(e), 503) from None
-        fork_p = fork_d = None
         failover = self.on_failover
         if fork is not None:
-            plan, fork_p, fork_d = fork.follow(plan, request_id)
-
             def failover(stage: str) -> None:
                 if fork.first(f"failover:{stage}"):
                     self.on_failover(stage)
@@ -215,6 +223,8 @@ class Orchestrator:
                 first = await q.get()  # max_tokens=1: exactly one, final update
             except BaseException:
                 await prefill.abort(f"{request_id}-p")
+                if not q.empty():  # it answered as we were stopped: the KV it lent, nobody will pull
+                    await prefill.release_kv(f"{request_id}-p")
                 if decode_q is not None:
                     await decode.abort(request_id)
                 raise

@@ -267,3 +267,64 @@ def test_a_subscription_a_bad_batch_ends_is_forgotten_and_taken_up_again():
             ctx.term()
 
     asyncio.run(main())
+
+
+def test_a_gap_the_replay_socket_does_not_fill_leaves_no_stale_blocks_in_the_router_index(monkeypatch):
+    """The router's listener sees batch k+2 after k, and the replay socket does not answer
+    for k+1 (which removed a block): the node's entry must not keep that block. It is
+    forgotten (routing falls back to load) and the next follow() subscribes afresh."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from engine.kv_events import KVEventBatch, encode_batch, seq_bytes
+    from router import kv_event_listener
+    from router.kv_event_listener import KVEventListener
+    from router.prefix_index import PrefixIndex
+
+    monkeypatch.setattr(kv_event_listener, "REPLAY_TIMEOUT_S", 0.3)
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        pub, replay = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+        for s in (pub, replay):
+            s.setsockopt(zmq.LINGER, 0)
+        address = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+        replay_address = f"tcp://127.0.0.1:{replay.bind_to_random_port('tcp://127.0.0.1')}"
+        index = PrefixIndex()
+        listener = KVEventListener("n", index, ctx)
+
+        answering = True
+
+        async def serve_replay():  # nothing to replay; once `answering` is off, no answer at all
+            while True:
+                frames = await replay.recv_multipart()
+                if answering:
+                    await replay.send_multipart(frames[:2] + [END_OF_REPLAY, b""])
+
+        server = asyncio.create_task(serve_replay())
+        try:
+            listener.follow(address, replay_address)
+            seq = 0
+            while index.match([1]) != {"n": 1}:  # a PUB socket drops what it sends before the SUB joined
+                await pub.send_multipart([b"kv-events", seq_bytes(seq), encode_batch(KVEventBatch(0.0, [_stored(1)]))])
+                seq += 1
+                await asyncio.sleep(0.05)
+            # Batch last+1 (BlockRemoved([1])) is lost on the way, and the replay socket
+            # stops answering (an overloaded node); last+2 stores block 2.
+            answering = False
+            await pub.send_multipart([b"kv-events", seq_bytes(listener.last_seq + 2),
+                                      encode_batch(KVEventBatch(0.0, [_stored(2)]))])
+            deadline = time.monotonic() + 10
+            while listener.address and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert index.match([1]) == {}, "a block the node removed is still indexed"
+            assert listener.address == "", "the subscription went on past a gap it could not fill"
+        finally:
+            server.cancel()
+            listener.stop()
+            pub.close(0)
+            replay.close(0)
+            ctx.term()
+
+    asyncio.run(main())
