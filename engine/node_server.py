@@ -62,6 +62,7 @@ class NodeServer:
             # No high-water mark: past one a ROUTER socket drops silently, and a lost update
             # is a stream without its end. A router that lags only delays them (memory here).
             self._sock.setsockopt(zmq.SNDHWM, 0)
+            self._sock.setsockopt(zmq.RCVHWM, 0)  # the router's jobs, aborts and releases likewise
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # larger: the peer is disconnected
             key = ClusterKey.from_env()
             if key is not None:

@@ -359,7 +359,7 @@ def create_app(spec: RouterLaunchSpec) -> FastAPI:
             return Response(status_code=499)
         headers = _prefill_headers(head)
         if req.stream:
-            return StreamingResponse(run.sse(head), media_type="text/event-stream", headers=headers)
+            return _StreamResponse(run, head, headers)
         response = await run.collect(head, request)
         response.headers.update(headers)
         return response
@@ -489,6 +489,25 @@ class _Choice:
         return reason
 
 
+class _StreamResponse(StreamingResponse):
+    """A streamed answer whose request always ends, however the connection does. Starlette
+    never starts the body when the client is gone before the first send (its `finally`
+    would never run: the request's work would go on and its admission slot stay taken),
+    and leaves a body that a failed send interrupted suspended until garbage collection.
+    So the body is closed here and the request ended (a no-op when the body did it)."""
+
+    def __init__(self, run: _Run, head: Delta, headers: dict[str, str]):
+        super().__init__(run.sse(head), media_type="text/event-stream", headers=headers)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self.run._finish(499)
+
+
 class _Run:
     """One admitted request: its choices' deltas, counted into usage and metrics."""
 
@@ -606,6 +625,8 @@ class _Run:
         return entries if self.params.logprobs is not None and entries else None
 
     async def sse(self, head: Delta) -> AsyncIterator[bytes]:
+        """The SSE body. Its own `finally` ends the request (_finish) once it has started;
+        _StreamResponse makes sure of it when the client is gone before that."""
         status = 500
         offsets = [0] * self.n
         try:

@@ -72,6 +72,9 @@ class NodeClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RCVHWM, 0)  # as the node's SNDHWM: updates wait, none is dropped
+        # Nor an abort or a KV release to a node slow to read (a NOBLOCK send past the mark
+        # fails, and _send_quietly would drop it): the work would run on, the KV stay held.
+        sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._key is not None:

@@ -294,3 +294,58 @@ def test_a_response_that_cannot_be_built_is_one_500_counted_once(chat_model, mon
         counted = [line for line in http.get("/metrics").text.splitlines()
                    if line.startswith('pdcluster_requests_total{endpoint="chat",status="500"}')]
         assert counted == ['pdcluster_requests_total{endpoint="chat",status="500"} 1.0']
+
+
+class ClosableCluster(ScriptedCluster):
+    """Counts the streams closed: what stops a request's work on its nodes."""
+
+    closed = 0
+
+    async def _deltas(self, prompt_tokens: int):
+        try:
+            async for d in super()._deltas(prompt_tokens):
+                yield d
+        finally:
+            self.closed += 1
+
+
+@pytest.mark.parametrize("spec_version, gone", [("2.4", "first send fails"), ("2.3", "before the response"),
+                                                ("2.3", "after the first byte")])
+def test_a_stream_whose_client_is_gone_still_ends_its_request(chat_model, spec_version, gone):
+    """Starlette never starts a streamed body when the client is gone before it would (a
+    send that fails, ASGI 2.4; a disconnect already waiting, 2.3 as uvicorn speaks): the
+    body's `finally` must not be the only way a request ends (its work would run on and
+    its admission slot stay taken)."""
+    import asyncio
+
+    cluster = ClosableCluster(["a", "b", "c"])
+    with router(chat_model, cluster) as (_, http, _):
+        app, state = http.app, http.app.state.router
+
+        async def gone_client() -> None:
+            body = json.dumps({"model": "tiny-chat", "prompt": "Hi", "stream": True}).encode()
+            requests = [{"type": "http.request", "body": body, "more_body": False}]
+            answered = asyncio.Event()
+
+            async def receive():
+                if requests:
+                    return requests.pop(0)
+                if gone == "after the first byte":
+                    await answered.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                answered.set()
+                if gone == "first send fails":
+                    raise OSError("connection reset by peer")
+
+            scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+                     "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                     "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+                     "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")]}
+            with contextlib.suppress(Exception):
+                await app(scope, receive, send)
+
+        http.portal.call(gone_client)
+        assert state.in_flight == 0 and cluster.closed == 1
+        assert http.post("/v1/completions", json={"model": "tiny-chat", "prompt": "Hi"}).status_code == 200
