@@ -18,6 +18,7 @@ import difflib
 import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -530,15 +531,18 @@ class ClusterConfig(_Section):
                 return f"{' and '.join(names)} share {device}"
         return None
 
-    def node_spec(self, role: Role, index: int, num_gpus: int | None = None) -> NodeSpec:
+    def node_spec(self, role: Role, index: int, num_gpus: int | None = None, busy: Sequence[str] = ()) -> NodeSpec:
         """A node added while serving (`pdcluster scale`): the role's settings, free ports,
-        and its device by index (`devices` cycled; `auto`: GPUs round-robin)."""
+        and its device by index (`devices` cycled). `auto`: the GPU that the fewest of the
+        running nodes (their devices: `busy`) use, the lowest on a tie; round-robin by index
+        when `busy` is not known."""
         settings = dict(self.roles())[role]
         engine = self.role_engine(settings)
         device = settings.devices[index % len(settings.devices)]
         if device == "auto":
             num_gpus = _visible_gpu_count() if num_gpus is None else num_gpus
-            device = f"cuda:{index % num_gpus}" if num_gpus else "cpu"
+            gpu = min(range(num_gpus), key=lambda g: (list(busy).count(f"cuda:{g}"), g)) if busy and num_gpus else index
+            device = f"cuda:{gpu % num_gpus}" if num_gpus else "cpu"
         return NodeSpec(role, index, device, engine, shares_kv=role == "both" and self.colocated_share_kv)
 
     def with_topology(self, prefill: int = 0, decode: int = 0, colocated: int = 0) -> ClusterConfig:

@@ -97,6 +97,7 @@ class Child:
     argv: list[str]
     log_path: Path
     address: str = ""                       # a node's ZeroMQ endpoint; the router's URL
+    device: str = ""                        # a node's: cpu, cuda:N
     proc: subprocess.Popen | None = None
     restarts: deque[float] = field(default_factory=deque)  # monotonic times of restarts
     restarting: bool = False                # restarted and not yet seen healthy
@@ -399,7 +400,7 @@ class LocalCluster:
             cpu_threads=self._cpu_threads if s.device == "cpu" else 0)
         argv = [sys.executable, *_NODE_MODULES[s.role], "--spec", msgspec.json.encode(spec).decode()]
         return Child(s.name, s.role, argv, self.run_dir / f"{s.name}.log", address=f"tcp://{LOCALHOST}:{port}",
-                     secrets=self._node_secrets)
+                     device=s.device, secrets=self._node_secrets)
 
     def _spawn_all(self) -> None:
         """Nodes first (their pids go into the router's spec for /cluster), then the router."""
@@ -427,7 +428,7 @@ class LocalCluster:
             self._retired.append((node, time.monotonic() + STOP_GRACE_S))
         for role in changes.start[:MAX_STARTS_PER_TICK]:  # the rest at the next ticks
             index = membership.next_index(role, self._names_used)
-            spec = self.config.node_spec(role, index)
+            spec = self.config.node_spec(role, index, busy=[n.device for n in self.nodes])
             port, kv_port = _free_ports(2)
             node = self._node_child(spec, port, kv_port if spec.kv_role is not None else 0)
             self._names_used.add(node.name)

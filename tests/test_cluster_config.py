@@ -195,6 +195,15 @@ def test_nodes_sharing_a_gpu_split_its_kv_memory_unless_told_otherwise(tmp_path)
         shared("prefill: {devices: [cuda:0], engine: {memory_fraction: 0.84}}\ndecode: {devices: [cuda:0]}")
 
 
+def test_a_node_added_while_serving_takes_the_least_used_gpu():
+    config = ClusterConfig.model_validate({"prefill": {"devices": ["auto"]}, "decode": {"devices": ["auto"]}})
+    running = [s.device for s in config.node_specs(num_gpus=3)]  # cuda:0, cuda:1
+    assert config.node_spec("decode", 1, num_gpus=3, busy=running).device == "cuda:2"
+    assert config.node_spec("decode", 2, num_gpus=3, busy=running + ["cuda:2"]).device == "cuda:0"
+    assert config.node_spec("decode", 1, num_gpus=0, busy=running).device == "cpu"
+    assert config.node_spec("decode", 3, num_gpus=2).device == "cuda:1"  # nothing known: by index
+
+
 def test_with_topology_reuses_the_device_pool_round_robin():
     config = ClusterConfig.model_validate({"prefill": {"devices": ["cuda:0"], "engine": {"max_num_seqs": 8}},
                                            "decode": {"devices": ["cuda:1"]}, "router": {"port": 9100}})
