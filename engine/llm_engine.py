@@ -548,6 +548,11 @@ class LLMEngine:
                 self._stopping.append(req)
                 return None
             if update.stop_str is not None:
+                if self._continues_elsewhere(req, finish):
+                    # It ended at its length and lent its KV (finish_request ran first), but
+                    # its text stops it: no decode job comes, so the KV goes back now, not
+                    # after abort_timeout_s.
+                    self.release_lent_kv(req.request_id)
                 finish = ("stop", update.stop_str)
                 req.stop_reason = update.stop_str
                 req.status = RequestStatus.FINISHED_STOPPED

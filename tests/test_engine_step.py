@@ -330,3 +330,42 @@ def test_a_refused_duplicate_request_id_leaves_the_live_request_s_grammar_alone(
         assert "dup" not in eng.structured.states
     finally:
         eng.abort_request("dup")
+
+
+def test_a_prefill_whose_first_token_completes_a_stop_string_lends_no_kv():
+    """A prefill job (max_tokens=1, lending its KV) whose one token also completes a stop
+    string ends with "stop": the router sends no decode job and releases nothing, so the
+    KV must not stay lent until abort_timeout_s."""
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from engine.llm_engine import LLMEngine
+    from kv_connector.config import KVTransferConfig
+
+    engine = LLMEngine(EngineConfig(model="builtin:tiny", device="cpu", dtype="float32",
+                                    cache=CacheConfig(block_size=4, num_blocks=64),
+                                    scheduler=SchedulerConfig(max_num_seqs=4),
+                                    kv_transfer=KVTransferConfig(kv_connector="tcp", kv_role="kv_producer")))
+    try:
+        prompt, lend = list(range(100, 122)), {"do_remote_decode": True}
+
+        def prefill(rid: str, stop: list[str] | None):
+            engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, stop=stop),
+                               kv_transfer_params=dict(lend))
+            while engine.has_unfinished_requests:
+                done = [o for o in engine.step() if o.finished]
+                if done:
+                    return done[0].outputs[0]
+
+        first = prefill("plain", None)
+        assert first.finish_reason == "length" and engine.connector.stats()["requests_held"] == 1
+        engine.release_lent_kv("plain")
+        engine.step()
+        assert engine.pool.num_free == engine.pool.num_blocks
+        text = engine.tokenizer.decode(first.token_ids)
+        assert text.strip()
+        stopped = prefill("stopped", [text.strip()[0]])
+        assert stopped.finish_reason == "stop" and stopped.token_ids == first.token_ids
+        engine.step()  # blocks released by the connector come back at the next poll
+        assert engine.connector.stats()["requests_held"] == 0
+        assert engine.pool.num_free == engine.pool.num_blocks and not engine.scheduler._lent
+    finally:
+        engine.close()
