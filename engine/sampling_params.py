@@ -62,6 +62,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     max_tokens: int | None = 16         # None: until the context is full
+    # May exceed max_tokens: the request then ends at max_tokens, with eos, stop ids and stop
+    # strings ignored throughout. That is how the router's prefill job (max_tokens 1) carries
+    # a split request's min_tokens; clients are refused the combination (router/protocol.py).
     min_tokens: int = 0
     stop: str | list[str] | None = None           # stored as list[str]
     stop_token_ids: list[int] | None = None       # stored as list[int]
@@ -123,9 +126,6 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= MAX_COUNT:
             raise ValueError(f"min_tokens={self.min_tokens}: must be between 0 and {MAX_COUNT}")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} is more than max_tokens={self.max_tokens}: "
-                             "lower min_tokens or raise max_tokens")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:

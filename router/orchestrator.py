@@ -205,8 +205,10 @@ class Orchestrator:
         `fork_of`: the requests on the prefill and the decode node whose blocks it shares.
         `failover(stage)` counts a failover. `tried`: prefill nodes that refused this request
         already."""
-        # The prefill node samples the first token only (min_tokens still bans eos there).
-        first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+        # The prefill node samples the first token only. min_tokens goes along whole: it bans
+        # eos there, and a stop string the first token completes must not end the request
+        # before min_tokens, as it would not on one node.
+        first_params = dataclasses.replace(params, max_tokens=1)
         first: proto.RequestUpdate | None = None
         streamed_kv, decode_q = None, None
         try:

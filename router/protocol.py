@@ -258,9 +258,13 @@ class _SamplingRequest(_Body):
         fields = {name: value for name, value in (defaults or {}).items() if name in _SAMPLING_FIELDS}
         fields.update((name, getattr(self, name)) for name in _SAMPLING_FIELDS if getattr(self, name) is not None)
         try:
-            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+            params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
         except ValueError as exc:  # its messages name the field and the rule
             raise RequestError(str(exc)) from None
+        if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+            raise RequestError(f"min_tokens={params.min_tokens} is more than max_tokens={params.max_tokens}: "
+                               "lower min_tokens or raise max_tokens")
+        return params
 
 
 def _default_max_tokens(context_room: int, defaults: Mapping[str, Any] | None) -> int:

@@ -100,13 +100,25 @@ def test_completions_equal_the_offline_engine(client, offline, kind):
 
 
 def test_min_tokens_holds_across_the_split(client, offline):
-    """The prefill node samples one token (min_tokens 1 there), the decode node the rest."""
+    """The prefill node samples one token, the decode node the rest: min_tokens bans eos on
+    both, and a stop string the first token completes does not end the request early."""
     params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=6)
     want = offline.generate(PROMPTS, params)
     for p, w in zip(PROMPTS, want):
         got = client.completions.create(model="builtin:tiny", prompt=p, max_tokens=8, temperature=0.0,
                                         extra_body={"min_tokens": 6})
         assert got.choices[0].text == w.outputs[0].text and got.usage.completion_tokens >= 6
+    tok = offline.engine.tokenizer
+    stops = [tok.decode(w.outputs[0].token_ids[:1]) for w in want]
+    assert any(stops), "no prompt's first token has text to stop at"
+    for p, stop in zip(PROMPTS, stops):
+        if not stop:
+            continue
+        w = offline.generate([p], SamplingParams(temperature=0.0, max_tokens=8, min_tokens=6, stop=[stop]))[0]
+        got = client.completions.create(model="builtin:tiny", prompt=p, max_tokens=8, temperature=0.0, stop=[stop],
+                                        extra_body={"min_tokens": 6})
+        assert (got.choices[0].text, got.choices[0].finish_reason) == (w.outputs[0].text, w.outputs[0].finish_reason)
+        assert got.usage.completion_tokens >= 6
 
 
 def test_token_id_prompt_and_usage(client, offline):
