@@ -133,6 +133,9 @@ class SamplingParams:
                                  "(0 returns only the sampled token's logprob), or None")
         if any(not s for s in self.stop):
             raise ValueError("stop contains an empty string: remove it (it would end every request at once)")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need the text: drop detokenize=false, or stop on token ids "
+                             "(stop_token_ids) instead")
         if any(not w.strip() for w in self.bad_words):
             raise ValueError("bad_words contains an empty or whitespace-only word: remove it")
 

@@ -76,6 +76,7 @@ def test_n_above_one_is_rejected():
     ({"logprobs": MAX_LOGPROBS + 1}, rf"logprobs={MAX_LOGPROBS + 1}: must be between 0 and {MAX_LOGPROBS}"),
     ({"seed": 1.5}, r"seed=1.5: must be an integer"),
     ({"stop": ["ok", ""]}, r"stop contains an empty string"),
+    ({"stop": ["ok"], "detokenize": False}, r"stop strings need the text: drop detokenize=false"),
     ({"stop_token_ids": [-1]}, r"stop_token_ids=\[-1\]: must be a list of token ids"),
     ({"stop_token_ids": [5, 2**64]}, r"stop_token_ids=\[5, 18446744073709551616\]: must be a list of token ids "
                                      r"\(integers from 0 to 2147483647\)"),
