@@ -223,8 +223,8 @@ def apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tenso
             n_prefix = len(word) - 1
             if n_prefix > len(output):
                 continue
-            if n_prefix == 0 or list(output[-n_prefix:]) == word[:-1]:
-                ban_rows.append(i)
+            if word[-1] < vocab and (n_prefix == 0 or list(output[-n_prefix:]) == word[:-1]):
+                ban_rows.append(i)  # not past the vocabulary: its flat index would be the next row's
                 ban_tokens.append(word[-1])
         if row.num_output_tokens < params.min_tokens:  # the step, not the list: it lags in a run-ahead step
             for t in set(params.stop_token_ids) | params.eos_token_ids:

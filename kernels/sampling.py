@@ -119,7 +119,10 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+# Not specialized on the sizes: Triton compiles a variant per class of each int argument
+# (== 1, divisible by 16, other), so a batch of one sampled row, or of 16, would each compile
+# (~0.75 s on an H200) in a serving step, not in kernel_verified's check.
+@triton.jit(do_not_specialize=["R", "V", "stride"])
 def _race_kernel(x_ptr, parts_ptr, out_ptr, R, V, stride, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride
@@ -173,6 +176,8 @@ _verified: dict[torch.device, bool] = {}
 def kernel_verified(device: torch.device | str) -> bool:
     """Whether the kernel draws the reference's tokens on `device` (checked once)."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" (device: auto) is the tensors' "cuda:N"
+        device = torch.device("cuda", torch.cuda.current_device())
     ok = _verified.get(device)
     if ok is None:
         x = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3

@@ -80,3 +80,16 @@ def test_a_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
     monkeypatch.setattr(sampling, "exponential_race_triton", lambda x, seeds, steps: torch.zeros(len(seeds)).long())
     assert not sampling.kernel_verified("cpu")
     assert "sampling with the torch reference" in caplog.text
+
+
+def test_a_device_named_without_its_index_is_checked_once(monkeypatch, caplog):
+    # An engine with device auto holds torch.device("cuda") and checks the kernel under it;
+    # the logits it samples are on "cuda:0": that must not check (and sync) again mid-serving.
+    import kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_verified", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    sampling.kernel_verified("cuda")       # fails on a machine without CUDA: still checked once
+    sampling.kernel_verified("cuda:0")
+    assert list(sampling._verified) == [torch.device("cuda", 0)]
+    assert caplog.text.count("sampling with the torch reference") <= 1

@@ -169,14 +169,24 @@ def test_sampling_queues_its_work_without_waiting_for_the_device():
     rows = [row(p, seed=i, output=[5, 6]) for i, p in enumerate(params)]
     logits = torch.randn(len(rows), 4096, device="cuda")
     sampler = Sampler(len(rows), "cuda")
-    sampler.sample(logits, rows).resolve()  # warm: the first pinned blocks are allocated
+    mask = torch.full((2, 128), -1, dtype=torch.int32, device="cuda")
+
+    def step():
+        pending = sampler.sample(logits, rows)
+        apply_token_bitmask(logits, mask, [1, 3])
+        return pending
+
+    # Warm, as a serving loop is: a kernel's first launch loads its module and a new pinned
+    # staging block is allocated, and either may synchronize; a steady step does neither.
+    for _ in range(3):
+        torch.cuda._sleep(20_000_000)
+        step().resolve()
     torch.cuda._sleep(2_000_000_000)  # a kernel that spins for about a second
     busy = torch.cuda.Event()
     busy.record()
     torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises where it is made
     try:
-        pending = sampler.sample(logits, rows)
-        apply_token_bitmask(logits, torch.full((2, 128), -1, dtype=torch.int32, device="cuda"), [1, 3])
+        pending = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not busy.query(), "sampling waited for the kernels queued before it"
@@ -269,6 +279,14 @@ def test_bad_words_ban_the_completing_token_only_after_its_prefix():
             row(params, output=[0, 1, 2])]           # "1 2" ends the output: ban 3
     out = apply_bans(torch.zeros(5, 10), rows)
     assert banned(out) == [[5], [5, 8], [5], [5], [3, 5]]
+
+
+def test_a_bad_word_ending_outside_the_vocabulary_bans_nothing_in_any_row():
+    # A tokenizer with ids past the model's vocabulary (added tokens) can end a bad word on
+    # an id the model cannot produce: nothing to ban, and never a token of the next row.
+    params = with_bad_words([[12]])
+    out = apply_bans(torch.zeros(3, 10), [row(), row(params), row()])
+    assert banned(out) == [[], [], []]
 
 
 def test_min_tokens_bans_eos_and_stop_ids_until_reached():
