@@ -4,9 +4,11 @@ builtin:tiny on threads of this process, reached through the router's own NodeCl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import zmq.asyncio
@@ -63,15 +65,23 @@ def split_nodes():
                         (DecodeNodeServer, "decode-0", "decode", "kv_consumer"))
 
 
-async def _connected(ctx, servers) -> list[NodeClient]:
+@contextlib.asynccontextmanager
+async def connected(servers) -> AsyncIterator[list[NodeClient]]:
+    """The router's clients of `servers`, healthy; closed (and their context) at the end."""
+    ctx = zmq.asyncio.Context()
     nodes = [NodeClient(NodeAddress(s.node_id, s.role, s.address), ctx) for s in servers]
-    for n in nodes:
-        n.connect()
-    deadline = time.monotonic() + 30
-    while not all(n.healthy for n in nodes):
-        assert time.monotonic() < deadline, "the nodes did not answer"
-        await asyncio.gather(*(n.check_health() for n in nodes))
-    return nodes
+    try:
+        for n in nodes:
+            n.connect()
+        deadline = time.monotonic() + 30
+        while not all(n.healthy for n in nodes):
+            assert time.monotonic() < deadline, "the nodes did not answer"
+            await asyncio.gather(*(n.check_health() for n in nodes))
+        yield nodes
+    finally:
+        for n in nodes:
+            await n.close()
+        ctx.term()
 
 
 async def _drain(stream) -> list[int]:
@@ -88,12 +98,10 @@ def test_n_choices_leave_the_next_request_its_turn(both_nodes):
     """Round robin over two nodes with n=2 requests: the forks follow choice 0 and take
     no turn of their own, so consecutive requests still alternate between the nodes."""
     async def main():
-        ctx = zmq.asyncio.Context()
-        nodes = await _connected(ctx, both_nodes)
-        placed: list[str] = []
-        orch = Orchestrator(nodes, RoutingPolicy("round_robin", 16), disaggregation=DisaggregationRule(),
-                            on_prefill_decision=lambda plan: placed.append(plan.decode.id))
-        try:
+        async with connected(both_nodes) as nodes:
+            placed: list[str] = []
+            orch = Orchestrator(nodes, RoutingPolicy("round_robin", 16), disaggregation=DisaggregationRule(),
+                                on_prefill_decision=lambda plan: placed.append(plan.decode.id))
             params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
             for r in range(4):
                 group = ForkGroup(f"req{r}")
@@ -103,10 +111,6 @@ def test_n_choices_leave_the_next_request_its_turn(both_nodes):
                 assert all(len(t) == 2 for t in outs)
             assert placed == ["both-0", "both-1", "both-0", "both-1"], placed
             assert all(n.in_flight == 0 for n in nodes)
-        finally:
-            for n in nodes:
-                await n.close()
-            ctx.term()
 
     asyncio.run(main())
 
@@ -118,11 +122,9 @@ def test_a_client_gone_as_its_prefill_answers_leaves_no_kv_lent(split_nodes):
     prefill_server = split_nodes[0]
 
     async def main():
-        ctx = zmq.asyncio.Context()
-        nodes = await _connected(ctx, split_nodes)
-        prefill = nodes[0]
-        orch = Orchestrator(nodes, RoutingPolicy("round_robin", 16), dispatch_to_both=False)
-        try:
+        async with connected(split_nodes) as nodes:
+            prefill = nodes[0]
+            orch = Orchestrator(nodes, RoutingPolicy("round_robin", 16), dispatch_to_both=False)
             params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
             task = asyncio.create_task(_drain(orch.generate("gone", list(range(5, 70)), params)))
             deadline = time.monotonic() + 60
@@ -141,9 +143,5 @@ def test_a_client_gone_as_its_prefill_answers_leaves_no_kv_lent(split_nodes):
             assert held() == 0, "the lent KV is held for a consumer that will never come"
             assert nodes[1].aborts_sent == 0, "the task read the answer first: the race was not hit"
             assert all(n.in_flight == 0 for n in nodes)
-        finally:
-            for n in nodes:
-                await n.close()
-            ctx.term()
 
     asyncio.run(main())
