@@ -23,8 +23,8 @@ Modes (cluster.yaml `router.disaggregation.mode`):
 * `never` — one node serves each request whole (the default with only `both` nodes).
 
 Pools. Decode candidates: decode nodes, plus `both` nodes when they share KV (a mode
-other than `never` set in the file), when the mode is `never`, or when there are no
-decode nodes. Prefill candidates: prefill nodes, plus sharing `both` nodes, never the
+other than `never` set in the file), when the mode is `never`, or when no decode node is
+up. Prefill candidates: prefill nodes, plus sharing `both` nodes, never the
 decode node itself. Draining nodes are in neither.
 
 Picks. With decode nodes the decode node is the policy's decode pick (least loaded, or in
@@ -150,7 +150,10 @@ class DisaggregationPlanner:
         decode_nodes = [n for n in active if n.role == "decode"]
         both = [n for n in active if n.role == "both"]
         mode = rule.mode or ("always" if prefill_nodes else "never")
-        decode_pool = decode_nodes + (both if rule.colocated_share_kv or mode == "never" or not decode_nodes else [])
+        # `both` nodes decode too where no decode node is up (e.g. while a scale from colocated
+        # to 1P1D waits for the new nodes: router/membership.py keeps the old one until then).
+        decode_pool = decode_nodes + (both if rule.colocated_share_kv or mode == "never"
+                                      or not any(n.healthy for n in decode_nodes) else [])
         prefill_pool = prefill_nodes + (both if rule.colocated_share_kv else [])
 
         if max_tokens == 1 and mode != "never" and any(n.healthy for n in prefill_nodes):

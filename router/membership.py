@@ -21,6 +21,10 @@ A node's life here:
   which should be none), and the launcher stops it. A leaving node that is down (the
   health loop declared it so, or it never came up) cannot drain: it departs at once, `why`
   "down while draining" (a hung node would otherwise stay draining for ever).
+* Make before break: a scale-in that would leave no serving path (1P1D -> colocated=1:
+  the prefill and decode nodes are the only path until the new node serves) drains its
+  nodes only once their replacements serve; meanwhile the view lists them under
+  `leaving_once_replaced`.
 
 `pdcluster scale --url URL prefill=N decode=M` is `POST /cluster/scale`. These routes take
 the router's API key when one is set.
@@ -89,6 +93,9 @@ class Membership:
         self._joined_at_runtime: set[str] = set()   # registered after start: their joins are counted
         self.supervisor_seen = 0.0
         self._drain_task: asyncio.Task | None = None
+        # Nodes a scale-in picked that serve the only path left: they drain once their
+        # replacements serve (scale() and _drain_loop).
+        self._replaced: list[NodeClient] = []
         self._idle_since: dict[str, float] = {}     # draining node id -> when it was first seen idle
         r = router.metrics.registry
         self.changes = Counter("pdcluster_membership_changes", "Nodes that joined, started draining, "
@@ -121,6 +128,7 @@ class Membership:
                        "state": self.state(n), "in_flight": n.in_flight, "placement": self.placement.get(n.id, {})}
                       for n in self.nodes],
             "departed": list(self.departed),
+            "leaving_once_replaced": [n.id for n in self._replaced],
         }
 
     @property
@@ -154,10 +162,15 @@ class Membership:
             raise MembershipError("no launcher is attached to this router to start or stop nodes (start the "
                                   "cluster with `pdcluster up`, which supervises it)", 409)
         self.target = want
-        for role in ROLES:
-            surplus = len(self.members(role)) - want[role]
-            for node in self._leavers(role, surplus):
+        leavers = [n for role in ROLES for n in self._leavers(role, len(self.members(role)) - want[role])]
+        if self._serves_without(leavers):
+            self._replaced = []
+            for node in leavers:
                 self.start_draining(node)
+        else:  # make before break: e.g. 1P1D -> colocated=1 would drain every path first
+            self._replaced = leavers
+            log.info("scale: %s keep serving until the nodes replacing them serve",
+                     ", ".join(n.id for n in leavers))
         self.scale_requests.inc()
         log.info("scale: target prefill=%d decode=%d colocated=%d", p, d, c)
         self._ensure_drain_task()
@@ -170,6 +183,13 @@ class Membership:
         def cost(n: NodeClient) -> tuple:
             return (self.state(n) != "joining", n.in_flight, -_index(n.id))
         return sorted(self.members(role), key=cost)[:k]
+
+    def _serves_without(self, leaving: list[NodeClient]) -> bool:
+        """Whether the nodes that stay serve every request: a healthy, serving `both` node,
+        or a healthy, serving prefill node and decode node."""
+        roles = {n.role for n in self.nodes
+                 if n not in leaving and not n.leaving and n.healthy and self.state(n) == "serving"}
+        return "both" in roles or {"prefill", "decode"} <= roles
 
     def start_draining(self, node: NodeClient) -> None:
         node.leaving = True
@@ -238,7 +258,12 @@ class Membership:
             self._drain_task = asyncio.get_running_loop().create_task(self._drain_loop())
 
     async def _drain_loop(self) -> None:
-        while any(n.leaving for n in self.nodes):
+        while any(n.leaving for n in self.nodes) or self._replaced:
+            if self._replaced and self._serves_without(self._replaced):
+                replaced, self._replaced = self._replaced, []
+                for node in replaced:
+                    if node in self.nodes:
+                        self.start_draining(node)
             for node in [n for n in self.nodes if n.leaving]:
                 try:
                     why = await self._drained(node)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from unittest import mock
 
 import httpx
 import pytest
@@ -116,3 +117,31 @@ def test_a_frozen_node_scaled_away_departs_once_the_router_declares_it_down(supe
     finally:
         if _alive(new["pid"]):
             os.kill(new["pid"], signal.SIGKILL)
+
+
+def test_switching_between_split_and_colocated_under_load_loses_nothing(supervised):
+    """1P1D -> one colocated node -> 1P1D under a steady stream: the nodes that leave are
+    the only serving path until their replacements serve, so they drain only then (make
+    before break), and no request fails or changes its tokens on the way."""
+    import openai
+
+    from cluster.scale import run_scale
+    from tests.scaling import GREEDY, PROMPTS, SteadyLoad
+
+    url = supervised.url
+    client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    want = {p: client.completions.create(model="builtin:tiny", prompt=p, **GREEDY).choices[0].text for p in PROMPTS}
+    load = SteadyLoad(url, API_KEY, want)
+    try:
+        with mock.patch.dict(os.environ, {"PDCLUSTER_API_KEY": API_KEY}):
+            assert run_scale(url, ["prefill=0", "decode=0", "colocated=1"], timeout_s=180) == 0
+            wait_until(lambda: sorted(n.role for n in supervised.nodes) == ["both"], 40,
+                       "the launcher to stop the nodes that left")
+            done_colocated = load.done
+            wait_until(lambda: load.done >= done_colocated + 4, 60, "requests served by the colocated node")
+            assert run_scale(url, ["prefill=1", "decode=1", "colocated=0"], timeout_s=180) == 0
+    finally:
+        load.stop()
+    assert not load.errors, load.errors[:5]
+    wait_until(lambda: sorted(n.role for n in supervised.nodes) == ["decode", "prefill"], 40,
+               "the launcher to stop the colocated node")
