@@ -428,6 +428,16 @@ class ClusterConfig(_Section):
         mode other than `never` given in the file. The default keeps colocated nodes whole."""
         return self.router.disaggregation.mode in ("always", "conditional")
 
+    def idle_colocated_nodes(self) -> str | None:
+        """What to say when colocated nodes would get no work: beside prefill and decode
+        nodes with `router.disaggregation.mode` unset (`always`, which sends every request
+        to the prefill/decode pair and keeps colocated nodes whole), they serve nothing."""
+        if self.colocated.replicas and self.prefill.replicas and self.router.disaggregation.mode is None:
+            return (f"colocated: {self.colocated.replicas} node(s) beside prefill and decode nodes serve nothing "
+                    "while router.disaggregation.mode is unset: set it to conditional (they serve, and lend or "
+                    "take prefills when that pays) or always, or set colocated.replicas to 0")
+        return None
+
     @classmethod
     def default(cls) -> ClusterConfig:
         """The embedded default (the shipped cluster.yaml): builtin:tiny in float32, one

@@ -353,6 +353,9 @@ class LocalCluster:
             self.console.print("warning: this libzmq has no CURVE support: the nodes' sockets are not "
                                "authenticated (any local process can send them requests)", markup=False)
         self._node_secrets = secrets
+        idle = cfg.idle_colocated_nodes()
+        if idle:
+            self.console.print(f"warning: {idle}", markup=False)
         shared = cfg.kv_nodes_sharing_a_gpu(specs)
         if shared:
             self.console.print(f"warning: {shared}: NIXL (UCX) moves KV between processes of one GPU at about 0.5 "

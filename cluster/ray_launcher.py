@@ -142,6 +142,9 @@ class RayCluster:
             timeout_s = float(os.environ.get("PDCLUSTER_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S))
         self._start_timeout_s = timeout_s
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        idle = self.config.idle_colocated_nodes()
+        if idle:
+            self.console.print(f"warning: {idle}", markup=False)
         atexit.register(self.stop)
         try:
             for step in (self._connect, lambda: self._start_nodes(timeout_s), self._start_router,

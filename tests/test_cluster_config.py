@@ -204,6 +204,16 @@ def test_a_node_added_while_serving_takes_the_least_used_gpu():
     assert config.node_spec("decode", 3, num_gpus=2).device == "cuda:1"  # nothing known: by index
 
 
+def test_colocated_nodes_that_would_serve_nothing_are_named():
+    def idle(**sections) -> str | None:
+        return ClusterConfig.model_validate(sections).idle_colocated_nodes()
+
+    assert "serve nothing while router.disaggregation.mode is unset" in idle(colocated={"replicas": 1})
+    assert idle(colocated={"replicas": 1}, router={"disaggregation": {"mode": "conditional"}}) is None
+    assert idle(prefill={"replicas": 0}, decode={"replicas": 0}, colocated={"replicas": 2}) is None
+    assert idle() is None
+
+
 def test_with_topology_reuses_the_device_pool_round_robin():
     config = ClusterConfig.model_validate({"prefill": {"devices": ["cuda:0"], "engine": {"max_num_seqs": 8}},
                                            "decode": {"devices": ["cuda:1"]}, "router": {"port": 9100}})
