@@ -293,6 +293,11 @@ _SECTIONS = ("model", "router", "kv_transfer", "engine", "prefill", "decode", "c
              "ray")
 
 
+def section_of(role: str) -> str:
+    """The cluster.yaml section of a node role (`both` nodes are `colocated`)."""
+    return "colocated" if role == "both" else role
+
+
 @dataclass(slots=True, frozen=True)
 class NodeSpec:
     """One serving process to start. `port`/`kv_port` are 0 when the node should pick free
@@ -380,7 +385,7 @@ class ClusterConfig(_Section):
             problems.append(f"nodes_base_port: {self.nodes_base_port}: with backend ray every node picks free ports "
                             "on the machine Ray places it on (several may share one): remove it, or set it to 0")
         for role, settings in self.roles():
-            section = "colocated" if role == "both" else role
+            section = section_of(role)
             if "devices" not in settings.model_fields_set:
                 continue
             gpus = [d for d in settings.devices if d.startswith("cuda")]
@@ -404,7 +409,7 @@ class ClusterConfig(_Section):
         only once its nodes start, or what would make their KV useless to each other."""
         problems, block_sizes = [], {}
         for role, settings in self.roles():
-            where = f"{'colocated' if role == 'both' else role}.engine"
+            where = f"{section_of(role)}.engine"
             engine = self.role_engine(settings)
             if (not engine.enable_chunked_prefill and engine.max_model_len is not None
                     and engine.max_num_batched_tokens < engine.max_model_len):
@@ -483,8 +488,7 @@ class ClusterConfig(_Section):
                 continue
             have = ("torch sees no CUDA GPU here: use cpu (or auto)" if not num_gpus else
                     f"this machine has {num_gpus} GPU{'s' * (num_gpus != 1)} (cuda:0..cuda:{num_gpus - 1})")
-            section = "colocated" if s.role == "both" else s.role
-            problems.append(f"{section}.devices: {s.device} for {s.name}: {have}")
+            problems.append(f"{section_of(s.role)}.devices: {s.device} for {s.name}: {have}")
         return problems
 
     def share_gpus(self, specs: list[NodeSpec]) -> list[NodeSpec]:
@@ -510,7 +514,7 @@ class ClusterConfig(_Section):
             given = sum(s.engine.memory_fraction for s in group if s not in unset)
             names = " and ".join(s.name for s in group)
             if given > 1 + 1e-9 or (unset and given > default - 0.05 * len(unset)):
-                sections = "/".join(sorted({"colocated" if s.role == "both" else s.role for s in group}))
+                sections = "/".join(sorted({section_of(s.role) for s in group}))
                 fractions = " + ".join(f"{s.engine.memory_fraction:g}" for s in group if s not in unset)
                 wrong = (f"their fractions ({fractions}) sum to more than 1" if not unset else
                          f"the fractions set ({fractions}) leave too little of {default:g} for "

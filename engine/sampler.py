@@ -36,8 +36,7 @@ import torch.nn.functional as F
 
 from engine.sampling_params import SamplingParams
 from kernels.host_copy import host_to_device, to_device
-from kernels.sampling import (exponential_noise, exponential_race, hash_to_uniform, kernel_verified,  # noqa: F401
-                              mix32, row_keys, uniform_noise)
+from kernels.sampling import exponential_race, kernel_verified
 
 # --- the sampler ------------------------------------------------------------------------
 

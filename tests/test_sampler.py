@@ -11,8 +11,8 @@ import msgspec
 import pytest
 import torch
 
-from engine.sampler import (Sampler, SamplingRow, apply_bans, apply_penalties, exponential_noise,
-                            hash_to_uniform, mix32, uniform_noise)
+from engine.sampler import Sampler, SamplingRow, apply_bans, apply_penalties
+from kernels.sampling import exponential_noise, hash_to_uniform, mix32, uniform_noise
 from engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -135,7 +135,7 @@ def test_generation_split_between_two_nodes_matches_one_node():
 
 
 def test_noise_is_the_same_in_another_process():
-    code = ("import torch; torch.manual_seed(99); from engine.sampler import uniform_noise; "
+    code = ("import torch; torch.manual_seed(99); from kernels.sampling import uniform_noise; "
             "print(uniform_noise([2**63 + 11, 0], [3, 0], 4096, 'cpu').view(torch.int64).sum().item())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     here = uniform_noise([2**63 + 11, 0], [3, 0], 4096, "cpu").view(torch.int64).sum().item()
