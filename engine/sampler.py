@@ -10,10 +10,11 @@ The pipeline follows vLLM v1's order:
 2. bad words, then min_tokens (eos and stop ids banned until enough tokens exist);
 3. penalties: repetition (HF-style, over prompt + output), frequency and presence
    (over output tokens only);
-4. greedy rows take the argmax; the others: temperature, min_p, top_k, top_p (min_p
-   before top_k/top_p as vLLM v1 does: it only depends on ratios to the best token, so
-   it is the same before or after them, but top_p then sees min_p's renormalised mass),
-   then one draw.
+4. greedy rows take the argmax; the others: temperature, top_k, min_p, top_p, then one
+   draw. vLLM v1 applies min_p before top_k; both keep the tokens above a threshold on the
+   logits (min_p's depends only on ratios to the best token), so either order keeps the
+   same tokens, and top_p, last in both, sees the mass the two left
+   (kernels/sampling_filters.py: min_p and top_p in one kernel on a GPU, no sort).
 
 Reproducible randomness. A seeded request must get the same tokens whatever else shares
 its batch, on any device, and when its generation is split between a prefill node (first
@@ -32,11 +33,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.sampling_params import SamplingParams
 from kernels.host_copy import host_to_device, to_device
 from kernels.sampling import exponential_race, kernel_verified
+from kernels.sampling_filters import apply_min_p_top_p, filter_kernel_verified
 
 # --- the sampler ------------------------------------------------------------------------
 
@@ -90,7 +91,8 @@ class Sampler:
                              if device.type == "cuda" and max_rows > 0 else None)
         self._turn = 0
         if device.type == "cuda":
-            kernel_verified(device)  # the draw's kernel built and checked now, not in a serving step
+            kernel_verified(device)  # the kernels built and checked now, not in a serving step
+            filter_kernel_verified(device)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""
@@ -302,7 +304,7 @@ class _RowSubset:
 
 
 def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p, then the exponential race. (R, V) -> (R,).
+    """Temperature, top_k, min_p, top_p, then the exponential race. (R, V) -> (R,).
     Does not modify `logits`.
 
     Every filter only sets logits to -inf, and only on the rows that use it, so a row's
@@ -312,18 +314,14 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     temperature = to_device([r.params.temperature for r in rows], torch.float32, device)
     x = logits / temperature[:, None]                                                 # (R, V)
 
-    min_p = [(j, r.params.min_p) for j, r in enumerate(rows) if r.params.min_p > 0]
-    if min_p:
-        with _RowSubset(x, [j for j, _ in min_p]) as sub:
-            _mask_min_p(sub, _column([v for _, v in min_p], torch.float32, device))
     top_k = [(j, r.params.top_k) for j, r in enumerate(rows) if 0 < r.params.top_k < vocab]
     if top_k:
         with _RowSubset(x, [j for j, _ in top_k]) as sub:
             _mask_top_k(sub, _column([k for _, k in top_k], torch.int64, device), max(k for _, k in top_k))
-    top_p = [(j, r.params.top_p) for j, r in enumerate(rows) if r.params.top_p < 1.0]
-    if top_p:
-        with _RowSubset(x, [j for j, _ in top_p]) as sub:
-            _mask_top_p(sub, _column([p for _, p in top_p], torch.float32, device))
+    filtered = [j for j, r in enumerate(rows) if r.params.min_p > 0 or r.params.top_p < 1.0]
+    if filtered:
+        apply_min_p_top_p(x, filtered, [rows[j].params.min_p for j in filtered],
+                          [rows[j].params.top_p for j in filtered])
 
     return exponential_race(x, [r.seed for r in rows], [r.num_output_tokens for r in rows])  # (R,)
 
@@ -332,29 +330,7 @@ def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return to_device(values, dtype, device)[:, None]                                 # (M, 1)
 
 
-def _mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
-    """Drop tokens less likely than min_p times the most likely one. In place."""
-    probs = torch.softmax(logits, dim=-1)                                             # (M, V)
-    floor = probs.amax(dim=-1, keepdim=True) * min_p                                  # (M, 1)
-    logits.masked_fill_(probs < floor, float("-inf"))
-
-
 def _mask_top_k(logits: torch.Tensor, k: torch.Tensor, k_max: int) -> None:
     """Keep the k largest logits (and any tied with the k-th). In place."""
     kth = logits.topk(k_max, dim=-1).values.gather(1, k - 1)                         # (K, 1)
     logits.masked_fill_(logits < kth, float("-inf"))
-
-
-def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> None:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays
-    when the tokens strictly ahead of it in sorted order hold less than top_p. The cut is
-    turned into a probability threshold, so tokens tied at the cut all stay and the
-    result never depends on how the sort orders ties. The most likely token always
-    stays, whatever top_p. In place."""
-    probs = torch.softmax(logits, dim=-1)                                             # (M, V)
-    ordered = probs.sort(dim=-1, descending=True).values                              # (M, V)
-    ahead = F.pad(ordered.cumsum(dim=-1)[:, :-1], (1, 0))  # mass strictly ahead; monotone, [:, 0] == 0
-    # >= 1 always: the top token stays even when top_p rounds to 0 in float32.
-    n_keep = (ahead < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)                  # (M, 1)
-    cutoff = ordered.gather(1, n_keep - 1)                                            # (M, 1)
-    logits.masked_fill_(probs < cutoff, float("-inf"))

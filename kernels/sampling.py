@@ -2,19 +2,22 @@
 
 A row that samples takes token argmax_v(probs_v / E_v), E = -log(U), where U for (seed,
 step, token v) is a function of those three integers only (engine/sampler.py says why: a
-seeded request reproduces in any batch, on any device, split across nodes). The torch
-formulation below is the reference and what CPUs run: int64 hashing, bit-identical on CPU
-and CUDA. On a GPU it is some twenty elementwise kernels over (rows, vocab) int64 and
-float64 tensors, 1.2-1.5 ms per decode step at batch 16-64 on an H200 for a 128k vocab,
-a quarter of the step (bench/gpu/sampler_cost.py). `exponential_race` on CUDA tensors
-runs one Triton kernel instead: per row, the softmax's max and sum, then the same hash,
-noise and ratio per token, keeping the running argmax; nothing is written but the token.
+seeded request reproduces in any batch, on any device, split across nodes). Taking logs,
+that is argmax_v(x_v + G_v) with G = -log(E), x the row's logits (softmax's max and sum
+shift every token alike): the Gumbel-max form, which needs no softmax at all. So the draw
+is computed that way, on every device: G in float64 from U and rounded once to float32,
+then x + G in float32, both correctly rounded IEEE operations, so a CPU and a GPU draw the
+same token unless two float64 logs straddle a float32 rounding boundary.
 
-The kernel computes the same function: the hash bit for bit (int64 arithmetic, as the
-reference), U and the log in float64, the ratio in float32. The softmax's sum may differ
-from torch's in its last bits (summation order, exp's rounding), so a token can differ
-only where two tokens' ratios are within a few ulps of each other: across nodes every
-GPU runs this kernel, and CPU and GPU agree but for such near-ties.
+The torch formulation below is the reference and what CPUs run: int64 hashing,
+bit-identical on CPU and CUDA. On a GPU it is some twenty elementwise kernels over (rows,
+vocab) int64 and float64 tensors, 1.2-1.5 ms per decode step at batch 16-64 on an H200
+for a 128k vocab, a quarter of the step (bench/gpu/sampler_cost.py). `exponential_race`
+on CUDA tensors runs one Triton kernel instead, over (row, slice of the vocabulary)
+programs: each hashes its slice, adds the noise and keeps its best token; one argmax over
+the slices' bests picks the row's token (the lowest id among equals, as torch's argmax).
+A program per row instead left most of the GPU idle: 0.25-0.34 ms at batch 1-64
+(bench/results/2026-12-01h-h200).
 
 Before its first use on a device the kernel draws a fixed batch beside the reference
 (`kernel_verified`); if it fails to build or disagrees, that device samples with the
@@ -97,9 +100,14 @@ def exponential_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: in
     return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().to(torch.float32)
 
 
+def gumbel_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """G = -log(-log(U)), Gumbel(0, 1), float32 (R, V): both logs in float64, one rounding."""
+    return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().log_().neg_().to(torch.float32)
+
+
 def exponential_race_ref(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    probs = torch.softmax(x, dim=-1)                                                   # (R, V)
-    return (probs / exponential_noise(seeds, steps, x.shape[1], x.device)).argmax(dim=-1)
+    return (x + gumbel_noise(seeds, steps, x.shape[1], x.device)).argmax(dim=-1)
 
 
 # --- the kernel -----------------------------------------------------------------------------
@@ -123,51 +131,41 @@ def _mix32(x):
 # (== 1, divisible by 16, other), so a batch of one sampled row, or of 16, would each compile
 # (~0.75 s on an H200) in a serving step, not in kernel_verified's check.
 @triton.jit(do_not_specialize=["R", "V", "stride"])
-def _race_kernel(x_ptr, parts_ptr, out_ptr, R, V, stride, BLOCK: tl.constexpr):
+def _race_kernel(x_ptr, parts_ptr, best_ptr, best_at_ptr, R, V, stride, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    base = x_ptr + row.to(tl.int64) * stride
+    piece = tl.program_id(1)
+    slices = tl.num_programs(1)
     lo = tl.load(parts_ptr + row)
     hi = tl.load(parts_ptr + R + row)
     step = tl.load(parts_ptr + 2 * R + row)
     key = _mix32(_mix32(_mix32(step) ^ hi) ^ lo)
-    lanes = tl.arange(0, BLOCK)
-    # The softmax's max, then its sum: probs = exp(x - max) / sum, as torch computes them.
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(0, V, BLOCK):
-        x = tl.load(base + start + lanes, mask=start + lanes < V, other=float("-inf"))
-        m = tl.maximum(m, x)
-    mx = tl.max(m, 0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
-        x = tl.load(base + start + lanes, mask=start + lanes < V, other=float("-inf"))
-        acc += tl.exp(x - mx)
-    total = tl.sum(acc, 0)
-    best = tl.full([BLOCK], -1.0, tl.float32)
-    best_at = tl.zeros([BLOCK], tl.int64)
-    for start in range(0, V, BLOCK):
-        v = (start + lanes).to(tl.int64)
-        x = tl.load(base + v, mask=v < V, other=float("-inf"))
-        p = tl.exp(x - mx) / total
-        h = _mix32(_mix32((v + _TOKEN_SALT) & _MASK32) ^ key)
-        e = (-tl.log((h.to(tl.float64) + 0.5) * (2.0 ** -32))).to(tl.float32)
-        ratio = tl.where(v < V, p / e, -1.0)
-        better = ratio > best  # strict: each lane keeps its first maximum, as argmax does
-        best = tl.where(better, ratio, best)
-        best_at = tl.where(better, v, best_at)
-    top = tl.max(best, 0)
-    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_at, V), 0))
+    v = piece.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride + v, mask=v < V, other=float("-inf"))
+    h = _mix32(_mix32((v + _TOKEN_SALT) & _MASK32) ^ key)
+    u = (h.to(tl.float64) + 0.5) * (2.0 ** -32)
+    score = x + (-tl.log(-tl.log(u))).to(tl.float32)
+    top = tl.max(score, 0)
+    # The slice's first best token (a slice with every token out: its first, as torch's argmax).
+    tl.store(best_ptr + row * slices + piece, top)
+    tl.store(best_at_ptr + row * slices + piece, tl.min(tl.where(score == top, v, V), 0))
+
+
+_SLICE = 2048
 
 
 def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
     r, v = x.shape
-    out = torch.empty(r, dtype=torch.int64, device=x.device)
     if r == 0:
-        return out
+        return torch.empty(0, dtype=torch.int64, device=x.device)
     if x.stride(1) != 1:
         x = x.contiguous()
     parts = to_device(_key_parts(seeds, steps), torch.int64, x.device)               # (3, R)
-    _race_kernel[(r,)](x, parts, out, r, v, x.stride(0), BLOCK=2048, num_warps=8)
-    return out
+    slices = triton.cdiv(v, _SLICE)
+    best = torch.empty(r, slices, dtype=torch.float32, device=x.device)               # (R, S)
+    best_at = torch.empty(r, slices, dtype=torch.int64, device=x.device)              # (R, S)
+    _race_kernel[(r, slices)](x, parts, best, best_at, r, v, x.stride(0), BLOCK=_SLICE, num_warps=4)
+    # argmax takes the first of equal slices: the lowest id, as the reference's argmax.
+    return best_at.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)            # (R,)
 
 
 _verified: dict[torch.device, bool] = {}
@@ -197,8 +195,9 @@ def kernel_verified(device: torch.device | str) -> bool:
 
 
 def exponential_race(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    """The token each row draws: argmax(softmax(x) / E). `x`: float32 (R, V), the row's
-    logits after temperature and filters (-inf where a token is out); -> int64 (R,)."""
+    """The token each row draws: argmax(softmax(x) / E), as argmax(x + G). `x`: float32
+    (R, V), the row's logits after temperature and filters (-inf where a token is out);
+    -> int64 (R,)."""
     if use_triton(x) and kernel_verified(x.device):
         return exponential_race_triton(x, seeds, steps)
     return exponential_race_ref(x, seeds, steps)

@@ -258,6 +258,22 @@ def test_rows_with_different_filters_share_a_batch():
         assert Sampler()(logits, [row(p, seed=seed) for p in params]).token_ids == [0, 0, 0, 0]
 
 
+def test_the_kernels_draw_what_the_reference_draws_for_every_filter():
+    """On a GPU min_p/top_p and the draw are Triton kernels (here under the interpreter)."""
+    from kernels.triton_utils import force_triton
+    logits = torch.randn(12, 300, generator=torch.Generator().manual_seed(7)) * 3
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
+              for t, k, p, m in [(0.8, 0, 0.9, 0.0), (1.0, 20, 0.5, 0.0), (0.7, 0, 1.0, 0.1), (1.3, 50, 0.95, 0.05),
+                                 (1.0, 0, 0.3, 0.0), (0.0, 0, 1.0, 0.0)]] * 2
+    rows = [row(p, seed=i) for i, p in enumerate(params)]
+    want = Sampler()(logits, rows).token_ids
+    if torch.cuda.is_available():
+        assert Sampler()(logits.cuda(), rows).token_ids == want
+    else:
+        with force_triton():
+            assert Sampler()(logits, rows).token_ids == want
+
+
 # --- bans and penalties -----------------------------------------------------------------
 
 def banned(logits: torch.Tensor) -> list[list[int]]:

@@ -3,8 +3,10 @@ top_p, top_k, min_p, logprobs and a penalty, on (batch, vocab) logits of Llama-3
 
     PYTHONPATH=. python bench/gpu/sampler_cost.py [--batch-sizes 16,64] [--vocab 128256]
 
-Median of CUDA-event timings of Sampler.sample (device work, queued and waited for),
-and the top kernels of the costliest rule. Writes $OUT/sampler_cost.json when OUT is set.
+Median of CUDA-event timings of Sampler.sample (device work, queued and waited for:
+where the host is slower than the device, its time shows too), beside the device's busy
+time per call from the profiler (kernels and copies alone), and the top kernels of the
+costliest rules. Writes $OUT/sampler_cost.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ def time_rule(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], r
     return statistics.median(times)
 
 
+def busy_ms(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], calls: int = 5) -> float:
+    """Device time per call: the sum of the kernels' and copies' own times."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            sampler.sample(logits, rows).resolve()
+    total_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                   for e in prof.key_averages())
+    return total_us / 1e3 / calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-sizes", default="16,64")
@@ -60,14 +73,18 @@ def main() -> None:
         for name, kw in RULES.items():
             rows = [SamplingRow(SamplingParams(**kw), i, list(range(1, 200)), list(range(300, 400))) for i in range(bs)]
             ms = time_rule(sampler, logits, rows)
-            result["rows"].append({"batch": bs, "rule": name, "ms": ms})
-            print(f"batch {bs:>3} {name:>12}: {ms:6.3f} ms", flush=True)
-        rows = [SamplingRow(SamplingParams(**RULES["top_p+top_k"]), i, [1], [2]) for i in range(bs)]
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                sampler.sample(logits, rows).resolve()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+            busy = busy_ms(sampler, logits, rows)
+            result["rows"].append({"batch": bs, "rule": name, "ms": ms, "device_busy_ms": busy})
+            print(f"batch {bs:>3} {name:>12}: {ms:6.3f} ms (device busy {busy:6.3f} ms)", flush=True)
+        for name in ("top_p+top_k", "logprobs", "penalty"):
+            rows = [SamplingRow(SamplingParams(**RULES[name]), i, list(range(1, 200)), list(range(300, 400)))
+                    for i in range(bs)]
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    sampler.sample(logits, rows).resolve()
+            print(f"batch {bs} {name}, 5 calls:", flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "sampler_cost.json"), "w") as f:
             json.dump(result, f, indent=1)

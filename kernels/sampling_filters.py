@@ -1,0 +1,266 @@
+"""min_p and top_p: which tokens a sampled row may still draw, without sorting the vocabulary.
+
+The torch reference sorts each row's probabilities to find top_p's cut: on an H200 the sort
+and cumsum over a 128k vocabulary were most of a sampled decode step's extra cost (0.84 ms
+of a 1.45 ms sampler at batch 64, bench/results/2026-12-01g-h200). The cut is a threshold:
+keep the tokens whose probability p is at least the smallest value v with mass(p > v) <
+top_p. That value can be found without ordering anything: mass(p > t) only falls as t
+rises, and non-negative float32 values order like their int32 bit patterns, so a search
+over those patterns lands on it exactly. Each pass tries 16 thresholds spread over the
+patterns still possible and keeps the seventeenth of the range between the last that holds
+too much mass and the first that holds too little: 8 passes from all of [0, 1].
+
+Work is in q = exp(x - max) = p / p_max (the best token has q = 1): min_p keeps q >= min_p,
+as the reference's p < min_p * p_max drops, and top_p's mass is compared with top_p times
+the mass min_p kept (vLLM v1's order: top_p sees min_p's renormalised distribution).
+
+Same function as the reference, so the kept set is the same up to float rounding: the
+kernels' sums add in another order than torch's softmax and cumsum, so a token can differ
+only where the mass ahead of it is within float32 rounding of top_p (a sum over up to the
+whole vocabulary: ~1e-6 of the mass), which moves the cut by a token among tokens that
+hold about that much. Every GPU runs the kernels, so nodes that share a request agree.
+Before their first use on a device they are checked beside the reference on rows whose
+cut is far from any such tie (`filter_kernel_verified`); if they cannot build or
+disagree, that device filters with the reference, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.host_copy import to_device
+from kernels.triton_utils import use_triton
+
+log = logging.getLogger(__name__)
+
+
+# --- the torch reference ------------------------------------------------------------------
+
+def mask_min_p_ref(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Drop tokens less likely than min_p times the most likely one. `min_p`: (M, 1). In place."""
+    probs = torch.softmax(logits, dim=-1)                                             # (M, V)
+    floor = probs.amax(dim=-1, keepdim=True) * min_p                                  # (M, 1)
+    logits.masked_fill_(probs < floor, float("-inf"))
+
+
+def mask_top_p_ref(logits: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays
+    when the tokens strictly ahead of it in sorted order hold less than top_p. The cut is
+    turned into a probability threshold, so tokens tied at the cut all stay and the
+    result never depends on how the sort orders ties. The most likely token always
+    stays, whatever top_p. `top_p`: (M, 1). In place."""
+    probs = torch.softmax(logits, dim=-1)                                             # (M, V)
+    ordered = probs.sort(dim=-1, descending=True).values                              # (M, V)
+    ahead = F.pad(ordered.cumsum(dim=-1)[:, :-1], (1, 0))  # mass strictly ahead; monotone, [:, 0] == 0
+    # >= 1 always: the top token stays even when top_p rounds to 0 in float32.
+    n_keep = (ahead < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)                  # (M, 1)
+    cutoff = ordered.gather(1, n_keep - 1)                                            # (M, 1)
+    logits.masked_fill_(probs < cutoff, float("-inf"))
+
+
+def filter_ref(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]) -> None:
+    """min_p then top_p on rows `rows` of x, in place (min_p 0 / top_p 1: that filter off)."""
+    for values, mask, off in ((min_p, mask_min_p_ref, 0.0), (top_p, mask_top_p_ref, 1.0)):
+        on = [(r, v) for r, v in zip(rows, values) if v != off]
+        if not on:
+            continue
+        idx = to_device([r for r, _ in on], torch.int64, x.device)
+        sub = x[idx]
+        mask(sub, to_device([v for _, v in on], torch.float32, x.device)[:, None])
+        x[idx] = sub
+
+
+# --- the kernel -----------------------------------------------------------------------------
+
+# The kernels work in q = exp(x - max) = p / p_max: min_p keeps q >= min_p, and top_p keeps
+# q >= the least value u with mass(q > u) < top_p * (the mass min_p kept). Each row is cut
+# in slices of the vocabulary, one program each, so a small batch still fills the GPU
+# (a program per row streamed ~30 GB/s and left most SMs idle: 0.44 ms at batch 1); what
+# a row's slices must agree on passes between launches, and every program of a row
+# reduces its row's partials in the same order, so all get the same bits.
+SLICE = 4096          # tokens per program
+SUB = 256             # tokens per step of a counting pass
+CANDIDATES = 16       # thresholds tried per counting pass: (lo, hi] shrinks 17-fold a pass
+PASSES = 8            # 17**8 > 2**30: (-1, bits(1.0)] down to one pattern
+_Q_ONE_BITS = tl.constexpr(0x3F800000)  # bits of 1.0, the best token's q
+
+
+@triton.jit(do_not_specialize=["V", "stride"])
+def _slice_max_kernel(x_ptr, rows_ptr, part_max_ptr, V, stride, SLICE: tl.constexpr):
+    prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    row = tl.load(rows_ptr + prog)
+    v = piece * SLICE + tl.arange(0, SLICE)
+    x = tl.load(x_ptr + row * stride + v, mask=v < V, other=float("-inf"))
+    tl.store(part_max_ptr + prog * slices + piece, tl.max(x, 0))
+
+
+@triton.jit
+def _row_sum(ptr, n, S_POW2: tl.constexpr):
+    """The sum of ptr[:n] in a fixed order: every program of a row gets the same bits."""
+    i = tl.arange(0, S_POW2)
+    return tl.sum(tl.load(ptr + i, mask=i < n, other=0.0), 0)
+
+
+@triton.jit(do_not_specialize=["V", "stride"])
+def _slice_q_kernel(x_ptr, rows_ptr, min_p_ptr, part_max_ptr, q_ptr, part_kept_ptr, V, stride,
+                    SLICE: tl.constexpr, S_POW2: tl.constexpr):
+    """q (or -1 where min_p rules the token out) into q_ptr; each slice's kept mass."""
+    prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    row = tl.load(rows_ptr + prog)
+    i = tl.arange(0, S_POW2)
+    mx = tl.max(tl.load(part_max_ptr + prog * slices + i, mask=i < slices, other=float("-inf")), 0)
+    live = mx > float("-inf")  # a row with no token left: nothing to keep, nothing to filter
+    v = piece * SLICE + tl.arange(0, SLICE)
+    x = tl.load(x_ptr + row * stride + v, mask=v < V, other=float("-inf"))
+    q = tl.exp(x - tl.where(live, mx, 0.0))
+    q = tl.where(q >= tl.load(min_p_ptr + prog), q, -1.0)
+    q = tl.where(live, q, -1.0)
+    tl.store(q_ptr + prog.to(tl.int64) * V + v, q, mask=v < V)
+    tl.store(part_kept_ptr + prog * slices + piece, tl.sum(tl.where(q > 0.0, q, 0.0), 0))
+
+
+@triton.jit
+def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, first,
+             S_POW2: tl.constexpr, K: tl.constexpr):
+    """The row's (lo, hi] after the pass whose partial masses part_mass_ptr holds (state_ptr
+    holds the bracket that pass tried), or the first bracket when `first`; and the mass
+    top_p asks for."""
+    target = tl.load(top_p_ptr + prog) * _row_sum(part_kept_ptr + prog * slices, slices, S_POW2)
+    lo = tl.load(state_ptr + prog * 2)
+    hi = tl.load(state_ptr + prog * 2 + 1)
+    j = tl.arange(0, K)
+    step = (hi - lo + K) // (K + 1)
+    cand = tl.minimum(lo + step * (j + 1), hi)
+    s = tl.arange(0, S_POW2)
+    mass = tl.sum(tl.load(part_mass_ptr + prog * slices * K + s[:, None] * K + j[None, :],
+                          mask=(s < slices)[:, None], other=0.0), 0)                  # (K,)
+    below = mass < target
+    new_hi = tl.min(tl.where(below, cand, hi), 0)
+    new_lo = tl.max(tl.where(below, lo, cand), 0)
+    shrink = (hi - lo > 1).to(tl.int32) * (1 - first) > 0
+    lo = tl.where(shrink, new_lo, lo)
+    hi = tl.where(shrink, new_hi, hi)
+    if first:
+        lo = tl.full([], -1, tl.int32)
+        hi = tl.where(tl.load(top_p_ptr + prog) < 1.0, tl.where(target > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["V", "first"])
+def _count_kernel(q_ptr, top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, mass_out_ptr, state_out_ptr,
+                  V, first, SLICE: tl.constexpr, SUB: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
+    """One counting pass: the row's bracket from the pass before, then this slice's mass
+    above each of K thresholds spread over it."""
+    prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, prog, slices, first, S_POW2, K)
+    if piece == 0:
+        tl.store(state_out_ptr + prog * 2, lo)
+        tl.store(state_out_ptr + prog * 2 + 1, hi)
+    j = tl.arange(0, K)
+    step = (hi - lo + K) // (K + 1)
+    cut = tl.minimum(lo + step * (j + 1), hi).to(tl.float32, bitcast=True)          # (K,)
+    acc = tl.zeros([SUB, K], tl.float32)
+    base = q_ptr + prog.to(tl.int64) * V
+    for start in range(0, SLICE, SUB):
+        v = piece * SLICE + start + tl.arange(0, SUB)
+        q = tl.load(base + v, mask=v < V, other=-1.0)
+        acc += tl.where(q[:, None] > cut[None, :], q[:, None], 0.0)
+    tl.store(mass_out_ptr + (prog * slices + piece) * K + j, tl.sum(acc, 0))
+
+
+@triton.jit(do_not_specialize=["V", "stride"])
+def _mask_kernel(x_ptr, rows_ptr, q_ptr, top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, V, stride,
+                 SLICE: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
+    """The last pass's bracket gives the cut: -inf where q falls below it (or min_p's -1)."""
+    prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, prog, slices, 0, S_POW2, K)
+    row = tl.load(rows_ptr + prog)
+    v = piece * SLICE + tl.arange(0, SLICE)
+    q = tl.load(q_ptr + prog.to(tl.int64) * V + v, mask=v < V, other=0.0)
+    live = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2) > 0.0
+    cut = tl.where(live, hi.to(tl.float32, bitcast=True), float("-inf"))  # a dead row: nothing goes
+    tl.store(x_ptr + row * stride + v, float("-inf"), mask=(v < V) & (q < cut))
+
+
+def filter_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]) -> None:
+    if not rows:
+        return
+    if x.stride(1) != 1:
+        raise ValueError("the filter kernel edits rows in place: they must be contiguous")
+    device, m, vocab = x.device, len(rows), x.shape[1]
+    slices = triton.cdiv(vocab, SLICE)
+    s_pow2 = triton.next_power_of_2(slices)
+    grid = (m, slices)
+    idx = to_device(rows, torch.int64, device)
+    args = to_device([min_p, top_p], torch.float32, device)                           # (2, M)
+    q = torch.empty(m, vocab, dtype=torch.float32, device=device)                     # (M, V)
+    part = torch.empty(2, m, slices, dtype=torch.float32, device=device)              # max, kept mass
+    mass = torch.empty(2, m, slices, CANDIDATES, dtype=torch.float32, device=device)  # by pass parity
+    state = torch.empty(2, m, 2, dtype=torch.int32, device=device)                    # (lo, hi] by parity
+    _slice_max_kernel[grid](x, idx, part[0], vocab, x.stride(0), SLICE=SLICE, num_warps=4)
+    _slice_q_kernel[grid](x, idx, args[0], part[0], q, part[1], vocab, x.stride(0),
+                          SLICE=SLICE, S_POW2=s_pow2, num_warps=4)
+    for k in range(PASSES):
+        _count_kernel[grid](q, args[1], part[1], mass[(k + 1) % 2], state[(k + 1) % 2], mass[k % 2], state[k % 2],
+                            vocab, int(k == 0), SLICE=SLICE, SUB=SUB, S_POW2=s_pow2, K=CANDIDATES, num_warps=4)
+    last = (PASSES - 1) % 2
+    _mask_kernel[grid](x, idx, q, args[1], part[1], mass[last], state[last], vocab, x.stride(0),
+                       SLICE=SLICE, S_POW2=s_pow2, K=CANDIDATES, num_warps=4)
+
+
+_verified: dict[torch.device, bool] = {}
+
+
+def _check_rows() -> tuple[torch.Tensor, list[float], list[float]]:
+    """Rows with min_p and top_p cuts far from any float tie: top_p halfway between two
+    consecutive sorted cumulative masses, min_p's floor halfway between two probabilities."""
+    x = torch.randn(5, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    x[4, 40:] = float("-inf")
+    probs = torch.softmax(x, dim=-1)
+    ordered = probs.sort(dim=-1, descending=True).values.double()
+    cum = ordered.cumsum(dim=-1)
+    top_p = [float((cum[r, k] + cum[r, k + 1]) / 2) for r, k in enumerate((30, 300, 0, 4000, 10))]
+    top_p[3] = 1.0
+    min_p = [0.0, 0.0, 0.0, 0.0, 0.0]
+    min_p[3] = float((ordered[3, 200] + ordered[3, 201]) / 2 / ordered[3, 0])
+    min_p[4] = float((ordered[4, 20] + ordered[4, 21]) / 2 / ordered[4, 0])
+    return x, min_p, top_p
+
+
+def filter_kernel_verified(device: torch.device | str) -> bool:
+    """Whether the kernel keeps the reference's tokens on `device` (checked once)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ok = _verified.get(device)
+    if ok is None:
+        x, min_p, top_p = _check_rows()
+        rows = list(range(x.shape[0]))
+        want = x.clone()
+        filter_ref(want, rows, min_p, top_p)
+        try:
+            got = x.to(device)
+            filter_triton(got, rows, min_p, top_p)
+            ok = torch.equal(got.cpu().isinf(), want.isinf())
+            why = "it kept other tokens than the reference"
+        except Exception as e:  # a Triton or driver that cannot build it
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            log.warning("the min_p/top_p kernel is not used on %s (%s): filtering with the torch reference",
+                        device, why)
+        _verified[device] = ok
+    return ok
+
+
+def apply_min_p_top_p(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]) -> None:
+    """Set to -inf, in place, the tokens that min_p (0: off) and then top_p (1: off) rule out
+    of rows `rows` of x (float32 (R, V): logits after temperature and top_k)."""
+    if use_triton(x) and filter_kernel_verified(x.device):
+        filter_triton(x, rows, min_p, top_p)
+    else:
+        filter_ref(x, rows, min_p, top_p)

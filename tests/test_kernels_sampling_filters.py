@@ -1,0 +1,127 @@
+"""min_p and top_p as one Triton kernel (kernels/sampling_filters.py) against the torch
+reference that sorts: the same tokens kept in every row (under TRITON_INTERPRET=1 on a CPU;
+on a GPU the kernel runs there and the reference on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import sampling_filters
+from kernels.sampling_filters import filter_kernel_verified, filter_ref, filter_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INF = float("-inf")
+
+
+def kept(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float], kernel: bool) -> torch.Tensor:
+    """Which tokens stay finite after the filters: bool (R, V) on the CPU."""
+    x = x.clone().to(DEVICE if kernel else "cpu")
+    (filter_triton if kernel else filter_ref)(x, rows, min_p, top_p)
+    return torch.isfinite(x).cpu()
+
+
+def _logits(rows: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _between_cumulative_masses(x: torch.Tensor, positions: list[int]) -> list[float]:
+    """top_p halfway between the mass of the k+1 and k+2 most likely tokens (k+2 stay: the
+    last one is the token whose mass ahead is still below top_p); a cut no rounding moves."""
+    ordered = torch.softmax(x, dim=-1).double().sort(dim=-1, descending=True).values
+    cum = ordered.cumsum(dim=-1)
+    return [float((cum[r, k] + cum[r, k + 1]) / 2) for r, k in enumerate(positions)]
+
+
+def test_top_p_keeps_the_references_tokens_at_cuts_from_one_token_to_nearly_all():
+    x = _logits(6, 3000, 0)  # not a multiple of the kernel's tile
+    positions = [0, 1, 7, 150, 600, 1500]
+    top_p = _between_cumulative_masses(x, positions)
+    rows = list(range(6))
+    got = kept(x, rows, [0.0] * 6, top_p, kernel=True)
+    assert torch.equal(got, kept(x, rows, [0.0] * 6, top_p, kernel=False))
+    assert got.sum(dim=-1).tolist() == [k + 2 for k in positions]
+
+
+def test_min_p_then_top_p_over_the_mass_min_p_left():
+    x = _logits(4, 2500, 1)
+    ordered = torch.softmax(x, dim=-1).double().sort(dim=-1, descending=True).values
+    # min_p's floor halfway between the 400th and 401st probability: 400 tokens pass it.
+    min_p = [float((ordered[r, 399] + ordered[r, 400]) / 2 / ordered[r, 0]) for r in range(4)]
+    renormalised = ordered[:, :400] / ordered[:, :400].sum(dim=-1, keepdim=True)
+    cum = renormalised.cumsum(dim=-1)
+    top_p = [float((cum[0, 99] + cum[0, 100]) / 2), 1.0, float((cum[2, 9] + cum[2, 10]) / 2), 0.999999]
+    rows = [0, 1, 2, 3]
+    got = kept(x, rows, min_p, top_p, kernel=True)
+    assert torch.equal(got, kept(x, rows, min_p, top_p, kernel=False))
+    assert got.sum(dim=-1).tolist()[:3] == [101, 400, 11]  # top_p over min_p's 400, not the vocab
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")  # the interpreter on the dead row
+def test_only_the_named_rows_change_and_masked_tokens_stay_out():
+    x = _logits(5, 2100, 2)
+    x[1, ::3] = INF                                       # top_k / bans ran before
+    x[3] = INF                                            # a row a grammar left nothing
+    x[4, :] = INF
+    x[4, 2050] = 1.0                                      # one token left, in the last tile
+    rows = [1, 3, 4]
+    top_p = [0.5, 0.5, 0.1]
+    got = kept(x, rows, [0.0, 0.1, 0.0], top_p, kernel=True)
+    assert torch.equal(got, kept(x, rows, [0.0, 0.1, 0.0], top_p, kernel=False))
+    assert got[0].all() and got[2].all()                  # rows not named: untouched
+    assert not got[1, ::3].any() and got[1].any()
+    assert not got[3].any()                               # nothing to keep, nothing broken
+    assert got[4].tolist().count(True) == 1 and got[4, 2050]
+
+
+def test_ties_at_the_cut_all_stay_and_the_best_token_always_does():
+    x = torch.zeros(3, 1000)
+    x[0, :10] = 5.0                                       # ten tied favourites
+    x[1] = torch.linspace(0, 1, 1000)
+    x[2, 17] = 50.0                                       # one token holds ~all the mass
+    rows = [0, 1, 2]
+    top_p = [0.05, 1e-30, 0.5]                            # within the tie; rounds to ~0; below the favourite
+    got = kept(x, rows, [0.0] * 3, top_p, kernel=True)
+    assert torch.equal(got, kept(x, rows, [0.0] * 3, top_p, kernel=False))
+    assert got[0].sum() == 10 and got[1].sum() == 1 and got[1, 999] and got[2].tolist().count(True) == 1
+
+
+def test_a_peaked_row_and_a_flat_one_at_llama3s_vocab():
+    vocab = 128_256 if DEVICE == "cuda" else 20_000  # the interpreter takes ~15 s per row of 128k
+    x = _logits(2, vocab, 3, scale=8.0)
+    x[1] = _logits(1, vocab, 4, scale=0.05)
+    top_p = _between_cumulative_masses(x[:1], [12]) + [0.8]
+    got = kept(x, [0, 1], [0.0, 0.0], top_p, kernel=True)
+    assert torch.equal(got[0], kept(x, [0, 1], [0.0, 0.0], top_p, kernel=False)[0])
+    # A flat row's cut sits among ~100k tokens a few ulps of mass apart, where the
+    # reference's float32 cumsum is itself off by more than that: check what top_p means
+    # instead, in float64: less than top_p is held by the tokens above the least kept
+    # one, at least top_p by them and it.
+    probs = torch.softmax(x[1].double(), dim=-1)
+    least = probs[got[1]].min()
+    assert probs[probs > least].sum() < top_p[1] + 1e-5 and probs[probs >= least].sum() >= top_p[1] - 1e-5
+    assert 0.7 * vocab < got[1].sum() < 0.9 * vocab
+
+
+def test_the_kernel_is_checked_against_the_reference_before_a_device_uses_it():
+    assert filter_kernel_verified(DEVICE)
+
+
+def test_a_kernel_that_disagrees_is_not_used(monkeypatch, caplog):
+    from kernels.triton_utils import force_triton
+    monkeypatch.setattr(sampling_filters, "_verified", {})
+    monkeypatch.setattr(sampling_filters, "filter_triton", lambda x, rows, min_p, top_p: None)
+    assert not filter_kernel_verified(DEVICE)
+    assert "not used" in caplog.text
+    x = _logits(2, 500, 5).to(DEVICE)
+    want = x.clone()
+    filter_ref(want, [0, 1], [0.0, 0.0], [0.5, 0.5])
+    with force_triton(DEVICE == "cpu"):  # on a GPU the kernel path is the default
+        sampling_filters.apply_min_p_top_p(x, [0, 1], [0.0, 0.0], [0.5, 0.5])
+    assert torch.equal(x.isinf(), want.isinf())          # the reference filtered instead
+
+
+def test_rows_must_be_contiguous_for_the_kernel():
+    x = _logits(4, 300, 6).t().contiguous().t()
+    with pytest.raises(ValueError, match="contiguous"):
+        filter_triton(x, [0], [0.0], [0.5])
