@@ -193,6 +193,38 @@ def test_bitmask_op_matches_a_per_token_reference():
     assert torch.equal(logits, want)
 
 
+def test_a_large_batch_advances_its_matchers_from_several_threads_as_one_thread_would(llm, monkeypatch):
+    """xgrammar releases the GIL while it accepts a token: a step's matchers advance from a
+    thread pool (4-5x less host time at batch 64), with the same states and refusals."""
+    from engine.structured_output import backends
+
+    vocab = llm.engine.model_config.vocab_size
+    rids = [f"r{i}" for i in range(16)]
+    so = StructuredOutputsParams(**constrained("xgrammar", json=SCHEMA))
+    threads_seen: set[str] = set()
+    accept = backends._XGrammarMatcher.accept
+    monkeypatch.setattr(backends._XGrammarMatcher, "accept",
+                        lambda self, t: threads_seen.add(threading.current_thread().name) or accept(self, t))
+    managers = []
+    for threads in (1, 4):
+        monkeypatch.setattr(backends, "FILL_THREADS", threads)
+        m = StructuredOutputManager(llm.engine.tokenizer, vocab)
+        for rid in rids:
+            m.add_request(rid, so, [])
+        managers.append(m)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        logits = torch.randn(len(rids), vocab, generator=g)
+        masked = [logits.clone() for _ in managers]
+        for m, x in zip(managers, masked):
+            m.apply_bitmask(x, rids)
+        assert torch.equal(masked[0], masked[1])
+        tokens = masked[0].argmax(dim=-1).tolist()
+        tokens[3] = int(torch.isinf(masked[0][3]).nonzero()[0])  # a token row 3's grammar forbids
+        assert [m.accept_tokens(rids, tokens) for m in managers] == [["r3"], ["r3"]]
+    assert len({t for t in threads_seen if t.startswith("grammar-accept")}) > 1
+
+
 def test_requests_without_a_grammar_leave_the_logits_alone(llm):
     manager = StructuredOutputManager(llm.engine.tokenizer, 64)
     logits = torch.randn(3, 64)

@@ -5,7 +5,8 @@ top_p, top_k, min_p, logprobs and a penalty, on (batch, vocab) logits of Llama-3
 
 Median of CUDA-event timings of Sampler.sample (device work, queued and waited for:
 where the host is slower than the device, its time shows too), beside the device's busy
-time per call from the profiler (kernels and copies alone), and the top kernels of the
+time per call from the profiler (kernels and copies alone) and the host's time to queue
+a call (`--host-profile`: where it goes), and the top kernels of the
 costliest rules. Writes $OUT/sampler_cost.json when OUT is set.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 
@@ -48,6 +50,36 @@ def time_rule(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], r
     return statistics.median(times)
 
 
+def host_ms(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], reps: int = 30) -> float:
+    """Host time to queue one call (sample() without resolve): what a decode step's host
+    work pays for sampling, hidden behind the forward while the host keeps ahead."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        pending = sampler.sample(logits, rows)
+        times.append(time.perf_counter() - t)
+        pending.resolve()
+    return statistics.median(times) * 1e3
+
+
+def host_profile(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], calls: int = 50) -> str:
+    """Where the host time of sample() goes (cProfile, by cumulative time)."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        prof.enable()
+        pending = sampler.sample(logits, rows)
+        prof.disable()
+        pending.resolve()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+    return out.getvalue()
+
+
 def busy_ms(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], calls: int = 5) -> float:
     """Device time per call: the sum of the kernels' and copies' own times."""
     from torch.profiler import ProfilerActivity, profile
@@ -63,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-sizes", default="16,64")
     ap.add_argument("--vocab", type=int, default=128_256)
+    ap.add_argument("--host-profile", action="store_true", help="also: cProfile of the host side, per costly rule")
     args = ap.parse_args()
     result = {"device": torch.cuda.get_device_name(0), "vocab": args.vocab, "rows": [],
               "race_kernel": kernel_verified("cuda")}  # False: the torch reference draws
@@ -74,8 +107,10 @@ def main() -> None:
             rows = [SamplingRow(SamplingParams(**kw), i, list(range(1, 200)), list(range(300, 400))) for i in range(bs)]
             ms = time_rule(sampler, logits, rows)
             busy = busy_ms(sampler, logits, rows)
-            result["rows"].append({"batch": bs, "rule": name, "ms": ms, "device_busy_ms": busy})
-            print(f"batch {bs:>3} {name:>12}: {ms:6.3f} ms (device busy {busy:6.3f} ms)", flush=True)
+            host = host_ms(sampler, logits, rows)
+            result["rows"].append({"batch": bs, "rule": name, "ms": ms, "device_busy_ms": busy, "host_ms": host})
+            print(f"batch {bs:>3} {name:>12}: {ms:6.3f} ms (device busy {busy:6.3f} ms, host {host:6.3f} ms)",
+                  flush=True)
         for name in ("top_p+top_k", "logprobs", "penalty"):
             rows = [SamplingRow(SamplingParams(**RULES[name]), i, list(range(1, 200)), list(range(300, 400)))
                     for i in range(bs)]
@@ -85,6 +120,8 @@ def main() -> None:
                     sampler.sample(logits, rows).resolve()
             print(f"batch {bs} {name}, 5 calls:", flush=True)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+            if args.host_profile:
+                print(host_profile(sampler, logits, rows), flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "sampler_cost.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -95,6 +95,29 @@ def profile_steps(llm: LLM, prompts: list[list[int]], params: SamplingParams, st
     return {"gpu_busy_ms": busy / 1e3 / steps, "wall_ms": wall * 1e3}
 
 
+def host_profile_steps(llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int) -> str:
+    """Where the host's time per step goes (cProfile of engine.step, by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(f"h{time.monotonic_ns()}-{i}", p, params)
+    while any(len(r.output_token_ids) == 0 for r in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        eng.step()
+    prof.disable()
+    for r in list(eng.scheduler.requests.values()):
+        eng.abort_request(r.request_id)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
+    return out.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda:0")
@@ -104,6 +127,8 @@ def main() -> None:
     ap.add_argument("--backends", default="xgrammar,guidance")
     ap.add_argument("--profile", action="store_true",
                     help="also: GPU busy time against wall time per step, with and without a grammar")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also: cProfile of the engine's step with each backend at the largest batch")
     args = ap.parse_args()
     path = os.path.join(tempfile.mkdtemp(), args.preset)
     make_model(path, args.preset, with_weights=False)
@@ -140,6 +165,9 @@ def main() -> None:
                 row["profile"] = {"plain": profile_steps(llm, prompts, base_params, args.steps),
                                   "grammar": profile_steps(llm, prompts, params, args.steps)}
                 print(f"  profile: {row['profile']}", flush=True)
+            if args.host_profile and bs == max(sizes):
+                print(f"host profile, {backend}, batch {bs}, {args.steps} steps:\n"
+                      + host_profile_steps(llm, prompts, params, args.steps), flush=True)
             result["rows"].append(row)
             print(f"batch {bs:>3} {backend:>9}: {b * 1e3:7.2f} ms -> {g * 1e3:7.2f} ms per step "
                   f"({100 * row['overhead']:+.1f}%), bitmask fill + apply {fill * 1e3:.2f} ms", flush=True)

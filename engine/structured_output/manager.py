@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.structured_output.backends import (GrammarBackend, GrammarMatcher, TokenizerView, build_backend)
+from engine.structured_output.backends import (GrammarBackend, GrammarMatcher, TokenizerView, accept_all,
+                                               build_backend)
 from engine.structured_output.params import StructuredOutputsParams, backend_unavailable, resolve_backend
 from kernels.host_copy import to_device
 
@@ -238,14 +239,26 @@ class StructuredOutputManager:
     def accept_tokens(self, request_ids: Sequence[str], tokens: Sequence[int]) -> list[str]:
         """Advance each request's matcher by its sampled token. Returns the ids of requests
         whose token the grammar refused (possible only when a sampler ban removed every
-        token the grammar allowed, e.g. min_tokens against a finished grammar)."""
+        token the grammar allowed, e.g. min_tokens against a finished grammar). One call
+        per backend for the matchers that advance, so a backend can spread them over threads."""
         if not self.states:
             return []
         broken = []
+        by_backend: dict[str, tuple[list[str], list[GrammarMatcher], list[int]]] = {}
         for rid, token in zip(request_ids, tokens):
             state = self.states.get(rid)
-            if state is not None and not self._advance(state, token):
-                broken.append(rid)
+            if state is None:
+                continue
+            if not state.active or state.matcher.is_terminated():
+                if not self._advance(state, token):
+                    broken.append(rid)
+                continue
+            ids, matchers, accepted = by_backend.setdefault(state.backend, ([], [], []))
+            ids.append(rid)
+            matchers.append(state.matcher)
+            accepted.append(token)
+        for name, (ids, matchers, accepted) in by_backend.items():
+            broken += [rid for rid, ok in zip(ids, accept_all(self._backends[name], matchers, accepted)) if not ok]
         return broken
 
     def _eos_row(self, words: int) -> torch.Tensor:
