@@ -342,15 +342,20 @@ class LLMEngine:
         previous = self._run_ahead()
         if previous is not None:
             appended = self._collect(previous)
-            if self._unsampled is not None:  # grammar rows: masks need the tokens just read
-                requests, logits, rows = self._unsampled
-                self._unsampled = None
-                self.structured.apply_bitmask(logits, [r.request_id for r in requests])
-                self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows), plain_decode=True)
+            unsampled, self._unsampled = self._unsampled, None
+            if unsampled is not None:  # grammar rows: masks need the tokens just read
+                # ... and fill on a worker thread while this one does the text work.
+                self.structured.fill_async([r.request_id for r in unsampled[0]])
             outputs, self._pending_outputs = self._pending_outputs, []
             # The text of the step just read before the connector's news: a failed load
-            # settles the step queued above (fail_request), whose tokens come after these.
-            outputs += self._text_outputs(appended)
+            # settles the step queued below (fail_request), whose tokens come after these.
+            try:
+                outputs += self._text_outputs(appended)
+            finally:  # the step queued in _run_ahead is sampled whatever the text work did
+                if unsampled is not None:
+                    requests, logits, rows = unsampled
+                    self.structured.apply_bitmask(logits, [r.request_id for r in requests])
+                    self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows), plain_decode=True)
             outputs += self._poll_connector()
             self.idle = False
             self._publish_kv_events()

@@ -225,6 +225,35 @@ def test_a_large_batch_advances_its_matchers_from_several_threads_as_one_thread_
     assert len({t for t in threads_seen if t.startswith("grammar-accept")}) > 1
 
 
+def test_masks_filled_ahead_on_a_worker_are_the_masks_filled_in_place(llm):
+    """The engine starts the next step's masks on a worker thread while it does the text
+    work (fill_async); apply_bitmask takes them only for the same requests, and matchers
+    that advanced meanwhile are never masked with their old state."""
+    vocab = llm.engine.model_config.vocab_size
+    so = StructuredOutputsParams(**constrained("xgrammar", json=SCHEMA))
+    ahead, inline = StructuredOutputManager(llm.engine.tokenizer, vocab), StructuredOutputManager(llm.engine.tokenizer, vocab)
+    rids = ["a", "b", "c"]
+    for m in (ahead, inline):
+        for rid in rids:
+            m.add_request(rid, so, [])
+    g = torch.Generator().manual_seed(1)
+    for step in range(8):
+        logits = torch.randn(3, vocab, generator=g)
+        want = logits.clone()
+        inline.apply_bitmask(want, rids)
+        if step % 3 == 1:
+            ahead.fill_async(["c", "b"])        # other rows than the step samples: not used
+        elif step % 3 == 2:
+            ahead.fill_async(rids)
+        got = logits.clone()
+        ahead.apply_bitmask(got, rids)
+        assert torch.equal(got, want)
+        tokens = want.argmax(dim=-1).tolist()
+        ahead.fill_async(rids)                  # made, then the states move on: dropped
+        assert ahead.accept_tokens(rids, tokens) == inline.accept_tokens(rids, tokens) == []
+    ahead.close()
+
+
 def test_requests_without_a_grammar_leave_the_logits_alone(llm):
     manager = StructuredOutputManager(llm.engine.tokenizer, 64)
     logits = torch.randn(3, 64)

@@ -74,6 +74,8 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self.states: dict[str, GrammarState] = {}
         self._host_bitmask: torch.Tensor | None = None   # (rows, words) int32, pinned on CUDA hosts
+        self._fill_pool: ThreadPoolExecutor | None = None   # fill_async's worker, made on first use
+        self._pending_fill: tuple[tuple[str, ...], Future] | None = None
         self.compile_hits = 0
         self.compile_misses = 0
 
@@ -180,8 +182,9 @@ class StructuredOutputManager:
         return failed
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._fill_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _start(self, request_id: str, params: StructuredOutputsParams, compiled_by: tuple[str, Any],
                output_token_ids: Sequence[int]) -> None:
@@ -209,32 +212,65 @@ class StructuredOutputManager:
     # --- the step ---------------------------------------------------------------------
     def apply_bitmask(self, logits: torch.Tensor, request_ids: Sequence[str]) -> None:
         """Mask `logits` (B, V) in place: row i keeps only what request_ids[i]'s grammar
-        allows next. Rows without an active grammar are left alone."""
-        if not self.states:
+        allows next. Rows without an active grammar are left alone. Takes the masks
+        fill_async made for these ids, if it was called for them since the last accept."""
+        pending = self._take_pending_fill()
+        if pending is not None and pending[0] == tuple(request_ids) and logits.shape[1] == self.vocab_size:
+            filled = pending[1]
+        else:
+            filled = self._fill(request_ids, logits.shape[1])
+        if filled is not None:
+            host, rows = filled
+            with torch.inference_mode():  # the runner's logits are inference tensors
+                mask = host[:len(rows)].to(logits.device, non_blocking=True)         # (R, W)
+                apply_token_bitmask(logits, mask, rows)
+
+    def fill_async(self, request_ids: Sequence[str]) -> None:
+        """Start filling the masks of the next apply_bitmask(…, request_ids) on a worker
+        thread: the libraries fill without the GIL, so the caller's text work runs
+        meanwhile. accept_tokens waits for it and drops it (the states moved on)."""
+        if not self.states or self._pending_fill is not None:
             return
+        if self._fill_pool is None:
+            self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
+        ids = tuple(request_ids)
+        self._pending_fill = (ids, self._fill_pool.submit(self._fill, ids, self.vocab_size))
+
+    def _take_pending_fill(self) -> tuple[tuple[str, ...], tuple[torch.Tensor, list[int]] | None] | None:
+        """fill_async's (ids, result), waited for, or None. Always waited for before the
+        matchers advance or another fill starts: it writes the one host bitmask and reads
+        the matchers."""
+        pending, self._pending_fill = self._pending_fill, None
+        if pending is None:
+            return None
+        ids, future = pending
+        return ids, future.result()
+
+    def _fill(self, request_ids: Sequence[str], vocab: int) -> tuple[torch.Tensor, list[int]] | None:
+        """The host bitmask rows of the requests with an active grammar, and which logits
+        row each belongs to; None when no row has one."""
+        if not self.states:
+            return None
         rows = [i for i, rid in enumerate(request_ids) if (s := self.states.get(rid)) is not None and s.active]
         if not rows:
-            return
-        words = (logits.shape[1] + 31) // 32
+            return None
+        words = (vocab + 31) // 32
         host = self._bitmask(len(rows), words)
-        by_backend: dict[str, list[int]] = {}
+        by_backend: dict[str, list[tuple[int, GrammarMatcher]]] = {}
         finished: list[int] = []
         for i in rows:
-            state = self.states[request_ids[i]]
-            if state.matcher.is_terminated():
+            state = self.states.get(request_ids[i])
+            if state is None or state.matcher.is_terminated():
                 finished.append(i)  # the grammar is complete (ignore_eos goes on): only eos may follow
             else:
-                by_backend.setdefault(state.backend, []).append(i)
-        rows = [i for group in by_backend.values() for i in group] + finished  # host row j <-> logits row rows[j]
+                by_backend.setdefault(state.backend, []).append((i, state.matcher))
+        rows = [i for group in by_backend.values() for i, _ in group] + finished  # host row j <-> logits row rows[j]
         host[len(rows) - len(finished):len(rows)] = self._eos_row(words)
         j = 0
         for name, group in by_backend.items():
-            matchers = [self.states[request_ids[i]].matcher for i in group]
-            self._backends[name].fill_bitmasks(matchers, host, list(range(j, j + len(group))))
+            self._backends[name].fill_bitmasks([m for _, m in group], host, list(range(j, j + len(group))))
             j += len(group)
-        with torch.inference_mode():  # the runner's logits are inference tensors
-            mask = host[:len(rows)].to(logits.device, non_blocking=True)             # (R, W)
-            apply_token_bitmask(logits, mask, rows)
+        return host, rows
 
     def accept_tokens(self, request_ids: Sequence[str], tokens: Sequence[int]) -> list[str]:
         """Advance each request's matcher by its sampled token. Returns the ids of requests
@@ -243,6 +279,7 @@ class StructuredOutputManager:
         per backend for the matchers that advance, so a backend can spread them over threads."""
         if not self.states:
             return []
+        self._take_pending_fill()  # masks of states about to change: unused, and not mid-fill
         broken = []
         by_backend: dict[str, tuple[list[str], list[GrammarMatcher], list[int]]] = {}
         for rid, token in zip(request_ids, tokens):
