@@ -21,7 +21,7 @@ from engine.kv_cache import (KV_LAYOUT, KVCacheSpec, allocate_kv_cache, copy_blo
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import NO_TOKEN, PendingSample, Sampler, SamplerOutput, SamplingRow
+from engine.sampler import NO_TOKEN, PendingSample, Sampler, SamplerOutput, SamplingRow, has_penalty
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.structured_output.manager import StructuredOutputManager
@@ -31,6 +31,18 @@ from engine.weights import build_model
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+
+
+def _sampling_rows(requests: list[Request], run_ahead: bool = False) -> list[SamplingRow]:
+    """What the sampler needs of each request. A request with a penalty hands over its
+    tokens as arrays kept current across steps (the penalty scatters every one of them);
+    in a run-ahead step the output lags the step by the token in flight."""
+    rows = []
+    for r in requests:
+        prompt, output = r.token_arrays() if has_penalty(r.params) else (r.prompt_token_ids, r.output_token_ids)
+        rows.append(SamplingRow(r.params, r.seed, prompt, output,
+                                step=len(r.output_token_ids) + 1 if run_ahead else None))
+    return rows
 
 
 @dataclass(slots=True)
@@ -375,7 +387,7 @@ class LLMEngine:
                 logits = self.runner.execute(chunks)
                 sampling = [c.request for c in chunks if c.sample]
                 if sampling:
-                    rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+                    rows = _sampling_rows(sampling)
                     # Structured outputs: a no-op without grammars; matchers are current, since
                     # the previous step's tokens were accepted when read (_append_sampled).
                     self.structured.apply_bitmask(logits, [r.request_id for r in sampling])
@@ -440,8 +452,7 @@ class LLMEngine:
             self.scheduler.chunk_done(c)
         self.num_tokens_computed += len(chunks)
         self.num_steps_run_ahead += 1
-        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids,
-                            step=len(r.output_token_ids) + 1) for r in running]
+        rows = _sampling_rows(running, run_ahead=True)
         if any(r.params.structured_outputs is not None for r in running):
             # The forward does not depend on the grammar, only the sampling does: queue the
             # forward now and sample once the tokens in flight are read and accepted, so the
@@ -576,7 +587,7 @@ class LLMEngine:
         sampling = [c.request for c in chunks if c.sample]
         if not sampling:
             return [], SamplerOutput([], [])
-        rows = [SamplingRow(r.params, r.seed, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+        rows = _sampling_rows(sampling)
         self.structured.apply_bitmask(logits, [r.request_id for r in sampling])
         return sampling, self.sampler(logits, rows)
 

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from engine.hashing import PrefixHashAlgo, hash_block_tokens, root_block_hash
 from engine.sampling_params import SamplingParams
 
@@ -28,6 +30,33 @@ class RequestStatus(enum.Enum):
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                 RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
+
+
+class GrowingArray:
+    """A numpy copy of a token list that only grows (append, +=), kept current by copying
+    what is new: a penalty's per-step flattening of every prompt and output was O(tokens)
+    of Python ints per step (1.6 ms at batch 64 with 300 tokens each on an H200 host)."""
+
+    __slots__ = ("_source", "_buf", "_n")
+
+    def __init__(self) -> None:
+        self._source: list[int] | None = None
+        self._buf = np.empty(0, dtype=np.int64)
+        self._n = 0
+
+    def of(self, tokens: list[int]) -> np.ndarray:
+        """tokens as int64 (len(tokens),); a view the next call may not change."""
+        if tokens is not self._source or len(tokens) < self._n:  # another list, or cut: start over
+            self._source, self._n = tokens, 0
+        m = len(tokens)
+        if m > self._n:
+            if m > len(self._buf):
+                grown = np.empty(max(m, 2 * len(self._buf)), dtype=np.int64)
+                grown[:self._n] = self._buf[:self._n]
+                self._buf = grown
+            self._buf[self._n:m] = tokens[self._n:m]
+            self._n = m
+        return self._buf[:m]
 
 
 @dataclass(eq=False)
@@ -68,6 +97,12 @@ class Request:
     # engine's next step (see LLMEngine.step), with this reason and last text delta.
     pending_stop: str | None = None
     pending_text: str = ""
+    _prompt_array: GrowingArray = field(default_factory=GrowingArray, repr=False)
+    _output_array: GrowingArray = field(default_factory=GrowingArray, repr=False)
+
+    def token_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt, output) token ids as int64 arrays, kept current across steps."""
+        return self._prompt_array.of(self.prompt_token_ids), self._output_array.of(self.output_token_ids)
 
     @property
     def cache_owner(self) -> str | None:

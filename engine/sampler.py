@@ -27,7 +27,6 @@ Triton kernel that computes the same function in one launch on a GPU).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -240,7 +239,7 @@ def apply_bans(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tenso
     return logits
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
@@ -249,7 +248,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     divided by the penalty when positive, multiplied when not. Then
     logit -= frequency * count_in_output + presence * (count_in_output > 0).
     Returns a new tensor when any row has a penalty."""
-    penalised = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    penalised = [i for i, r in enumerate(rows) if has_penalty(r.params)]
     if not penalised:
         return logits
     device = logits.device
@@ -258,7 +257,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     with _RowSubset(logits, penalised) as sub:                                       # (P, V)
         out_rows, out_tokens = _flat_token_ids([r.output_token_ids for r in prows], device)
         counts = torch.zeros_like(sub)                                                # (P, V)
-        counts.index_put_((out_rows, out_tokens), torch.ones_like(out_tokens, dtype=sub.dtype), accumulate=True)
+        # One scatter_add over the flat view: index_put_(accumulate=True) took ~0.3 ms of host time.
+        counts.view(-1).scatter_add_(0, out_rows * counts.shape[1] + out_tokens,
+                                     torch.ones_like(out_tokens, dtype=sub.dtype))
 
         rep = [r.params.repetition_penalty for r in prows]
         if any(p != 1.0 for p in rep):
@@ -277,10 +278,12 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 
 
 def _flat_token_ids(token_lists: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged token lists -> (row, token) index tensors (N,), N = total length.
-    numpy.fromiter is ~8x faster than torch.tensor on long Python lists (long prompts)."""
+    """Ragged token lists (or int64 arrays, as the engine passes them) -> (row, token) index
+    tensors (N,), N = total length. numpy.fromiter is ~8x faster than torch.tensor on long
+    Python lists; arrays are only joined."""
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(lengths.sum()))
+    tokens = np.concatenate([t if isinstance(t, np.ndarray) else np.fromiter(t, dtype=np.int64, count=len(t))
+                             for t in token_lists]) if token_lists else np.empty(0, dtype=np.int64)
     row_ids = np.repeat(np.arange(len(token_lists), dtype=np.int64), lengths)
     return host_to_device(torch.from_numpy(row_ids), device), host_to_device(torch.from_numpy(tokens), device)
 

@@ -369,3 +369,37 @@ def test_a_prefill_whose_first_token_completes_a_stop_string_lends_no_kv():
         assert engine.pool.num_free == engine.pool.num_blocks and not engine.scheduler._lent
     finally:
         engine.close()
+
+
+def test_a_growing_token_array_follows_its_list():
+    from engine.request import GrowingArray
+    tokens, arr = [5, 6], GrowingArray()
+    assert arr.of(tokens).tolist() == [5, 6]
+    for t in range(7, 40):
+        tokens.append(t)
+        assert arr.of(tokens).tolist() == tokens
+    tokens += [1, 2, 3]
+    first = arr.of(tokens)
+    assert first.tolist() == tokens and first.dtype.name == "int64"
+    tokens.append(99)
+    assert arr.of(tokens)[-1] == 99 and first.tolist() == tokens[:-1]  # a view given out stays as it was
+    assert arr.of([4, 4]).tolist() == [4, 4]                          # another list: start over
+    assert arr.of([]).tolist() == []
+
+
+def test_penalised_requests_sample_from_token_arrays_kept_across_steps_as_from_their_lists(llm, monkeypatch):
+    """Rows with a penalty get their tokens as numpy arrays extended step by step (the
+    sampler scatters every token each step); fresh copies of the lists give the same tokens."""
+    import numpy as np
+    from engine.request import Request
+
+    cases = [SamplingParams(temperature=0.0, max_tokens=24, repetition_penalty=2.0),
+             SamplingParams(temperature=0.0, max_tokens=24, frequency_penalty=1.5, presence_penalty=0.5),
+             SamplingParams(temperature=0.9, seed=4, max_tokens=24, repetition_penalty=1.5, frequency_penalty=0.5)]
+    kept = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], cases)]
+    monkeypatch.setattr(Request, "token_arrays",
+                        lambda self: (np.array(self.prompt_token_ids, dtype=np.int64),
+                                      np.array(self.output_token_ids, dtype=np.int64)))
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], cases)] == kept
+    plain = SamplingParams(temperature=0.0, max_tokens=24)
+    assert llm.generate(PROMPTS[:1], plain)[0].outputs[0].token_ids != kept[0]  # the penalty mattered

@@ -18,9 +18,10 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
 
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplingRow, has_penalty
 from engine.sampling_params import SamplingParams
 from kernels.sampling import kernel_verified
 
@@ -34,6 +35,15 @@ RULES = {
     "logprobs": dict(temperature=0.0, logprobs=5),
     "penalty": dict(temperature=0.0, repetition_penalty=1.1),
 }
+
+
+def engine_row(params: SamplingParams, seed: int) -> SamplingRow:
+    """A row as the engine builds it: 199 prompt and 100 output tokens, as int64 arrays
+    where a penalty reads them all (engine/llm_engine.py _sampling_rows)."""
+    prompt, output = list(range(1, 200)), list(range(300, 400))
+    if has_penalty(params):
+        prompt, output = np.array(prompt, dtype=np.int64), np.array(output, dtype=np.int64)
+    return SamplingRow(params, seed, prompt, output)
 
 
 def time_rule(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], reps: int = 30) -> float:
@@ -104,7 +114,7 @@ def main() -> None:
         logits = torch.randn(bs, args.vocab, device="cuda") * 3
         sampler = Sampler(bs, "cuda")
         for name, kw in RULES.items():
-            rows = [SamplingRow(SamplingParams(**kw), i, list(range(1, 200)), list(range(300, 400))) for i in range(bs)]
+            rows = [engine_row(SamplingParams(**kw), i) for i in range(bs)]
             ms = time_rule(sampler, logits, rows)
             busy = busy_ms(sampler, logits, rows)
             host = host_ms(sampler, logits, rows)
@@ -112,8 +122,7 @@ def main() -> None:
             print(f"batch {bs:>3} {name:>12}: {ms:6.3f} ms (device busy {busy:6.3f} ms, host {host:6.3f} ms)",
                   flush=True)
         for name in ("top_p+top_k", "logprobs", "penalty"):
-            rows = [SamplingRow(SamplingParams(**RULES[name]), i, list(range(1, 200)), list(range(300, 400)))
-                    for i in range(bs)]
+            rows = [engine_row(SamplingParams(**RULES[name]), i) for i in range(bs)]
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
