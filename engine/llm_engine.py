@@ -458,6 +458,7 @@ class LLMEngine:
             # forward now and sample once the tokens in flight are read and accepted, so the
             # matchers' host work overlaps the device's forward.
             self._unsampled = (list(running), logits, rows)
+            self._inflight = None  # read by the caller now: never again (a failed step's settling)
         else:
             self._inflight = _InflightStep(list(running), self.sampler.sample(logits, rows), plain_decode=True)
         self._peak_running = max(self._peak_running, len(running))

@@ -5,9 +5,10 @@ step, token v) is a function of those three integers only (engine/sampler.py say
 seeded request reproduces in any batch, on any device, split across nodes). Taking logs,
 that is argmax_v(x_v + G_v) with G = -log(E), x the row's logits (softmax's max and sum
 shift every token alike): the Gumbel-max form, which needs no softmax at all. So the draw
-is computed that way, on every device: G in float64 from U and rounded once to float32,
-then x + G in float32, both correctly rounded IEEE operations, so a CPU and a GPU draw the
-same token unless two float64 logs straddle a float32 rounding boundary.
+is computed that way, on every device, in float64: G from U, and x + G (a float32 sum
+would round G to the logits' ulp, which at a low temperature's large x ties tokens that
+the noise should separate). A CPU and a GPU draw the same token unless two tokens' scores
+lie within float64's last bits (the two libraries' logs may differ there).
 
 The torch formulation below is the reference and what CPUs run: int64 hashing,
 bit-identical on CPU and CUDA. On a GPU it is some twenty elementwise kernels over (rows,
@@ -102,12 +103,12 @@ def exponential_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: in
 
 def gumbel_noise(seeds: Sequence[int], steps: Sequence[int], vocab_size: int,
                  device: torch.device | str) -> torch.Tensor:
-    """G = -log(-log(U)), Gumbel(0, 1), float32 (R, V): both logs in float64, one rounding."""
-    return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().log_().neg_().to(torch.float32)
+    """G = -log(-log(U)), Gumbel(0, 1), float64 (R, V)."""
+    return uniform_noise(seeds, steps, vocab_size, device).log_().neg_().log_().neg_()
 
 
 def exponential_race_ref(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    return (x + gumbel_noise(seeds, steps, x.shape[1], x.device)).argmax(dim=-1)
+    return (x.double() + gumbel_noise(seeds, steps, x.shape[1], x.device)).argmax(dim=-1)
 
 
 # --- the kernel -----------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def _race_kernel(x_ptr, parts_ptr, best_ptr, best_at_ptr, R, V, stride, BLOCK: t
     x = tl.load(x_ptr + row.to(tl.int64) * stride + v, mask=v < V, other=float("-inf"))
     h = _mix32(_mix32((v + _TOKEN_SALT) & _MASK32) ^ key)
     u = (h.to(tl.float64) + 0.5) * (2.0 ** -32)
-    score = x + (-tl.log(-tl.log(u))).to(tl.float32)
+    score = x.to(tl.float64) - tl.log(-tl.log(u))
     top = tl.max(score, 0)
     # The slice's first best token (a slice with every token out: its first, as torch's argmax).
     tl.store(best_ptr + row * slices + piece, top)
@@ -161,7 +162,7 @@ def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequen
         x = x.contiguous()
     parts = to_device(_key_parts(seeds, steps), torch.int64, x.device)               # (3, R)
     slices = triton.cdiv(v, _SLICE)
-    best = torch.empty(r, slices, dtype=torch.float32, device=x.device)               # (R, S)
+    best = torch.empty(r, slices, dtype=torch.float64, device=x.device)               # (R, S)
     best_at = torch.empty(r, slices, dtype=torch.int64, device=x.device)              # (R, S)
     _race_kernel[(r, slices)](x, parts, best, best_at, r, v, x.stride(0), BLOCK=_SLICE, num_warps=4)
     # argmax takes the first of equal slices: the lowest id, as the reference's argmax.

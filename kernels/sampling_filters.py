@@ -130,7 +130,8 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, f
     """The row's (lo, hi] after the pass whose partial masses part_mass_ptr holds (state_ptr
     holds the bracket that pass tried), or the first bracket when `first`; and the mass
     top_p asks for."""
-    target = tl.load(top_p_ptr + prog) * _row_sum(part_kept_ptr + prog * slices, slices, S_POW2)
+    kept = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2)
+    target = tl.load(top_p_ptr + prog) * kept
     lo = tl.load(state_ptr + prog * 2)
     hi = tl.load(state_ptr + prog * 2 + 1)
     j = tl.arange(0, K)
@@ -147,7 +148,7 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, f
     hi = tl.where(shrink, new_hi, hi)
     if first:
         lo = tl.full([], -1, tl.int32)
-        hi = tl.where(tl.load(top_p_ptr + prog) < 1.0, tl.where(target > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all
+        hi = tl.where(tl.load(top_p_ptr + prog) < 1.0, tl.where(kept > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all
     return lo, hi
 
 

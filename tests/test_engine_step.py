@@ -383,7 +383,9 @@ def test_a_growing_token_array_follows_its_list():
     assert first.tolist() == tokens and first.dtype.name == "int64"
     tokens.append(99)
     assert arr.of(tokens)[-1] == 99 and first.tolist() == tokens[:-1]  # a view given out stays as it was
-    assert arr.of([4, 4]).tolist() == [4, 4]                          # another list: start over
+    kept = arr.of(tokens)
+    assert arr.of([4, 4]).tolist() == [4, 4]                          # another list: a new copy
+    assert kept.tolist() == tokens                                     # ... which leaves the old view alone
     assert arr.of([]).tolist() == []
 
 

@@ -93,3 +93,14 @@ def test_a_device_named_without_its_index_is_checked_once(monkeypatch, caplog):
     sampling.kernel_verified("cuda:0")
     assert list(sampling._verified) == [torch.device("cuda", 0)]
     assert caplog.text.count("sampling with the torch reference") <= 1
+
+
+def test_equal_logits_at_a_low_temperatures_scale_are_drawn_evenly():
+    """x = logit / temperature reaches 1e6 and more: the noise must not be rounded to the
+    logits' ulp there (it was in float32, and ties went to the lower id)."""
+    seeds = list(range(4000))
+    x = torch.full((len(seeds), 2), 1e7)  # a logit of 10 at temperature 1e-6 (float32 sums: 1538)
+    drawn = exponential_race_ref(x, seeds, [0] * len(seeds))
+    assert 1850 < int(drawn.sum()) < 2150                              # ~2000 +- 5 sigma
+    few = x[:300]
+    assert race(few, seeds[:300], [0] * 300) == drawn[:300].tolist()

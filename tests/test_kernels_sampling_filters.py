@@ -84,6 +84,8 @@ def test_ties_at_the_cut_all_stay_and_the_best_token_always_does():
     got = kept(x, rows, [0.0] * 3, top_p, kernel=True)
     assert torch.equal(got, kept(x, rows, [0.0] * 3, top_p, kernel=False))
     assert got[0].sum() == 10 and got[1].sum() == 1 and got[1, 999] and got[2].tolist().count(True) == 1
+    zero = kept(x[1:2], [0], [0.0], [0.0], kernel=True)  # top_p 0 (SamplingParams clamps it; the kernel need not)
+    assert zero.sum() == 1 and zero[0, 999]
 
 
 def test_a_peaked_row_and_a_flat_one_at_llama3s_vocab():

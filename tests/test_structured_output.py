@@ -254,6 +254,49 @@ def test_masks_filled_ahead_on_a_worker_are_the_masks_filled_in_place(llm):
     ahead.close()
 
 
+def test_a_fill_that_fails_on_the_worker_fails_the_step_without_reading_its_tokens_twice(llm, monkeypatch):
+    """The node fails its requests when a step raises (fail_request settles what is in
+    flight): the step whose tokens the failed step had already read is not read again."""
+    import threading
+
+    eng = llm.engine
+    so = {"backend": "xgrammar", "regex": r"[a-z]{30,40}"}
+    req = eng.add_request("flaky", "Hi", SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True,
+                                                       structured_outputs=so))
+    fill, fills = eng.structured._fill, []
+
+    def flaky_fill(plan, vocab):
+        if threading.current_thread().name.startswith("grammar-fill"):
+            fills.append(1)
+            if len(fills) == 3:
+                raise RuntimeError("the matcher's fill failed on the worker")
+        return fill(plan, vocab)
+    monkeypatch.setattr(eng.structured, "_fill", flaky_fill)
+    with pytest.raises(RuntimeError, match="failed on the worker"):
+        for _ in range(40):
+            eng.step()
+    tokens = list(req.output_token_ids)
+    out = eng.fail_request("flaky", "engine error")
+    assert out.finished and req.output_token_ids == tokens
+    assert not eng.has_unfinished_requests
+
+
+def test_a_request_removed_while_its_mask_fills_does_not_change_the_masks(llm):
+    vocab = llm.engine.model_config.vocab_size
+    so = StructuredOutputsParams(**constrained("xgrammar", json=SCHEMA))
+    m = StructuredOutputManager(llm.engine.tokenizer, vocab)
+    for rid in ("a", "b"):
+        m.add_request(rid, so, [])
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2))
+    want = logits.clone()
+    m.apply_bitmask(want, ["a", "b"])
+    m.fill_async(["a", "b"])
+    m.remove("b")                               # the engine's text work ends b meanwhile
+    m.apply_bitmask(logits, ["a", "b"])
+    assert torch.equal(logits, want)
+    m.close()
+
+
 def test_requests_without_a_grammar_leave_the_logits_alone(llm):
     manager = StructuredOutputManager(llm.engine.tokenizer, 64)
     logits = torch.randn(3, 64)

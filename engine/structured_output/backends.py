@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,7 +60,8 @@ class GrammarBackend(Protocol):
 
     def accept_tokens(self, matchers: list[GrammarMatcher], tokens: list[int]) -> list[bool]:
         """`matchers[k].accept(tokens[k])` for every k (a backend without this method is
-        called one matcher at a time): one call per step and backend, as fill_bitmasks."""
+        called one matcher at a time): one call per step and backend, as fill_bitmasks.
+        A backend may also have `close()`, called when its engine closes."""
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar; raises ValueError naming what is wrong with the constraint."""
@@ -127,7 +128,12 @@ class _AcceptPool:
         share = -(-len(matchers) // self.threads)
         parts = [self._pool.submit(accept_one_by_one, matchers[i:i + share], tokens[i:i + share])
                  for i in range(0, len(matchers), share)]
+        wait(parts)  # all shares done before one's error surfaces: no matcher still moving then
         return [ok for part in parts for ok in part.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def build_backend(name: str, tokenizer: TokenizerView) -> GrammarBackend:
@@ -194,6 +200,9 @@ class XGrammarBackend:
 
     def accept_tokens(self, matchers: list[GrammarMatcher], tokens: list[int]) -> list[bool]:
         return self._accept.accept(matchers, tokens)
+
+    def close(self) -> None:
+        self._accept.close()
 
     def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         if self._batch is None or len(matchers) < PARALLEL_FILL_MIN_ROWS:

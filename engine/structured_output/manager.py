@@ -54,6 +54,12 @@ AUTO_ORDER = ("xgrammar", "guidance")
 
 
 @dataclass(slots=True)
+class _FillPlan:
+    by_backend: dict[str, list[tuple[int, GrammarMatcher]]]  # backend -> (logits row, matcher)
+    finished: list[int]                                       # logits rows whose grammar is complete
+
+
+@dataclass(slots=True)
 class GrammarState:
     matcher: GrammarMatcher
     params: StructuredOutputsParams
@@ -185,6 +191,9 @@ class StructuredOutputManager:
         for pool in (self._pool, self._fill_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        for backend in self._backends.values():
+            if (close := getattr(backend, "close", None)) is not None:
+                close()
 
     def _start(self, request_id: str, params: StructuredOutputsParams, compiled_by: tuple[str, Any],
                output_token_ids: Sequence[int]) -> None:
@@ -218,7 +227,7 @@ class StructuredOutputManager:
         if pending is not None and pending[0] == tuple(request_ids) and logits.shape[1] == self.vocab_size:
             filled = pending[1]
         else:
-            filled = self._fill(request_ids, logits.shape[1])
+            filled = self._fill(self._plan(request_ids), logits.shape[1])
         if filled is not None:
             host, rows = filled
             with torch.inference_mode():  # the runner's logits are inference tensors
@@ -234,7 +243,7 @@ class StructuredOutputManager:
         if self._fill_pool is None:
             self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
         ids = tuple(request_ids)
-        self._pending_fill = (ids, self._fill_pool.submit(self._fill, ids, self.vocab_size))
+        self._pending_fill = (ids, self._fill_pool.submit(self._fill, self._plan(ids), self.vocab_size))
 
     def _take_pending_fill(self) -> tuple[tuple[str, ...], tuple[torch.Tensor, list[int]] | None] | None:
         """fill_async's (ids, result), waited for, or None. Always waited for before the
@@ -246,28 +255,35 @@ class StructuredOutputManager:
         ids, future = pending
         return ids, future.result()
 
-    def _fill(self, request_ids: Sequence[str], vocab: int) -> tuple[torch.Tensor, list[int]] | None:
-        """The host bitmask rows of the requests with an active grammar, and which logits
-        row each belongs to; None when no row has one."""
+    def _plan(self, request_ids: Sequence[str]) -> _FillPlan | None:
+        """Which logits rows take a mask and from which matcher, read on the caller's
+        thread (the engine removes finished requests' states while a fill runs)."""
         if not self.states:
             return None
-        rows = [i for i, rid in enumerate(request_ids) if (s := self.states.get(rid)) is not None and s.active]
-        if not rows:
-            return None
-        words = (vocab + 31) // 32
-        host = self._bitmask(len(rows), words)
         by_backend: dict[str, list[tuple[int, GrammarMatcher]]] = {}
         finished: list[int] = []
-        for i in rows:
-            state = self.states.get(request_ids[i])
-            if state is None or state.matcher.is_terminated():
+        for i, rid in enumerate(request_ids):
+            state = self.states.get(rid)
+            if state is None or not state.active:
+                continue
+            if state.matcher.is_terminated():
                 finished.append(i)  # the grammar is complete (ignore_eos goes on): only eos may follow
             else:
                 by_backend.setdefault(state.backend, []).append((i, state.matcher))
-        rows = [i for group in by_backend.values() for i, _ in group] + finished  # host row j <-> logits row rows[j]
-        host[len(rows) - len(finished):len(rows)] = self._eos_row(words)
+        if not by_backend and not finished:
+            return None
+        return _FillPlan(by_backend, finished)
+
+    def _fill(self, plan: _FillPlan | None, vocab: int) -> tuple[torch.Tensor, list[int]] | None:
+        """The host bitmask rows of a plan, and which logits row each belongs to."""
+        if plan is None:
+            return None
+        rows = [i for group in plan.by_backend.values() for i, _ in group] + plan.finished  # host row j <-> logits row rows[j]
+        words = (vocab + 31) // 32
+        host = self._bitmask(len(rows), words)
+        host[len(rows) - len(plan.finished):len(rows)] = self._eos_row(words)
         j = 0
-        for name, group in by_backend.items():
+        for name, group in plan.by_backend.items():
             self._backends[name].fill_bitmasks([m for _, m in group], host, list(range(j, j + len(group))))
             j += len(group)
         return host, rows
@@ -296,6 +312,9 @@ class StructuredOutputManager:
             accepted.append(token)
         for name, (ids, matchers, accepted) in by_backend.items():
             broken += [rid for rid, ok in zip(ids, accept_all(self._backends[name], matchers, accepted)) if not ok]
+        if len(broken) > 1:
+            order = {rid: i for i, rid in enumerate(request_ids)}
+            broken.sort(key=order.__getitem__)  # batch order, whichever backend refused
         return broken
 
     def _eos_row(self, words: int) -> torch.Tensor:
