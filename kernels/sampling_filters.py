@@ -8,7 +8,8 @@ top_p. That value can be found without ordering anything: mass(p > t) only falls
 rises, and non-negative float32 values order like their int32 bit patterns, so a search
 over those patterns lands on it exactly. Each pass tries 16 thresholds spread over the
 patterns still possible and keeps the seventeenth of the range between the last that holds
-too much mass and the first that holds too little: 8 passes from all of [0, 1].
+too much mass and the first that holds too little: 7 passes for top_p 0.95 (8 at most;
+one when no row uses top_p).
 
 Work is in q = exp(x - max) = p / p_max (the best token has q = 1): min_p keeps q >= min_p,
 as the reference's p < min_p * p_max drops, and top_p's mass is compared with top_p times
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -86,8 +88,24 @@ def filter_ref(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list
 SLICE = 4096          # tokens per program
 SUB = 256             # tokens per step of a counting pass
 CANDIDATES = 16       # thresholds tried per counting pass: (lo, hi] shrinks 17-fold a pass
-PASSES = 8            # 17**8 > 2**30: (-1, bits(1.0)] down to one pattern
-_Q_ONE_BITS = tl.constexpr(0x3F800000)  # bits of 1.0, the best token's q
+Q_ONE_BITS = 0x3F800000  # bits of 1.0, the best token's q
+_Q_ONE_BITS = tl.constexpr(Q_ONE_BITS)
+
+
+def _passes(top_p: list[float], vocab: int) -> int:
+    """Counting passes that narrow every row's first bracket (see _bracket) to one pattern:
+    7 for top_p 0.95 at a 128k vocabulary, 8 at most, 1 when no row uses top_p."""
+    widest = 0
+    for p in top_p:
+        if p < 1.0:
+            floor = np.float32(0.5) * (np.float32(1.0) - np.float32(p)) / np.float32(vocab)
+            lo = int(floor.view(np.int32)) - 1 if floor > 0 else -1
+            widest = max(widest, Q_ONE_BITS - lo + 64)  # 64: the GPU's division may round otherwise
+    passes = 0
+    while widest > 1:
+        widest = -(-widest // (CANDIDATES + 1))
+        passes += 1
+    return max(passes, 1)
 
 
 @triton.jit(do_not_specialize=["V", "stride"])
@@ -125,7 +143,7 @@ def _slice_q_kernel(x_ptr, rows_ptr, min_p_ptr, part_max_ptr, q_ptr, part_kept_p
 
 
 @triton.jit
-def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, first,
+def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, first, V,
              S_POW2: tl.constexpr, K: tl.constexpr):
     """The row's (lo, hi] after the pass whose partial masses part_mass_ptr holds (state_ptr
     holds the bracket that pass tried), or the first bracket when `first`; and the mass
@@ -147,8 +165,13 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, f
     lo = tl.where(shrink, new_lo, lo)
     hi = tl.where(shrink, new_hi, hi)
     if first:
-        lo = tl.full([], -1, tl.int32)
-        hi = tl.where(tl.load(top_p_ptr + prog) < 1.0, tl.where(kept > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all
+        # Tokens at or below `floor` hold at most V * floor = half the mass top_p leaves out
+        # (the kept mass is >= 1: the best token's q), so the cut lies above it: a bracket
+        # ~6x narrower than all of [0, 1], one pass fewer (_passes).
+        top_p = tl.load(top_p_ptr + prog)
+        floor = 0.5 * (1.0 - top_p) / V
+        lo = tl.where(floor > 0.0, floor.to(tl.int32, bitcast=True) - 1, -1)
+        hi = tl.where(top_p < 1.0, tl.where(kept > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all
     return lo, hi
 
 
@@ -158,7 +181,7 @@ def _count_kernel(q_ptr, top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, ma
     """One counting pass: the row's bracket from the pass before, then this slice's mass
     above each of K thresholds spread over it."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, prog, slices, first, S_POW2, K)
+    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, prog, slices, first, V, S_POW2, K)
     if piece == 0:
         tl.store(state_out_ptr + prog * 2, lo)
         tl.store(state_out_ptr + prog * 2 + 1, hi)
@@ -179,7 +202,7 @@ def _mask_kernel(x_ptr, rows_ptr, q_ptr, top_p_ptr, part_kept_ptr, mass_ptr, sta
                  SLICE: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
     """The last pass's bracket gives the cut: -inf where q falls below it (or min_p's -1)."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, prog, slices, 0, S_POW2, K)
+    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, prog, slices, 0, V, S_POW2, K)
     row = tl.load(rows_ptr + prog)
     v = piece * SLICE + tl.arange(0, SLICE)
     q = tl.load(q_ptr + prog.to(tl.int64) * V + v, mask=v < V, other=0.0)
@@ -206,10 +229,11 @@ def filter_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: l
     _slice_max_kernel[grid](x, idx, part[0], vocab, x.stride(0), SLICE=SLICE, num_warps=4)
     _slice_q_kernel[grid](x, idx, args[0], part[0], q, part[1], vocab, x.stride(0),
                           SLICE=SLICE, S_POW2=s_pow2, num_warps=4)
-    for k in range(PASSES):
+    passes = _passes(top_p, vocab)
+    for k in range(passes):
         _count_kernel[grid](q, args[1], part[1], mass[(k + 1) % 2], state[(k + 1) % 2], mass[k % 2], state[k % 2],
                             vocab, int(k == 0), SLICE=SLICE, SUB=SUB, S_POW2=s_pow2, K=CANDIDATES, num_warps=4)
-    last = (PASSES - 1) % 2
+    last = (passes - 1) % 2
     _mask_kernel[grid](x, idx, q, args[1], part[1], mass[last], state[last], vocab, x.stride(0),
                        SLICE=SLICE, S_POW2=s_pow2, K=CANDIDATES, num_warps=4)
 

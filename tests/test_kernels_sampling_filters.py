@@ -127,3 +127,10 @@ def test_rows_must_be_contiguous_for_the_kernel():
     x = _logits(4, 300, 6).t().contiguous().t()
     with pytest.raises(ValueError, match="contiguous"):
         filter_triton(x, [0], [0.0], [0.5])
+
+
+def test_as_many_counting_passes_as_the_widest_row_needs():
+    from kernels.sampling_filters import _passes
+    assert _passes([0.95, 0.5], 128_256) == 7
+    assert _passes([1.0, 1.0], 128_256) == 1                             # min_p only: nothing to search
+    assert max(_passes([p], v) for p in (0.0, 1e-30, 0.5, 0.999999, 1 - 2**-24) for v in (2, 300, 128_256)) <= 8
