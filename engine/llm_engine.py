@@ -124,7 +124,7 @@ class LLMEngine:
         self._inflight: _InflightStep | None = None
         # A run-ahead step with grammar rows: its forward is queued, its sampling waits for
         # the previous tokens to be accepted by the matchers (see _run_ahead).
-        self._unsampled: tuple[list[Request], torch.Tensor, list[SamplingRow]] | None = None
+        self._unsampled: tuple[list[Request], torch.Tensor, list[SamplingRow], torch.Tensor] | None = None
         self._pending_outputs: list[RequestOutput] = []  # produced outside step(), returned by it
         self._stopping: list[Request] = []  # a stop string ended them; they end at the next step()
         self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.device,
@@ -365,9 +365,11 @@ class LLMEngine:
                 outputs += self._text_outputs(appended)
             finally:  # the step queued in _run_ahead is sampled whatever the text work did
                 if unsampled is not None:
-                    requests, logits, rows = unsampled
+                    requests, logits, rows, in_flight = unsampled
                     self.structured.apply_bitmask(logits, [r.request_id for r in requests])
-                    self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows), plain_decode=True)
+                    # rows were made before the tokens just read were appended: in_flight has them
+                    self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows, in_flight),
+                                                   plain_decode=True)
             outputs += self._poll_connector()
             self.idle = False
             self._publish_kv_events()
@@ -427,8 +429,9 @@ class LLMEngine:
         flight, each decodes one more token, the runner takes device ids for the batch (a
         captured graph on a GPU; always on a CPU, where it only exercises the logic), blocks are free for
         the position each reaches, and no request needs its previous token on the host to
-        sample (penalties, bad words, min_tokens) or lends KV when it ends. Returns the
-        step that was in flight (for the caller to read), or None to take the normal path."""
+        sample (bad words, min_tokens; penalties count it from the device) or lends KV when
+        it ends. Returns the step that was in flight (for the caller to read), or None to
+        take the normal path."""
         prev = self._inflight
         running = self.scheduler.running
         if (not self.config.async_scheduling or prev is None or not prev.plain_decode or self._stopping or self.scheduler.waiting
@@ -457,10 +460,11 @@ class LLMEngine:
             # The forward does not depend on the grammar, only the sampling does: queue the
             # forward now and sample once the tokens in flight are read and accepted, so the
             # matchers' host work overlaps the device's forward.
-            self._unsampled = (list(running), logits, rows)
+            self._unsampled = (list(running), logits, rows, prev.sample.tokens)
             self._inflight = None  # read by the caller now: never again (a failed step's settling)
         else:
-            self._inflight = _InflightStep(list(running), self.sampler.sample(logits, rows), plain_decode=True)
+            self._inflight = _InflightStep(list(running), self.sampler.sample(logits, rows, prev.sample.tokens),
+                                           plain_decode=True)
         self._peak_running = max(self._peak_running, len(running))
         return prev
 
@@ -471,7 +475,6 @@ class LLMEngine:
         lends = bool(req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode"))
         last = len(req.output_token_ids) + 1 >= req.max_tokens  # the token in flight ends it: nothing to queue
         return (req.num_computed_tokens == req.num_tokens and not req.recompute_ranges and not lends and not last
-                and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
                 and not p.bad_words_token_ids and len(req.output_token_ids) + 1 >= p.min_tokens)
 
     def _collect_inflight(self) -> list[tuple[Request, int, tuple | None]]:

@@ -97,7 +97,11 @@ class Sampler:
         """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""
         return self.sample(logits, rows).resolve()
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               in_flight: torch.Tensor | None = None) -> PendingSample:
+        """`in_flight`: (B,) token ids on the device that each row's output_token_ids does
+        not hold yet (a step queued before the previous one's tokens were read): the
+        penalties count them too."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} sampling rows: "
                              "the model runner must return (rows, vocab) logits, one row per sampling request")
@@ -109,7 +113,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits[_index(want_logprobs, device)], dim=-1)  # (L, V)
 
         logits = apply_bans(logits, rows)
-        logits = apply_penalties(logits, rows)
+        logits = apply_penalties(logits, rows, in_flight)
 
         tokens = torch.empty(len(rows), dtype=torch.int64, device=device)                # (B,)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -243,11 +247,13 @@ def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                    in_flight: torch.Tensor | None = None) -> torch.Tensor:
     """vLLM semantics. Repetition: every token seen in prompt or output has its logit
     divided by the penalty when positive, multiplied when not. Then
     logit -= frequency * count_in_output + presence * (count_in_output > 0).
-    Returns a new tensor when any row has a penalty."""
+    The output is each row's output_token_ids and, where given, its token in `in_flight`
+    (B,), still on the device. Returns a new tensor when any row has a penalty."""
     penalised = [i for i, r in enumerate(rows) if has_penalty(r.params)]
     if not penalised:
         return logits
@@ -260,6 +266,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         # One scatter_add over the flat view: index_put_(accumulate=True) took ~0.3 ms of host time.
         counts.view(-1).scatter_add_(0, out_rows * counts.shape[1] + out_tokens,
                                      torch.ones_like(out_tokens, dtype=sub.dtype))
+        if in_flight is not None:  # one more output token per row, known only to the device
+            extra = in_flight if len(penalised) == len(rows) else in_flight[_index(penalised, device)]
+            own = torch.arange(len(penalised), device=device) * counts.shape[1]
+            counts.view(-1).scatter_add_(0, own + extra, torch.ones_like(extra, dtype=sub.dtype))
 
         rep = [r.params.repetition_penalty for r in prows]
         if any(p != 1.0 for p in rep):

@@ -184,7 +184,7 @@ def test_decode_steps_queued_ahead_give_the_tokens_of_the_plain_loop(llm):
     cases = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
              SamplingParams(temperature=0.8, top_k=40, seed=3, max_tokens=7, logprobs=1),
              SamplingParams(temperature=1.0, seed=11, max_tokens=12),
-             SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.3)]  # runs unqueued
+             SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.3)]
     results = {}
     for async_scheduling in (True, False):
         eng.config.async_scheduling = async_scheduling
@@ -405,3 +405,28 @@ def test_penalised_requests_sample_from_token_arrays_kept_across_steps_as_from_t
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], cases)] == kept
     plain = SamplingParams(temperature=0.0, max_tokens=24)
     assert llm.generate(PROMPTS[:1], plain)[0].outputs[0].token_ids != kept[0]  # the penalty mattered
+
+
+def test_penalised_requests_run_ahead_with_the_tokens_of_the_plain_loop(llm):
+    """A penalty counts the token still in flight on the device, so penalised requests
+    take queued-ahead steps too, and sample what the unqueued loop samples."""
+    eng = llm.engine
+    cases = [SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=2.0, ignore_eos=True),
+             SamplingParams(temperature=0.0, max_tokens=20, frequency_penalty=1.5, presence_penalty=0.7,
+                            ignore_eos=True),
+             SamplingParams(temperature=0.9, seed=5, max_tokens=20, repetition_penalty=1.4, frequency_penalty=0.4,
+                            ignore_eos=True)]
+    # Unpenalised, greedy repeats its last token on these prompts (487, 487, 487; 938, 938):
+    # a penalty that missed the token in flight would let it repeat.
+    prompts = ["0 0 0 0", "Hello there, how are", "0 0 0 0"]
+    results = {}
+    for async_scheduling in (True, False):
+        eng.config.async_scheduling = async_scheduling
+        before = eng.num_steps_run_ahead
+        results[async_scheduling] = [o.outputs[0].token_ids for o in llm.generate(prompts, cases)]
+        assert (eng.num_steps_run_ahead - before > 10) == async_scheduling
+    eng.config.async_scheduling = True
+    assert results[True] == results[False]
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    repeats = llm.generate(prompts[:2], plain)
+    assert all(any(a == b for a, b in zip(o.outputs[0].token_ids, o.outputs[0].token_ids[1:])) for o in repeats)

@@ -337,6 +337,21 @@ def test_all_penalties_compose_in_vllm_order():
     assert out.tolist() == [[2.0, -1.5, 2.0]]
 
 
+def test_penalties_count_the_token_still_on_the_device_as_one_of_the_output():
+    """A step queued before the previous one's tokens were read passes them as in_flight:
+    the same logits as when the token is already in output_token_ids, penalised rows
+    anywhere in the batch."""
+    logits = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5), SamplingParams(),
+              SamplingParams(presence_penalty=1.0), SamplingParams(frequency_penalty=2.0, presence_penalty=-0.5)]
+    outputs = [[3, 3, 7], [1], [9, 2], [4]]
+    full = apply_penalties(logits, [row(p, prompt=[5], output=o) for p, o in zip(params, outputs)])
+    lagging = apply_penalties(logits, [row(p, prompt=[5], output=o[:-1]) for p, o in zip(params, outputs)],
+                              in_flight=torch.tensor([o[-1] for o in outputs]))
+    assert torch.equal(lagging, full)
+    assert not torch.equal(full[3], logits[3])
+
+
 def test_bans_apply_before_greedy_argmax():
     logits = torch.tensor([[5.0, 1.0, 0.0]])
     params = SamplingParams(temperature=0.0, min_tokens=1)

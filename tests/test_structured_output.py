@@ -377,12 +377,14 @@ def test_grammar_rows_run_ahead_with_the_tokens_of_the_plain_loop(llm, backend):
              SamplingParams(temperature=1.0, seed=9, max_tokens=40, structured_outputs=constrained(backend, json=SCHEMA)),
              SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True),  # no grammar, same batch
              SamplingParams(temperature=1.0, seed=2, max_tokens=20,
-                            structured_outputs={"backend": backend, "regex": r"[a-z]{3,9}"})]
+                            structured_outputs={"backend": backend, "regex": r"[a-z]{3,9}"}),
+             SamplingParams(temperature=0.0, max_tokens=30, frequency_penalty=1.5,  # counts the token in flight
+                            structured_outputs={"backend": backend, "regex": r"[0-9 ]{10,60}"})]
     results = {}
     for async_scheduling in (True, False):
         eng.config.async_scheduling = async_scheduling
         before = eng.num_steps_run_ahead
-        outs = llm.generate(["Hello", "Numbers:", "def f(x):", "Hi"], cases)
+        outs = llm.generate(["Hello", "Numbers:", "def f(x):", "Hi", "0 0 0 0"], cases)
         results[async_scheduling] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
         assert (eng.num_steps_run_ahead > before) == async_scheduling
     eng.config.async_scheduling = True
