@@ -49,7 +49,8 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]      # tokens generated before this step; its length is the step
     # The step when output_token_ids lags behind (a decode step queued before the previous
-    # step's token was read back): then only rows without penalties, bans or min_tokens.
+    # step's token was read back): then only rows without bad words or min_tokens still to
+    # reach; a penalty counts the missing token from Sampler.sample's in_flight.
     step: int | None = None
 
     @property
