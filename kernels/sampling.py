@@ -27,7 +27,6 @@ reference, with a warning: slower, never different tokens.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -35,9 +34,8 @@ import triton
 import triton.language as tl
 
 from kernels.host_copy import to_device
-from kernels.triton_utils import use_triton
+from kernels.triton_utils import checked_once, use_triton
 
-log = logging.getLogger(__name__)
 
 MASK32 = 0xFFFFFFFF
 MASK64 = (1 << 64) - 1
@@ -174,25 +172,14 @@ _verified: dict[torch.device, bool] = {}
 
 def kernel_verified(device: torch.device | str) -> bool:
     """Whether the kernel draws the reference's tokens on `device` (checked once)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # "cuda" (device: auto) is the tensors' "cuda:N"
-        device = torch.device("cuda", torch.cuda.current_device())
-    ok = _verified.get(device)
-    if ok is None:
+    def check(device: torch.device) -> str | None:
         x = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
         x[1, 100:] = float("-inf")
         seeds, steps = [0, 1, 2**63 + 3, -1], [0, 5, 9, 2**33]
         want = exponential_race_ref(x, seeds, steps).tolist()
-        try:
-            got = exponential_race_triton(x.to(device), seeds, steps).tolist()
-            ok = got == want
-            why = f"drew {got} where the reference draws {want}"
-        except Exception as e:  # a Triton or driver that cannot build it
-            ok, why = False, f"{type(e).__name__}: {e}"
-        if not ok:
-            log.warning("the sampling kernel is not used on %s (%s): sampling with the torch reference", device, why)
-        _verified[device] = ok
-    return ok
+        got = exponential_race_triton(x.to(device), seeds, steps).tolist()
+        return None if got == want else f"drew {got} where the reference draws {want}"
+    return checked_once(_verified, device, "sampling", "sampling with the torch reference", check)
 
 
 def exponential_race(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:

@@ -27,7 +27,6 @@ disagree, that device filters with the reference, with a warning.
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import torch
@@ -36,9 +35,8 @@ import triton
 import triton.language as tl
 
 from kernels.host_copy import to_device
-from kernels.triton_utils import use_triton
+from kernels.triton_utils import checked_once, use_triton
 
-log = logging.getLogger(__name__)
 
 
 # --- the torch reference ------------------------------------------------------------------
@@ -259,27 +257,15 @@ def _check_rows() -> tuple[torch.Tensor, list[float], list[float]]:
 
 def filter_kernel_verified(device: torch.device | str) -> bool:
     """Whether the kernel keeps the reference's tokens on `device` (checked once)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    ok = _verified.get(device)
-    if ok is None:
+    def check(device: torch.device) -> str | None:
         x, min_p, top_p = _check_rows()
         rows = list(range(x.shape[0]))
         want = x.clone()
         filter_ref(want, rows, min_p, top_p)
-        try:
-            got = x.to(device)
-            filter_triton(got, rows, min_p, top_p)
-            ok = torch.equal(got.cpu().isinf(), want.isinf())
-            why = "it kept other tokens than the reference"
-        except Exception as e:  # a Triton or driver that cannot build it
-            ok, why = False, f"{type(e).__name__}: {e}"
-        if not ok:
-            log.warning("the min_p/top_p kernel is not used on %s (%s): filtering with the torch reference",
-                        device, why)
-        _verified[device] = ok
-    return ok
+        got = x.to(device)
+        filter_triton(got, rows, min_p, top_p)
+        return None if torch.equal(got.cpu().isinf(), want.isinf()) else "it kept other tokens than the reference"
+    return checked_once(_verified, device, "min_p/top_p", "filtering with the torch reference", check)
 
 
 def apply_min_p_top_p(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]) -> None:

@@ -28,18 +28,45 @@ before: a kernel completes only after its own wait returned, so completion is tr
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
 
+log = logging.getLogger(__name__)
+
 try:  # Triton >= 3.4 on NVIDIA; without it PDL stays off
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the Triton build
     gdc_launch_dependents = gdc_wait = None
+
+
+def checked_once(cache: dict[torch.device, bool], device: torch.device | str, what: str, fallback: str,
+                 check: Callable[[torch.device], str | None]) -> bool:
+    """Whether a kernel gives its reference's results on `device`, asked once per device
+    and kept in `cache`: `check(device)` returns None when it does, else what differed
+    (raising counts as differing: a Triton or driver that cannot build it). Otherwise a
+    warning names `what` and the `fallback` the caller takes on that device (its torch
+    reference: slower, never different). "cuda" (device: auto) is checked as the
+    tensors' "cuda:N"."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ok = cache.get(device)
+    if ok is None:
+        try:
+            why = check(device)
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+        ok = why is None
+        if not ok:
+            log.warning("the %s kernel is not used on %s (%s): %s", what, device, why, fallback)
+        cache[device] = ok
+    return ok
 
 
 def interpreting() -> bool:
