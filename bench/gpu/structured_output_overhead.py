@@ -5,7 +5,8 @@ a grammar on every row (ARCHITECTURE §4: under 5% at batch 64 on the 8B shape).
 
 Per batch size and backend: the median decode step (over windows of 8 steps) with no
 grammar, with a grammar on every row, the overhead, and how much of the step the
-host-side bitmask fill takes; and sampling (temperature 0.8, top_p 0.95) against greedy. The
+host-side bitmask fill takes; sampling (temperature 0.8, top_p 0.95) against greedy; and
+the same with repetition, frequency and presence penalties, running ahead and not. The
 grammar is a JSON schema (a list of at least 64 objects) that no row can finish within
 the measured steps, so every step computes a real mask. `--preset tiny --device cpu`
 checks the script here. Writes $OUT/structured_output_overhead.json when OUT is set.
@@ -153,6 +154,27 @@ def main() -> None:
                                                  "overhead": t / b - 1})
         print(f"batch {bs:>3}   sampled: {b * 1e3:7.2f} ms -> {t * 1e3:7.2f} ms per step ({100 * (t / b - 1):+.1f}%), "
               "temperature 0.8, top_p 0.95 against greedy", flush=True)
+        # Penalties beside it, with the engine running ahead (the token still on the device
+        # counted by the sampler) and with async scheduling off, which reads every step back
+        # before queuing the next.
+        pen_params = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, frequency_penalty=0.2,
+                                    presence_penalty=0.1, max_tokens=args.steps + 8, ignore_eos=True)
+        pen = {}
+        for label, run_ahead in (("run_ahead", True), ("sync", False)):
+            llm.engine.config.async_scheduling = run_ahead
+            decode_steps(llm, prompts, pen_params, 4)
+            ahead_before = llm.engine.num_steps_run_ahead
+            times, _ = decode_steps(llm, prompts, pen_params, args.steps)
+            pen[label] = {"step_ms": statistics.median(times) * 1e3,
+                          "steps_run_ahead": llm.engine.num_steps_run_ahead - ahead_before}
+        llm.engine.config.async_scheduling = True
+        b = statistics.median(base) * 1e3
+        result.setdefault("penalised", []).append({"batch": bs, "step_ms": b, **pen,
+                                                   "overhead": pen["run_ahead"]["step_ms"] / b - 1,
+                                                   "overhead_sync": pen["sync"]["step_ms"] / b - 1})
+        print(f"batch {bs:>3} penalised: {b:7.2f} ms -> {pen['run_ahead']['step_ms']:7.2f} ms running ahead "
+              f"({100 * (pen['run_ahead']['step_ms'] / b - 1):+.1f}%, {pen['run_ahead']['steps_run_ahead']} steps ahead), "
+              f"{pen['sync']['step_ms']:7.2f} ms synchronous ({100 * (pen['sync']['step_ms'] / b - 1):+.1f}%)", flush=True)
         for backend in args.backends.split(","):
             params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True,
                                     structured_outputs={"json": SCHEMA, "backend": backend})
