@@ -27,6 +27,8 @@ disagree, that device filters with the reference, with a warning.
 
 from __future__ import annotations
 
+import functools
+
 
 import numpy as np
 import torch
@@ -92,13 +94,18 @@ _Q_ONE_BITS = tl.constexpr(Q_ONE_BITS)
 
 def _passes(top_p: list[float], vocab: int) -> int:
     """Counting passes that narrow every row's first bracket (see _bracket) to one pattern:
-    7 for top_p 0.95 at a 128k vocabulary, 8 at most, 1 when no row uses top_p."""
-    widest = 0
-    for p in top_p:
-        if p < 1.0:
-            floor = np.float32(0.5) * (np.float32(1.0) - np.float32(p)) / np.float32(vocab)
-            lo = int(floor.view(np.int32)) - 1 if floor > 0 else -1
-            widest = max(widest, Q_ONE_BITS - lo + 64)  # 64: the GPU's division may round otherwise
+    7 for top_p 0.95 at a 128k vocabulary, 8 at most, 1 when no row uses top_p. The
+    largest top_p below 1 has the lowest floor, so the widest bracket."""
+    return _passes_for(max((p for p in top_p if p < 1.0), default=1.0), vocab)
+
+
+@functools.lru_cache(maxsize=256)
+def _passes_for(top_p: float, vocab: int) -> int:
+    if top_p >= 1.0:
+        return 1
+    floor = np.float32(0.5) * (np.float32(1.0) - np.float32(top_p)) / np.float32(vocab)
+    lo = int(floor.view(np.int32)) - 1 if floor > 0 else -1
+    widest = Q_ONE_BITS - lo + 64  # 64: the GPU's division may round otherwise
     passes = 0
     while widest > 1:
         widest = -(-widest // (CANDIDATES + 1))

@@ -134,3 +134,7 @@ def test_as_many_counting_passes_as_the_widest_row_needs():
     assert _passes([0.95, 0.5], 128_256) == 7
     assert _passes([1.0, 1.0], 128_256) == 1                             # min_p only: nothing to search
     assert max(_passes([p], v) for p in (0.0, 1e-30, 0.5, 0.999999, 1 - 2**-24) for v in (2, 300, 128_256)) <= 8
+    # from the largest top_p alone (the widest bracket): the same as asking every row
+    ps = (0.0, 1e-30, 0.1, 0.5, 0.9, 0.95, 0.999999, 1 - 2**-24, 1.0)
+    for v in (2, 300, 128_256):
+        assert _passes(list(ps), v) == max(_passes([p], v) for p in ps)

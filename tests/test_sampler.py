@@ -352,6 +352,46 @@ def test_penalties_count_the_token_still_on_the_device_as_one_of_the_output():
     assert not torch.equal(full[3], logits[3])
 
 
+def _penalised_by_definition(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """vLLM's penalties token by token, over the whole vocabulary of every row."""
+    out = logits.clone()
+    for i, r in enumerate(rows):
+        p = r.params
+        for t in range(logits.shape[1]):
+            x = out[i, t]
+            n = list(r.output_token_ids).count(t)
+            if p.repetition_penalty != 1.0 and (n or t in r.prompt_token_ids):
+                x = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+            out[i, t] = x - torch.tensor(p.frequency_penalty) * n - torch.tensor(p.presence_penalty) * (n > 0)
+    return out
+
+
+def test_penalties_equal_their_definition_in_mixed_batches():
+    """Only the seen tokens' logits are touched (a gather and a scatter): the result is the
+    definition's, bit for bit, with repeated tokens, tokens in prompt and output, rows
+    without penalties between penalised ones, and the in-flight token."""
+    gen = torch.Generator().manual_seed(7)
+    vocab = 23
+    for trial in range(30):
+        b = int(torch.randint(1, 6, (1,), generator=gen))
+        logits = torch.randn(b, vocab, generator=gen) * 3
+        logits[0, 5] = NEG_INF  # a banned token stays banned
+        rows = []
+        for _ in range(b):
+            kind = int(torch.randint(0, 4, (1,), generator=gen))
+            params = [SamplingParams(), SamplingParams(repetition_penalty=1.3),
+                      SamplingParams(frequency_penalty=0.7, presence_penalty=-0.4),
+                      SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.2, presence_penalty=1.1)][kind]
+            prompt = torch.randint(0, vocab, (int(torch.randint(0, 8, (1,), generator=gen)),), generator=gen)
+            output = torch.randint(0, vocab, (int(torch.randint(1, 10, (1,), generator=gen)),), generator=gen)
+            rows.append(row(params, prompt=prompt.tolist(), output=output.tolist()))
+        want = _penalised_by_definition(logits, rows)
+        assert torch.equal(apply_penalties(logits, rows), want), trial
+        lagging = [row(r.params, prompt=r.prompt_token_ids, output=r.output_token_ids[:-1]) for r in rows]
+        in_flight = torch.tensor([r.output_token_ids[-1] for r in rows])
+        assert torch.equal(apply_penalties(logits, lagging, in_flight=in_flight), want), trial
+
+
 def test_bans_apply_before_greedy_argmax():
     logits = torch.tensor([[5.0, 1.0, 0.0]])
     params = SamplingParams(temperature=0.0, min_tokens=1)

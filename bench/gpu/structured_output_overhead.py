@@ -129,7 +129,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also: GPU busy time against wall time per step, with and without a grammar")
     ap.add_argument("--host-profile", action="store_true",
-                    help="also: cProfile of the engine's step with each backend at the largest batch")
+                    help="also: cProfile of the engine's step at the largest batch: greedy, sampled, "
+                         "penalised and with each backend")
     args = ap.parse_args()
     path = os.path.join(tempfile.mkdtemp(), args.preset)
     make_model(path, args.preset, with_weights=False)
@@ -168,6 +169,10 @@ def main() -> None:
             pen[label] = {"step_ms": statistics.median(times) * 1e3,
                           "steps_run_ahead": llm.engine.num_steps_run_ahead - ahead_before}
         llm.engine.config.async_scheduling = True
+        if args.host_profile and bs == max(sizes):
+            for label, params in (("greedy", base_params), ("sampled", sampled_params), ("penalised", pen_params)):
+                print(f"host profile, {label}, batch {bs}, {args.steps} steps:\n"
+                      + host_profile_steps(llm, prompts, params, args.steps), flush=True)
         b = statistics.median(base) * 1e3
         result.setdefault("penalised", []).append({"batch": bs, "step_ms": b, **pen,
                                                    "overhead": pen["run_ahead"]["step_ms"] / b - 1,
