@@ -254,24 +254,27 @@ def test_masks_filled_ahead_on_a_worker_are_the_masks_filled_in_place(llm):
     ahead.close()
 
 
-def test_a_fill_that_fails_on_the_worker_fails_the_step_without_reading_its_tokens_twice(llm, monkeypatch):
+@pytest.mark.parametrize("failing", ["_fill", "_accept"])
+def test_grammar_work_that_fails_on_the_worker_fails_the_step_without_reading_its_tokens_twice(llm, monkeypatch,
+                                                                                               caplog, failing):
     """The node fails its requests when a step raises (fail_request settles what is in
-    flight): the step whose tokens the failed step had already read is not read again."""
+    flight): the step whose tokens the failed step had already read is not read again,
+    and the failure is raised once, not again by the next request's grammar work."""
     import threading
 
     eng = llm.engine
     so = {"backend": "xgrammar", "regex": r"[a-z]{30,40}"}
     req = eng.add_request("flaky", "Hi", SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True,
                                                        structured_outputs=so))
-    fill, fills = eng.structured._fill, []
+    work, calls = getattr(eng.structured, failing), []
 
-    def flaky_fill(plan, vocab):
+    def flaky(*args):
         if threading.current_thread().name.startswith("grammar-fill"):
-            fills.append(1)
-            if len(fills) == 3:
-                raise RuntimeError("the matcher's fill failed on the worker")
-        return fill(plan, vocab)
-    monkeypatch.setattr(eng.structured, "_fill", flaky_fill)
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("the matchers' work failed on the worker")
+        return work(*args)
+    monkeypatch.setattr(eng.structured, failing, flaky)
     with pytest.raises(RuntimeError, match="failed on the worker"):
         for _ in range(40):
             eng.step()
@@ -279,6 +282,47 @@ def test_a_fill_that_fails_on_the_worker_fails_the_step_without_reading_its_toke
     out = eng.fail_request("flaky", "engine error")
     assert out.finished and req.output_token_ids == tokens
     assert not eng.has_unfinished_requests
+    after = eng.add_request("after", "Hi", SamplingParams(max_tokens=4, structured_outputs=so))
+    with caplog.at_level("WARNING", logger="engine.llm_engine"):
+        while eng.has_unfinished_requests:
+            eng.step()
+    assert len(after.output_token_ids) == 4 and after.error is None
+    assert "failed" not in caplog.text  # not retried one by one after the failure came back
+
+
+def test_a_token_its_grammar_refuses_in_a_queued_ahead_step_ends_that_request_only(llm, monkeypatch):
+    """The matchers take a run-ahead step's tokens on the worker while the text work runs:
+    a refused token (here forced past the mask once) still ends its request with the
+    grammar's error, and the rest of the batch goes on."""
+    eng = llm.engine
+    so = {"backend": "xgrammar", "regex": r"[a-z]{30,40}"}
+    apply, calls = eng.structured.apply_bitmask, []
+
+    def force_a_forbidden_token(logits, request_ids):
+        apply(logits, request_ids)
+        calls.append(eng.num_steps_run_ahead)
+        if len(calls) == 6 and "victim" in request_ids:
+            row = request_ids.index("victim")
+            forbidden = int(torch.isinf(logits[row]).nonzero()[0])
+            with torch.inference_mode():  # the runner's logits are inference tensors
+                logits[row] = float("-inf")
+                logits[row, forbidden] = 0.0
+    monkeypatch.setattr(eng.structured, "apply_bitmask", force_a_forbidden_token)
+    victim = eng.add_request("victim", "Hi", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                                                            structured_outputs=so))
+    other = eng.add_request("other", "Hi", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                                                          structured_outputs=so))
+    finals = {}
+    while eng.has_unfinished_requests:
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert calls[5] > 0  # the forced step was one queued ahead
+    assert "grammar forbids" in finals["victim"].error and finals["victim"].outputs[0].finish_reason == "error"
+    assert finals["other"].error is None and len(other.output_token_ids) == 30
+    assert all(c.isalpha() and c.islower() for c in finals["other"].outputs[0].text)
+    assert not eng.structured.states and eng.pool.num_free == eng.pool.num_blocks
+    assert len(victim.output_token_ids) < 30
 
 
 def test_a_request_removed_while_its_mask_fills_does_not_change_the_masks(llm):
