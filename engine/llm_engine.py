@@ -353,13 +353,11 @@ class LLMEngine:
                     self._fail_impossible(req, why)
         previous = self._run_ahead()
         if previous is not None:
+            appended = self._collect(previous)
             unsampled, self._unsampled = self._unsampled, None
-            appended = self._collect(previous, accept=unsampled is None)
-            if unsampled is not None:  # grammar rows: the matchers take the tokens just read
-                # and fill the next masks on a worker thread while this one does the text work.
-                self.structured.accept_then_fill_async([r.request_id for r, _, _ in appended],
-                                                       [t for _, t, _ in appended],
-                                                       [r.request_id for r in unsampled[0]])
+            if unsampled is not None:  # grammar rows: masks need the tokens just read
+                # ... and fill on a worker thread while this one does the text work.
+                self.structured.fill_async([r.request_id for r in unsampled[0]])
             outputs, self._pending_outputs = self._pending_outputs, []
             # The text of the step just read before the connector's news: a failed load
             # settles the step queued below (fail_request), whose tokens come after these.
@@ -368,9 +366,6 @@ class LLMEngine:
             finally:  # the step queued in _run_ahead is sampled whatever the text work did
                 if unsampled is not None:
                     requests, logits, rows, in_flight = unsampled
-                    self._fail_refused(self.structured.refusals())
-                    outputs += self._pending_outputs
-                    self._pending_outputs = []
                     self.structured.apply_bitmask(logits, [r.request_id for r in requests])
                     # rows were made before the tokens just read were appended: in_flight has them
                     self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows, in_flight),
@@ -486,11 +481,10 @@ class LLMEngine:
         step, self._inflight = self._inflight, None
         return self._collect(step)
 
-    def _collect(self, step: _InflightStep | None, accept: bool = True) -> list[tuple[Request, int, tuple | None]]:
+    def _collect(self, step: _InflightStep | None) -> list[tuple[Request, int, tuple | None]]:
         """Read a step's tokens; append each to its request and end requests whose token
-        is a stop. Returns (request, token, finish) for the text work. `accept`: False
-        when the caller gives the tokens to the grammars itself."""
-        appended = [] if step is None else self._append_sampled(step.requests, step.sample.resolve(), accept)
+        is a stop. Returns (request, token, finish) for the text work."""
+        appended = [] if step is None else self._append_sampled(step.requests, step.sample.resolve())
         # Stop strings found last step: their requests end now that no step uses them.
         stopping, self._stopping = self._stopping, []
         for req in stopping:
@@ -501,8 +495,7 @@ class LLMEngine:
             self._pending_outputs.append(self._output(req, [req.output_token_ids[-1]], req.pending_text))
         return appended
 
-    def _append_sampled(self, requests: list[Request], sampled: SamplerOutput,
-                        accept: bool = True) -> list[tuple[Request, int, tuple | None]]:
+    def _append_sampled(self, requests: list[Request], sampled: SamplerOutput) -> list[tuple[Request, int, tuple | None]]:
         appended = []
         for req, token, lp in zip(requests, sampled.token_ids, sampled.logprobs):
             if req.status.finished or req.pending_stop is not None:
@@ -522,18 +515,13 @@ class LLMEngine:
                 status = RequestStatus.FINISHED_STOPPED if finish[0] == "stop" else RequestStatus.FINISHED_LENGTH
                 self.scheduler.finish_request(req, status)
             appended.append((req, token, finish))
-        if accept:
-            self._fail_refused(self.structured.accept_tokens([r.request_id for r, _, _ in appended],
-                                                             [t for _, t, _ in appended]))
-        return appended
-
-    def _fail_refused(self, request_ids: list[str]) -> None:
-        """End the requests whose sampled token their grammar refused."""
-        for rid in request_ids:
+        broken = self.structured.accept_tokens([r.request_id for r, _, _ in appended], [t for _, t, _ in appended])
+        for rid in broken:
             req = self.scheduler.requests.get(rid)
             if req is not None and not req.status.finished:
                 self._fail_impossible(req, "the sampler picked a token the request's grammar forbids: relax the "
                                            "constraint, min_tokens or bad_words")
+        return appended
 
     def _fail_impossible(self, req: Request, message: str) -> None:
         """End a request whose constraints cannot be met (not fail_request: a step may be in flight)."""

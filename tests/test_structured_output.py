@@ -254,9 +254,7 @@ def test_masks_filled_ahead_on_a_worker_are_the_masks_filled_in_place(llm):
     ahead.close()
 
 
-@pytest.mark.parametrize("failing", ["_fill", "_accept"])
-def test_grammar_work_that_fails_on_the_worker_fails_the_step_without_reading_its_tokens_twice(llm, monkeypatch,
-                                                                                               caplog, failing):
+def test_a_fill_that_fails_on_the_worker_fails_the_step_without_reading_its_tokens_twice(llm, monkeypatch, caplog):
     """The node fails its requests when a step raises (fail_request settles what is in
     flight): the step whose tokens the failed step had already read is not read again,
     and the failure is raised once, not again by the next request's grammar work."""
@@ -266,15 +264,15 @@ def test_grammar_work_that_fails_on_the_worker_fails_the_step_without_reading_it
     so = {"backend": "xgrammar", "regex": r"[a-z]{30,40}"}
     req = eng.add_request("flaky", "Hi", SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True,
                                                        structured_outputs=so))
-    work, calls = getattr(eng.structured, failing), []
+    fill, fills = eng.structured._fill, []
 
-    def flaky(*args):
+    def flaky_fill(plan, vocab):
         if threading.current_thread().name.startswith("grammar-fill"):
-            calls.append(1)
-            if len(calls) == 3:
-                raise RuntimeError("the matchers' work failed on the worker")
-        return work(*args)
-    monkeypatch.setattr(eng.structured, failing, flaky)
+            fills.append(1)
+            if len(fills) == 3:
+                raise RuntimeError("the matcher's fill failed on the worker")
+        return fill(plan, vocab)
+    monkeypatch.setattr(eng.structured, "_fill", flaky_fill)
     with pytest.raises(RuntimeError, match="failed on the worker"):
         for _ in range(40):
             eng.step()
@@ -291,9 +289,8 @@ def test_grammar_work_that_fails_on_the_worker_fails_the_step_without_reading_it
 
 
 def test_a_token_its_grammar_refuses_in_a_queued_ahead_step_ends_that_request_only(llm, monkeypatch):
-    """The matchers take a run-ahead step's tokens on the worker while the text work runs:
-    a refused token (here forced past the mask once) still ends its request with the
-    grammar's error, and the rest of the batch goes on."""
+    """A refused token in a run-ahead step (here forced past the mask once) ends its
+    request with the grammar's error, and the rest of the batch goes on."""
     eng = llm.engine
     so = {"backend": "xgrammar", "regex": r"[a-z]{30,40}"}
     apply, calls = eng.structured.apply_bitmask, []

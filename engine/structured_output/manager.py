@@ -240,69 +240,30 @@ class StructuredOutputManager:
         meanwhile. accept_tokens waits for it and drops it (the states moved on)."""
         if not self.states or self._pending_fill is not None:
             return
-        ids = tuple(request_ids)
-        self._pending_fill = (ids, self._worker().submit(lambda plan: ([], self._fill(plan, self.vocab_size)),
-                                                         self._plan(ids)))
-
-    def accept_then_fill_async(self, request_ids: Sequence[str], tokens: Sequence[int],
-                               next_ids: Sequence[str]) -> None:
-        """accept_tokens(request_ids, tokens), then fill the masks of the next
-        apply_bitmask(…, next_ids), both on the worker thread, so the caller's text work
-        overlaps the matchers' whole step (xgrammar at batch 64 on an H200 host: ~1 ms to
-        accept, 1-1.5 ms to fill; the text work ~1.5 ms). refusals() waits for the accept
-        and says which tokens the grammars refused, as accept_tokens does."""
-        self._take_pending_fill()
-        if not self.states:
-            self._pending_fill = (tuple(next_ids), _done(([], None)))
-            return
-        # The states are looked up here: the caller's text work removes finished requests' meanwhile.
-        accepting = [(rid, self.states.get(rid), token) for rid, token in zip(request_ids, tokens)]
-        filling = [self.states.get(rid) for rid in next_ids]
-
-        def accept_then_fill() -> tuple[list[str], tuple[torch.Tensor, list[int]] | None]:
-            refused = self._accept(accepting)
-            return refused, self._fill(self._plan_states(filling), self.vocab_size)
-        self._pending_fill = (tuple(next_ids), self._worker().submit(accept_then_fill))
-
-    def refusals(self) -> list[str]:
-        """The requests whose token accept_then_fill_async's accept refused, once it ran
-        (its masks stay for apply_bitmask)."""
-        pending = self._pending_fill
-        if pending is None:
-            return []
-        try:
-            return list(pending[1].result()[0])
-        except BaseException:
-            self._pending_fill = None  # raised once, to the step that started it
-            raise
-
-    def _worker(self) -> ThreadPoolExecutor:
         if self._fill_pool is None:
             self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
-        return self._fill_pool
+        ids = tuple(request_ids)
+        self._pending_fill = (ids, self._fill_pool.submit(self._fill, self._plan(ids), self.vocab_size))
 
     def _take_pending_fill(self) -> tuple[tuple[str, ...], tuple[torch.Tensor, list[int]] | None] | None:
-        """The pending fill's (ids, masks), waited for, or None. Always waited for before the
+        """fill_async's (ids, result), waited for, or None. Always waited for before the
         matchers advance or another fill starts: it writes the one host bitmask and reads
         the matchers."""
         pending, self._pending_fill = self._pending_fill, None
         if pending is None:
             return None
         ids, future = pending
-        return ids, future.result()[1]
+        return ids, future.result()
 
     def _plan(self, request_ids: Sequence[str]) -> _FillPlan | None:
         """Which logits rows take a mask and from which matcher, read on the caller's
         thread (the engine removes finished requests' states while a fill runs)."""
         if not self.states:
             return None
-        return self._plan_states([self.states.get(rid) for rid in request_ids])
-
-    @staticmethod
-    def _plan_states(states: Sequence[GrammarState | None]) -> _FillPlan | None:
         by_backend: dict[str, list[tuple[int, GrammarMatcher]]] = {}
         finished: list[int] = []
-        for i, state in enumerate(states):
+        for i, rid in enumerate(request_ids):
+            state = self.states.get(rid)
             if state is None or not state.active:
                 continue
             if state.matcher.is_terminated():
@@ -335,12 +296,10 @@ class StructuredOutputManager:
         if not self.states:
             return []
         self._take_pending_fill()  # masks of states about to change: unused, and not mid-fill
-        return self._accept([(rid, self.states.get(rid), token) for rid, token in zip(request_ids, tokens)])
-
-    def _accept(self, accepting: Sequence[tuple[str, GrammarState | None, int]]) -> list[str]:
         broken = []
         by_backend: dict[str, tuple[list[str], list[GrammarMatcher], list[int]]] = {}
-        for rid, state, token in accepting:
+        for rid, token in zip(request_ids, tokens):
+            state = self.states.get(rid)
             if state is None:
                 continue
             if not state.active or state.matcher.is_terminated():
@@ -354,7 +313,7 @@ class StructuredOutputManager:
         for name, (ids, matchers, accepted) in by_backend.items():
             broken += [rid for rid, ok in zip(ids, accept_all(self._backends[name], matchers, accepted)) if not ok]
         if len(broken) > 1:
-            order = {rid: i for i, (rid, _, _) in enumerate(accepting)}
+            order = {rid: i for i, rid in enumerate(request_ids)}
             broken.sort(key=order.__getitem__)  # batch order, whichever backend refused
         return broken
 
@@ -372,12 +331,6 @@ class StructuredOutputManager:
             host = torch.empty((n, words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
             self._host_bitmask = host
         return host
-
-
-def _done(result: Any) -> Future:
-    future: Future = Future()
-    future.set_result(result)
-    return future
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
