@@ -36,7 +36,7 @@ import torch
 from engine.sampling_params import SamplingParams
 from kernels.host_copy import host_to_device, to_device
 from kernels.sampling import exponential_race, kernel_verified
-from kernels.sampling_filters import apply_min_p_top_p, filter_kernel_verified
+from kernels.sampling_filters import draw_filtered, draw_kernel_verified, filter_kernel_verified
 
 # --- the sampler ------------------------------------------------------------------------
 
@@ -93,6 +93,7 @@ class Sampler:
         if device.type == "cuda":
             kernel_verified(device)  # the kernels built and checked now, not in a serving step
             filter_kernel_verified(device)
+            draw_kernel_verified(device)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""
@@ -337,11 +338,11 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         with _RowSubset(x, [j for j, _ in top_k]) as sub:
             _mask_top_k(sub, _column([k for _, k in top_k], torch.int64, device), max(k for _, k in top_k))
     filtered = [j for j, r in enumerate(rows) if r.params.min_p > 0 or r.params.top_p < 1.0]
+    seeds, steps = [r.seed for r in rows], [r.num_output_tokens for r in rows]
     if filtered:
-        apply_min_p_top_p(x, filtered, [rows[j].params.min_p for j in filtered],
-                          [rows[j].params.top_p for j in filtered])
-
-    return exponential_race(x, [r.seed for r in rows], [r.num_output_tokens for r in rows])  # (R,)
+        return draw_filtered(x, filtered, [rows[j].params.min_p for j in filtered],
+                             [rows[j].params.top_p for j in filtered], seeds, steps)       # (R,)
+    return exponential_race(x, seeds, steps)                                              # (R,)
 
 
 def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

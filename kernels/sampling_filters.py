@@ -15,6 +15,14 @@ Work is in q = exp(x - max) = p / p_max (the best token has q = 1): min_p keeps 
 as the reference's p < min_p * p_max drops, and top_p's mass is compared with top_p times
 the mass min_p kept (vLLM v1's order: top_p sees min_p's renormalised distribution).
 
+Drawing with them (`draw_filtered`, what the sampler calls): a row is drawn first from
+what min_p keeps, and top_p's passes then only matter for the rows whose token top_p would
+rule out: the draw is argmax(x + G), and a token with the best score of a set has it in
+every subset that holds it. Whether top_p keeps the token is measured in the first pass,
+with the token's q as one of its thresholds; the rows that keep it (at least a top_p share
+of the draws) skip the other passes, the mask and a second draw. Exactly the tokens of
+filtering then drawing (see draw_filtered_triton).
+
 Same function as the reference, so the kept set is the same up to float rounding: the
 kernels' sums add in another order than torch's softmax and cumsum, so a token can differ
 only where the mass ahead of it is within float32 rounding of top_p (a sum over up to the
@@ -28,7 +36,7 @@ disagree, that device filters with the reference, with a warning.
 from __future__ import annotations
 
 import functools
-
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.host_copy import to_device
+from kernels.sampling import exponential_race, exponential_race_ref, exponential_race_triton, kernel_verified
 from kernels.triton_utils import checked_once, use_triton
 
 
@@ -107,8 +116,8 @@ def _passes_for(top_p: float, vocab: int) -> int:
     lo = int(floor.view(np.int32)) - 1 if floor > 0 else -1
     widest = Q_ONE_BITS - lo + 64  # 64: the GPU's division may round otherwise
     passes = 0
-    while widest > 1:
-        widest = -(-widest // (CANDIDATES + 1))
+    while widest > 1:  # the first pass spreads one threshold fewer (see _candidates)
+        widest = -(-widest // (CANDIDATES if passes == 0 else CANDIDATES + 1))
         passes += 1
     return max(passes, 1)
 
@@ -131,8 +140,9 @@ def _row_sum(ptr, n, S_POW2: tl.constexpr):
 
 @triton.jit(do_not_specialize=["V", "stride"])
 def _slice_q_kernel(x_ptr, rows_ptr, min_p_ptr, part_max_ptr, q_ptr, part_kept_ptr, V, stride,
-                    SLICE: tl.constexpr, S_POW2: tl.constexpr):
-    """q (or -1 where min_p rules the token out) into q_ptr; each slice's kept mass."""
+                    SLICE: tl.constexpr, S_POW2: tl.constexpr, CUT_MIN_P: tl.constexpr):
+    """q (or -1 where min_p rules the token out) into q_ptr; each slice's kept mass; with
+    CUT_MIN_P, also -inf into x where min_p rules the token out."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     row = tl.load(rows_ptr + prog)
     i = tl.arange(0, S_POW2)
@@ -145,28 +155,49 @@ def _slice_q_kernel(x_ptr, rows_ptr, min_p_ptr, part_max_ptr, q_ptr, part_kept_p
     q = tl.where(live, q, -1.0)
     tl.store(q_ptr + prog.to(tl.int64) * V + v, q, mask=v < V)
     tl.store(part_kept_ptr + prog * slices + piece, tl.sum(tl.where(q > 0.0, q, 0.0), 0))
+    if CUT_MIN_P:
+        tl.store(x_ptr + row * stride + v, float("-inf"), mask=(v < V) & (q < 0.0))
 
 
 @triton.jit
-def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, first, V,
-             S_POW2: tl.constexpr, K: tl.constexpr):
+def _candidates(lo, hi, tok_ptr, prog, first, drawn, K: tl.constexpr):
+    """The K thresholds a pass tries in (lo, hi], as int32 bit patterns: spread evenly; in
+    the first pass K - 1 of them, and as the last the drawn token's q (clamped into the
+    bracket), whose mass says whether top_p keeps that token (see draw_filtered_triton);
+    a pass without a drawn token repeats its last spread threshold there instead."""
+    j = tl.arange(0, K)
+    parts = K + 1 - first                                       # intervals the thresholds cut
+    step = (hi - lo + parts - 1) // parts
+    cand = tl.minimum(lo + step * (j + 1), hi)
+    spread_last = tl.minimum(lo + step * (K - 1), hi)
+    tok = tl.minimum(tl.maximum(tl.load(tok_ptr + prog, mask=(first * drawn) != 0, other=0), lo), hi)
+    extra = tl.where(drawn != 0, tok, spread_last)
+    return tl.where((j == K - 1) & (first != 0), extra, cand)
+
+
+@triton.jit
+def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, tok_ptr, prog, slices, first, after_first,
+             drawn, V, S_POW2: tl.constexpr, K: tl.constexpr):
     """The row's (lo, hi] after the pass whose partial masses part_mass_ptr holds (state_ptr
-    holds the bracket that pass tried), or the first bracket when `first`; and the mass
-    top_p asks for."""
+    holds the bracket that pass tried; `after_first`: that pass was the first), or the
+    first bracket when `first`; and, after the first pass, whether the drawn token's q
+    holds less mass above it than top_p asks for (top_p keeps the token)."""
     kept = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2)
     target = tl.load(top_p_ptr + prog) * kept
     lo = tl.load(state_ptr + prog * 2)
     hi = tl.load(state_ptr + prog * 2 + 1)
     j = tl.arange(0, K)
-    step = (hi - lo + K) // (K + 1)
-    cand = tl.minimum(lo + step * (j + 1), hi)
+    cand = _candidates(lo, hi, tok_ptr, prog, after_first, drawn, K)
     s = tl.arange(0, S_POW2)
     mass = tl.sum(tl.load(part_mass_ptr + prog * slices * K + s[:, None] * K + j[None, :],
                           mask=(s < slices)[:, None], other=0.0), 0)                  # (K,)
     below = mass < target
+    # Any set of thresholds narrows the bracket alike: the highest holding too much mass
+    # and the lowest holding too little.
     new_hi = tl.min(tl.where(below, cand, hi), 0)
     new_lo = tl.max(tl.where(below, lo, cand), 0)
     shrink = (hi - lo > 1).to(tl.int32) * (1 - first) > 0
+    token_kept = tl.sum(tl.where(j == K - 1, below.to(tl.int32), 0), 0) * after_first * drawn
     lo = tl.where(shrink, new_lo, lo)
     hi = tl.where(shrink, new_hi, hi)
     if first:
@@ -177,70 +208,135 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, prog, slices, f
         floor = 0.5 * (1.0 - top_p) / V
         lo = tl.where(floor > 0.0, floor.to(tl.int32, bitcast=True) - 1, -1)
         hi = tl.where(top_p < 1.0, tl.where(kept > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all
-    return lo, hi
+    return lo, hi, token_kept
 
 
-@triton.jit(do_not_specialize=["V", "first"])
-def _count_kernel(q_ptr, top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, mass_out_ptr, state_out_ptr,
-                  V, first, SLICE: tl.constexpr, SUB: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
+@triton.jit
+def _token_kept(accepted_ptr, prog, later, after_first, token_kept):
+    """Whether the drawn token stands (top_p keeps it): decided after the first pass,
+    written then by the row's first slice, read by every `later` kernel of the row."""
+    return tl.where(after_first != 0, token_kept, tl.load(accepted_ptr + prog, mask=later, other=0))
+
+
+@triton.jit(do_not_specialize=["V", "first", "after_first", "drawn"])
+def _count_kernel(q_ptr, top_p_ptr, part_kept_ptr, tok_ptr, accepted_ptr, mass_in_ptr, state_in_ptr, mass_out_ptr,
+                  state_out_ptr, V, first, after_first, drawn, SLICE: tl.constexpr, SUB: tl.constexpr,
+                  S_POW2: tl.constexpr, K: tl.constexpr):
     """One counting pass: the row's bracket from the pass before, then this slice's mass
-    above each of K thresholds spread over it."""
+    above each of K thresholds in it. Nothing to do for a row whose drawn token stands."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, prog, slices, first, V, S_POW2, K)
-    if piece == 0:
-        tl.store(state_out_ptr + prog * 2, lo)
-        tl.store(state_out_ptr + prog * 2 + 1, hi)
-    j = tl.arange(0, K)
-    step = (hi - lo + K) // (K + 1)
-    cut = tl.minimum(lo + step * (j + 1), hi).to(tl.float32, bitcast=True)          # (K,)
-    acc = tl.zeros([SUB, K], tl.float32)
-    base = q_ptr + prog.to(tl.int64) * V
-    for start in range(0, SLICE, SUB):
-        v = piece * SLICE + start + tl.arange(0, SUB)
-        q = tl.load(base + v, mask=v < V, other=-1.0)
-        acc += tl.where(q[:, None] > cut[None, :], q[:, None], 0.0)
-    tl.store(mass_out_ptr + (prog * slices + piece) * K + j, tl.sum(acc, 0))
+    lo, hi, token_kept = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, tok_ptr, prog, slices,
+                                  first, after_first, drawn, V, S_POW2, K)
+    accepted = _token_kept(accepted_ptr, prog, (first == 0) & (after_first == 0), after_first, token_kept)
+    if (piece == 0) & (after_first != 0):
+        tl.store(accepted_ptr + prog, accepted)
+    if accepted == 0:
+        if piece == 0:
+            tl.store(state_out_ptr + prog * 2, lo)
+            tl.store(state_out_ptr + prog * 2 + 1, hi)
+        j = tl.arange(0, K)
+        cut = _candidates(lo, hi, tok_ptr, prog, first, drawn, K).to(tl.float32, bitcast=True)  # (K,)
+        acc = tl.zeros([SUB, K], tl.float32)
+        base = q_ptr + prog.to(tl.int64) * V
+        for start in range(0, SLICE, SUB):
+            v = piece * SLICE + start + tl.arange(0, SUB)
+            q = tl.load(base + v, mask=v < V, other=-1.0)
+            acc += tl.where(q[:, None] > cut[None, :], q[:, None], 0.0)
+        tl.store(mass_out_ptr + (prog * slices + piece) * K + j, tl.sum(acc, 0))
 
 
-@triton.jit(do_not_specialize=["V", "stride"])
-def _mask_kernel(x_ptr, rows_ptr, q_ptr, top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, V, stride,
-                 SLICE: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
-    """The last pass's bracket gives the cut: -inf where q falls below it (or min_p's -1)."""
+@triton.jit(do_not_specialize=["V", "stride", "after_first", "drawn"])
+def _mask_kernel(x_ptr, rows_ptr, q_ptr, top_p_ptr, part_kept_ptr, tok_ptr, accepted_ptr, mass_ptr, state_ptr, V,
+                 stride, after_first, drawn, SLICE: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
+    """The last pass's bracket gives the cut: -inf where q falls below it (or min_p's -1).
+    Nothing to do for a row whose drawn token stands."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    lo, hi = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, prog, slices, 0, V, S_POW2, K)
-    row = tl.load(rows_ptr + prog)
-    v = piece * SLICE + tl.arange(0, SLICE)
-    q = tl.load(q_ptr + prog.to(tl.int64) * V + v, mask=v < V, other=0.0)
-    live = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2) > 0.0
-    cut = tl.where(live, hi.to(tl.float32, bitcast=True), float("-inf"))  # a dead row: nothing goes
-    tl.store(x_ptr + row * stride + v, float("-inf"), mask=(v < V) & (q < cut))
+    lo, hi, token_kept = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, tok_ptr, prog, slices, 0,
+                                  after_first, drawn, V, S_POW2, K)
+    if _token_kept(accepted_ptr, prog, after_first == 0, after_first, token_kept) == 0:
+        row = tl.load(rows_ptr + prog)
+        v = piece * SLICE + tl.arange(0, SLICE)
+        q = tl.load(q_ptr + prog.to(tl.int64) * V + v, mask=v < V, other=0.0)
+        live = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2) > 0.0
+        cut = tl.where(live, hi.to(tl.float32, bitcast=True), float("-inf"))  # a dead row: nothing goes
+        tl.store(x_ptr + row * stride + v, float("-inf"), mask=(v < V) & (q < cut))
+
+
+class _Filter:
+    """One filter call's rows, arguments and scratch on the device."""
+
+    def __init__(self, x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]):
+        if x.stride(1) != 1:
+            raise ValueError("the filter kernel edits rows in place: they must be contiguous")
+        device, m, self.vocab = x.device, len(rows), x.shape[1]
+        self.x, self.top_p = x, top_p
+        self.slices = triton.cdiv(self.vocab, SLICE)
+        self.s_pow2 = triton.next_power_of_2(self.slices)
+        self.grid = (m, self.slices)
+        self.idx = to_device(rows, torch.int64, device)
+        self.args = to_device([min_p, top_p], torch.float32, device)                   # (2, M)
+        self.q = torch.empty(m, self.vocab, dtype=torch.float32, device=device)         # (M, V)
+        self.part = torch.empty(2, m, self.slices, dtype=torch.float32, device=device)  # max, kept mass
+        self.accepted = torch.empty(m, dtype=torch.int32, device=device)                # drawn token stands
+
+    def q_values(self, cut_min_p: bool) -> None:
+        x, grid = self.x, self.grid
+        _slice_max_kernel[grid](x, self.idx, self.part[0], self.vocab, x.stride(0), SLICE=SLICE, num_warps=4)
+        _slice_q_kernel[grid](x, self.idx, self.args[0], self.part[0], self.q, self.part[1], self.vocab, x.stride(0),
+                              SLICE=SLICE, S_POW2=self.s_pow2, CUT_MIN_P=cut_min_p, num_warps=4)
+
+    def cut_top_p(self, tok: torch.Tensor | None) -> None:
+        """The counting passes and the mask; `tok`: int32 (M,) bits of each row's drawn
+        token's q, or None (filter every row)."""
+        x, grid, m = self.x, self.grid, self.grid[0]
+        drawn = int(tok is not None)
+        tok = self.accepted if tok is None else tok  # not read without a drawn token
+        mass = torch.empty(2, m, self.slices, CANDIDATES, dtype=torch.float32, device=x.device)  # by pass parity
+        state = torch.empty(2, m, 2, dtype=torch.int32, device=x.device)                        # (lo, hi] by parity
+        passes = _passes(self.top_p, self.vocab)
+        for k in range(passes):
+            _count_kernel[grid](self.q, self.args[1], self.part[1], tok, self.accepted, mass[(k + 1) % 2],
+                                state[(k + 1) % 2], mass[k % 2], state[k % 2], self.vocab, int(k == 0), int(k == 1),
+                                drawn, SLICE=SLICE, SUB=SUB, S_POW2=self.s_pow2, K=CANDIDATES, num_warps=4)
+        last = (passes - 1) % 2
+        _mask_kernel[grid](x, self.idx, self.q, self.args[1], self.part[1], tok, self.accepted, mass[last], state[last],
+                           self.vocab, x.stride(0), int(passes == 1), drawn, SLICE=SLICE, S_POW2=self.s_pow2,
+                           K=CANDIDATES, num_warps=4)
 
 
 def filter_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]) -> None:
     if not rows:
         return
-    if x.stride(1) != 1:
-        raise ValueError("the filter kernel edits rows in place: they must be contiguous")
-    device, m, vocab = x.device, len(rows), x.shape[1]
-    slices = triton.cdiv(vocab, SLICE)
-    s_pow2 = triton.next_power_of_2(slices)
-    grid = (m, slices)
-    idx = to_device(rows, torch.int64, device)
-    args = to_device([min_p, top_p], torch.float32, device)                           # (2, M)
-    q = torch.empty(m, vocab, dtype=torch.float32, device=device)                     # (M, V)
-    part = torch.empty(2, m, slices, dtype=torch.float32, device=device)              # max, kept mass
-    mass = torch.empty(2, m, slices, CANDIDATES, dtype=torch.float32, device=device)  # by pass parity
-    state = torch.empty(2, m, 2, dtype=torch.int32, device=device)                    # (lo, hi] by parity
-    _slice_max_kernel[grid](x, idx, part[0], vocab, x.stride(0), SLICE=SLICE, num_warps=4)
-    _slice_q_kernel[grid](x, idx, args[0], part[0], q, part[1], vocab, x.stride(0),
-                          SLICE=SLICE, S_POW2=s_pow2, num_warps=4)
-    passes = _passes(top_p, vocab)
-    for k in range(passes):
-        _count_kernel[grid](q, args[1], part[1], mass[(k + 1) % 2], state[(k + 1) % 2], mass[k % 2], state[k % 2],
-                            vocab, int(k == 0), SLICE=SLICE, SUB=SUB, S_POW2=s_pow2, K=CANDIDATES, num_warps=4)
-    last = (passes - 1) % 2
-    _mask_kernel[grid](x, idx, q, args[1], part[1], mass[last], state[last], vocab, x.stride(0),
-                       SLICE=SLICE, S_POW2=s_pow2, K=CANDIDATES, num_warps=4)
+    f = _Filter(x, rows, min_p, top_p)
+    f.q_values(cut_min_p=False)
+    f.cut_top_p(None)
+
+
+def draw_filtered_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float],
+                         seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """filter_triton then exponential_race_triton, the same tokens, mostly without top_p's
+    counting passes. Drawn first from what min_p keeps, a row's token t is the one drawn
+    from top_p's set too whenever that set holds t: the draw is argmax(x + G) over the set,
+    and t has the largest score of a superset. top_p keeps t exactly when the mass above
+    q_t is below top_p's target, which the first pass measures with q_t as one of its
+    thresholds, by the arithmetic every threshold gets (so it is the cut's own test: mass
+    only falls as a threshold rises, in float32 sums too); the token then stands, and the
+    row's later passes, mask and second draw do nothing. That is most rows: the first draw
+    lands in top_p's set with probability at least top_p. Edits x (min_p's cut; top_p's in
+    the rows drawn again)."""
+    if not rows:
+        return exponential_race_triton(x, seeds, steps)
+    f = _Filter(x, rows, min_p, top_p)
+    f.q_values(cut_min_p=True)
+    first = exponential_race_triton(x, seeds, steps)                                  # (R,)
+    if all(p >= 1.0 for p in top_p):
+        return first  # min_p alone: its cut is in x already
+    tok = f.q.gather(1, first[f.idx][:, None]).view(torch.int32)[:, 0]                # (M,) bits of q_t
+    f.cut_top_p(tok)
+    again = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)              # (R,)
+    again.index_copy_(0, f.idx, 1 - f.accepted)
+    second = exponential_race_triton(x, seeds, steps, only=again)
+    return torch.where(again.bool(), second, first)
 
 
 _verified: dict[torch.device, bool] = {}
@@ -282,3 +378,35 @@ def apply_min_p_top_p(x: torch.Tensor, rows: list[int], min_p: list[float], top_
         filter_triton(x, rows, min_p, top_p)
     else:
         filter_ref(x, rows, min_p, top_p)
+
+
+_draw_verified: dict[torch.device, bool] = {}
+
+
+def draw_kernel_verified(device: torch.device | str) -> bool:
+    """Whether draw_filtered_triton draws the reference's tokens on `device` (checked once),
+    on the check rows each drawn with 4 seeds: most draws stand in some rows, most are
+    drawn again in others."""
+    def check(device: torch.device) -> str | None:
+        x, min_p, top_p = _check_rows()
+        x, n = x.repeat_interleave(4, dim=0), x.shape[0] * 4
+        rows, min_p, top_p = list(range(n)), [p for p in min_p for _ in range(4)], [p for p in top_p for _ in range(4)]
+        seeds, steps = [3 * i + 1 for i in range(n)], [i % 5 for i in range(n)]
+        want = x.clone()
+        filter_ref(want, rows, min_p, top_p)
+        want_tokens = exponential_race_ref(want, seeds, steps).tolist()
+        got = draw_filtered_triton(x.to(device), rows, min_p, top_p, seeds, steps).tolist()
+        return None if got == want_tokens else f"drew {got} where the reference draws {want_tokens}"
+    return checked_once(_draw_verified, device, "min_p/top_p draw", "filtering, then drawing, apart", check)
+
+
+def draw_filtered(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float],
+                  seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """The token each row of x draws (exponential_race) once min_p (0: off) and top_p (1:
+    off) ruled tokens out of rows `rows`. x: float32 (R, V), logits after temperature and
+    top_k; edited in place. -> int64 (R,)."""
+    if (use_triton(x) and kernel_verified(x.device) and filter_kernel_verified(x.device)
+            and draw_kernel_verified(x.device)):
+        return draw_filtered_triton(x, rows, min_p, top_p, seeds, steps)
+    apply_min_p_top_p(x, rows, min_p, top_p)
+    return exponential_race(x, seeds, steps)

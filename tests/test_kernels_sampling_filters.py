@@ -138,3 +138,66 @@ def test_as_many_counting_passes_as_the_widest_row_needs():
     ps = (0.0, 1e-30, 0.1, 0.5, 0.9, 0.95, 0.999999, 1 - 2**-24, 1.0)
     for v in (2, 300, 128_256):
         assert _passes(list(ps), v) == max(_passes([p], v) for p in ps)
+
+
+# --- drawing with the filters: the first draw stands where top_p keeps it ----------------
+
+def _draw_apart(x, rows, min_p, top_p, seeds, steps):
+    """The kernels one after the other: filter, then draw."""
+    from kernels.sampling import exponential_race_triton
+    x = x.clone().to(DEVICE)
+    filter_triton(x, rows, min_p, top_p)
+    return exponential_race_triton(x, seeds, steps).cpu()
+
+
+def _draw_at_once(x, rows, min_p, top_p, seeds, steps, monkeypatch=None):
+    """draw_filtered_triton; with monkeypatch, also the rows it drew a second time."""
+    from kernels import sampling_filters as sf
+    again = []
+    if monkeypatch is not None:
+        race = sf.exponential_race_triton
+
+        def recording(x, seeds, steps, only=None):
+            if only is not None:
+                again.append(only.bool().cpu())
+            return race(x, seeds, steps, only=only)
+        monkeypatch.setattr(sf, "exponential_race_triton", recording)
+    tokens = sf.draw_filtered_triton(x.clone().to(DEVICE), rows, min_p, top_p, seeds, steps).cpu()
+    return (tokens, again[0] if again else torch.zeros(x.shape[0], dtype=torch.bool)) if monkeypatch else tokens
+
+
+def test_drawing_with_the_filters_at_once_draws_what_filtering_then_drawing_does(monkeypatch):
+    """Exactly the same tokens, cut anywhere (not only far from ties): whether a first
+    draw stands is decided by the very threshold arithmetic the cut is found with. Rows
+    not named, min_p alone, top_p 1 and a dead row share the batch; most first draws
+    stand in wide cuts, most are drawn again in narrow ones."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 2000, generator=g) * 3
+    x[1] = torch.randn(2000, generator=g) * 0.3              # flat: ties at the cut within rounding
+    x[3] = INF                                                # nothing left to draw
+    x = x.repeat_interleave(4, dim=0)                         # 16 rows, four seeds each
+    rows = [r for r in range(16) if r % 4 != 3]               # one row in four not filtered
+    top_p = [[0.9, 0.37, 0.999, 0.5][r // 4] if r % 4 != 2 else 1.0 for r in rows]
+    min_p = [0.05 if r % 4 in (1, 2) else 0.0 for r in rows]
+    seeds, steps = [7 * r + 2 for r in range(16)], [r % 3 for r in range(16)]
+    tokens, again = _draw_at_once(x, rows, min_p, top_p, seeds, steps, monkeypatch)
+    assert torch.equal(tokens, _draw_apart(x, rows, min_p, top_p, seeds, steps))
+    assert 0 < int(again.sum()) < len(rows)                  # both ways were taken
+    assert not again[[r for r in range(16) if r % 4 == 3]].any()  # rows not named: drawn once
+
+
+def test_drawing_with_the_filters_at_once_draws_the_references_tokens():
+    from kernels.sampling import exponential_race_ref
+    x, min_p, top_p = sampling_filters._check_rows()
+    rows = list(range(x.shape[0]))
+    for seed in range(2):
+        seeds, steps = [seed * 10 + r for r in rows], [seed] * len(rows)
+        want = x.clone()
+        filter_ref(want, rows, min_p, top_p)
+        assert torch.equal(_draw_at_once(x, rows, min_p, top_p, seeds, steps),
+                           exponential_race_ref(want, seeds, steps))
+
+
+def test_the_draw_is_checked_against_the_reference_before_a_device_uses_it():
+    from kernels.sampling_filters import draw_kernel_verified
+    assert draw_kernel_verified(DEVICE)

@@ -1,6 +1,7 @@
 """The sampler's Triton kernels beside their torch references, on the device alone:
 min_p/top_p (kernels/sampling_filters.py) against the sort, and the exponential race
-(kernels/sampling.py) against its ~20 elementwise kernels. Also whether they agree: how
+(kernels/sampling.py) against its ~20 elementwise kernels, and the draw with top_p at once
+(draw_filtered_triton) against filtering then drawing. Also whether they agree: how
 many rows keep other tokens than the reference, by how many tokens at most (float
 rounding at the cut: the reference's cumsum and the kernel's sums add in other orders).
 
@@ -21,7 +22,8 @@ import statistics
 import torch
 
 from kernels.sampling import exponential_race_ref, exponential_race_triton
-from kernels.sampling_filters import filter_ref, filter_triton
+from kernels.sampling_filters import draw_filtered_triton, filter_ref, filter_triton
+
 
 def device_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
@@ -75,6 +77,23 @@ def main() -> None:
                                 "same_tokens_as_cpu": same_cpu})
             print(f"batch {bs:>3} {kind:>6}        race: ref {ref_ms:.3f} ms, kernel {ker_ms:.3f} ms "
                   f"({ref_ms / ker_ms:.1f}x), same tokens {same} (as the CPU's {same_cpu})", flush=True)
+            # Filter and draw: apart (the two kernels) against at once (the first draw stands
+            # where top_p keeps it), for top_p 0.95 and for a narrow top_p 0.5.
+            for top_p_value in (0.95, 0.5):
+                top_p = [top_p_value] * bs
+                min_p = [0.0] * bs
+
+                def apart():
+                    y = x.clone()
+                    filter_triton(y, rows, min_p, top_p)
+                    return exponential_race_triton(y, seeds, steps)
+                same = torch.equal(apart(), draw_filtered_triton(x.clone(), rows, min_p, top_p, seeds, steps))
+                apart_ms = device_ms(apart) - clone_ms
+                once_ms = device_ms(lambda: draw_filtered_triton(x.clone(), rows, min_p, top_p, seeds, steps)) - clone_ms
+                out.setdefault("draw", []).append({"batch": bs, "rows": kind, "top_p": top_p_value, "apart_ms": apart_ms,
+                                                   "at_once_ms": once_ms, "same_tokens": same})
+                print(f"batch {bs:>3} {kind:>6} draw top_p {top_p_value}: filter then race {apart_ms:.3f} ms, at once "
+                      f"{once_ms:.3f} ms ({apart_ms / once_ms:.2f}x), same tokens {same}", flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "sampler_kernels.json"), "w") as f:
             json.dump(out, f, indent=1)
