@@ -130,13 +130,13 @@ def _mix32(x):
 # (== 1, divisible by 16, other), so a batch of one sampled row, or of 16, would each compile
 # (~0.75 s on an H200) in a serving step, not in kernel_verified's check.
 @triton.jit(do_not_specialize=["R", "V", "stride"])
-def _race_kernel(x_ptr, parts_ptr, only_ptr, best_ptr, best_at_ptr, R, V, stride, BLOCK: tl.constexpr,
-                 ONLY: tl.constexpr):
+def _race_kernel(x_ptr, parts_ptr, only_ptr, otherwise_ptr, best_ptr, best_at_ptr, R, V, stride,
+                 BLOCK: tl.constexpr, ONLY: tl.constexpr):
     row = tl.program_id(0)
     piece = tl.program_id(1)
     slices = tl.num_programs(1)
     go = True
-    if ONLY:  # rows to draw for; the others' programs leave the slice out
+    if ONLY:  # rows to draw for; the others take their token from otherwise_ptr
         go = tl.load(only_ptr + row) != 0
     if go:
         lo = tl.load(parts_ptr + row)
@@ -152,17 +152,18 @@ def _race_kernel(x_ptr, parts_ptr, only_ptr, best_ptr, best_at_ptr, R, V, stride
         # The slice's first best token (a slice with every token out: its first, as torch's argmax).
         tl.store(best_ptr + row * slices + piece, top)
         tl.store(best_at_ptr + row * slices + piece, tl.min(tl.where(score == top, v, V), 0))
-    else:
-        tl.store(best_ptr + row * slices + piece, float("-inf"))
-        tl.store(best_at_ptr + row * slices + piece, 0)
+    else:  # the first slice wins the row's argmax, with the given token
+        tl.store(best_ptr + row * slices + piece, tl.where(piece == 0, 0.0, float("-inf")).to(tl.float64))
+        tl.store(best_at_ptr + row * slices + piece, tl.load(otherwise_ptr + row))
 
 
 _SLICE = 2048
 
 
 def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int],
-                            only: torch.Tensor | None = None) -> torch.Tensor:
-    """`only`: int32 (R,) on the device, nonzero for the rows to draw; the others get 0."""
+                            only: torch.Tensor | None = None, otherwise: torch.Tensor | None = None) -> torch.Tensor:
+    """`only`: int32 (R,) on the device, nonzero for the rows to draw; the others return
+    their token in `otherwise` (int64 (R,))."""
     r, v = x.shape
     if r == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
@@ -172,8 +173,10 @@ def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequen
     slices = triton.cdiv(v, _SLICE)
     best = torch.empty(r, slices, dtype=torch.float64, device=x.device)               # (R, S)
     best_at = torch.empty(r, slices, dtype=torch.int64, device=x.device)              # (R, S)
-    _race_kernel[(r, slices)](x, parts, parts if only is None else only, best, best_at, r, v, x.stride(0),
-                              BLOCK=_SLICE, ONLY=only is not None, num_warps=4)
+    if only is not None and otherwise is None:
+        raise ValueError("the rows not drawn (`only` 0) need their tokens in `otherwise`")
+    _race_kernel[(r, slices)](x, parts, parts if only is None else only, parts if otherwise is None else otherwise,
+                              best, best_at, r, v, x.stride(0), BLOCK=_SLICE, ONLY=only is not None, num_warps=4)
     # argmax takes the first of equal slices: the lowest id, as the reference's argmax.
     return best_at.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)            # (R,)
 

@@ -211,50 +211,50 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, tok_ptr, prog, 
     return lo, hi, token_kept
 
 
-@triton.jit
-def _token_kept(accepted_ptr, prog, later, after_first, token_kept):
-    """Whether the drawn token stands (top_p keeps it): decided after the first pass,
-    written then by the row's first slice, read by every `later` kernel of the row."""
-    return tl.where(after_first != 0, token_kept, tl.load(accepted_ptr + prog, mask=later, other=0))
-
-
 @triton.jit(do_not_specialize=["V", "first", "after_first", "drawn"])
 def _count_kernel(q_ptr, top_p_ptr, part_kept_ptr, tok_ptr, accepted_ptr, mass_in_ptr, state_in_ptr, mass_out_ptr,
                   state_out_ptr, V, first, after_first, drawn, SLICE: tl.constexpr, SUB: tl.constexpr,
                   S_POW2: tl.constexpr, K: tl.constexpr):
     """One counting pass: the row's bracket from the pass before, then this slice's mass
-    above each of K thresholds in it. Nothing to do for a row whose drawn token stands."""
+    above each of K thresholds in it. Nothing to do for a row whose drawn token stands
+    (decided after the first pass, written then by the row's first slice)."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    lo, hi, token_kept = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, tok_ptr, prog, slices,
-                                  first, after_first, drawn, V, S_POW2, K)
-    accepted = _token_kept(accepted_ptr, prog, (first == 0) & (after_first == 0), after_first, token_kept)
-    if (piece == 0) & (after_first != 0):
-        tl.store(accepted_ptr + prog, accepted)
-    if accepted == 0:
-        if piece == 0:
-            tl.store(state_out_ptr + prog * 2, lo)
-            tl.store(state_out_ptr + prog * 2 + 1, hi)
-        j = tl.arange(0, K)
-        cut = _candidates(lo, hi, tok_ptr, prog, first, drawn, K).to(tl.float32, bitcast=True)  # (K,)
-        acc = tl.zeros([SUB, K], tl.float32)
-        base = q_ptr + prog.to(tl.int64) * V
-        for start in range(0, SLICE, SUB):
-            v = piece * SLICE + start + tl.arange(0, SUB)
-            q = tl.load(base + v, mask=v < V, other=-1.0)
-            acc += tl.where(q[:, None] > cut[None, :], q[:, None], 0.0)
-        tl.store(mass_out_ptr + (prog * slices + piece) * K + j, tl.sum(acc, 0))
+    stands = tl.load(accepted_ptr + prog, mask=(first == 0) & (after_first == 0), other=0)
+    if stands == 0:
+        lo, hi, token_kept = _bracket(top_p_ptr, part_kept_ptr, mass_in_ptr, state_in_ptr, tok_ptr, prog, slices,
+                                      first, after_first, drawn, V, S_POW2, K)
+        if (piece == 0) & (after_first != 0):
+            tl.store(accepted_ptr + prog, token_kept)
+        if token_kept == 0:
+            if piece == 0:
+                tl.store(state_out_ptr + prog * 2, lo)
+                tl.store(state_out_ptr + prog * 2 + 1, hi)
+            j = tl.arange(0, K)
+            cut = _candidates(lo, hi, tok_ptr, prog, first, drawn, K).to(tl.float32, bitcast=True)  # (K,)
+            acc = tl.zeros([SUB, K], tl.float32)
+            base = q_ptr + prog.to(tl.int64) * V
+            for start in range(0, SLICE, SUB):
+                v = piece * SLICE + start + tl.arange(0, SUB)
+                q = tl.load(base + v, mask=v < V, other=-1.0)
+                acc += tl.where(q[:, None] > cut[None, :], q[:, None], 0.0)
+            tl.store(mass_out_ptr + (prog * slices + piece) * K + j, tl.sum(acc, 0))
 
 
 @triton.jit(do_not_specialize=["V", "stride", "after_first", "drawn"])
-def _mask_kernel(x_ptr, rows_ptr, q_ptr, top_p_ptr, part_kept_ptr, tok_ptr, accepted_ptr, mass_ptr, state_ptr, V,
-                 stride, after_first, drawn, SLICE: tl.constexpr, S_POW2: tl.constexpr, K: tl.constexpr):
+def _mask_kernel(x_ptr, rows_ptr, q_ptr, top_p_ptr, part_kept_ptr, tok_ptr, accepted_ptr, again_ptr, mass_ptr,
+                 state_ptr, V, stride, after_first, drawn, SLICE: tl.constexpr, S_POW2: tl.constexpr,
+                 K: tl.constexpr):
     """The last pass's bracket gives the cut: -inf where q falls below it (or min_p's -1).
-    Nothing to do for a row whose drawn token stands."""
+    Nothing to do for a row whose drawn token stands; the others are drawn again
+    (again_ptr, by batch row, when drawing)."""
     prog, piece, slices = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    lo, hi, token_kept = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, tok_ptr, prog, slices, 0,
-                                  after_first, drawn, V, S_POW2, K)
-    if _token_kept(accepted_ptr, prog, after_first == 0, after_first, token_kept) == 0:
-        row = tl.load(rows_ptr + prog)
+    row = tl.load(rows_ptr + prog)
+    stands = tl.load(accepted_ptr + prog, mask=drawn != 0, other=0)  # drawing takes two passes or more
+    if (piece == 0) & (drawn != 0):
+        tl.store(again_ptr + row, 1 - stands)
+    if stands == 0:
+        lo, hi, _ = _bracket(top_p_ptr, part_kept_ptr, mass_ptr, state_ptr, tok_ptr, prog, slices, 0, after_first,
+                             drawn, V, S_POW2, K)
         v = piece * SLICE + tl.arange(0, SLICE)
         q = tl.load(q_ptr + prog.to(tl.int64) * V + v, mask=v < V, other=0.0)
         live = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2) > 0.0
@@ -285,12 +285,14 @@ class _Filter:
         _slice_q_kernel[grid](x, self.idx, self.args[0], self.part[0], self.q, self.part[1], self.vocab, x.stride(0),
                               SLICE=SLICE, S_POW2=self.s_pow2, CUT_MIN_P=cut_min_p, num_warps=4)
 
-    def cut_top_p(self, tok: torch.Tensor | None) -> None:
+    def cut_top_p(self, tok: torch.Tensor | None = None, again: torch.Tensor | None = None) -> None:
         """The counting passes and the mask; `tok`: int32 (M,) bits of each row's drawn
-        token's q, or None (filter every row)."""
+        token's q, or None (filter every row); then `again`, int32 (R,) zeros, gets 1
+        for the batch rows whose drawn token top_p rules out."""
         x, grid, m = self.x, self.grid, self.grid[0]
         drawn = int(tok is not None)
-        tok = self.accepted if tok is None else tok  # not read without a drawn token
+        tok = self.accepted if tok is None else tok  # neither read without a drawn token
+        again = self.accepted if again is None else again
         mass = torch.empty(2, m, self.slices, CANDIDATES, dtype=torch.float32, device=x.device)  # by pass parity
         state = torch.empty(2, m, 2, dtype=torch.int32, device=x.device)                        # (lo, hi] by parity
         passes = _passes(self.top_p, self.vocab)
@@ -299,9 +301,9 @@ class _Filter:
                                 state[(k + 1) % 2], mass[k % 2], state[k % 2], self.vocab, int(k == 0), int(k == 1),
                                 drawn, SLICE=SLICE, SUB=SUB, S_POW2=self.s_pow2, K=CANDIDATES, num_warps=4)
         last = (passes - 1) % 2
-        _mask_kernel[grid](x, self.idx, self.q, self.args[1], self.part[1], tok, self.accepted, mass[last], state[last],
-                           self.vocab, x.stride(0), int(passes == 1), drawn, SLICE=SLICE, S_POW2=self.s_pow2,
-                           K=CANDIDATES, num_warps=4)
+        _mask_kernel[grid](x, self.idx, self.q, self.args[1], self.part[1], tok, self.accepted, again, mass[last],
+                           state[last], self.vocab, x.stride(0), int(passes == 1), drawn, SLICE=SLICE,
+                           S_POW2=self.s_pow2, K=CANDIDATES, num_warps=4)
 
 
 def filter_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float]) -> None:
@@ -309,7 +311,7 @@ def filter_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: l
         return
     f = _Filter(x, rows, min_p, top_p)
     f.q_values(cut_min_p=False)
-    f.cut_top_p(None)
+    f.cut_top_p()
 
 
 def draw_filtered_triton(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: list[float],
@@ -332,11 +334,9 @@ def draw_filtered_triton(x: torch.Tensor, rows: list[int], min_p: list[float], t
     if all(p >= 1.0 for p in top_p):
         return first  # min_p alone: its cut is in x already
     tok = f.q.gather(1, first[f.idx][:, None]).view(torch.int32)[:, 0]                # (M,) bits of q_t
-    f.cut_top_p(tok)
     again = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)              # (R,)
-    again.index_copy_(0, f.idx, 1 - f.accepted)
-    second = exponential_race_triton(x, seeds, steps, only=again)
-    return torch.where(again.bool(), second, first)
+    f.cut_top_p(tok, again)
+    return exponential_race_triton(x, seeds, steps, only=again, otherwise=first)
 
 
 _verified: dict[torch.device, bool] = {}
