@@ -119,7 +119,7 @@ class LLMEngine:
                                   max_model_len=min(self.max_model_len, num_blocks * cache.block_size),
                                   enforce_eager=config.enforce_eager)
         self.runner.capture_decode_graphs()
-        self.sampler = Sampler(max_rows=sched.max_num_seqs, device=self.device)
+        self.sampler = Sampler(max_rows=sched.max_num_seqs, device=self.device, vocab_size=self.model_config.vocab_size)
         # The step in flight on the device: its sampled tokens are read at the next step().
         self._inflight: _InflightStep | None = None
         # A run-ahead step with grammar rows: its forward is queued, its sampling waits for

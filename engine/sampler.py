@@ -83,7 +83,10 @@ class Sampler:
     is the step's one device->host sync. The engine launches step n+1's model before it
     resolves step n's tokens' text work, so nothing here may read device values on the host."""
 
-    def __init__(self, max_rows: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, max_rows: int = 0, device: torch.device | str = "cpu", vocab_size: int | None = None):
+        """`vocab_size`, on a GPU: sample once now with every rule, so that the kernels
+        compile for this vocabulary at start (a second or more each on a cold Triton
+        cache) instead of in the first serving step that needs them."""
         device = torch.device(device)
         # Pinned landing buffers for the sampled ids, so the copy runs behind the GPU's work;
         # two, used in turn, since a step's tokens are read after the next step is queued.
@@ -94,6 +97,16 @@ class Sampler:
             kernel_verified(device)  # the kernels built and checked now, not in a serving step
             filter_kernel_verified(device)
             draw_kernel_verified(device)
+            if vocab_size:
+                self.warm_up(vocab_size, device)
+
+    def warm_up(self, vocab_size: int, device: torch.device) -> None:
+        """One call over (2, vocab_size) logits whose rows use every rule."""
+        params = [SamplingParams(temperature=0.0, repetition_penalty=1.1, logprobs=2),
+                  SamplingParams(temperature=0.8, top_k=20, min_p=0.01, top_p=0.5, frequency_penalty=0.1)]
+        logits = torch.randn(len(params), vocab_size, generator=torch.Generator().manual_seed(0)).to(device)
+        rows = [SamplingRow(p, 0, [1, 2], [3]) for p in params]
+        self.sample(logits, rows, in_flight=torch.zeros(len(rows), dtype=torch.int64, device=device)).resolve()
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """`logits`: float32 (B, V), one row per entry of `rows`. Not modified."""

@@ -435,3 +435,17 @@ def test_logprobs_ignore_temperature():
 def test_logits_must_have_one_row_per_sampling_row():
     with pytest.raises(ValueError, match=r"logits of shape \(2, 8\) for 3 sampling rows"):
         Sampler()(torch.zeros(2, 8), [row(), row(), row()])
+
+
+def test_the_warm_up_at_start_takes_every_kernel_path(monkeypatch):
+    """On a GPU the sampler samples once at start with every rule, so the kernels compile
+    for the model's vocabulary then, not in the first serving step that needs them."""
+    from kernels import sampling_filters
+    from kernels.triton_utils import force_triton
+    called = []
+    draw = sampling_filters.draw_filtered_triton
+    monkeypatch.setattr(sampling_filters, "draw_filtered_triton",
+                        lambda *args: called.append(args[1]) or draw(*args))
+    with force_triton():
+        Sampler().warm_up(300, torch.device("cpu"))
+    assert called[-1] == [0]  # the sampled row (min_p and top_p) drew through the kernels
