@@ -273,10 +273,15 @@ class _Filter:
         self.slices = triton.cdiv(self.vocab, SLICE)
         self.s_pow2 = triton.next_power_of_2(self.slices)
         self.grid = (m, self.slices)
+        # Buffers used in halves are padded to 4 rows: Triton compiles a kernel variant per
+        # pointer alignment (16 bytes or not), and a half of an odd-sized buffer would
+        # compile another one in a serving step.
+        self.padded = -(-m // 4) * 4
+        pad = [0.0] * (self.padded - m)
         self.idx = to_device(rows, torch.int64, device)
-        self.args = to_device([min_p, top_p], torch.float32, device)                   # (2, M)
+        self.args = to_device([min_p + pad, top_p + pad], torch.float32, device)        # (2, M)
         self.q = torch.empty(m, self.vocab, dtype=torch.float32, device=device)         # (M, V)
-        self.part = torch.empty(2, m, self.slices, dtype=torch.float32, device=device)  # max, kept mass
+        self.part = torch.empty(2, self.padded, self.slices, dtype=torch.float32, device=device)  # max, kept mass
         self.accepted = torch.empty(m, dtype=torch.int32, device=device)                # drawn token stands
 
     def q_values(self, cut_min_p: bool) -> None:
@@ -293,8 +298,8 @@ class _Filter:
         drawn = int(tok is not None)
         tok = self.accepted if tok is None else tok  # neither read without a drawn token
         again = self.accepted if again is None else again
-        mass = torch.empty(2, m, self.slices, CANDIDATES, dtype=torch.float32, device=x.device)  # by pass parity
-        state = torch.empty(2, m, 2, dtype=torch.int32, device=x.device)                        # (lo, hi] by parity
+        mass = torch.empty(2, self.padded, self.slices, CANDIDATES, dtype=torch.float32, device=x.device)  # by parity
+        state = torch.empty(2, self.padded, 2, dtype=torch.int32, device=x.device)             # (lo, hi] by parity
         passes = _passes(self.top_p, self.vocab)
         for k in range(passes):
             _count_kernel[grid](self.q, self.args[1], self.part[1], tok, self.accepted, mass[(k + 1) % 2],
