@@ -105,7 +105,7 @@ class Sampler:
         params = [SamplingParams(temperature=0.0, repetition_penalty=1.1, logprobs=2),
                   SamplingParams(temperature=0.8, top_k=20, min_p=0.01, top_p=0.5, frequency_penalty=0.1)]
         logits = torch.randn(len(params), vocab_size, generator=torch.Generator().manual_seed(0)).to(device)
-        rows = [SamplingRow(p, 0, [1, 2], [3]) for p in params]
+        rows = [SamplingRow(p, 0, [0, min(1, vocab_size - 1)], [min(2, vocab_size - 1)]) for p in params]
         self.sample(logits, rows, in_flight=torch.zeros(len(rows), dtype=torch.int64, device=device)).resolve()
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:

@@ -183,7 +183,8 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, tok_ptr, prog, 
     first bracket when `first`; and, after the first pass, whether the drawn token's q
     holds less mass above it than top_p asks for (top_p keeps the token)."""
     kept = _row_sum(part_kept_ptr + prog * slices, slices, S_POW2)
-    target = tl.load(top_p_ptr + prog) * kept
+    top_p = tl.load(top_p_ptr + prog)
+    target = top_p * kept
     lo = tl.load(state_ptr + prog * 2)
     hi = tl.load(state_ptr + prog * 2 + 1)
     j = tl.arange(0, K)
@@ -197,14 +198,19 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, tok_ptr, prog, 
     new_hi = tl.min(tl.where(below, cand, hi), 0)
     new_lo = tl.max(tl.where(below, lo, cand), 0)
     shrink = (hi - lo > 1).to(tl.int32) * (1 - first) > 0
-    token_kept = tl.sum(tl.where(j == K - 1, below.to(tl.int32), 0), 0) * after_first * drawn
+    # The drawn token stands where its threshold holds too little mass; not at or below
+    # the first bracket's floor (its threshold was clamped up to it, and the cut always
+    # lies above: the floor's margin over top_p is within the sums' rounding as top_p nears
+    # 1), and always where top_p is off (its set is min_p's, which the token came from).
+    tok = tl.load(tok_ptr + prog, mask=(after_first * drawn) != 0, other=0)
+    token_kept = tl.sum(tl.where(j == K - 1, below.to(tl.int32), 0), 0) * (tok > lo).to(tl.int32)
+    token_kept = tl.maximum(token_kept, (top_p >= 1.0).to(tl.int32)) * after_first * drawn
     lo = tl.where(shrink, new_lo, lo)
     hi = tl.where(shrink, new_hi, hi)
     if first:
         # Tokens at or below `floor` hold at most V * floor = half the mass top_p leaves out
         # (the kept mass is >= 1: the best token's q), so the cut lies above it: a bracket
         # ~6x narrower than all of [0, 1], one pass fewer (_passes).
-        top_p = tl.load(top_p_ptr + prog)
         floor = 0.5 * (1.0 - top_p) / V
         lo = tl.where(floor > 0.0, floor.to(tl.int32, bitcast=True) - 1, -1)
         hi = tl.where(top_p < 1.0, tl.where(kept > 0.0, _Q_ONE_BITS, 0), 0)  # top_p 1 / dead: keep all

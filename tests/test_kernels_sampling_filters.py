@@ -184,6 +184,7 @@ def test_drawing_with_the_filters_at_once_draws_what_filtering_then_drawing_does
     assert torch.equal(tokens, _draw_apart(x, rows, min_p, top_p, seeds, steps))
     assert 0 < int(again.sum()) < len(rows)                  # both ways were taken
     assert not again[[r for r in range(16) if r % 4 == 3]].any()  # rows not named: drawn once
+    assert not again[[r for r in range(16) if r % 4 == 2]].any()  # top_p off: min_p's set is the draw's
 
 
 def test_drawing_with_the_filters_at_once_draws_the_references_tokens():
@@ -201,3 +202,19 @@ def test_drawing_with_the_filters_at_once_draws_the_references_tokens():
 def test_the_draw_is_checked_against_the_reference_before_a_device_uses_it():
     from kernels.sampling_filters import draw_kernel_verified
     assert draw_kernel_verified(DEVICE)
+
+
+def test_a_first_draw_below_top_ps_floor_is_drawn_again_even_when_sums_round_past_the_margin():
+    """The first bracket starts at a floor no token below can pass; as top_p nears 1, the
+    floor's margin is within the rounding of the two sums compared, so a token below it
+    is drawn again outright rather than by the test (a review's case: the threshold sums
+    lose the small tokens beside 1.0)."""
+    from kernels.sampling import exponential_race_ref
+    q = torch.empty(512, dtype=torch.float64)
+    q[0], q[1:256], q[256:] = 1.0, 4.7e-8, 1.1e-8          # the last 256 below the floor, 1.17e-8
+    x = q.log().float()[None]
+    top_p, seed = [1 - 1.2e-5], 41756
+    assert int(exponential_race_ref(x, [seed], [0])) >= 256  # the first draw is one of them
+    tokens = _draw_at_once(x, [0], [0.0], top_p, [seed], [0])
+    assert torch.equal(tokens, _draw_apart(x, [0], [0.0], top_p, [seed], [0]))
+    assert int(tokens) < 256
