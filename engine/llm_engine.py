@@ -355,21 +355,16 @@ class LLMEngine:
         if previous is not None:
             appended = self._collect(previous)
             unsampled, self._unsampled = self._unsampled, None
-            if unsampled is not None:  # grammar rows: masks need the tokens just read
-                # ... and fill on a worker thread while this one does the text work.
-                self.structured.fill_async([r.request_id for r in unsampled[0]])
+            if unsampled is not None:  # grammar rows: the masks needed the tokens just read and accepted
+                requests, logits, rows, in_flight = unsampled
+                self.structured.apply_bitmask(logits, [r.request_id for r in requests])
+                # rows were made before the tokens just read were appended: in_flight has them
+                self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows, in_flight),
+                                               plain_decode=True)
             outputs, self._pending_outputs = self._pending_outputs, []
             # The text of the step just read before the connector's news: a failed load
-            # settles the step queued below (fail_request), whose tokens come after these.
-            try:
-                outputs += self._text_outputs(appended)
-            finally:  # the step queued in _run_ahead is sampled whatever the text work did
-                if unsampled is not None:
-                    requests, logits, rows, in_flight = unsampled
-                    self.structured.apply_bitmask(logits, [r.request_id for r in requests])
-                    # rows were made before the tokens just read were appended: in_flight has them
-                    self._inflight = _InflightStep(requests, self.sampler.sample(logits, rows, in_flight),
-                                                   plain_decode=True)
+            # settles the step queued above (fail_request), whose tokens come after these.
+            outputs += self._text_outputs(appended)
             outputs += self._poll_connector()
             self.idle = False
             self._publish_kv_events()

@@ -80,8 +80,6 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self.states: dict[str, GrammarState] = {}
         self._host_bitmask: torch.Tensor | None = None   # (rows, words) int32, pinned on CUDA hosts
-        self._fill_pool: ThreadPoolExecutor | None = None   # fill_async's worker, made on first use
-        self._pending_fill: tuple[tuple[str, ...], Future] | None = None
         self.compile_hits = 0
         self.compile_misses = 0
 
@@ -188,9 +186,8 @@ class StructuredOutputManager:
         return failed
 
     def close(self) -> None:
-        for pool in (self._pool, self._fill_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         for backend in self._backends.values():
             if (close := getattr(backend, "close", None)) is not None:
                 close()
@@ -221,43 +218,20 @@ class StructuredOutputManager:
     # --- the step ---------------------------------------------------------------------
     def apply_bitmask(self, logits: torch.Tensor, request_ids: Sequence[str]) -> None:
         """Mask `logits` (B, V) in place: row i keeps only what request_ids[i]'s grammar
-        allows next. Rows without an active grammar are left alone. Takes the masks
-        fill_async made for these ids, if it was called for them since the last accept."""
-        pending = self._take_pending_fill()
-        if pending is not None and pending[0] == tuple(request_ids) and logits.shape[1] == self.vocab_size:
-            filled = pending[1]
-        else:
-            filled = self._fill(self._plan(request_ids), logits.shape[1])
+        allows next. Rows without an active grammar are left alone.
+
+        On the caller's thread: filled on a worker beside the engine's text work, the masks
+        came no sooner (bench/gpu/grammar_fill_gil.py): the worker needs the GIL around the
+        libraries' fill, and waits for it while the engine's thread runs Python."""
+        filled = self._fill(self._plan(request_ids), logits.shape[1])
         if filled is not None:
             host, rows = filled
             with torch.inference_mode():  # the runner's logits are inference tensors
                 mask = host[:len(rows)].to(logits.device, non_blocking=True)         # (R, W)
                 apply_token_bitmask(logits, mask, rows)
 
-    def fill_async(self, request_ids: Sequence[str]) -> None:
-        """Start filling the masks of the next apply_bitmask(…, request_ids) on a worker
-        thread: the libraries fill without the GIL, so the caller's text work runs
-        meanwhile. accept_tokens waits for it and drops it (the states moved on)."""
-        if not self.states or self._pending_fill is not None:
-            return
-        if self._fill_pool is None:
-            self._fill_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")
-        ids = tuple(request_ids)
-        self._pending_fill = (ids, self._fill_pool.submit(self._fill, self._plan(ids), self.vocab_size))
-
-    def _take_pending_fill(self) -> tuple[tuple[str, ...], tuple[torch.Tensor, list[int]] | None] | None:
-        """fill_async's (ids, result), waited for, or None. Always waited for before the
-        matchers advance or another fill starts: it writes the one host bitmask and reads
-        the matchers."""
-        pending, self._pending_fill = self._pending_fill, None
-        if pending is None:
-            return None
-        ids, future = pending
-        return ids, future.result()
-
     def _plan(self, request_ids: Sequence[str]) -> _FillPlan | None:
-        """Which logits rows take a mask and from which matcher, read on the caller's
-        thread (the engine removes finished requests' states while a fill runs)."""
+        """Which logits rows take a mask and from which matcher."""
         if not self.states:
             return None
         by_backend: dict[str, list[tuple[int, GrammarMatcher]]] = {}
@@ -295,7 +269,6 @@ class StructuredOutputManager:
         per backend for the matchers that advance, so a backend can spread them over threads."""
         if not self.states:
             return []
-        self._take_pending_fill()  # masks of states about to change: unused, and not mid-fill
         broken = []
         by_backend: dict[str, tuple[list[str], list[GrammarMatcher], list[int]]] = {}
         for rid, token in zip(request_ids, tokens):
