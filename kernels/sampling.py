@@ -160,25 +160,33 @@ def _race_kernel(x_ptr, parts_ptr, only_ptr, otherwise_ptr, best_ptr, best_at_pt
 _SLICE = 2048
 
 
-def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int],
-                            only: torch.Tensor | None = None, otherwise: torch.Tensor | None = None) -> torch.Tensor:
-    """`only`: int32 (R,) on the device, nonzero for the rows to draw; the others return
-    their token in `otherwise` (int64 (R,))."""
+def race_keys(seeds: Sequence[int], steps: Sequence[int], device: torch.device) -> torch.Tensor:
+    """What race_triton mixes each row's key from: int64 (3, R) on `device`."""
+    return to_device(_key_parts(seeds, steps), torch.int64, device)
+
+
+def race_triton(x: torch.Tensor, keys: torch.Tensor, only: torch.Tensor | None = None,
+                otherwise: torch.Tensor | None = None) -> torch.Tensor:
+    """exponential_race_triton with the keys on the device already. `only`: int32 (R,),
+    nonzero for the rows to draw; the others return their token in `otherwise` (int64 (R,))."""
     r, v = x.shape
     if r == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
     if x.stride(1) != 1:
         x = x.contiguous()
-    parts = to_device(_key_parts(seeds, steps), torch.int64, x.device)               # (3, R)
+    if only is not None and otherwise is None:
+        raise ValueError("the rows not drawn (`only` 0) need their tokens in `otherwise`")
     slices = triton.cdiv(v, _SLICE)
     best = torch.empty(r, slices, dtype=torch.float64, device=x.device)               # (R, S)
     best_at = torch.empty(r, slices, dtype=torch.int64, device=x.device)              # (R, S)
-    if only is not None and otherwise is None:
-        raise ValueError("the rows not drawn (`only` 0) need their tokens in `otherwise`")
-    _race_kernel[(r, slices)](x, parts, parts if only is None else only, parts if otherwise is None else otherwise,
+    _race_kernel[(r, slices)](x, keys, keys if only is None else only, keys if otherwise is None else otherwise,
                               best, best_at, r, v, x.stride(0), BLOCK=_SLICE, ONLY=only is not None, num_warps=4)
     # argmax takes the first of equal slices: the lowest id, as the reference's argmax.
     return best_at.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)            # (R,)
+
+
+def exponential_race_triton(x: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    return race_triton(x, race_keys(seeds, steps, x.device))
 
 
 _verified: dict[torch.device, bool] = {}

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from kernels.host_copy import to_device
-from kernels.sampling import exponential_race, exponential_race_ref, exponential_race_triton, kernel_verified
+from kernels.sampling import (exponential_race, exponential_race_ref, exponential_race_triton, kernel_verified,
+                              race_keys, race_triton)
 from kernels.triton_utils import checked_once, use_triton
 
 
@@ -160,7 +161,7 @@ def _slice_q_kernel(x_ptr, rows_ptr, min_p_ptr, part_max_ptr, q_ptr, part_kept_p
 
 
 @triton.jit
-def _candidates(lo, hi, tok_ptr, prog, first, drawn, K: tl.constexpr):
+def _candidates(lo, hi, tok, first, drawn, K: tl.constexpr):
     """The K thresholds a pass tries in (lo, hi], as int32 bit patterns: spread evenly; in
     the first pass K - 1 of them, and as the last the drawn token's q (clamped into the
     bracket), whose mass says whether top_p keeps that token (see draw_filtered_triton);
@@ -170,8 +171,7 @@ def _candidates(lo, hi, tok_ptr, prog, first, drawn, K: tl.constexpr):
     step = (hi - lo + parts - 1) // parts
     cand = tl.minimum(lo + step * (j + 1), hi)
     spread_last = tl.minimum(lo + step * (K - 1), hi)
-    tok = tl.minimum(tl.maximum(tl.load(tok_ptr + prog, mask=(first * drawn) != 0, other=0), lo), hi)
-    extra = tl.where(drawn != 0, tok, spread_last)
+    extra = tl.where(drawn != 0, tl.minimum(tl.maximum(tok, lo), hi), spread_last)
     return tl.where((j == K - 1) & (first != 0), extra, cand)
 
 
@@ -188,7 +188,8 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, tok_ptr, prog, 
     lo = tl.load(state_ptr + prog * 2)
     hi = tl.load(state_ptr + prog * 2 + 1)
     j = tl.arange(0, K)
-    cand = _candidates(lo, hi, tok_ptr, prog, after_first, drawn, K)
+    tok = tl.load(tok_ptr + prog, mask=(after_first * drawn) != 0, other=0)  # the first pass's extra threshold
+    cand = _candidates(lo, hi, tok, after_first, drawn, K)
     s = tl.arange(0, S_POW2)
     mass = tl.sum(tl.load(part_mass_ptr + prog * slices * K + s[:, None] * K + j[None, :],
                           mask=(s < slices)[:, None], other=0.0), 0)                  # (K,)
@@ -202,7 +203,6 @@ def _bracket(top_p_ptr, part_kept_ptr, part_mass_ptr, state_ptr, tok_ptr, prog, 
     # the first bracket's floor (its threshold was clamped up to it, and the cut always
     # lies above: the floor's margin over top_p is within the sums' rounding as top_p nears
     # 1), and always where top_p is off (its set is min_p's, which the token came from).
-    tok = tl.load(tok_ptr + prog, mask=(after_first * drawn) != 0, other=0)
     token_kept = tl.sum(tl.where(j == K - 1, below.to(tl.int32), 0), 0) * (tok > lo).to(tl.int32)
     token_kept = tl.maximum(token_kept, (top_p >= 1.0).to(tl.int32)) * after_first * drawn
     lo = tl.where(shrink, new_lo, lo)
@@ -236,7 +236,8 @@ def _count_kernel(q_ptr, top_p_ptr, part_kept_ptr, tok_ptr, accepted_ptr, mass_i
                 tl.store(state_out_ptr + prog * 2, lo)
                 tl.store(state_out_ptr + prog * 2 + 1, hi)
             j = tl.arange(0, K)
-            cut = _candidates(lo, hi, tok_ptr, prog, first, drawn, K).to(tl.float32, bitcast=True)  # (K,)
+            tok = tl.load(tok_ptr + prog, mask=(first * drawn) != 0, other=0)
+            cut = _candidates(lo, hi, tok, first, drawn, K).to(tl.float32, bitcast=True)  # (K,)
             acc = tl.zeros([SUB, K], tl.float32)
             base = q_ptr + prog.to(tl.int64) * V
             for start in range(0, SLICE, SUB):
@@ -341,13 +342,14 @@ def draw_filtered_triton(x: torch.Tensor, rows: list[int], min_p: list[float], t
         return exponential_race_triton(x, seeds, steps)
     f = _Filter(x, rows, min_p, top_p)
     f.q_values(cut_min_p=True)
-    first = exponential_race_triton(x, seeds, steps)                                  # (R,)
+    keys = race_keys(seeds, steps, x.device)
+    first = race_triton(x, keys)                                                      # (R,)
     if all(p >= 1.0 for p in top_p):
         return first  # min_p alone: its cut is in x already
     tok = f.q.gather(1, first[f.idx][:, None]).view(torch.int32)[:, 0]                # (M,) bits of q_t
     again = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)              # (R,)
     f.cut_top_p(tok, again)
-    return exponential_race_triton(x, seeds, steps, only=again, otherwise=first)
+    return race_triton(x, keys, only=again, otherwise=first)
 
 
 _verified: dict[torch.device, bool] = {}
@@ -395,10 +397,12 @@ _draw_verified: dict[torch.device, bool] = {}
 
 
 def draw_kernel_verified(device: torch.device | str) -> bool:
-    """Whether draw_filtered_triton draws the reference's tokens on `device` (checked once),
-    on the check rows each drawn with 4 seeds: most draws stand in some rows, most are
-    drawn again in others."""
+    """Whether draw_filtered_triton draws the reference's tokens on `device` (checked once,
+    after the two kernels it is made of), on the check rows each drawn with 4 seeds: most
+    draws stand in some rows, most are drawn again in others."""
     def check(device: torch.device) -> str | None:
+        if not (kernel_verified(device) and filter_kernel_verified(device)):
+            return "the draw's or the filter's kernel is not used there"
         x, min_p, top_p = _check_rows()
         x, n = x.repeat_interleave(4, dim=0), x.shape[0] * 4
         rows, min_p, top_p = list(range(n)), [p for p in min_p for _ in range(4)], [p for p in top_p for _ in range(4)]
@@ -416,8 +420,7 @@ def draw_filtered(x: torch.Tensor, rows: list[int], min_p: list[float], top_p: l
     """The token each row of x draws (exponential_race) once min_p (0: off) and top_p (1:
     off) ruled tokens out of rows `rows`. x: float32 (R, V), logits after temperature and
     top_k; edited in place. -> int64 (R,)."""
-    if (use_triton(x) and kernel_verified(x.device) and filter_kernel_verified(x.device)
-            and draw_kernel_verified(x.device)):
+    if use_triton(x) and draw_kernel_verified(x.device):
         return draw_filtered_triton(x, rows, min_p, top_p, seeds, steps)
     apply_min_p_top_p(x, rows, min_p, top_p)
     return exponential_race(x, seeds, steps)

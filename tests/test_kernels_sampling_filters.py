@@ -155,13 +155,13 @@ def _draw_at_once(x, rows, min_p, top_p, seeds, steps, monkeypatch=None):
     from kernels import sampling_filters as sf
     again = []
     if monkeypatch is not None:
-        race = sf.exponential_race_triton
+        race = sf.race_triton
 
-        def recording(x, seeds, steps, only=None, otherwise=None):
+        def recording(x, keys, only=None, otherwise=None):
             if only is not None:
                 again.append(only.bool().cpu())
-            return race(x, seeds, steps, only=only, otherwise=otherwise)
-        monkeypatch.setattr(sf, "exponential_race_triton", recording)
+            return race(x, keys, only=only, otherwise=otherwise)
+        monkeypatch.setattr(sf, "race_triton", recording)
     tokens = sf.draw_filtered_triton(x.clone().to(DEVICE), rows, min_p, top_p, seeds, steps).cpu()
     return (tokens, again[0] if again else torch.zeros(x.shape[0], dtype=torch.bool)) if monkeypatch else tokens
 
